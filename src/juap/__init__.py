@@ -1,0 +1,62 @@
+"""juap: joint universal adversarial perturbations against classifiers and their interpreters."""
+from . import generators, interpreters  # noqa: F401
+from ._registry import ATTACKS, CLASSIFIERS, GENERATORS, INTERPRETERS
+from .classifiers import Classifier, create_classifier, load_classifier, save_classifier
+from .errors import CheckpointError, ConfigError, DataError, JuapError, WeightsUnavailableError
+
+__version__ = "0.1.0"
+
+
+def list_classifiers() -> list[str]:
+    """Names accepted by :func:`create_classifier`."""
+    return CLASSIFIERS.names()
+
+
+def list_interpreters() -> list[str]:
+    """Names accepted by :func:`create_interpreter`."""
+    return INTERPRETERS.names()
+
+
+def list_attacks() -> list[str]:
+    """Names accepted by :func:`create_attack`."""
+    return ATTACKS.names()
+
+
+def list_generators() -> list[str]:
+    """Names accepted by :func:`create_generator`."""
+    return GENERATORS.names()
+
+
+def create_interpreter(name: str, classifier: Classifier, **kwargs):
+    """Build a registered interpreter (CAM, Grad-CAM, RTS) for ``classifier``."""
+    return INTERPRETERS.create(name, classifier, **kwargs)
+
+
+def create_attack(name: str, **kwargs):
+    """Build a registered attack with keyword-only hyperparameters."""
+    return ATTACKS.create(name, **kwargs)
+
+
+def create_generator(name: str, **kwargs):
+    """Build a registered perturbation generator."""
+    return GENERATORS.create(name, **kwargs)
+
+
+__all__ = [
+    "CheckpointError",
+    "Classifier",
+    "ConfigError",
+    "DataError",
+    "JuapError",
+    "WeightsUnavailableError",
+    "create_attack",
+    "create_classifier",
+    "create_generator",
+    "create_interpreter",
+    "list_attacks",
+    "list_classifiers",
+    "list_generators",
+    "list_interpreters",
+    "load_classifier",
+    "save_classifier",
+]

@@ -1,0 +1,61 @@
+"""One small registry for every kind of object a YAML name can resolve to."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Callable, Dict, Generic, List, TypeVar
+
+from .errors import JuapError
+
+T = TypeVar("T")
+
+
+class UnknownNameError(JuapError, KeyError):
+    """Raised when a name is not registered; the message lists the known names."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class Registry(Generic[T]):
+    """Maps names to factories, e.g. ``CLASSIFIERS.register("resnet18")(fn)``.
+
+    Args:
+        kind: what the registry holds ("classifier", "interpreter", ...), used in messages.
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: Dict[str, Callable[..., T]] = {}
+
+    def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        def deco(fn: Callable[..., T]) -> Callable[..., T]:
+            if name in self._entries:
+                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            self._entries[name] = fn
+            return fn
+
+        return deco
+
+    def get(self, name: str) -> Callable[..., T]:
+        if name in self._entries:
+            return self._entries[name]
+        known = ", ".join(sorted(self._entries)) or "(none registered)"
+        close = difflib.get_close_matches(name, list(self._entries), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise UnknownNameError(f"unknown {self.kind} {name!r}.{hint} Known {self.kind}s: {known}")
+
+    def create(self, name: str, *args: Any, **kwargs: Any) -> T:
+        return self.get(name)(*args, **kwargs)
+
+    def names(self) -> List[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+
+CLASSIFIERS: Registry = Registry("classifier")
+INTERPRETERS: Registry = Registry("interpreter")
+GENERATORS: Registry = Registry("generator")
+ATTACKS: Registry = Registry("attack")

@@ -1,0 +1,23 @@
+"""Classifiers: GAP + linear CNNs on images in [0, 1] that expose what CAM and Grad-CAM need."""
+
+from .base import (
+    Classifier,
+    DenseNetClassifier,
+    ForwardFeaturesClassifier,
+    HookedClassifier,
+    ResNetClassifier,
+)
+from .factory import create_classifier, load_classifier, save_classifier
+from .small_resnet import SmallResNet
+
+__all__ = [
+    "Classifier",
+    "DenseNetClassifier",
+    "ForwardFeaturesClassifier",
+    "HookedClassifier",
+    "ResNetClassifier",
+    "SmallResNet",
+    "create_classifier",
+    "load_classifier",
+    "save_classifier",
+]

@@ -1,0 +1,150 @@
+"""Data sets: any ImageFolder, the paper's (ImageNet val, Chest X-Ray, Intel), the embedded synthetic set."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Sequence, Tuple
+
+from torch.utils.data import DataLoader, Dataset
+
+from ..config import DataConfig
+from .folder import (
+    ImageFolderDataset,
+    ScanReport,
+    collate_skip,
+    eval_transform,
+    scan_folder,
+    train_transform,
+)
+from .splits import load_split, save_split, split_indices
+
+# Class folders the named data sets must have (ImageNet: whatever its 1000 synsets are).
+KNOWN_CLASSES: Dict[str, Tuple[str, ...] | None] = {
+    "chestxray": ("NORMAL", "PNEUMONIA"),
+    "intel": ("buildings", "forest", "glacier", "mountain", "sea", "street"),
+    "imagenet": None,
+    "folder": None,
+    "synthetic": None,
+}
+
+
+class SplitView(Dataset):
+    """A subset of an :class:`ImageFolderDataset` read through its own transform."""
+
+    def __init__(self, base: ImageFolderDataset, indices: Sequence[int], transform: Callable) -> None:
+        self.base, self.indices, self.transform = base, list(indices), transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        img = self.base.load_image(self.indices[i])
+        if img is None:
+            return None
+        return self.transform(img), self.base.targets[self.indices[i]]
+
+    def path(self, i: int) -> str:
+        return self.base.samples[self.indices[i]][0]
+
+
+@dataclass
+class DataSplits:
+    """The train and test subsets of one data set, and how they were drawn."""
+
+    train: SplitView
+    test: SplitView
+    classes: List[str]
+    root: str
+    split: Dict[str, object]
+    report: ScanReport
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def data_root(cfg: DataConfig, *, progress: bool = False) -> str:
+    """The folder of images for ``cfg``; the synthetic set is generated into the cache on first use."""
+    if cfg.name == "synthetic":
+        from .synthetic import synthetic_root
+
+        root = cfg.root or None
+        return str(
+            synthetic_root(
+                cache_dir=root,
+                num_images=cfg.num_images,
+                image_size=cfg.image_size,
+                seed=cfg.synthetic_seed,
+                progress=progress,
+            )
+        )
+    return str(cfg.root)
+
+
+def load_splits(cfg: DataConfig, *, augment_train: bool = False, progress: bool = False) -> DataSplits:
+    """Scan the data folder and draw the seeded train/test subsets (SPEC: random 20% subsets by default)."""
+    root = data_root(cfg, progress=progress)
+    base = ImageFolderDataset(root, image_size=cfg.image_size, classes=KNOWN_CLASSES[cfg.name])
+    train_idx, test_idx = split_indices(
+        len(base), fractions=(cfg.train_fraction, cfg.test_fraction), seed=cfg.split_seed
+    )
+    split = {
+        "root": root,
+        "num_samples": len(base),
+        "seed": cfg.split_seed,
+        "fractions": [cfg.train_fraction, cfg.test_fraction],
+        "train": train_idx,
+        "test": test_idx,
+    }
+    tt = train_transform(cfg.image_size) if augment_train else eval_transform(cfg.image_size)
+    return DataSplits(
+        train=SplitView(base, train_idx, tt),
+        test=SplitView(base, test_idx, eval_transform(cfg.image_size)),
+        classes=base.classes,
+        root=root,
+        split=split,
+        report=base.report,
+    )
+
+
+def make_loader(
+    ds: Dataset,
+    *,
+    batch_size: int,
+    shuffle: bool = False,
+    num_workers: int = 0,
+    seed: int = 0,
+    drop_last: bool = False,
+) -> DataLoader:
+    """A loader whose batches are ``(x, y, n_skipped)`` (unreadable images dropped and counted)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        collate_fn=collate_skip,
+        generator=g,
+        drop_last=drop_last,
+        persistent_workers=False,
+    )
+
+
+__all__ = [
+    "DataSplits",
+    "ImageFolderDataset",
+    "KNOWN_CLASSES",
+    "SplitView",
+    "collate_skip",
+    "data_root",
+    "eval_transform",
+    "load_split",
+    "load_splits",
+    "make_loader",
+    "save_split",
+    "scan_folder",
+    "split_indices",
+    "train_transform",
+]
