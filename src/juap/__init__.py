@@ -1,8 +1,10 @@
 """juap: joint universal adversarial perturbations against classifiers and their interpreters."""
-from . import generators, interpreters  # noqa: F401
+
+from . import attacks, generators, interpreters  # noqa: F401
 from ._registry import ATTACKS, CLASSIFIERS, GENERATORS, INTERPRETERS
 from .classifiers import Classifier, create_classifier, load_classifier, save_classifier
 from .errors import CheckpointError, ConfigError, DataError, JuapError, WeightsUnavailableError
+from .evaluation import evaluate
 
 __version__ = "0.1.0"
 
@@ -50,6 +52,7 @@ __all__ = [
     "JuapError",
     "WeightsUnavailableError",
     "create_attack",
+    "evaluate",
     "create_classifier",
     "create_generator",
     "create_interpreter",

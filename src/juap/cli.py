@@ -83,7 +83,63 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_attack_metrics(m: dict) -> None:
+    norm = m.get("perturbation_norm")
+    print(
+        f"  budget: {m['norm']} eps={m['eps']:g} (0-255 units)"
+        + (f"; measured norm of the perturbation: {norm:.4g}" if norm is not None else "")
+    )
+    line = f"  fooling ratio {m.get('fooling_ratio', float('nan')):.3f} on {m.get('n_images', 0)} test images"
+    if "clean_accuracy" in m:
+        line += f"; accuracy {m['clean_accuracy']:.3f} clean -> {m['adversarial_accuracy']:.3f} adversarial"
+    print(line)
+    if "target_success_rate" in m:
+        print(f"  target success rate {m['target_success_rate']:.3f}")
+    if m.get("transfer"):
+        print("  maps (benign vs adversarial):  interpreter      L1     IoU   (random-map IoU)")
+        for name, t in m["transfer"].items():
+            if "l1" in t:
+                print(
+                    f"                                 {name:<12} {t['l1']:.3f}   {t['iou']:.3f}   "
+                    f"({t['random_iou']:.3f})"
+                )
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    from .config import AttackRunConfig, load_config
+    from .experiments import run_attack
+    from .runs import new_run_dir
+
+    cfg = load_config(AttackRunConfig, args.config, args.overrides)
+    run_dir = new_run_dir(args.out, command="attack", overwrite=args.overwrite)
+    what = cfg.attack.name + (f" against {cfg.interpreter.name}" if cfg.interpreter.name else "")
+    print(f"Running {what} on {cfg.classifier.name}; run folder: {run_dir}")
+    m = run_attack(cfg, run_dir, progress=not args.no_progress)
+    _print_attack_metrics(m)
+    print(
+        f"Wrote {run_dir}/metrics.json, config.yaml"
+        + (", perturbation.safetensors, perturbation.png" if (run_dir / "perturbation.png").exists() else "")
+    )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .config import AttackRunConfig, load_config
+    from .experiments import run_evaluate
+    from .runs import new_run_dir
+
+    cfg = load_config(AttackRunConfig, args.config, args.overrides)
+    run_dir = new_run_dir(args.out, command="evaluate", overwrite=args.overwrite)
+    print(f"Evaluating {args.perturbation} on {cfg.classifier.name}; run folder: {run_dir}")
+    m = run_evaluate(cfg, args.perturbation, run_dir, progress=not args.no_progress)
+    _print_attack_metrics(m)
+    print(f"Wrote {run_dir}/metrics.json")
+    return 0
+
+
 COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
+    "attack": cmd_attack,
+    "evaluate": cmd_evaluate,
     "train-classifier": cmd_train_classifier,
     "demo": cmd_demo,
 }
@@ -109,6 +165,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train or fine-tune a registered classifier with random-crop + flip "
         "augmentation; report top-1 accuracy on the test split.",
     )
+    _add_common(p)
+    p = sub.add_parser(
+        "attack",
+        help="learn a perturbation (JUAP, GUAP, UAP, ...) or run a per-image attack",
+        description="Fit an attack on the train split, evaluate it on the test split against "
+        "every interpreter, and save the perturbation, generator and metrics.",
+    )
+    _add_common(p)
+    p = sub.add_parser(
+        "evaluate",
+        help="evaluate a saved perturbation on a data set",
+        description="Fooling ratio, accuracies and map L1/IoU of a saved perturbation.",
+    )
+    p.add_argument("--perturbation", "-p", required=True, metavar="FILE", help="perturbation.safetensors")
     _add_common(p)
     return parser
 

@@ -11,7 +11,7 @@ import math
 import types
 import typing
 from pathlib import Path
-from typing import Any, Dict, Literal, Mapping, Sequence, Tuple, Type, TypeVar, Union
+from typing import Any, Dict, Literal, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 import yaml
 
@@ -229,3 +229,55 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         inner = args[0] if args else Any
         return tuple(_coerce(inner, v, f"{where}[{i}]") for i, v in enumerate(value))
     return value
+
+
+@dataclasses.dataclass(frozen=True)
+class InterpreterConfig:
+    """The interpreter an attack keeps unchanged (``name: null`` for none, e.g. GUAP, UAP, PGD)."""
+
+    name: Optional[str] = None
+    checkpoint: Optional[str] = None  # RTS: the model trained by `juap train-rts`
+    options: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackConfig:
+    """A registered attack, its budget (eps in 0-255 units) and its hyperparameters (``params``)."""
+
+    name: str = "juap"
+    norm: Literal["linf", "l2"] = "linf"
+    eps: float = 10.0
+    params: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    val_fraction: float = 0.1  # of the train split, held out to pick the best perturbation
+
+    def __post_init__(self) -> None:
+        check_range("attack.eps", self.eps, low=0, low_open=True)
+        check_range("attack.val_fraction", self.val_fraction, low=0, high=0.5)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """What ``juap attack`` / ``juap evaluate`` measure on the test split."""
+
+    interpreters: Tuple[str, ...] = ("cam", "gradcam")
+    rts_checkpoint: Optional[str] = None  # adds "rts" to the table when given
+    batch_size: int = 64
+    max_images: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        check_range("evaluate.batch_size", self.batch_size, low=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackRunConfig:
+    """``juap attack`` and ``juap evaluate``."""
+
+    data: DataConfig = dataclasses.field(
+        default_factory=lambda: DataConfig(train_fraction=0.2, test_fraction=0.2)
+    )
+    classifier: ClassifierConfig = dataclasses.field(default_factory=ClassifierConfig)
+    interpreter: InterpreterConfig = dataclasses.field(default_factory=InterpreterConfig)
+    attack: AttackConfig = dataclasses.field(default_factory=AttackConfig)
+    evaluate: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    seed: int = 0
+    device: str = "auto"

@@ -8,7 +8,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -112,3 +112,303 @@ def cached_demo_classifier(
 
 def demo_accuracy(clf: Classifier, splits: DataSplits) -> Dict[str, Any]:
     return evaluate_accuracy(clf, make_loader(splits.test, batch_size=256), device=torch.device("cpu"))
+
+
+# -- attacks -----------------------------------------------------------------------------------------
+def build_interpreter(
+    name: Optional[str],
+    classifier: Classifier,
+    *,
+    checkpoint: Optional[str] = None,
+    options: Optional[Dict[str, Any]] = None,
+):
+    """A registered interpreter; ``rts`` needs the checkpoint written by ``juap train-rts``."""
+    from . import create_interpreter
+    from .errors import ConfigError
+
+    if name is None:
+        return None
+    opts = dict(options or {})
+    if name == "rts":
+        if not checkpoint:
+            raise ConfigError(
+                "the rts interpreter needs a trained model: set interpreter.checkpoint (or "
+                "evaluate.rts_checkpoint) to the rts.safetensors written by `juap train-rts`"
+            )
+        opts["checkpoint"] = checkpoint
+    elif checkpoint:
+        raise ConfigError(f"interpreter {name!r} takes no checkpoint (only rts does)")
+    return create_interpreter(name, classifier, **opts)
+
+
+def attack_param_names(cls: type) -> set:
+    """Keyword arguments accepted by an attack class, gathered along its constructors' MRO."""
+    import inspect
+
+    names: set = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        for p in inspect.signature(init).parameters.values():
+            if p.kind == p.KEYWORD_ONLY:
+                names.add(p.name)
+    return names
+
+
+def build_attack(cfg, classifier: Classifier, interpreter, *, device=None):
+    """The attack a config names, with its ``params`` checked against the attack's arguments."""
+    import difflib
+
+    from ._registry import ATTACKS
+    from .errors import ConfigError
+
+    cls = ATTACKS.get(cfg.name)
+    allowed = attack_param_names(cls) - {"classifier", "norm", "eps", "interpreter", "device"}
+    for key in cfg.params:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, sorted(allowed), n=1)
+            hint = f" Did you mean 'attack.params.{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"unknown config key 'attack.params.{key}' for attack {cfg.name!r}.{hint} "
+                f"Known: {', '.join(sorted(allowed))}"
+            )
+    kwargs = dict(cfg.params, classifier=classifier, norm=cfg.norm, eps=cfg.eps, device=device)
+    if "interpreter" in attack_param_names(cls):
+        kwargs["interpreter"] = interpreter
+    elif interpreter is not None:
+        raise ConfigError(
+            f"attack {cfg.name!r} uses no interpreter; set interpreter.name: null "
+            "(the maps are still measured for every interpreter in evaluate.interpreters)"
+        )
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a missing required argument, e.g. guap_ct without a target
+        raise ConfigError(f"attack {cfg.name!r}: {e}") from None
+
+
+def eval_interpreters(cfg, classifier: Classifier) -> Dict[str, Any]:
+    """Every interpreter of the transfer table (``evaluate.interpreters`` and RTS when a model is given)."""
+    names = list(cfg.evaluate.interpreters)
+    rts_ckpt = cfg.evaluate.rts_checkpoint or (
+        cfg.interpreter.checkpoint if cfg.interpreter.name == "rts" else None
+    )
+    if rts_ckpt and "rts" not in names:
+        names.append("rts")
+    if cfg.interpreter.name and cfg.interpreter.name not in names:
+        names.append(cfg.interpreter.name)
+    return {
+        n: build_interpreter(
+            n,
+            classifier,
+            checkpoint=rts_ckpt if n == "rts" else None,
+            options=cfg.interpreter.options if n == cfg.interpreter.name else None,
+        )
+        for n in names
+    }
+
+
+def attack_data(cfg, *, progress: bool):
+    """Splits for an attack: train (minus a held-out validation part) and test."""
+    from torch.utils.data import Subset
+
+    splits = load_splits(cfg.data, progress=progress)
+    n_train = len(splits.train)
+    n_val = max(1, int(round(cfg.attack.val_fraction * n_train))) if cfg.attack.val_fraction > 0 else 0
+    train = Subset(splits.train, range(n_val, n_train)) if n_val else splits.train
+    val = Subset(splits.train, range(n_val)) if n_val else None
+    test = splits.test
+    if cfg.evaluate.max_images:
+        test = Subset(test, range(min(cfg.evaluate.max_images, len(test))))
+    return splits, train, val, test
+
+
+def _check_classes(clf: Classifier, splits: DataSplits) -> None:
+    from .errors import CheckpointError
+
+    if clf.num_classes != splits.num_classes:
+        raise CheckpointError(
+            f"the classifier has {clf.num_classes} classes but the data set has {splits.num_classes} "
+            f"({', '.join(splits.classes[:8])}{'...' if splits.num_classes > 8 else ''}): "
+            "use a classifier checkpoint trained on this data (juap train-classifier)"
+        )
+
+
+def run_attack(cfg, run_dir: Path, *, progress: bool = True) -> Dict[str, Any]:
+    """``juap attack``: fit on the train split, evaluate on the test split, save the artifacts."""
+    from .attacks.base import UniversalAttack
+    from .evaluation import evaluate
+
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    splits, train, val, test = attack_data(cfg, progress=progress)
+    save_split(run_dir / "split.json", splits.split)
+    clf = build_classifier(cfg.classifier, num_classes=splits.num_classes).to(device)
+    _check_classes(clf, splits)
+    interp = build_interpreter(
+        cfg.interpreter.name, clf, checkpoint=cfg.interpreter.checkpoint, options=cfg.interpreter.options
+    )
+    interp = interp.to(device) if interp is not None else None
+    attack = build_attack(cfg.attack, clf, interp, device=device)
+    batch = getattr(attack, "batch_size", 30)
+    t0 = time.perf_counter()
+    fit_info: Dict[str, Any] = {}
+    if isinstance(attack, UniversalAttack):
+        train_loader = make_loader(
+            train, batch_size=batch, shuffle=True, seed=cfg.seed, drop_last=len(train) > batch
+        )
+        val_loader = make_loader(val, batch_size=batch) if val is not None else None
+        fit_kwargs = {"val_data": val_loader} if "val_data" in _fit_params(attack) else {}
+        n_hat = attack.fit(train_loader, progress=progress, **fit_kwargs)
+        save_perturbation(run_dir, n_hat, cfg)
+        if getattr(attack, "generator", None) is not None:
+            from .io import save_tensors
+
+            save_tensors(
+                run_dir / "generator.safetensors",
+                {
+                    **{f"generator.{k}": v for k, v in attack.generator.state_dict().items()},
+                    "noise": attack.noise,
+                },
+                {
+                    "format": "juap.generator",
+                    "generator": str(attack.generator_spec),
+                    "generator_options": attack.generator_options,
+                    "norm": cfg.attack.norm,
+                    "eps": cfg.attack.eps,
+                },
+            )
+        fit_info = {
+            "best_step": getattr(attack, "best_step", None),
+            "validation": getattr(attack, "best_val", None),
+        }
+    fit_seconds = time.perf_counter() - t0
+    interps = {n: i.to(device) for n, i in eval_interpreters(cfg, clf).items()}
+    target = cfg.attack.params.get("target")
+    test_loader = make_loader(test, batch_size=cfg.evaluate.batch_size)
+    ev = evaluate(
+        clf, attack, test_loader, interpreters=interps, target=target, device=device, progress=progress
+    )
+    metrics = summarize(cfg, ev, fit_seconds=fit_seconds, **fit_info)
+    finish_run(run_dir, config=to_dict(cfg), metrics=metrics)
+    return metrics
+
+
+def _fit_params(attack) -> set:
+    import inspect
+
+    return set(inspect.signature(attack.fit).parameters)
+
+
+def summarize(cfg, ev: Dict[str, Any], **extra: Any) -> Dict[str, Any]:
+    """metrics.json: the attack's identity, its budget, and the figures on the test split."""
+    from .budget import perturbation_norm  # noqa: F401  (documented units: 0-255)
+
+    params = cfg.attack.params
+    main = cfg.interpreter.name or (cfg.evaluate.interpreters[0] if cfg.evaluate.interpreters else None)
+    out: Dict[str, Any] = {
+        "attack": cfg.attack.name,
+        "generator": params.get("generator", "resnet")
+        if cfg.attack.name in ("juap", "guap", "guap_ct", "jap")
+        else None,
+        "interpreter": cfg.interpreter.name,
+        "norm": cfg.attack.norm,
+        "eps": cfg.attack.eps,
+        "objective": params.get("objective"),
+        "classifier": cfg.classifier.name,
+    }
+    for key in ("perturbation_linf", "perturbation_l2"):
+        if key in ev:
+            out[key] = ev[key]
+    if "perturbation_linf" in ev:
+        out["perturbation_norm"] = ev[f"perturbation_{cfg.attack.norm}"]
+    for key in ("n_images", "fooling_ratio", "clean_accuracy", "adversarial_accuracy", "target_success_rate"):
+        if key in ev:
+            out[key] = ev[key]
+    if main and main in ev["interpreters"]:
+        m = ev["interpreters"][main]
+        out.update(
+            {
+                "map_interpreter": main,
+                "l1": m.get("l1"),
+                "iou": m.get("iou"),
+                "iou_per_k": {k.split("@")[1]: v for k, v in m.items() if k.startswith("iou@")},
+                "random_iou": m.get("random_iou"),
+            }
+        )
+    out["transfer"] = ev["interpreters"]
+    out.update({k: v for k, v in extra.items() if v is not None})
+    return out
+
+
+def save_perturbation(run_dir: Path, n_hat: torch.Tensor, cfg) -> None:
+    """``perturbation.safetensors`` (key ``perturbation``, (3, H, W), [0, 1] units) and an amplified PNG."""
+    from PIL import Image
+
+    from .budget import perturbation_norm
+    from .io import atomic_path, save_tensors
+
+    n_hat = n_hat.detach().cpu().float()
+    save_tensors(
+        run_dir / "perturbation.safetensors",
+        {"perturbation": n_hat},
+        {
+            "format": "juap.perturbation",
+            "attack": cfg.attack.name,
+            "norm": cfg.attack.norm,
+            "eps": cfg.attack.eps,
+            "shape": list(n_hat.shape),
+            "measured_norm": float(perturbation_norm(n_hat, cfg.attack.norm)),
+        },
+    )
+    amp = n_hat / n_hat.abs().max().clamp_min(1e-12) * 0.5 + 0.5  # amplified: 0 -> grey
+    arr = (amp.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    with atomic_path(run_dir / "perturbation.png") as tmp:
+        Image.fromarray(arr).save(tmp, format="PNG")
+
+
+def load_perturbation(path: str | os.PathLike) -> torch.Tensor:
+    """Read ``perturbation.safetensors`` (a (3, H, W) tensor in [0, 1] pixel units)."""
+    from .errors import CheckpointError
+    from .io import load_tensors
+
+    tensors, _ = load_tensors(path)
+    if "perturbation" not in tensors:
+        raise CheckpointError(f"{path} holds no 'perturbation' tensor (keys: {sorted(tensors)})")
+    n = tensors["perturbation"]
+    if n.dim() != 3 or n.shape[0] != 3:
+        raise CheckpointError(f"{path}: the perturbation must have shape (3, H, W), got {tuple(n.shape)}")
+    return n
+
+
+def run_evaluate(cfg, perturbation: str, run_dir: Path, *, progress: bool = True) -> Dict[str, Any]:
+    """``juap evaluate``: measure a saved perturbation on the test split with every interpreter."""
+    from .errors import ConfigError
+    from .evaluation import evaluate
+
+    device = resolve_device(cfg.device)
+    n_hat = load_perturbation(perturbation)
+    splits, _, _, test = attack_data(cfg, progress=progress)
+    size = cfg.data.image_size
+    if tuple(n_hat.shape[1:]) != (size, size):
+        raise ConfigError(
+            f"the perturbation is {n_hat.shape[1]}x{n_hat.shape[2]} but the data is resized to "
+            f"{size}x{size}: set data.image_size={n_hat.shape[1]} or use a perturbation "
+            "made for this size"
+        )
+    clf = build_classifier(cfg.classifier, num_classes=splits.num_classes).to(device)
+    _check_classes(clf, splits)
+    interps = {n: i.to(device) for n, i in eval_interpreters(cfg, clf).items()}
+    test_loader = make_loader(test, batch_size=cfg.evaluate.batch_size)
+    ev = evaluate(
+        clf,
+        n_hat,
+        test_loader,
+        interpreters=interps,
+        target=cfg.attack.params.get("target"),
+        device=device,
+        progress=progress,
+    )
+    metrics = summarize(cfg, ev, perturbation_file=str(perturbation))
+    finish_run(run_dir, config=to_dict(cfg), metrics=metrics)
+    return metrics

@@ -1,0 +1,6 @@
+"""Attacks: JUAP and JAP (the paper's), and the baselines UAP, GUAP, GUAP-C_t and PGD."""
+
+from .base import Attack, PerImageAttack, UniversalAttack
+from .juap import GUAP, JUAP, GeneratorUAP, GUAPTargeted
+
+__all__ = ["GUAP", "JUAP", "Attack", "GUAPTargeted", "GeneratorUAP", "PerImageAttack", "UniversalAttack"]

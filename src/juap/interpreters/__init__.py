@@ -1,0 +1,34 @@
+"""Interpreters: CAM (eq 10), Grad-CAM (eq 11), the map helpers, and the smoothed ReLU (eq 15).
+
+Importing this package registers ``"cam"`` and ``"gradcam"`` for :func:`juap.create_interpreter`.
+"""
+from .base import Interpreter, normalize_maps, resolve_classes, upsample_maps
+from .cam import CAM
+from .gradcam import GradCAM
+from .smooth_relu import (
+    SmoothReLU,
+    SmoothReLUMode,
+    count_relus,
+    make_surrogate,
+    relu_derivative,
+    replace_relus,
+    smooth_relu,
+)
+
+__all__ = [
+    "CAM",
+    "GradCAM",
+    "Interpreter",
+    "SmoothReLU",
+    "SmoothReLUMode",
+    "count_relus",
+    "make_surrogate",
+    "normalize_maps",
+    "relu_derivative",
+    "replace_relus",
+    "resolve_classes",
+    "smooth_relu",
+    "upsample_maps",
+]
+
+from . import rts  # noqa: F401,E402  (registers "rts")

@@ -1,0 +1,146 @@
+"""The interpreter face every attack relies on, and the map helpers shared by all interpreters.
+
+An :class:`Interpreter` is an ``nn.Module`` called as ``interp(x, classes) -> maps``: images in [0, 1]
+(N, 3, H, W) and the classes to explain (N,) give maps (N, h, w) at the interpreter's native
+resolution, differentiable w.r.t. the images. :meth:`Interpreter.explain` returns the logits and the
+maps of one forward pass, which is what an attack needs for x_hat (its prediction and the map of that
+prediction). Maps are compared after :func:`normalize_maps` (SPEC section 3).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..classifiers.base import Classifier
+from ..errors import ConfigError
+
+Classes = torch.Tensor | Sequence[int] | int | None
+
+
+class Interpreter(nn.Module):
+    """Base class: a subclass implements :meth:`explain` (one forward pass -> logits and maps).
+
+    The classifier is a registered submodule, so ``interp.to(device)`` moves it too (and the
+    interpreter's ``state_dict`` contains it). Subclasses whose maps do not need the logits (e.g. a
+    learned saliency model) may also override :meth:`forward` to skip the classifier.
+
+    Args:
+        classifier: the :class:`~juap.classifiers.Classifier` whose decisions are explained.
+    """
+
+    def __init__(self, classifier: Classifier) -> None:
+        super().__init__()
+        if not isinstance(classifier, Classifier):
+            raise ConfigError(
+                "an interpreter needs a juap Classifier (see juap.create_classifier), "
+                f"got {type(classifier).__name__}"
+            )
+        self.classifier = classifier
+
+    def forward(self, x: torch.Tensor, classes: Classes = None) -> torch.Tensor:
+        """Maps of ``classes`` for images ``x``.
+
+        Args:
+            x: images in [0, 1], (N, 3, H, W).
+            classes: class indices to explain, (N,) integer tensor (or a sequence / one int for all);
+                ``None`` explains the predicted class.
+
+        Returns:
+            Raw maps (N, h, w) at the interpreter's native resolution (not normalised).
+        """
+        return self.explain(x, classes)[1]
+
+    def explain(self, x: torch.Tensor, classes: Classes = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and maps from one forward pass.
+
+        Args:
+            x: images in [0, 1], (N, 3, H, W).
+            classes: (N,) classes to explain; ``None`` explains ``logits.argmax(1)``.
+
+        Returns:
+            ``(logits, maps)``: (N, C) and (N, h, w).
+        """
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"classifier={self.classifier.arch!r}"
+
+
+def resolve_classes(logits: torch.Tensor, classes: Classes) -> torch.Tensor:
+    """Check the classes to explain, or take the predicted ones.
+
+    Args:
+        logits: (N, C) logits of the images being explained.
+        classes: ``None`` (explain the argmax), one int (for every image), a sequence of N ints, or an
+            integer tensor of shape (N,).
+
+    Returns:
+        LongTensor (N,) on the logits' device.
+
+    Raises:
+        ConfigError: wrong shape, non-integer dtype, or an index outside [0, C).
+    """
+    n, num_classes = logits.shape
+    if classes is None:
+        return logits.argmax(dim=1)
+    if isinstance(classes, int):
+        classes = torch.full((n,), classes, dtype=torch.long, device=logits.device)
+    classes = torch.as_tensor(classes, device=logits.device)
+    if classes.dtype.is_floating_point or classes.dtype.is_complex or classes.dtype == torch.bool:
+        raise ConfigError(f"classes must be integer class indices, got dtype {classes.dtype}")
+    if classes.dim() == 0:
+        classes = classes.expand(n)
+    if tuple(classes.shape) != (n,):
+        raise ConfigError(f"classes must have shape ({n},) (one class per image), got {tuple(classes.shape)}")
+    bad = (classes < 0) | (classes >= num_classes)
+    if bool(bad.any()):  # one host sync: an out-of-range gather would fail on the device, unreadably
+        raise ConfigError(
+            f"class indices must lie in [0, {num_classes}) for this classifier with {num_classes} classes, "
+            f"got {classes[bad].tolist()[:5]}"
+        )
+    return classes.long()
+
+
+def normalize_maps(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Per-sample min-max normalisation to [0, 1] (the maps compared in eqs 13 and 19).
+
+    Differentiable; a constant map becomes zeros (no NaN: the range is clamped to ``eps``).
+
+    Args:
+        maps: (N, ...) maps, e.g. (N, h, w).
+        eps: smallest range divided by.
+
+    Returns:
+        Maps of the same shape with per-sample minimum 0 and maximum 1 (0 everywhere if constant).
+    """
+    flat = maps.flatten(1)
+    lo = flat.amin(dim=1, keepdim=True)
+    hi = flat.amax(dim=1, keepdim=True)
+    return ((flat - lo) / (hi - lo).clamp_min(eps)).view_as(maps)
+
+
+def upsample_maps(maps: torch.Tensor, size: int | Iterable[int]) -> torch.Tensor:
+    """Bilinear resize of maps to the image size, for display and overlays.
+
+    Args:
+        maps: (N, h, w).
+        size: target ``(H, W)`` or one int for a square.
+
+    Returns:
+        (N, H, W) maps.
+    """
+    if maps.dim() != 3:
+        raise ValueError(f"expected maps of shape (N, h, w), got {tuple(maps.shape)}")
+    size = (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
+    return F.interpolate(maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
+
+
+def check_options(name: str, options: dict, allowed: Sequence[str]) -> None:
+    """Raise a :class:`ConfigError` naming the allowed options if ``options`` has others."""
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        known = ", ".join(allowed) if allowed else "none"
+        raise ConfigError(f"interpreter {name!r} got unknown option(s) {unknown}; allowed: {known}")

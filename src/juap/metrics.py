@@ -1,0 +1,120 @@
+"""Evaluation metrics (eqs 18-20, SPEC §3), streamed over a loader as sums and counts.
+
+Every figure is a ratio of sums kept in :class:`MetricSums`, so shards and ranks combine exactly
+(never an average of averages).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Sequence
+
+import torch
+
+from .interpreters.base import normalize_maps
+
+IOU_KS = (10, 20, 30, 40, 50)
+
+
+def topk_masks(maps: torch.Tensor, k_percent: float) -> torch.Tensor:
+    """Binarise each map (N, h, w) by keeping its top ``k_percent`` % pixels -> bool (N, h*w)."""
+    flat = maps.flatten(1)
+    k = max(1, int(round(flat.shape[1] * k_percent / 100.0)))
+    idx = flat.topk(k, dim=1).indices
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    return mask.scatter_(1, idx, True)
+
+
+def iou_topk(a: torch.Tensor, b: torch.Tensor, k_percent: float) -> torch.Tensor:
+    """Eq 20: IoU of the top-k% binarised maps, per sample (N,)."""
+    ma, mb = topk_masks(a, k_percent), topk_masks(b, k_percent)
+    inter = (ma & mb).sum(1).float()
+    union = (ma | mb).sum(1).float()
+    return inter / union.clamp_min(1)
+
+
+def l1_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Eq 19: mean absolute difference per pixel of min-max normalised maps, per sample (N,), in [0, 1]."""
+    return (normalize_maps(a) - normalize_maps(b)).abs().flatten(1).mean(1)
+
+
+@dataclass
+class MetricSums:
+    """Sums and counts of one evaluation; :meth:`summary` turns them into ratios."""
+
+    sums: Dict[str, float] = field(default_factory=dict)
+
+    def add(self, key: str, value: float) -> None:
+        self.sums[key] = self.sums.get(key, 0.0) + float(value)
+
+    def merge(self, other: MetricSums) -> MetricSums:
+        for k, v in other.sums.items():
+            self.add(k, v)
+        return self
+
+    @torch.no_grad()
+    def update_predictions(
+        self,
+        benign_logits: torch.Tensor,
+        adv_logits: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        target: Optional[int] = None,
+    ) -> None:
+        """Fooling (eq 18), clean/adversarial accuracy and targeted success from one batch."""
+        pb, pa = benign_logits.argmax(1), adv_logits.argmax(1)
+        self.add("n", len(pb))
+        self.add("fooled", (pa != pb).sum())
+        if labels is not None:
+            labels = labels.to(pb.device)
+            self.add("clean_correct", (pb == labels).sum())
+            self.add("adv_correct", (pa == labels).sum())
+            self.add("n_labelled", len(labels))
+        if target is not None:
+            self.add("hit_target", (pa == target).sum())
+            self.add("n_not_target", (pb != target).sum())
+            self.add("hit_target_of_not_target", ((pa == target) & (pb != target)).sum())
+
+    @torch.no_grad()
+    def update_maps(self, benign_maps: torch.Tensor, adv_maps: torch.Tensor, *, seed: int = 0) -> None:
+        """L1 (eq 19) and top-k IoU (eq 20) of one batch of maps, and the random-map IoU floor."""
+        benign_maps, adv_maps = benign_maps.float(), adv_maps.float()
+        self.add("n_maps", len(benign_maps))
+        self.add("l1", l1_distance(adv_maps, benign_maps).sum())
+        g = torch.Generator().manual_seed(seed)
+        r1 = torch.rand(benign_maps.shape, generator=g).to(benign_maps.device)
+        r2 = torch.rand(benign_maps.shape, generator=g).to(benign_maps.device)
+        for k in IOU_KS:
+            self.add(f"iou@{k}", iou_topk(adv_maps, benign_maps, k).sum())
+            self.add(f"random_iou@{k}", iou_topk(r1, r2, k).sum())
+
+    def summary(self) -> Dict[str, float]:
+        """Ratios: fooling_ratio, clean/adv accuracy, target success, l1, iou (mean over k) and per k."""
+        s = self.sums
+        out: Dict[str, float] = {}
+        n = s.get("n", 0)
+        if n:
+            out["n_images"] = int(n)
+            out["fooling_ratio"] = s["fooled"] / n
+        if s.get("n_labelled"):
+            out["clean_accuracy"] = s["clean_correct"] / s["n_labelled"]
+            out["adversarial_accuracy"] = s["adv_correct"] / s["n_labelled"]
+        if "hit_target" in s and n:
+            out["target_success_rate"] = s["hit_target"] / n
+            if s.get("n_not_target"):
+                out["target_success_rate_excluding_target"] = (
+                    s["hit_target_of_not_target"] / s["n_not_target"]
+                )
+        m = s.get("n_maps", 0)
+        if m:
+            out["l1"] = s["l1"] / m
+            per_k = {k: s[f"iou@{k}"] / m for k in IOU_KS}
+            floor = {k: s[f"random_iou@{k}"] / m for k in IOU_KS}
+            out["iou"] = sum(per_k.values()) / len(per_k)
+            out["random_iou"] = sum(floor.values()) / len(floor)
+            out.update({f"iou@{k}": v for k, v in per_k.items()})
+            out.update({f"random_iou@{k}": v for k, v in floor.items()})
+        return out
+
+
+def mean_over(values: Sequence[float]) -> float:
+    return sum(values) / max(len(values), 1)
