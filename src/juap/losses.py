@@ -51,10 +51,13 @@ def fooling_loss(adv_logits: torch.Tensor, classes: torch.Tensor, *, objective: 
         objective: ``untargeted`` gives ``-log CE`` (eq 7, pushes away from C_x); ``least_likely`` and
             ``targeted`` give ``log CE`` (eqs 8, 9, pull towards C_min / C_t).
     """
-    ce = F.cross_entropy(adv_logits, classes)
+    ce = F.cross_entropy(adv_logits, classes).clamp_min(_CE_FLOOR)  # log(0) would be -inf, then NaN
     if objective == "untargeted":
         return -torch.log(ce)
     return torch.log(ce)
+
+
+_CE_FLOOR = 1e-12
 
 
 def map_distance(adv_maps: torch.Tensor, benign_maps: torch.Tensor) -> torch.Tensor:

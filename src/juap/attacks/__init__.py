@@ -1,6 +1,16 @@
 """Attacks: JUAP and JAP (the paper's), and the baselines UAP, GUAP, GUAP-C_t and PGD."""
 
 from .base import Attack, PerImageAttack, UniversalAttack
+from .jap import JAP
 from .juap import GUAP, JUAP, GeneratorUAP, GUAPTargeted
 
-__all__ = ["GUAP", "JUAP", "Attack", "GUAPTargeted", "GeneratorUAP", "PerImageAttack", "UniversalAttack"]
+__all__ = [
+    "GUAP",
+    "JAP",
+    "JUAP",
+    "Attack",
+    "GUAPTargeted",
+    "GeneratorUAP",
+    "PerImageAttack",
+    "UniversalAttack",
+]

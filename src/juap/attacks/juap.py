@@ -212,6 +212,8 @@ class GeneratorUAP(UniversalAttack):
                 interp = interp + self.rts_feature_weight * feat
             delta = self.delta if self.delta is not None else float("-inf")
             loss = joint_loss(fool, interp, lam=self.lam, delta=delta)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{self.name}: the loss became {loss.item()} (parts: {parts})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -255,10 +257,12 @@ class GeneratorUAP(UniversalAttack):
         return sums.summary()
 
     def _score(self, val: Dict[str, float]) -> float:
+        """Validation score: the fooling ratio (the target success rate when targeted), + IoU if joint."""
+        key = "target_success_rate" if self.objective == "targeted" else "fooling_ratio"
         if self.selection == "joint":
-            return val.get("fooling_ratio", 0.0) + val.get("iou", 0.0)
+            return val.get(key, 0.0) + val.get("iou", 0.0)
         if self.selection == "fooling_ratio":
-            return val.get("fooling_ratio", 0.0)
+            return val.get(key, 0.0)
         return 0.0
 
 

@@ -1,0 +1,151 @@
+"""JAP: the image-dependent variant of JUAP (eq 17) — one generator per image, the same objective.
+
+All generators of a batch are trained together: their parameters are stacked and run with
+``torch.func.vmap`` over ``functional_call``, so a batch of N images trains N independent generators
+in one vectorised pass (Adam's update is element-wise, so stacked parameters stay independent).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import torch
+from torch.func import functional_call, stack_module_state, vmap
+
+from .._registry import ATTACKS, GENERATORS
+from ..budget import apply_perturbation, scale_to_budget
+from ..config import check_range
+from ..errors import ConfigError
+from ..interpreters.base import Interpreter, normalize_maps
+from ..interpreters.gradcam import GradCAM
+from ..interpreters.smooth_relu import make_surrogate
+from ..losses import OBJECTIVES, attack_classes, check_target
+from .base import PerImageAttack, rebind
+
+
+@ATTACKS.register("jap")
+class JAP(PerImageAttack):
+    """Joint image-dependent perturbations: x_adv = clamp(x + n_hat_i, 0, 1), n_hat_i = G_i(n) (eq 17).
+
+    Args:
+        classifier, norm, eps: as for every attack (eps in 0-255 units).
+        interpreter: the interpreter whose map of each image must stay unchanged (``None``: classifier only).
+        generator: registered generator name; generator_options: its options (small by default:
+            ``{"ngf": 8, "n_blocks": 2}``, since one generator is trained per image).
+        objective, target, lam, delta: as in JUAP (eqs 7-9, 13, 16), applied per image.
+        steps: Adam steps per batch; lr, betas: Adam's.
+        surrogate: smoothed-ReLU surrogate for gradients (``"auto"``: for Grad-CAM).
+        seed: fixes the noise and the generators' initialisation.
+
+    Example:
+        >>> jap = juap.create_attack("jap", classifier=clf, interpreter=cam, norm="linf", eps=10, steps=100)
+        >>> x_adv = jap(x)   # (N, 3, H, W)
+    """
+
+    name = "jap"
+
+    def __init__(
+        self,
+        *,
+        classifier,
+        interpreter: Optional[Interpreter] = None,
+        norm: str = "linf",
+        eps: float = 10.0,
+        generator: str = "resnet",
+        generator_options: Optional[Mapping[str, Any]] = None,
+        objective: str = "untargeted",
+        target: Optional[int] = None,
+        lam: float = 1.0,
+        delta: Optional[float] = -0.8,
+        steps: int = 100,
+        lr: float = 1e-2,
+        betas: tuple = (0.5, 0.999),
+        surrogate: bool | str = "auto",
+        tau: float = 1e-4,
+        seed: int = 0,
+        device=None,
+    ) -> None:
+        super().__init__(classifier=classifier, norm=norm, eps=eps, device=device)
+        if objective not in OBJECTIVES:
+            raise ConfigError(f"objective = {objective!r}; allowed values: {', '.join(OBJECTIVES)}")
+        if objective == "targeted":
+            check_target(target, classifier.num_classes)
+        check_range("lam", lam, low=0)
+        check_range("steps", steps, low=1)
+        check_range("lr", lr, low=0, low_open=True)
+        GENERATORS.get(generator)
+        self.interpreter = interpreter
+        self.generator = generator
+        self.generator_options = dict(generator_options or {"ngf": 8, "n_blocks": 2})
+        self.objective, self.target, self.lam, self.delta = objective, target, float(lam), delta
+        self.steps, self.lr, self.betas = int(steps), float(lr), tuple(betas)
+        self.use_surrogate = isinstance(interpreter, GradCAM) if surrogate == "auto" else bool(surrogate)
+        self.tau, self.seed = tau, int(seed)
+
+    def __call__(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Adversarial images (N, 3, H, W) for images ``x`` in [0, 1]; ``y`` is unused (C_x = f(x))."""
+        x = x.to(self.device)
+        n = len(x)
+        torch.manual_seed(self.seed)
+        gens = [GENERATORS.create(self.generator, **self.generator_options).to(self.device) for _ in range(n)]
+        params, buffers = stack_module_state(gens)
+        base = gens[0]
+        noise = torch.rand((n, 1) + tuple(x.shape[1:]), generator=torch.Generator().manual_seed(self.seed))
+        noise = noise.to(self.device)
+
+        def one(p, b, z):  # z (1, 3, H, W) -> (1, 3, H, W)
+            return functional_call(base, (p, b), (z,))
+
+        run = vmap(one, in_dims=(0, 0, 0), randomness="different")
+        opt = torch.optim.Adam(params.values(), lr=self.lr, betas=self.betas)
+        clf = self.classifier
+        interp = self.interpreter
+        train_interp = interp
+        if interp is not None and self.use_surrogate:
+            train_interp = rebind(interp, make_surrogate(clf, tau=self.tau))
+        with torch.no_grad():
+            benign_logits = clf(x)
+            classes = attack_classes(benign_logits, objective=self.objective, target=self.target)
+            benign_maps = interp(x, benign_logits.argmax(1)) if interp is not None else None
+        best = x.clone()
+        best_score = torch.full((n,), -float("inf"), device=self.device)
+        for _ in range(self.steps):
+            g = run(params, buffers, noise)[:, 0]  # (N, 3, H, W)
+            n_hat = scale_to_budget(g, norm=self.norm, eps=self.eps)  # eq 17, per image
+            x_hat = apply_perturbation(x, n_hat)
+            if interp is None:
+                adv_logits, maps = clf(x_hat), None
+            else:
+                map_classes = classes if self.objective == "targeted" else None
+                adv_logits, maps = train_interp.explain(x_hat, map_classes)
+            loss_i = self._per_image_loss(adv_logits, classes, maps, benign_maps)  # (N,)
+            opt.zero_grad(set_to_none=True)
+            loss_i.sum().backward()
+            opt.step()
+            with torch.no_grad():  # keep each image's best: fooled first, then closest map
+                score = self._score(x_hat.detach(), benign_logits, benign_maps)
+                better = score > best_score
+                best[better] = x_hat.detach()[better]
+                best_score = torch.where(better, score, best_score)
+        return best
+
+    def _per_image_loss(self, logits, classes, maps, benign_maps) -> torch.Tensor:
+        ce = torch.nn.functional.cross_entropy(logits, classes, reduction="none").clamp_min(1e-12)
+        fool = -torch.log(ce) if self.objective == "untargeted" else torch.log(ce)
+        if self.delta is not None:
+            fool = torch.clamp(fool, min=self.delta)
+        if maps is None:
+            return fool
+        dist = (normalize_maps(maps) - normalize_maps(benign_maps)).flatten(1).norm(dim=1)
+        return fool + self.lam * dist
+
+    def _score(self, x_hat, benign_logits, benign_maps) -> torch.Tensor:
+        logits = self.classifier(x_hat)
+        if self.objective == "targeted":
+            fooled = (logits.argmax(1) == self.target).float()
+        else:
+            fooled = (logits.argmax(1) != benign_logits.argmax(1)).float()
+        if self.interpreter is None:
+            return fooled
+        maps = self.interpreter(x_hat, logits.argmax(1))
+        dist = (normalize_maps(maps) - normalize_maps(benign_maps)).flatten(1).abs().mean(1)
+        return fooled * 2 - dist

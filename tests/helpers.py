@@ -1,0 +1,50 @@
+"""Small trained models and data for tests, made in seconds from the embedded synthetic renderer."""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import juap
+from juap.data.synthetic import render_sample
+
+
+@functools.lru_cache(maxsize=None)
+def synthetic_tensors(n: int = 240, size: int = 32, num_classes: int = 4, seed: int = 0):
+    """(images (n, 3, size, size) in [0, 1], labels (n,), boxes (n, 4)) rendered directly."""
+    xs, ys, boxes = [], [], []
+    for i in range(n):
+        img, box, label = render_sample(i, seed=seed, image_size=size, num_classes=num_classes)
+        xs.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1))
+        ys.append(label)
+        boxes.append(box)
+    return torch.stack(xs), torch.tensor(ys), torch.tensor(boxes)
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_trained_classifier(size: int = 32, num_classes: int = 4, epochs: int = 20):
+    """A small_resnet (8, 16, 32) trained for ~10 s (well above chance); returns (classifier, x_test, y_test)."""
+    x, y, _ = synthetic_tensors(800, size, num_classes)
+    xtr, ytr, xte, yte = x[:640], y[:640], x[640:], y[640:]
+    torch.manual_seed(0)
+    clf = juap.create_classifier("small_resnet", num_classes=num_classes, widths=(8, 16, 32))
+    opt = torch.optim.Adam(clf.parameters(), lr=3e-3)
+    steps_per_epoch = (len(xtr) + 31) // 32
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=5e-3, total_steps=epochs * steps_per_epoch)
+    clf.train()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(epochs):
+        perm = torch.randperm(len(xtr), generator=g)
+        for i in range(0, len(xtr), 32):
+            idx = perm[i : i + 32]
+            loss = F.cross_entropy(clf(xtr[idx]), ytr[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    clf.eval()
+    for p in clf.parameters():
+        p.requires_grad_(False)
+    return clf, xte, yte

@@ -1,0 +1,121 @@
+"""Every attack on a tiny trained model: budgets held, images valid, the classifier fooled, maps kept."""
+import pytest
+import torch
+
+import juap
+from juap.budget import perturbation_norm
+from juap.evaluation import evaluate
+from juap.metrics import MetricSums
+
+from helpers import tiny_trained_classifier
+
+FAST = {"steps": 40, "batch_size": 32, "lr": 1e-3, "eval_every": 20, "generator_options": {"ngf": 8, "n_blocks": 2}}
+
+
+@pytest.fixture(scope="module")
+def model():
+    clf, x, y = tiny_trained_classifier()
+    acc = (clf(x).argmax(1) == y).float().mean().item()
+    assert acc > 0.4, f"the fixture classifier must be well above chance (0.25), got {acc:.2f}"
+    return clf, x, y
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 16.0), ("l2", 400.0)])
+@pytest.mark.parametrize("name", ["guap", "juap"])
+def test_generator_attacks_hold_budget_and_fool(model, name, norm, eps):
+    clf, x, y = model
+    kw = dict(FAST)
+    if name == "juap":
+        kw.update(interpreter=juap.create_interpreter("cam", clf), lam=0.1)
+    attack = juap.create_attack(name, classifier=clf, norm=norm, eps=eps, **kw)
+    n_hat = attack.fit(x, progress=False)
+    assert n_hat.shape == (3, 32, 32)
+    assert float(perturbation_norm(n_hat, norm)) <= eps * (1 + 1e-5)
+    x_adv = attack.perturb(x)
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    fr = evaluate(clf, n_hat, x)["fooling_ratio"]
+    assert fr > 0.2, f"{name} {norm}: fooling ratio {fr:.2f}"
+
+
+def test_gradients_reach_every_generator_parameter(model):
+    clf, x, _ = model
+    cam = juap.create_interpreter("gradcam", clf)
+    attack = juap.create_attack("juap", classifier=clf, interpreter=cam, norm="linf", eps=10,
+                                **dict(FAST, steps=1, eval_every=1))
+    G = attack._make_generator().train()
+    attack.noise = torch.rand(1, 3, 32, 32)
+    opt = torch.optim.SGD(G.parameters(), lr=0.0)
+    attack._step(G, opt, x[:8], attack.interpreter)
+    missing = [n for n, p in G.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, f"no gradient reached {missing}"
+
+
+def test_guap_targeted_hits_target_more_than_chance(model):
+    clf, x, _ = model
+    target = 2
+    attack = juap.create_attack("guap_ct", classifier=clf, norm="linf", eps=24, target=target, **FAST)
+    n_hat = attack.fit(x, progress=False)
+    m = evaluate(clf, n_hat, x, target=target)
+    assert m["target_success_rate"] > 0.5, m
+
+
+def test_juap_keeps_maps_closer_than_guap_on_same_seed(model):
+    clf, x, _ = model
+    cam = juap.create_interpreter("cam", clf)
+    common = dict(FAST, steps=60, seed=1)
+    guap = juap.create_attack("guap", classifier=clf, norm="linf", eps=16, **common)
+    juap_ = juap.create_attack("juap", classifier=clf, interpreter=cam, norm="linf", eps=16, lam=2.0, **common)
+    mg = evaluate(clf, guap.fit(x, progress=False), x, interpreters={"cam": cam})
+    mj = evaluate(clf, juap_.fit(x, progress=False), x, interpreters={"cam": cam})
+    assert mj["interpreters"]["cam"]["l1"] < mg["interpreters"]["cam"]["l1"], (mj, mg)
+    assert mj["interpreters"]["cam"]["iou"] > mg["interpreters"]["cam"]["iou"], (mj, mg)
+
+
+@pytest.mark.parametrize("interp", [None, "cam", "gradcam"])
+def test_jap_per_image(model, interp):
+    clf, x, _ = model
+    it = juap.create_interpreter(interp, clf) if interp else None
+    jap = juap.create_attack("jap", classifier=clf, interpreter=it, norm="linf", eps=16, steps=15, lr=1e-2)
+    xs = x[:12]
+    x_adv = jap(xs)
+    assert (x_adv - xs).abs().amax() <= 16 / 255 + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    fooled = (clf(x_adv).argmax(1) != clf(xs).argmax(1)).float().mean()
+    assert fooled > 0.3
+
+
+def test_metrics_by_construction():
+    maps = torch.rand(4, 8, 8)
+    s = MetricSums()
+    s.update_maps(maps, maps.clone())
+    out = s.summary()
+    assert out["l1"] == 0 and abs(out["iou"] - 1) < 1e-6
+    assert 0.05 < out["random_iou"] < 0.35  # top-k IoU of independent random maps
+    s2 = MetricSums()
+    s2.update_maps(maps, -maps)  # reversed ranking: top 10..50% never overlap
+    assert s2.summary()["iou"] == 0
+    logits = torch.eye(3)[[0, 1, 2, 0]]
+    s3 = MetricSums()
+    s3.update_predictions(logits, torch.eye(3)[[1, 1, 2, 2]], labels=torch.tensor([0, 1, 2, 1]))
+    r = s3.summary()
+    assert r["fooling_ratio"] == 0.5 and r["clean_accuracy"] == 0.75 and r["adversarial_accuracy"] == 0.5
+
+
+def test_bad_input_errors(model):
+    clf, x, _ = model
+    with pytest.raises(juap.ConfigError, match="positive finite"):
+        juap.create_attack("guap", classifier=clf, norm="linf", eps=0)
+    with pytest.raises(juap.ConfigError, match="linf, l2"):
+        juap.create_attack("guap", classifier=clf, norm="l3", eps=10)
+    with pytest.raises(juap.JuapError, match="Known attacks: .*guap.*juap"):
+        juap.create_attack("juapp", classifier=clf)
+    with pytest.raises(juap.JuapError, match="Known generators: resnet, unet"):
+        juap.create_attack("guap", classifier=clf, generator="resnt")
+    with pytest.raises(juap.JuapError, match="Known interpreters"):
+        juap.create_interpreter("gradcamm", clf)
+    with pytest.raises(juap.ConfigError, match="target class 9 is out of range"):
+        juap.create_attack("guap_ct", classifier=clf, target=9)
+    with pytest.raises(juap.ConfigError, match="lam"):
+        juap.create_attack("juap", classifier=clf, interpreter=juap.create_interpreter("cam", clf), lam=-1)
+    with pytest.raises(juap.ConfigError, match="does not fit images"):
+        evaluate(clf, torch.zeros(3, 64, 64), x)
