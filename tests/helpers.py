@@ -1,4 +1,5 @@
 """Small trained models and data for tests, made in seconds from the embedded synthetic renderer."""
+
 from __future__ import annotations
 
 import functools

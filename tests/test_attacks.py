@@ -1,4 +1,5 @@
 """Every attack on a tiny trained model: budgets held, images valid, the classifier fooled, maps kept."""
+
 import pytest
 import torch
 
@@ -9,7 +10,13 @@ from juap.metrics import MetricSums
 
 from helpers import tiny_trained_classifier
 
-FAST = {"steps": 40, "batch_size": 32, "lr": 1e-3, "eval_every": 20, "generator_options": {"ngf": 8, "n_blocks": 2}}
+FAST = {
+    "steps": 40,
+    "batch_size": 32,
+    "lr": 1e-3,
+    "eval_every": 20,
+    "generator_options": {"ngf": 8, "n_blocks": 2},
+}
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +47,9 @@ def test_generator_attacks_hold_budget_and_fool(model, name, norm, eps):
 def test_gradients_reach_every_generator_parameter(model):
     clf, x, _ = model
     cam = juap.create_interpreter("gradcam", clf)
-    attack = juap.create_attack("juap", classifier=clf, interpreter=cam, norm="linf", eps=10,
-                                **dict(FAST, steps=1, eval_every=1))
+    attack = juap.create_attack(
+        "juap", classifier=clf, interpreter=cam, norm="linf", eps=10, **dict(FAST, steps=1, eval_every=1)
+    )
     G = attack._make_generator().train()
     attack.noise = torch.rand(1, 3, 32, 32)
     opt = torch.optim.SGD(G.parameters(), lr=0.0)
@@ -64,7 +72,9 @@ def test_juap_keeps_maps_closer_than_guap_on_same_seed(model):
     cam = juap.create_interpreter("cam", clf)
     common = dict(FAST, steps=60, seed=1)
     guap = juap.create_attack("guap", classifier=clf, norm="linf", eps=16, **common)
-    juap_ = juap.create_attack("juap", classifier=clf, interpreter=cam, norm="linf", eps=16, lam=2.0, **common)
+    juap_ = juap.create_attack(
+        "juap", classifier=clf, interpreter=cam, norm="linf", eps=16, lam=2.0, **common
+    )
     mg = evaluate(clf, guap.fit(x, progress=False), x, interpreters={"cam": cam})
     mj = evaluate(clf, juap_.fit(x, progress=False), x, interpreters={"cam": cam})
     assert mj["interpreters"]["cam"]["l1"] < mg["interpreters"]["cam"]["l1"], (mj, mg)

@@ -47,6 +47,7 @@ class DataConfig:
     test_fraction: float = 0.2
     split_seed: int = 0
     num_images: int = 3000  # synthetic only
+    num_classes: int = 6  # synthetic only
     synthetic_seed: int = 0  # synthetic only
     num_workers: int = 0
 

@@ -73,6 +73,7 @@ def data_root(cfg: DataConfig, *, progress: bool = False) -> str:
             synthetic_root(
                 cache_dir=root,
                 num_images=cfg.num_images,
+                num_classes=cfg.num_classes,
                 image_size=cfg.image_size,
                 seed=cfg.synthetic_seed,
                 progress=progress,

@@ -1,0 +1,183 @@
+"""The juap command line as a user runs it: run folders, artifacts, and clear errors without tracebacks."""
+
+import json
+
+import pytest
+import torch
+
+import juap
+from juap.cli import main
+from juap.io import load_tensors
+
+from helpers import tiny_trained_classifier
+
+DATA = [
+    "--set",
+    "data.num_images=96",
+    "--set",
+    "data.image_size=32",
+    "--set",
+    "data.num_classes=4",
+    "--set",
+    "data.train_fraction=0.5",
+    "--set",
+    "data.test_fraction=0.25",
+]
+
+
+@pytest.fixture(scope="module")
+def clf_path(tmp_path_factory):
+    clf, _, _ = tiny_trained_classifier()
+    path = tmp_path_factory.mktemp("clf") / "classifier.safetensors"
+    juap.save_classifier(clf, path)
+    return str(path)
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for cmd in ("demo", "train-classifier", "attack", "evaluate"):
+        assert cmd in out
+
+
+def test_train_classifier_writes_run_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, _ = run(
+        capsys,
+        "train-classifier",
+        "--out",
+        str(out),
+        "--no-progress",
+        *DATA,
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "classifier.options={widths: [4, 8, 8]}",
+    )
+    assert code == 0, stdout
+    m = json.loads((out / "metrics.json").read_text())
+    assert 0 <= m["test_accuracy"] <= 1 and m["test_images"] == 24
+    assert (out / "classifier.safetensors").is_file() and (out / "config.yaml").is_file()
+    assert json.loads((out / "run.json").read_text())["status"] == "complete"
+    split = json.loads((out / "split.json").read_text())
+    assert len(split["train"]) == 48 and not set(split["train"]) & set(split["test"])
+    again = juap.load_classifier(out / "classifier.safetensors")
+    assert again.num_classes == 4
+
+
+def test_attack_and_evaluate_end_to_end(tmp_path, capsys, clf_path):
+    out = tmp_path / "att"
+    code, stdout, err = run(
+        capsys,
+        "attack",
+        "--out",
+        str(out),
+        "--no-progress",
+        *DATA,
+        "--set",
+        f"classifier.weights={clf_path}",
+        "--set",
+        "interpreter.name=cam",
+        "--set",
+        "attack.name=juap",
+        "--set",
+        "attack.eps=16",
+        "--set",
+        "attack.params={steps: 4, batch_size: 16, eval_every: 2, generator_options: {ngf: 8, n_blocks: 1}}",
+    )
+    assert code == 0, err
+    m = json.loads((out / "metrics.json").read_text())
+    for key in (
+        "attack",
+        "generator",
+        "interpreter",
+        "norm",
+        "eps",
+        "perturbation_norm",
+        "fooling_ratio",
+        "l1",
+        "iou",
+        "iou_per_k",
+        "random_iou",
+        "clean_accuracy",
+        "adversarial_accuracy",
+    ):
+        assert key in m, key
+    assert set(m["transfer"]) == {"cam", "gradcam"}
+    assert m["perturbation_norm"] <= 16 + 1e-3
+    tensors, meta = load_tensors(out / "perturbation.safetensors")
+    assert tensors["perturbation"].shape == (3, 32, 32) and meta["norm"] == "linf"
+    assert (out / "perturbation.png").is_file() and (out / "generator.safetensors").is_file()
+    assert "fooling ratio" in stdout
+
+    ev = tmp_path / "ev"
+    code, stdout, err = run(
+        capsys,
+        "evaluate",
+        "--perturbation",
+        str(out / "perturbation.safetensors"),
+        "--out",
+        str(ev),
+        "--no-progress",
+        *DATA,
+        "--set",
+        f"classifier.weights={clf_path}",
+    )
+    assert code == 0, err
+    m2 = json.loads((ev / "metrics.json").read_text())
+    assert m2["fooling_ratio"] == pytest.approx(m["fooling_ratio"])
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--set", "attack.eps=0"], "attack.eps = 0.0 is out of range"),
+        (["--set", "atack.name=juap"], "Did you mean 'attack'"),
+        (["--set", "attack.name=juapp"], "unknown attack 'juapp'"),
+        (["--set", "attack.params={stepz: 3}"], "Did you mean 'attack.params.steps'"),
+        (["--set", "attack.name=juap"], "juap needs an interpreter"),
+        (["--set", "interpreter.name=rts"], "needs a trained model"),
+        (["--set", "classifier.weights=/nonexistent/c.safetensors"], "does not exist"),
+    ],
+)
+def test_attack_errors_are_messages_not_tracebacks(tmp_path, capsys, clf_path, argv, message):
+    base = ["attack", "--out", str(tmp_path / "x"), "--no-progress", *DATA]
+    if not any("classifier.weights" in a for a in argv):
+        base += ["--set", f"classifier.weights={clf_path}"]
+    if "juap needs an interpreter" not in message:
+        base += ["--set", "attack.name=guap"] if "attack.name" not in " ".join(argv) else []
+    code, _, err = run(capsys, *base, *argv)
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_evaluate_refuses_a_perturbation_of_another_size(tmp_path, capsys, clf_path):
+    p = tmp_path / "p.safetensors"
+    juap.io.save_tensors(p, {"perturbation": torch.zeros(3, 64, 64)})
+    code, _, err = run(
+        capsys,
+        "evaluate",
+        "--perturbation",
+        str(p),
+        "--out",
+        str(tmp_path / "e"),
+        *DATA,
+        "--set",
+        f"classifier.weights={clf_path}",
+    )
+    assert code == 2 and "64x64 but the data is resized to 32x32" in err
+
+
+def test_existing_run_folder_is_refused(tmp_path, capsys):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "x").write_text("x")
+    code, _, err = run(capsys, "train-classifier", "--out", str(tmp_path / "r"), *DATA)
+    assert code == 2 and "--overwrite" in err
