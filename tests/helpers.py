@@ -12,7 +12,7 @@ import juap
 from juap.data.synthetic import render_sample
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def synthetic_tensors(n: int = 240, size: int = 32, num_classes: int = 4, seed: int = 0):
     """(images (n, 3, size, size) in [0, 1], labels (n,), boxes (n, 4)) rendered directly."""
     xs, ys, boxes = [], [], []
@@ -24,9 +24,9 @@ def synthetic_tensors(n: int = 240, size: int = 32, num_classes: int = 4, seed: 
     return torch.stack(xs), torch.tensor(ys), torch.tensor(boxes)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_trained_classifier(size: int = 32, num_classes: int = 4, epochs: int = 20):
-    """A small_resnet (8, 16, 32) trained for ~10 s (well above chance); returns (classifier, x_test, y_test)."""
+    """A small_resnet (8, 16, 32) trained for ~10 s, well above chance: (classifier, x_test, y_test)."""
     x, y, _ = synthetic_tensors(800, size, num_classes)
     xtr, ytr, xte, yte = x[:640], y[:640], x[640:], y[640:]
     torch.manual_seed(0)

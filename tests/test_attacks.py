@@ -4,11 +4,10 @@ import pytest
 import torch
 
 import juap
+from helpers import tiny_trained_classifier
 from juap.budget import perturbation_norm
 from juap.evaluation import evaluate
 from juap.metrics import MetricSums
-
-from helpers import tiny_trained_classifier
 
 FAST = {
     "steps": 40,

@@ -6,10 +6,9 @@ import pytest
 import torch
 
 import juap
+from helpers import tiny_trained_classifier
 from juap.cli import main
 from juap.io import load_tensors
-
-from helpers import tiny_trained_classifier
 
 DATA = [
     "--set",

@@ -26,8 +26,11 @@ def test_typo_suggests_nearest_key():
 
 
 def test_bad_values_name_field_value_and_allowed():
-    with pytest.raises(ConfigError, match=r"data.name = 'imagenett' is not allowed. Did you mean 'imagenet'\?.*"
-                       r"Allowed values: synthetic, folder, imagenet, chestxray, intel"):
+    with pytest.raises(
+        ConfigError,
+        match=r"data.name = 'imagenett' is not allowed. Did you mean 'imagenet'\?.*"
+        r"Allowed values: synthetic, folder, imagenet, chestxray, intel",
+    ):
         from_dict(TrainClassifierConfig, {"data": {"name": "imagenett", "root": "x"}})
     with pytest.raises(ConfigError, match="train.epochs must be an integer, got 'ten'"):
         from_dict(TrainClassifierConfig, {"train": {"epochs": "ten"}})
