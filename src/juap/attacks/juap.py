@@ -187,12 +187,13 @@ class GeneratorUAP(UniversalAttack):
 
     def _step(self, G, opt, x: torch.Tensor, train_interp) -> Tuple[float, Dict[str, float]]:
         clf = self.classifier
-        with torch.no_grad():
-            benign_logits = clf(x)
-            classes = attack_classes(benign_logits, objective=self.objective, target=self.target)
-            if self.interpreter is not None:
-                benign_maps = self.interpreter(x, benign_logits.argmax(1))
+        with torch.no_grad():  # benign side: the unmodified models, one forward pass
+            if self.interpreter is None:
+                benign_logits = clf(x)
+            else:
+                benign_logits, benign_maps = self.interpreter.explain(x)  # maps of f(x)
                 benign_feats = self._encode(self.interpreter, x)
+            classes = attack_classes(benign_logits, objective=self.objective, target=self.target)
         n_hat = scale_to_budget(G(self.noise), norm=self.norm, eps=self.eps)[0]  # (3, H, W), eq 6
         x_hat = apply_perturbation(x, n_hat)
         parts: Dict[str, float] = {}
