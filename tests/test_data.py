@@ -140,3 +140,25 @@ def test_data_config_validation():
         DataConfig(image_size=4)
     with pytest.raises(ConfigError, match="at most 1"):
         DataConfig(train_fraction=0.9, test_fraction=0.2)
+
+
+def test_in_memory_loader_crops_and_flips_like_the_paper():
+    import torch.nn.functional as F
+
+    from juap.data import InMemoryLoader
+
+    x = torch.rand(12, 3, 16, 16)
+    y = torch.arange(12)
+    loader = InMemoryLoader(x, y, batch_size=5, augment=True, seed=1)
+    assert len(loader) == 3
+    seen = []
+    for xb, yb, skipped in loader:
+        assert skipped == 0 and xb.shape[1:] == (3, 16, 16)
+        for img, label in zip(xb, yb, strict=True):
+            padded = F.pad(x[label][None], (2, 2, 2, 2), mode="reflect")[0]
+            crops = [padded[:, i : i + 16, j : j + 16] for i in range(5) for j in range(5)]
+            assert any(torch.equal(img, c) or torch.equal(img, c.flip(-1)) for c in crops)
+            seen.append(int(label))
+    assert sorted(seen) == list(range(12))
+    plain = InMemoryLoader(x, y, batch_size=4, shuffle=False)
+    assert torch.equal(next(iter(plain))[0], x[:4])

@@ -50,6 +50,7 @@ class DataConfig:
     num_classes: int = 6  # synthetic only
     synthetic_seed: int = 0  # synthetic only
     num_workers: int = 0
+    in_memory: Optional[bool] = None  # decode the training images once (default: for the synthetic set)
 
     def __post_init__(self) -> None:
         check_range("data.image_size", self.image_size, low=16)

@@ -14,7 +14,16 @@ import torch
 
 from .classifiers import Classifier, create_classifier, load_classifier, save_classifier
 from .config import ClassifierConfig, TrainClassifierConfig, to_dict
-from .data import DataSplits, load_splits, make_loader, save_split
+from .data import (
+    DataSplits,
+    InMemoryLoader,
+    SplitView,
+    eval_transform,
+    load_splits,
+    make_loader,
+    save_split,
+    to_tensors,
+)
 from .data.synthetic import default_cache_dir
 from .io import write_json
 from .runs import finish_run
@@ -67,14 +76,22 @@ def run_train_classifier(
 def _train_and_measure(
     clf: Classifier, splits: DataSplits, cfg: TrainClassifierConfig, *, device: torch.device, progress: bool
 ) -> Dict[str, Any]:
-    train_loader = make_loader(
-        splits.train,
-        batch_size=cfg.train.batch_size,
-        shuffle=True,
-        num_workers=cfg.data.num_workers,
-        seed=cfg.seed,
-        drop_last=True,
-    )
+    in_memory = cfg.data.in_memory if cfg.data.in_memory is not None else cfg.data.name == "synthetic"
+    if in_memory:  # decode once, augment per batch (random crop + flip) on tensors
+        plain = SplitView(splits.train.base, splits.train.indices, eval_transform(cfg.data.image_size))
+        x, y, _ = to_tensors(plain)
+        train_loader = InMemoryLoader(
+            x, y, batch_size=cfg.train.batch_size, augment=True, seed=cfg.seed, drop_last=True
+        )
+    else:
+        train_loader = make_loader(
+            splits.train,
+            batch_size=cfg.train.batch_size,
+            shuffle=True,
+            num_workers=cfg.data.num_workers,
+            seed=cfg.seed,
+            drop_last=True,
+        )
     test_loader = make_loader(splits.test, batch_size=256, num_workers=cfg.data.num_workers)
     return train_classifier(clf, train_loader, test_loader, cfg.train, device=device, progress=progress)
 

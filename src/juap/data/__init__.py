@@ -149,3 +149,69 @@ __all__ = [
     "split_indices",
     "train_transform",
 ]
+
+
+class InMemoryLoader:
+    """Batches ``(x, y, 0)`` from tensors held in memory, with the paper's augmentation done per batch.
+
+    For small data sets (the embedded one): decoding every image once instead of every epoch, and a
+    batched random crop (reflect-padded by 1/8) + horizontal flip instead of per-image PIL transforms.
+    """
+
+    def __init__(
+        self,
+        x,
+        y,
+        *,
+        batch_size: int,
+        shuffle: bool = True,
+        augment: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        import torch
+
+        self.x, self.y = x, y
+        self.batch_size, self.shuffle, self.augment, self.drop_last = batch_size, shuffle, augment, drop_last
+        self.generator = torch.Generator().manual_seed(seed)
+        self.dataset = x  # len(loader.dataset) is the number of images, as for a DataLoader
+
+    def __len__(self) -> int:
+        n = len(self.x)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        import torch
+        import torch.nn.functional as F
+
+        n = len(self.x)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        for b in range(len(self)):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            x, y = self.x[idx], self.y[idx]
+            if self.augment:
+                h, w = x.shape[-2:]
+                pad = max(1, h // 8)
+                xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+                dy, dx = torch.randint(0, 2 * pad + 1, (2, len(x)), generator=self.generator)
+                rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(
+                    -1, x.shape[1], -1, w + 2 * pad
+                )
+                x = xp.gather(2, rows)
+                cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(-1, x.shape[1], h, -1)
+                x = x.gather(3, cols)
+                flip = torch.rand(len(x), generator=self.generator) < 0.5
+                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            yield x, y, 0
+
+
+def to_tensors(ds, *, batch_size: int = 256):
+    """Decode a whole (small) data set once: ``(x (N, 3, H, W), y (N,), n_skipped)``."""
+    import torch
+
+    xs, ys, skipped = [], [], 0
+    for x, y, s in make_loader(ds, batch_size=batch_size):
+        xs.append(x)
+        ys.append(y)
+        skipped += s
+    return torch.cat(xs), torch.cat(ys), skipped
