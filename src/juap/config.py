@@ -82,7 +82,7 @@ class ClassifierConfig:
 class TrainConfig:
     """Classifier training (``juap train-classifier``)."""
 
-    epochs: int = 12
+    epochs: int = 30
     batch_size: int = 64
     lr: float = 0.05
     momentum: float = 0.9

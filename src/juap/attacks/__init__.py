@@ -3,9 +3,13 @@
 from .base import Attack, PerImageAttack, UniversalAttack
 from .jap import JAP
 from .juap import GUAP, JUAP, GeneratorUAP, GUAPTargeted
+from .pgd import PGD
+from .uap import UAP
 
 __all__ = [
     "GUAP",
+    "PGD",
+    "UAP",
     "JAP",
     "JUAP",
     "Attack",

@@ -222,7 +222,7 @@ _register_torchvision(["densenet121", "densenet161", "densenet169", "densenet201
 
 @CLASSIFIERS.register("small_resnet")
 def _small_resnet(
-    *, num_classes=None, weights=None, widths: Sequence[int] = (32, 64, 128), mean=DEMO_MEAN, std=DEMO_STD
+    *, num_classes=None, weights=None, widths: Sequence[int] = (16, 32, 64), mean=DEMO_MEAN, std=DEMO_STD
 ) -> Classifier:
     """The demo classifier for the embedded 64x64 data (8x8 CAM map at 64x64)."""
     if weights is not None:

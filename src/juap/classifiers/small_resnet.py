@@ -35,7 +35,7 @@ class SmallResNet(nn.Module):
         widths: channels of the three stages.
     """
 
-    def __init__(self, num_classes: int = 6, widths: Sequence[int] = (32, 64, 128)) -> None:
+    def __init__(self, num_classes: int = 6, widths: Sequence[int] = (16, 32, 64)) -> None:
         super().__init__()
         w1, w2, w3 = widths
         self.conv1 = nn.Conv2d(3, w1, 3, 2, 1, bias=False)
