@@ -89,8 +89,9 @@ def run_demo(
     n_tr, n_te = settings.attack_train_images, settings.attack_test_images
     if n_tr + n_te > len(held):
         n_tr = n_te = len(held) // 2
-    x_train = torch.stack([held[i][0] for i in range(n_tr)])
-    test_set = Subset(held, range(n_tr, n_tr + n_te))
+    order = torch.randperm(len(held), generator=torch.Generator().manual_seed(settings.seed)).tolist()
+    x_train = torch.stack([held[i][0] for i in order[:n_tr]])  # split indices are sorted by class folder
+    test_set = Subset(held, order[n_tr : n_tr + n_te])
     x_test = torch.stack([test_set[i][0] for i in range(len(test_set))])
     y_test = torch.tensor([test_set[i][1] for i in range(len(test_set))])
 

@@ -21,7 +21,10 @@ def test_images_with_boxes(splits, max_images: Optional[int] = None):
     boxes = _test_boxes(splits)
     if not boxes:
         raise ValueError("this data set records no object boxes (only the embedded synthetic set does)")
-    idx = sorted(boxes)[: max_images or None]
+    idx = sorted(boxes)
+    if max_images and max_images < len(idx):  # a seeded random subset: indices are sorted by class folder
+        keep = torch.randperm(len(idx), generator=torch.Generator().manual_seed(0))[:max_images]
+        idx = [idx[i] for i in sorted(keep.tolist())]
     xs, ys = zip(*(splits.test[i] for i in idx), strict=True)
     return torch.stack(xs), torch.tensor(ys), torch.tensor([boxes[i] for i in idx])
 

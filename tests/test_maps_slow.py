@@ -1,0 +1,37 @@
+"""Slow (minutes): on the embedded data with the trained demo classifier, the maps point at the object.
+
+Run with ``pytest -m slow``. Trains (or reuses from $JUAP_CACHE) the demo classifier and an RTS model.
+"""
+import dataclasses
+
+import pytest
+import torch
+
+import juap
+from juap.config import TrainClassifierConfig
+from juap.demo import DemoSettings, _cached_rts
+from juap.experiments import cached_demo_classifier
+from juap.sanity import pointing_rates, randomized_copy, rank_correlation, test_images_with_boxes
+
+
+@pytest.mark.slow
+def test_cam_gradcam_rts_point_at_the_object_and_depend_on_training(tmp_path):
+    import os
+    from pathlib import Path
+
+    cache = Path(os.environ["JUAP_CACHE"])
+    cfg = TrainClassifierConfig()
+    clf, splits, metrics, _ = cached_demo_classifier(cfg, cache_dir=cache, progress=False)
+    assert metrics["test_accuracy"] >= 0.9
+    rts_path, _, _ = _cached_rts(cfg, dataclasses.replace(DemoSettings(), rts_epochs=4), cache, False)
+    x, _, boxes = test_images_with_boxes(splits, 300)
+    interps = {"cam": juap.create_interpreter("cam", clf), "gradcam": juap.create_interpreter("gradcam", clf),
+               "rts": juap.create_interpreter("rts", clf, checkpoint=str(rts_path))}
+    rates = pointing_rates(interps, x, boxes)
+    for name, rate in rates.items():
+        assert rate >= 0.8, f"{name}: only {rate:.1%} of the maps point at the object"
+    rand = randomized_copy(clf)
+    for name in ("cam", "gradcam"):
+        with torch.no_grad():
+            corr = rank_correlation(interps[name](x), juap.create_interpreter(name, rand)(x)).mean()
+        assert corr < 0.5, f"{name} maps barely change when the model is randomised (rank corr {corr:.2f})"
