@@ -232,11 +232,14 @@ def attack_data(cfg, *, progress: bool):
     splits = load_splits(cfg.data, progress=progress)
     n_train = len(splits.train)
     n_val = max(1, int(round(cfg.attack.val_fraction * n_train))) if cfg.attack.val_fraction > 0 else 0
-    train = Subset(splits.train, range(n_val, n_train)) if n_val else splits.train
-    val = Subset(splits.train, range(n_val)) if n_val else None
+    # Split indices are sorted (hence grouped by class folder): hold out a seeded random part.
+    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    train = Subset(splits.train, sorted(order[n_val:])) if n_val else splits.train
+    val = Subset(splits.train, sorted(order[:n_val])) if n_val else None
     test = splits.test
-    if cfg.evaluate.max_images:
-        test = Subset(test, range(min(cfg.evaluate.max_images, len(test))))
+    if cfg.evaluate.max_images and cfg.evaluate.max_images < len(test):
+        keep = torch.randperm(len(test), generator=torch.Generator().manual_seed(cfg.seed))
+        test = Subset(test, sorted(keep[: cfg.evaluate.max_images].tolist()))
     return splits, train, val, test
 
 
