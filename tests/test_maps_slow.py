@@ -23,7 +23,7 @@ def test_cam_gradcam_rts_point_at_the_object_and_depend_on_training(tmp_path):
     cfg = TrainClassifierConfig()
     clf, splits, metrics, _ = cached_demo_classifier(cfg, cache_dir=cache, progress=False)
     assert metrics["test_accuracy"] >= 0.9
-    rts_path, _, _ = _cached_rts(cfg, dataclasses.replace(DemoSettings(), rts_epochs=4), cache, False)
+    rts_path, _, _ = _cached_rts(cfg, dataclasses.replace(DemoSettings(), rts_epochs=2), cache, False)
     x, _, boxes = test_images_with_boxes(splits, 300)
     interps = {"cam": juap.create_interpreter("cam", clf), "gradcam": juap.create_interpreter("gradcam", clf),
                "rts": juap.create_interpreter("rts", clf, checkpoint=str(rts_path))}

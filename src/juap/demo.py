@@ -48,7 +48,7 @@ class DemoSettings:
     uap_passes: int = 2
     jap_images: int = 30
     jap_steps: int = 40
-    rts_epochs: int = 4
+    rts_epochs: int = 2
     seed: int = 0
 
 

@@ -112,6 +112,9 @@ class GeneratorUAP(UniversalAttack):
             raise ConfigError(f"selection = {selection!r}; allowed values: auto, fooling_ratio, joint, last")
         if interpreter is not None and not isinstance(interpreter, Interpreter):
             raise ConfigError(f"interpreter must be a juap Interpreter, got {type(interpreter).__name__}")
+        if type(interpreter).__name__ == "RTS" and getattr(interpreter, "checkpoint", None) is None:
+            raise ConfigError("the RTS interpreter is untrained: train it with `juap train-rts` and pass "
+                              "create_interpreter('rts', classifier, checkpoint=PATH)")
         if isinstance(generator, str):
             GENERATORS.get(generator)  # unknown names fail now, listing the known ones
         self.interpreter = interpreter

@@ -31,4 +31,4 @@ __all__ = [
     "upsample_maps",
 ]
 
-from . import rts  # noqa: F401,E402  (registers "rts")
+from .rts import RTS, load_rts, rts_loss, save_rts  # noqa: E402,F401  (registers "rts")

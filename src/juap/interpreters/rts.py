@@ -18,6 +18,7 @@ embedding, decoder) with a fingerprint of the classifier's (and encoder's) weigh
 refused for any other classifier. ``juap.create_interpreter("rts", clf)`` without ``checkpoint=`` gives
 an *untrained* model: attacks and figures need a trained checkpoint.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -65,8 +66,9 @@ class RTS(Interpreter):
     ``||e(x_hat) - e(x)||_2`` (paper section IV-B5).
 
     Args:
-        classifier: the explained :class:`~juap.classifiers.Classifier`; its parameters are frozen
-            (``requires_grad_(False)``) because the masking model explains a fixed classifier.
+        classifier: the explained :class:`~juap.classifiers.Classifier`. It is frozen in place
+            (``requires_grad_(False)`` and eval mode, kept by :meth:`train`): the masking model explains a
+            fixed classifier, and gradients w.r.t. the input still flow through it.
         encoder: ``"classifier"`` (default: the classifier's ``forward_features``) or a torchvision ResNet
             name (``"resnet18"`` ... ``"resnet152"``) whose ``layer4`` output is the bottleneck.
         encoder_weights: weights of a named encoder: a torchvision enum name (``"IMAGENET1K_V1"``,
@@ -74,6 +76,10 @@ class RTS(Interpreter):
             explains nothing); must be ``None`` for ``encoder="classifier"``.
         width: channels D of the bottleneck, the class embedding and the decoder.
         image_size: training image size, kept in the checkpoint's metadata (any size works at run time).
+
+    Attributes:
+        checkpoint: the file :func:`load_rts` read the trained weights from; ``None`` for an untrained
+            model, whose masks mean nothing (attacks and figures need a trained checkpoint).
 
     Example:
         >>> rts = juap.create_interpreter("rts", clf, checkpoint="runs/rts/rts.safetensors")
@@ -99,6 +105,7 @@ class RTS(Interpreter):
         self.encoder_weights = None if encoder_weights is None else str(encoder_weights)
         self.width = width
         self.image_size = image_size
+        self.checkpoint: str | None = None  # set by load_rts; None = untrained (attacks should refuse it)
         self.encoder_net = _build_encoder(encoder, encoder_weights)
         for module in (self.classifier, self.encoder_net):
             if module is not None:
@@ -110,7 +117,6 @@ class RTS(Interpreter):
             nn.Conv2d(channels, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
         )
         self.embedding = nn.Embedding(classifier.num_classes, width)
-        nn.init.normal_(self.embedding.weight, std=1.0)
         n_up = max(0, round(math.log2(stride / 4))) if stride > 4 else 0
         self.decoder = nn.Sequential(
             *[_UpBlock(2 * width if i == 0 else width, width) for i in range(n_up)],
@@ -118,6 +124,8 @@ class RTS(Interpreter):
             nn.ReLU(),
             nn.Conv2d(width, 1, 1),
         )
+        self.to(next(self._encoder.parameters()).device)
+        self.eval()  # like a created classifier: ready to explain; training code calls .train()
 
     # -- the face ---------------------------------------------------------------------------------
     @property
@@ -169,7 +177,7 @@ class RTS(Interpreter):
         enc = feats if self.encoder_net is None else self.encoder_net.forward_features(x)
         return logits, self.decode(enc, classes, x.shape[-2:])
 
-    def train(self, mode: bool = True) -> "RTS":
+    def train(self, mode: bool = True) -> RTS:
         """Train or eval the masking model; the frozen classifier and encoder always stay in eval mode."""
         super().train(mode)
         self.classifier.eval()
@@ -253,7 +261,7 @@ def rts_loss(
     classes: torch.Tensor,
     *,
     tv_weight: float = 1.0,
-    area_weight: float = 2.0,
+    area_weight: float = 0.5,
     destroy_weight: float = 2.0,
     destroy_power: float = 0.3,
     area_power: float = 1.0,
@@ -282,8 +290,8 @@ def rts_loss(
         real: (N,) bool, False where the selector is a fake class; ``None`` means all real.
 
     Returns:
-        ``(loss, parts)``: the scalar loss and detached batch means ``tv``, ``area``, ``preserve``,
-        ``destroy``, ``total``.
+        ``(loss, parts)``: the scalar loss and detached batch means of the unweighted terms ``tv``,
+        ``area``, ``preserve`` (-log f_c), ``destroy`` (f_c^l4), and of the weighted ``total`` (= loss).
     """
     n, _, h, w = x.shape
     sigma = 10.0 * min(h, w) / 224.0 if blur_sigma is None else blur_sigma
@@ -397,8 +405,8 @@ def load_rts(
     )
     if rts.encoder_net is not None and meta.get("encoder_fingerprint") != fingerprint(rts.encoder_net):
         raise CheckpointError(
-            f"RTS checkpoint {path} was trained with other {rts.encoder_name} encoder weights than {weights!r}; "
-            "pass the encoder weights it was trained with (encoder_weights=...)"
+            f"RTS checkpoint {path} was trained with other {rts.encoder_name} encoder weights than "
+            f"{weights!r}; pass the encoder weights it was trained with (encoder_weights=...)"
         )
     tensors, _ = load_tensors(path)
     own = rts.trainable_state_dict()
@@ -407,9 +415,11 @@ def load_rts(
     if missing or unexpected or bad_shape:
         raise CheckpointError(
             f"RTS checkpoint {path} does not fit this masking model: missing {missing[:3]}, unexpected "
-            f"{unexpected[:3]}, shapes differ for {bad_shape[:3]}; it may be truncated or from another version"
+            f"{unexpected[:3]}, shapes differ for {bad_shape[:3]}; "
+            "it may be truncated or from another juap version"
         )
     rts.load_state_dict(tensors, strict=False)
+    rts.checkpoint = str(path)
     device = next(classifier.parameters()).device
     return rts.to(device).eval()
 

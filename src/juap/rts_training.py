@@ -1,0 +1,455 @@
+"""Training the RTS masking model (eq 12, ``juap train-rts``) and the pointing game used to check maps.
+
+``run_train_rts`` loads the classifier checkpoint a config names, refuses one that does not fit the data,
+trains :class:`~juap.interpreters.rts.RTS` with Adam on :func:`~juap.interpreters.rts.rts_loss`, measures
+it on the test split (loss parts, mean mask area, and on data with object boxes the pointing game) and
+writes ``rts.safetensors``, ``metrics.json``, ``config.yaml`` and ``split.json`` into the run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, Literal, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .classifiers import Classifier
+from .config import ClassifierConfig, DataConfig, check_range, to_dict
+from .errors import CheckpointError, ConfigError, DataError
+from .interpreters.base import upsample_maps
+from .interpreters.rts import ENCODERS, RTS, rts_loss, save_rts
+from .runs import finish_run
+
+log = logging.getLogger(__name__)
+
+LOSS_PARTS = ("total", "preserve", "destroy", "area", "tv")
+_CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
+# -- config -----------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class RTSModelConfig:
+    """The masking model: its encoder (the classifier's features, or a pretrained ResNet) and width."""
+
+    encoder: str = "classifier"
+    encoder_weights: str | None = None
+    width: int = 64
+
+    def __post_init__(self) -> None:
+        if self.encoder not in ENCODERS:
+            raise ConfigError(
+                f"rts.encoder = {self.encoder!r} is not allowed; allowed: {', '.join(ENCODERS)}"
+            )
+        if self.encoder != "classifier" and not self.encoder_weights:
+            raise ConfigError(
+                f"rts.encoder = {self.encoder!r} needs rts.encoder_weights (e.g. IMAGENET1K_V1, DEFAULT or a "
+                "checkpoint path): a randomly initialised encoder explains nothing"
+            )
+        if self.encoder == "classifier" and self.encoder_weights:
+            raise ConfigError(
+                "rts.encoder_weights only applies to a named encoder (rts.encoder=resnet50, ...)"
+            )
+        check_range("rts.width", self.width, low=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class RTSTrainConfig:
+    """Adam on eq 12: ``tv_weight`` l1, ``area_weight`` l2, ``destroy_weight`` l3, ``destroy_power`` l4.
+
+    ``blur_sigma`` (pixels; ``None``: 10 px at 224, scaled with the image side) blurs the replacement
+    image; ``fake_label_prob`` is the share of samples trained with a random wrong class selector (whose
+    mask must vanish, as Dabkowski & Gal do); ``target`` is the class the masks learn to explain: the
+    classifier's prediction (as an attack and the evaluation use them) or the true label (as D&G do);
+    ``max_minutes`` bounds the training time.
+    """
+
+    epochs: int = 2
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    tv_weight: float = 1.0
+    area_weight: float = 0.5
+    area_power: float = 1.0
+    destroy_weight: float = 2.0
+    destroy_power: float = 0.3
+    tv_power: float = 2.0
+    blur_sigma: float | None = None
+    fake_label_prob: float = 0.2
+    target: Literal["predicted", "label"] = "predicted"
+    augment: bool = True
+    max_minutes: float = 60.0
+
+    def __post_init__(self) -> None:
+        check_range("train.epochs", self.epochs, low=1)
+        check_range("train.batch_size", self.batch_size, low=1)
+        check_range("train.lr", self.lr, low=0, low_open=True)
+        check_range("train.weight_decay", self.weight_decay, low=0)
+        for name in ("tv_weight", "area_weight", "destroy_weight"):
+            check_range(f"train.{name}", getattr(self, name), low=0)
+        for name in ("area_power", "destroy_power", "tv_power"):
+            check_range(f"train.{name}", getattr(self, name), low=0, low_open=True)
+        if self.blur_sigma is not None:
+            check_range("train.blur_sigma", self.blur_sigma, low=0, low_open=True)
+        check_range("train.fake_label_prob", self.fake_label_prob, low=0, high=1)
+        check_range("train.max_minutes", self.max_minutes, low=0, low_open=True)
+
+    def loss_kwargs(self) -> Dict[str, Any]:
+        """The eq-12 keyword arguments of :func:`~juap.interpreters.rts.rts_loss`."""
+        names = ("tv_weight", "area_weight", "area_power", "destroy_weight", "destroy_power", "tv_power")
+        return {**{k: getattr(self, k) for k in names}, "blur_sigma": self.blur_sigma}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainRTSConfig:
+    """``juap train-rts``: the data, the classifier checkpoint to explain, the masking model, training."""
+
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    classifier: ClassifierConfig = dataclasses.field(default_factory=ClassifierConfig)
+    rts: RTSModelConfig = dataclasses.field(default_factory=RTSModelConfig)
+    train: RTSTrainConfig = dataclasses.field(default_factory=RTSTrainConfig)
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.classifier.weights:
+            raise ConfigError(
+                "classifier.weights is required: the checkpoint of the classifier the RTS explains, e.g. "
+                "--set classifier.weights=runs/train-classifier-.../classifier.safetensors"
+            )
+        if self.classifier.reset_head:
+            raise ConfigError("classifier.reset_head must be false: the RTS explains a trained classifier")
+
+
+# -- the pointing game ---------------------------------------------------------------------------------
+def pointing_game(
+    maps: torch.Tensor,
+    boxes: torch.Tensor | Sequence[Sequence[int]],
+    *,
+    top: float = 0.2,
+    inside: float = 0.5,
+) -> float:
+    """Fraction of images whose most salient pixels mostly lie inside the object's box.
+
+    Image n is a hit when at least ``inside`` of the ``ceil(top * H * W)`` highest pixels of ``maps[n]``
+    lie inside ``boxes[n]`` (ties broken by ``torch.topk``). With the defaults this is ``pointing_top20``.
+
+    Args:
+        maps: (N, H, W) maps at image resolution (upsample native maps first, e.g. with
+            :func:`~juap.interpreters.upsample_maps`); any real values, larger = more salient.
+        boxes: (N, 4) ``(x0, y0, x1, y1)`` pixel boxes, x1 and y1 exclusive.
+        top: share of the pixels kept, in (0, 1].
+        inside: share of the kept pixels that must lie in the box for a hit, in [0, 1].
+
+    Returns:
+        The hit rate in [0, 1] (0.0 for no images).
+    """
+    check_range("top", top, low=0, high=1, low_open=True)
+    check_range("inside", inside, low=0, high=1)
+    if maps.dim() != 3:
+        raise ValueError(f"expected maps of shape (N, H, W), got {tuple(maps.shape)}")
+    n, h, w = maps.shape
+    boxes = torch.as_tensor(boxes, device=maps.device).reshape(-1, 4)
+    if boxes.shape[0] != n:
+        raise ValueError(f"got {n} maps but {boxes.shape[0]} boxes")
+    if n == 0:
+        return 0.0
+    k = max(1, math.ceil(top * h * w))
+    idx = maps.detach().flatten(1).float().topk(k, dim=1).indices  # (N, k)
+    ys, xs = idx // w, idx % w
+    x0, y0, x1, y1 = (boxes[:, i : i + 1] for i in range(4))
+    hit_in = ((xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)).float().mean(1)  # (N,)
+    return float((hit_in >= inside).float().mean())
+
+
+# -- training ----------------------------------------------------------------------------------------
+def train_rts(
+    rts: RTS, train_loader: DataLoader, cfg: RTSTrainConfig, *, device: torch.device, progress: bool = True
+) -> Dict[str, Any]:
+    """Train the masking model in place with Adam on eq 12; the classifier and encoder stay frozen.
+
+    Args:
+        rts: the masking model (its classifier is the one explained).
+        train_loader: batches ``(x, y, n_skipped)``; the masks explain the predicted classes, or ``y``
+            with ``cfg.target = "label"``.
+        cfg: epochs, learning rate, eq-12 weights, fake-label share and time bound.
+        device: where to train.
+        progress: show a tqdm bar with the live loss.
+
+    Returns:
+        Metrics: ``train_loss`` (loss parts, mean over the last epoch), ``first_loss`` (first epoch),
+        ``train_seconds``, ``steps``, ``epochs_done``, ``stopped_early`` (time bound reached).
+    """
+    rts.to(device).train()
+    params = rts.trainable_parameters()
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_total = cfg.epochs * max(1, len(train_loader))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps_total, eta_min=cfg.lr * 0.05)
+    gen = torch.Generator().manual_seed(int(torch.initial_seed()) % (2**31))
+    kwargs = cfg.loss_kwargs()
+    t0 = time.perf_counter()
+    deadline = t0 + 60.0 * cfg.max_minutes
+    bar = tqdm(total=steps_total, desc="train-rts", disable=not progress, dynamic_ncols=True)
+    history: list[Dict[str, float]] = []
+    steps = epochs_done = 0
+    stopped = False
+    for epoch in range(cfg.epochs):
+        sums = {k: 0.0 for k in LOSS_PARTS}
+        seen = 0
+        for x, y, _n_skip in train_loader:
+            if time.perf_counter() > deadline:
+                stopped = True
+                break
+            if len(y) == 0:
+                bar.update(1)
+                continue
+            x, y = x.to(device), y.to(device)
+            if cfg.target == "predicted":
+                with torch.no_grad():
+                    y = rts.classifier(x).argmax(1)
+            classes, real = _with_fake_labels(y, rts.classifier.num_classes, cfg.fake_label_prob, gen)
+            masks = rts(x, classes)  # (N, H/4, W/4)
+            loss, parts = rts_loss(rts.classifier, x, masks, classes, real=real, **kwargs)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            steps += 1
+            for k in LOSS_PARTS:
+                sums[k] += float(parts[k]) * len(y)
+            seen += len(y)
+            bar.set_postfix(
+                epoch=f"{epoch + 1}/{cfg.epochs}",
+                loss=f"{float(parts['total']):.3f}",
+                area=f"{float(parts['area']):.3f}",
+            )
+            bar.update(1)
+        if seen:
+            history.append({k: sums[k] / seen for k in LOSS_PARTS})
+        if stopped:
+            log.warning(
+                "train-rts stopped after %.1f minutes (train.max_minutes) in epoch %d",
+                cfg.max_minutes,
+                epoch + 1,
+            )
+            break
+        epochs_done += 1
+    bar.close()
+    rts.eval()
+    return {
+        "train_loss": history[-1] if history else {},
+        "first_loss": history[0] if history else {},
+        "loss_history": [h["total"] for h in history],
+        "train_seconds": round(time.perf_counter() - t0, 2),
+        "steps": steps,
+        "epochs_done": epochs_done,
+        "stopped_early": stopped,
+    }
+
+
+def _with_fake_labels(
+    y: torch.Tensor, num_classes: int, prob: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Replace a ``prob`` share of the labels by a random *other* class; returns (classes, real mask)."""
+    if prob <= 0 or num_classes < 2:
+        return y, None
+    fake = torch.rand(len(y), generator=gen) < prob
+    shift = torch.randint(1, num_classes, (len(y),), generator=gen)
+    classes = torch.where(fake.to(y.device), (y + shift.to(y.device)) % num_classes, y)
+    return classes, ~fake.to(y.device)
+
+
+@torch.no_grad()
+def evaluate_rts(
+    rts: RTS,
+    dataset: Dataset,
+    *,
+    device: torch.device,
+    batch_size: int = 128,
+    boxes: Dict[int, Sequence[int]] | None = None,
+    loss_kwargs: Dict[str, Any] | None = None,
+    progress: bool = False,
+) -> Dict[str, Any]:
+    """Measure a masking model on a data set, explaining the classifier's predicted classes.
+
+    Args:
+        rts: the (trained) masking model.
+        dataset: items ``(image (3, H, W), label)`` or ``None`` (unreadable; skipped and counted).
+        device: where to run.
+        batch_size: images per forward.
+        boxes: ``{dataset index: (x0, y0, x1, y1)}`` object boxes in image pixels, for the pointing game.
+        loss_kwargs: eq-12 weights for the reported loss parts (default: :func:`rts_loss`'s).
+        progress: show a tqdm bar.
+
+    Returns:
+        ``loss`` (eq-12 parts, image means), ``mean_mask_area`` (mean mask value), ``classifier_accuracy``,
+        ``images``, ``skipped``, and with ``boxes`` ``pointing_top20`` and ``pointing_images``.
+    """
+    rts.to(device).eval()
+    sums = {k: 0.0 for k in LOSS_PARTS}
+    correct = seen = skipped = 0
+    area_sum = 0.0
+    hits = pointed = 0.0
+    for start in tqdm(
+        range(0, len(dataset), batch_size), desc="evaluate-rts", disable=not progress, leave=False
+    ):
+        items = [(i, dataset[i]) for i in range(start, min(start + batch_size, len(dataset)))]
+        kept = [(i, item) for i, item in items if item is not None]
+        skipped += len(items) - len(kept)
+        if not kept:
+            continue
+        x = torch.stack([item[0] for _, item in kept]).to(device)
+        y = torch.as_tensor([item[1] for _, item in kept], device=device)
+        logits, masks = rts.explain(x)  # masks of the predicted classes, (N, H/4, W/4)
+        pred = logits.argmax(1)
+        _, parts = rts_loss(rts.classifier, x, masks, pred, **(loss_kwargs or {}))
+        for k in LOSS_PARTS:
+            sums[k] += float(parts[k]) * len(x)
+        area_sum += float(masks.mean(dim=(1, 2)).sum())
+        correct += int((pred == y).sum())
+        seen += len(x)
+        if boxes is not None:
+            with_box = [j for j, (i, _) in enumerate(kept) if i in boxes]
+            if with_box:
+                up = upsample_maps(masks[with_box], x.shape[-2:])
+                b = torch.tensor([boxes[kept[j][0]] for j in with_box], device=device)
+                hits += pointing_game(up, b) * len(with_box)
+                pointed += len(with_box)
+    out: Dict[str, Any] = {
+        "loss": {k: sums[k] / max(seen, 1) for k in LOSS_PARTS},
+        "mean_mask_area": area_sum / max(seen, 1),
+        "classifier_accuracy": correct / max(seen, 1),
+        "images": seen,
+        "skipped": skipped,
+    }
+    if boxes is not None:
+        out["pointing_top20"] = hits / pointed if pointed else None
+        out["pointing_images"] = int(pointed)
+    return out
+
+
+# -- the command -------------------------------------------------------------------------------------
+def load_explained_classifier(cfg: ClassifierConfig, *, classes: Sequence[str]) -> Classifier:
+    """The classifier ``cfg`` names (checkpoint file or torchvision enum weights), checked against the data.
+
+    Raises:
+        CheckpointError: missing or unreadable file, another architecture than ``cfg.name``, or a class
+            count / class names different from the data's.
+    """
+    from .experiments import build_classifier
+    from .io import read_metadata
+
+    weights = str(cfg.weights)
+    path = Path(weights)
+    is_file = path.suffix in _CHECKPOINT_SUFFIXES or "/" in weights or os.sep in weights or path.exists()
+    meta: Dict[str, Any] = {}
+    if is_file:
+        if not path.is_file():
+            raise CheckpointError(
+                f"classifier checkpoint {weights!r} does not exist; train one with `juap train-classifier` "
+                "and pass its classifier.safetensors as classifier.weights"
+            )
+        meta = read_metadata(path)
+        if meta.get("format") not in (None, "juap.classifier"):
+            raise CheckpointError(f"{path} is not a classifier checkpoint (format {meta.get('format')!r})")
+    clf = build_classifier(cfg)
+    if clf.num_classes != len(classes):
+        raise CheckpointError(
+            f"classifier {weights} has {clf.num_classes} classes but the data has {len(classes)} "
+            f"({', '.join(list(classes)[:10])}{', ...' if len(classes) > 10 else ''}); "
+            "use the classifier trained on this data"
+        )
+    saved = meta.get("classes")
+    if isinstance(saved, list) and list(saved) != list(classes):
+        raise CheckpointError(
+            f"classifier checkpoint {path} was trained on classes {saved[:10]}, but the data has "
+            f"{list(classes)[:10]}; use the checkpoint trained on this data"
+        )
+    return clf.eval()
+
+
+def run_train_rts(cfg: TrainRTSConfig, run_dir: Path, *, progress: bool = True) -> Dict[str, Any]:
+    """``juap train-rts``: train the RTS masking model for a classifier checkpoint, measure it, save it.
+
+    Writes ``rts.safetensors`` (the masking model without the frozen classifier/encoder), ``split.json``,
+    ``metrics.json`` and ``config.yaml`` into ``run_dir``.
+
+    Returns:
+        The metrics: training loss parts, test loss parts, ``mean_mask_area``, ``pointing_top20`` (data
+        with object boxes, e.g. the synthetic set; else ``None``), timings.
+    """
+    from .data import load_splits, make_loader, save_split
+    from .training import resolve_device
+
+    run_dir = Path(run_dir)
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    splits = load_splits(cfg.data, augment_train=cfg.train.augment, progress=progress)
+    clf = load_explained_classifier(cfg.classifier, classes=splits.classes)
+    save_split(run_dir / "split.json", splits.split)
+    rts = RTS(
+        clf.to(device),
+        encoder=cfg.rts.encoder,
+        encoder_weights=cfg.rts.encoder_weights,
+        width=cfg.rts.width,
+        image_size=cfg.data.image_size,
+    ).to(device)
+    loader = make_loader(
+        splits.train,
+        batch_size=cfg.train.batch_size,
+        shuffle=True,
+        num_workers=cfg.data.num_workers,
+        seed=cfg.seed,
+        drop_last=len(splits.train) > cfg.train.batch_size,
+    )
+    metrics = train_rts(rts, loader, cfg.train, device=device, progress=progress)
+    boxes = _test_boxes(splits) if cfg.data.name == "synthetic" else None
+    ev = evaluate_rts(
+        rts, splits.test, device=device, boxes=boxes, loss_kwargs=cfg.train.loss_kwargs(), progress=progress
+    )
+    save_rts(rts, run_dir / "rts.safetensors", classes=splits.classes)
+    metrics.update(
+        test_loss=ev["loss"],
+        mean_mask_area=ev["mean_mask_area"],
+        pointing_top20=ev.get("pointing_top20"),
+        pointing_images=ev.get("pointing_images", 0),
+        classifier_test_accuracy=ev["classifier_accuracy"],
+        test_images=ev["images"],
+        skipped_images=ev["skipped"],
+        classifier=str(cfg.classifier.weights),
+        classifier_arch=clf.arch,
+        encoder=cfg.rts.encoder,
+        classes=splits.classes,
+        data=cfg.data.name,
+        data_root=splits.root,
+    )
+    finish_run(run_dir, config=to_dict(cfg), metrics=metrics)
+    return metrics
+
+
+def _test_boxes(splits: Any) -> Dict[int, Sequence[int]] | None:
+    """Object boxes of the test images, by test index (``None`` if the data set has none)."""
+    from .data.synthetic import load_boxes
+
+    try:
+        boxes = load_boxes(splits.root)
+    except DataError as e:
+        log.warning("no pointing game: %s", e)
+        return None
+    root = Path(splits.root).resolve()
+    out = {}
+    for i in range(len(splits.test)):
+        path = Path(splits.test.path(i))
+        try:
+            rel = path.resolve().relative_to(root).as_posix()
+        except ValueError:  # already relative to the data root
+            rel = path.as_posix()
+        if rel in boxes:
+            out[i] = boxes[rel]
+    return out
