@@ -5,6 +5,7 @@
 Goals (issue 4): CAM and Grad-CAM at most 1.5x a GUAP step, RTS at most 2.5x. Every step is timed on
 the same classifier, generator, noise and images in one run; medians of several repeats.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,6 +35,17 @@ def time_steps(attack, x, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _untrained_rts(clf) -> str:
+    """An untrained RTS saved to a temporary file: its step costs the same as a trained one's."""
+    import tempfile
+
+    from juap.interpreters.rts import save_rts
+
+    path = tempfile.mkdtemp() + "/rts.safetensors"
+    save_rts(juap.create_interpreter("rts", clf), path)
+    return path
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
@@ -57,16 +69,19 @@ def main() -> None:
     for attack_name, interp_name in rows:
         kw = dict(common)
         if interp_name == "rts":
-            opts = {"checkpoint": args.rts} if args.rts else {}
-            kw["interpreter"] = juap.create_interpreter("rts", clf, **opts)
+            kw["interpreter"] = juap.create_interpreter(
+                "rts", clf, checkpoint=args.rts or _untrained_rts(clf)
+            )
         elif interp_name:
             kw["interpreter"] = juap.create_interpreter(interp_name, clf)
         attack = juap.create_attack(attack_name, **kw)
         results[(attack_name, interp_name)] = time_steps(attack, x, repeats)
     base = results[("guap", None)]
     goals = {"cam": 1.5, "gradcam": 1.5, "rts": 2.5}
-    print(f"small_resnet, {args.size}x{args.size}, batch {args.batch}, ResNet generator ngf 32, "
-          f"{torch.get_num_threads()} threads, median of {repeats}")
+    print(
+        f"small_resnet, {args.size}x{args.size}, batch {args.batch}, ResNet generator ngf 32, "
+        f"{torch.get_num_threads()} threads, median of {repeats}"
+    )
     print(f"{'step':<18}{'seconds':>10}{'x GUAP':>10}{'goal':>8}  verdict")
     for (a, i), t in results.items():
         label = a if i is None else f"{a}-{i}"

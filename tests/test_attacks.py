@@ -128,3 +128,18 @@ def test_bad_input_errors(model):
         juap.create_attack("juap", classifier=clf, interpreter=juap.create_interpreter("cam", clf), lam=-1)
     with pytest.raises(juap.ConfigError, match="does not fit images"):
         evaluate(clf, torch.zeros(3, 64, 64), x)
+
+
+def test_juap_against_rts_uses_the_encoder_loss(model, tmp_path):
+    from juap.interpreters.rts import save_rts
+
+    clf, x, _ = model
+    with pytest.raises(juap.ConfigError, match="untrained"):
+        juap.create_attack("juap", classifier=clf, interpreter=juap.create_interpreter("rts", clf))
+    save_rts(juap.create_interpreter("rts", clf), tmp_path / "rts.safetensors")
+    rts = juap.create_interpreter("rts", clf, checkpoint=str(tmp_path / "rts.safetensors"))
+    attack = juap.create_attack("juap", classifier=clf, interpreter=rts, norm="linf", eps=16,
+                                **dict(FAST, steps=4, eval_every=2))
+    n_hat = attack.fit(x[:64], progress=False)
+    assert float(perturbation_norm(n_hat, "linf")) <= 16 * (1 + 1e-5)
+    assert all("feature_loss" in h for h in attack.history)
