@@ -17,7 +17,7 @@ import torch
 import juap
 from juap.config import DataConfig
 from juap.data import load_splits
-from juap.sanity import pointing_rates, randomized_copy, rank_correlation, test_images_with_boxes
+from juap.sanity import pointing_rates, randomized_copy, rank_correlation, held_out_images_with_boxes
 
 
 def main() -> None:
@@ -29,7 +29,7 @@ def main() -> None:
     args = p.parse_args()
     clf = juap.load_classifier(args.classifier)
     splits = load_splits(DataConfig(image_size=args.image_size))
-    x, y, boxes = test_images_with_boxes(splits, args.images)
+    x, y, boxes = held_out_images_with_boxes(splits, args.images)
     interps = {"cam": juap.create_interpreter("cam", clf), "gradcam": juap.create_interpreter("gradcam", clf)}
     if args.rts:
         interps["rts"] = juap.create_interpreter("rts", clf, checkpoint=args.rts)

@@ -11,7 +11,7 @@ import juap
 from juap.config import TrainClassifierConfig
 from juap.demo import DemoSettings, _cached_rts
 from juap.experiments import cached_demo_classifier
-from juap.sanity import pointing_rates, randomized_copy, rank_correlation, test_images_with_boxes
+from juap.sanity import pointing_rates, randomized_copy, rank_correlation, held_out_images_with_boxes
 
 
 @pytest.mark.slow
@@ -24,7 +24,7 @@ def test_cam_gradcam_rts_point_at_the_object_and_depend_on_training(tmp_path):
     clf, splits, metrics, _ = cached_demo_classifier(cfg, cache_dir=cache, progress=False)
     assert metrics["test_accuracy"] >= 0.9
     rts_path, _, _ = _cached_rts(cfg, dataclasses.replace(DemoSettings(), rts_epochs=2), cache, False)
-    x, _, boxes = test_images_with_boxes(splits, 300)
+    x, _, boxes = held_out_images_with_boxes(splits, 300)
     interps = {"cam": juap.create_interpreter("cam", clf), "gradcam": juap.create_interpreter("gradcam", clf),
                "rts": juap.create_interpreter("rts", clf, checkpoint=str(rts_path))}
     rates = pointing_rates(interps, x, boxes)

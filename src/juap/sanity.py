@@ -16,7 +16,7 @@ from .interpreters.base import Interpreter, normalize_maps, upsample_maps
 from .rts_training import _test_boxes, pointing_game
 
 
-def test_images_with_boxes(splits, max_images: Optional[int] = None):
+def held_out_images_with_boxes(splits, max_images: Optional[int] = None):
     """(images (N, 3, H, W), labels (N,), boxes (N, 4)) of the test split images that have a box."""
     boxes = _test_boxes(splits)
     if not boxes:
