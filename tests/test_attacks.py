@@ -80,14 +80,15 @@ def test_juap_keeps_maps_closer_than_guap_on_same_seed(model):
     assert mj["interpreters"]["cam"]["iou"] > mg["interpreters"]["cam"]["iou"], (mj, mg)
 
 
-@pytest.mark.parametrize("interp", [None, "cam", "gradcam"])
-def test_jap_per_image(model, interp):
+@pytest.mark.parametrize("interp,norm,eps", [(None, "linf", 16), ("cam", "linf", 16), ("gradcam", "linf", 16),
+                                             ("cam", "l2", 400)])
+def test_jap_per_image(model, interp, norm, eps):
     clf, x, _ = model
     it = juap.create_interpreter(interp, clf) if interp else None
-    jap = juap.create_attack("jap", classifier=clf, interpreter=it, norm="linf", eps=16, steps=15, lr=1e-2)
+    jap = juap.create_attack("jap", classifier=clf, interpreter=it, norm=norm, eps=eps, steps=15, lr=1e-2)
     xs = x[:12]
     x_adv = jap(xs)
-    assert (x_adv - xs).abs().amax() <= 16 / 255 + 1e-6
+    assert (perturbation_norm(x_adv - xs, norm) <= eps * (1 + 1e-5)).all()
     assert x_adv.min() >= 0 and x_adv.max() <= 1
     fooled = (clf(x_adv).argmax(1) != clf(xs).argmax(1)).float().mean()
     assert fooled > 0.3
