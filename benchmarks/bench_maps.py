@@ -17,7 +17,7 @@ import torch
 import juap
 from juap.config import DataConfig
 from juap.data import load_splits
-from juap.sanity import pointing_rates, randomized_copy, rank_correlation, held_out_images_with_boxes
+from juap.sanity import held_out_images_with_boxes, pointing_rates, randomized_copy, rank_correlation
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ import juap
 from juap.config import TrainClassifierConfig
 from juap.demo import DemoSettings, _cached_rts
 from juap.experiments import cached_demo_classifier
-from juap.sanity import pointing_rates, randomized_copy, rank_correlation, held_out_images_with_boxes
+from juap.sanity import held_out_images_with_boxes, pointing_rates, randomized_copy, rank_correlation
 
 
 @pytest.mark.slow

@@ -274,9 +274,10 @@ def run_attack(cfg, run_dir: Path, *, progress: bool = True) -> Dict[str, Any]:
     t0 = time.perf_counter()
     fit_info: Dict[str, Any] = {}
     if isinstance(attack, UniversalAttack):
-        train_loader = make_loader(
-            train, batch_size=batch, shuffle=True, seed=cfg.seed, drop_last=len(train) > batch
-        )
+        drop_last = (
+            getattr(attack, "generator_spec", None) is not None and len(train) > batch
+        )  # fixed-size steps
+        train_loader = make_loader(train, batch_size=batch, shuffle=True, seed=cfg.seed, drop_last=drop_last)
         val_loader = make_loader(val, batch_size=batch) if val is not None else None
         fit_kwargs = {"val_data": val_loader} if "val_data" in _fit_params(attack) else {}
         n_hat = attack.fit(train_loader, progress=progress, **fit_kwargs)

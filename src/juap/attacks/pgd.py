@@ -1,4 +1,5 @@
 """PGD: projected gradient descent, the per-image baseline (paper §IV-B3), L_inf and L_2."""
+
 from __future__ import annotations
 
 import math
@@ -38,11 +39,14 @@ class PGD(PerImageAttack):
         step_size: alpha in 0-255 pixel units; default ``2.5 * eps / steps``.
         random_start: start from a random point of the ball (default True).
         target: class C_t for a targeted attack (minimise its CE); ``None`` (default) is untargeted.
+        use_labels: untargeted, maximise the CE of the labels ``y`` when they are passed (as torchattacks);
+            ``False`` (default, SPEC §3's C_x) uses the benign prediction f(x).
         seed: seed of a private generator for the random start; ``None`` uses torch's global RNG.
         device: where to compute; default: the classifier's device.
 
     Shape:
-        - x: (N, 3, H, W) in [0, 1]; y: (N,) true labels, or ``None`` to use the benign prediction f(x).
+        - x: (N, 3, H, W) in [0, 1]; y: (N,) true labels, or ``None`` to use the benign prediction f(x)
+          (ignored by a targeted attack).
         - output: (N, 3, H, W) in [0, 1], with ``||x_adv - x||_p <= eps / 255`` per image.
 
     Example::
@@ -53,33 +57,40 @@ class PGD(PerImageAttack):
 
     name = "pgd"
 
-    def __init__(self, *, steps: int = 10, step_size: Optional[float] = None, random_start: bool = True,
-                 target: Optional[int] = None, seed: Optional[int] = None, **kw) -> None:
+    def __init__(
+        self,
+        *,
+        steps: int = 10,
+        step_size: Optional[float] = None,
+        random_start: bool = True,
+        target: Optional[int] = None,
+        use_labels: bool = False,
+        seed: Optional[int] = None,
+        **kw,
+    ) -> None:
         super().__init__(**kw)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        if not _is_int(steps) or steps < 1:
             raise ConfigError(f"pgd: steps must be a positive integer, got {steps!r}")
-        if step_size is None:
-            step_size = 2.5 * self.eps / steps
-        if isinstance(step_size, bool) or not isinstance(step_size, (int, float)) \
-                or not (math.isfinite(step_size) and step_size > 0):
-            raise ConfigError(f"pgd: step_size must be a positive number in 0-255 pixel units, got {step_size!r}")
-        if not isinstance(random_start, bool):
-            raise ConfigError(f"pgd: random_start must be True or False, got {random_start!r}")
-        n_classes = self.classifier.num_classes
-        if target is not None and (isinstance(target, bool) or not isinstance(target, int)
-                                   or not 0 <= target < n_classes):
-            raise ConfigError(f"pgd: target must be a class index in [0, {n_classes}) or None, got {target!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        step_size = 2.5 * self.eps / steps if step_size is None else step_size
+        if not _is_number(step_size) or step_size <= 0:
+            raise ConfigError(f"pgd: step_size must be a positive number (0-255 units), got {step_size!r}")
+        for field, value in (("random_start", random_start), ("use_labels", use_labels)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"pgd: {field} must be True or False, got {value!r}")
+        n = self.classifier.num_classes
+        if target is not None and not (_is_int(target) and 0 <= target < n):
+            raise ConfigError(f"pgd: target must be a class index in [0, {n}) or None, got {target!r}")
+        if seed is not None and not _is_int(seed):
             raise ConfigError(f"pgd: seed must be an integer or None, got {seed!r}")
         self.steps, self.step_size, self.random_start = steps, float(step_size), random_start
-        self.target, self.seed = target, seed
+        self.target, self.use_labels, self.seed = target, use_labels, seed
 
     def __call__(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         _check_images(x)
         x = x.detach().to(self.device)
         if self.target is not None:
             y, sign = torch.full((len(x),), self.target, dtype=torch.long, device=self.device), -1.0
-        elif y is None:
+        elif y is None or not self.use_labels:
             with torch.no_grad():
                 y, sign = self.classifier(x).argmax(1), 1.0  # C_x = f(x) (SPEC §3)
         else:
@@ -110,6 +121,14 @@ class PGD(PerImageAttack):
             norms = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
             delta *= torch.zeros_like(norms).uniform_(0, 1, generator=gen) / norms * self.zeta
         return (x + delta).clamp_(0.0, 1.0)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 ATTACKS.register("pgd")(PGD)

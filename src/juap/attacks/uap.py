@@ -1,8 +1,9 @@
 """UAP: the DeepFool-based universal perturbation of Moosavi-Dezfooli et al., a baseline (paper §IV-B3)."""
+
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -12,71 +13,87 @@ from ..budget import apply_perturbation, project
 from ..errors import ConfigError
 from .base import UniversalAttack, iter_batches
 
-_TOL = 1e-8
+_TOL = 1e-8  # keeps DeepFool's divisions finite
 
 
 class UAP(UniversalAttack):
     r"""'Universal adversarial perturbations' (Moosavi-Dezfooli et al., CVPR 2017),
-    https://arxiv.org/abs/1610.08401, batched; semantics of ART's ``UniversalPerturbation(attacker="deepfool")``.
+    https://arxiv.org/abs/1610.08401; the algorithm of ART's ``UniversalPerturbation(attacker="deepfool")``,
+    batched.
 
     Distance: L_inf or L_2 (the DeepFool steps are L_2-minimal, as in the paper and ART)::
 
         v <- 0
         while fooling_rate(v) < target_fooling_rate and passes < max_passes:
             for x_i in the data (shuffled each pass):
-                if f(x_i + v) == f(x_i):                         # not fooled yet
-                    dr <- DeepFool(x_i + v)                       # minimal step across the boundary
+                if f(x_i + v) == f(x_i):                      # not fooled yet
+                    dr <- DeepFool(x_i + v)                    # minimal step across the boundary
                     if f(x_i + v + dr) != f(x_i): v <- project(v + dr, eps)
 
-    Batched: the not-yet-fooled images of a batch run DeepFool together at the batch's starting v (top
-    ``nb_grads`` class gradients in one batched backward per step), then their steps are folded into v
-    one image after another, ``v <- project(v + dr_i)``. With ``batch_size=1`` this is the sequential
-    algorithm. Every x + v is clamped to [0, 1]. ``fooling_rate_`` is ART's: the share of the data with
-    f(clamp(x + v, 0, 1)) != f(x), computed after each pass (``history``).
+    Batched: the not-yet-fooled images of a batch run DeepFool together, all at the batch's starting v;
+    their steps ``dr_i`` are then folded into v one image after another, ``v <- project(v + dr_i)``.
+    ``batch_size=1`` is the sequential algorithm; small batches (the default 8) keep close to it. DeepFool
+    applies the overshoot at every iteration, as the paper's code does (ART applies it after its loop).
+    Every x + v is clamped to [0, 1]. Classes are the benign predictions f(x) (labels are not used).
+    ``fooling_rate_`` is ART's ``fooling_rate``: the share of the data with f(clamp(x + v, 0, 1)) != f(x),
+    computed after every pass (``history``).
 
     Args:
         classifier: the :class:`~juap.classifiers.Classifier` to fool (images in [0, 1]).
         norm, eps: budget, eps in 0-255 pixel units (ART's ``eps`` is ``eps / 255`` on [0, 1] images).
-        max_passes: passes over the data at most (ART's ``max_iter``, 20 there).
+        max_passes: passes over the data at most (ART's ``max_iter``).
         target_fooling_rate: stop once reached (ART's ``1 - delta``).
-        overshoot: DeepFool's overshoot (0.02, as in the paper; ART's ``epsilon``).
-        deepfool_steps: DeepFool iterations per image at most (ART's ``max_iter`` of DeepFool).
-        nb_grads: gradients of the top ``nb_grads`` classes only (ART's default 10).
+        overshoot: DeepFool's overshoot (0.02, the paper's; ART's DeepFool ``epsilon``).
+        deepfool_steps: DeepFool iterations per image at most (ART's DeepFool ``max_iter``).
+        nb_grads: DeepFool considers the top ``nb_grads`` classes at x_i + v (ART's default 10).
         batch_size: images per DeepFool batch.
-        seed: seeds the per-pass shuffle of an image tensor (``seed + pass``); ``None``: data order.
-            A loader keeps its own order.
+        seed: shuffles an image tensor with ``seed + pass`` in every pass; ``None`` keeps its order. A
+            loader keeps its own order.
         device: where to compute; default: the classifier's device.
 
     Shape:
-        - data: images (N, 3, H, W) in [0, 1], or a loader of ``(x, y, ...)`` (labels are not used).
-        - output of :meth:`fit`: the perturbation v (3, H, W) with ``||v||_p <= eps / 255``.
+        - data: images (N, 3, H, W) in [0, 1], or a loader of ``(x, y, ...)``.
+        - output of :meth:`fit`: the perturbation v (3, H, W), ``||v||_p <= eps / 255``.
 
     Example::
 
         >>> attack = juap.create_attack("uap", classifier=clf, norm="linf", eps=10, max_passes=5)
-        >>> v = attack.fit(images)
-        >>> x_adv = attack.perturb(images)   # clamp(images + v, 0, 1)
-        >>> attack.fooling_rate_
+        >>> v = attack.fit(images)               # (3, H, W)
+        >>> x_adv = attack.perturb(images)       # clamp(images + v, 0, 1)
+        >>> attack.fooling_rate_, attack.history
     """
 
     name = "uap"
 
-    def __init__(self, *, max_passes: int = 10, target_fooling_rate: float = 0.8, overshoot: float = 0.02,
-                 deepfool_steps: int = 10, nb_grads: int = 10, batch_size: int = 32,
-                 seed: Optional[int] = 0, **kw) -> None:
+    def __init__(
+        self,
+        *,
+        max_passes: int = 10,
+        target_fooling_rate: float = 0.8,
+        overshoot: float = 0.02,
+        deepfool_steps: int = 10,
+        nb_grads: int = 10,
+        batch_size: int = 8,
+        seed: Optional[int] = 0,
+        **kw,
+    ) -> None:
         super().__init__(**kw)
-        for field, value in (("max_passes", max_passes), ("deepfool_steps", deepfool_steps),
-                             ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"uap: {field} must be a positive integer, got {value!r}")
-        if isinstance(nb_grads, bool) or not isinstance(nb_grads, int) or nb_grads < 2:
-            raise ConfigError(f"uap: nb_grads must be an integer >= 2, got {nb_grads!r}")
-        if not _is_number(target_fooling_rate) or not 0 <= target_fooling_rate <= 1:
-            raise ConfigError(f"uap: target_fooling_rate must be in [0, 1], got {target_fooling_rate!r}")
+        for field, value, low in (
+            ("max_passes", max_passes, 1),
+            ("deepfool_steps", deepfool_steps, 1),
+            ("batch_size", batch_size, 1),
+            ("nb_grads", nb_grads, 2),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"uap: {field} must be an integer >= {low}, got {value!r}")
+        if not _is_number(target_fooling_rate) or not 0 < target_fooling_rate <= 1:
+            raise ConfigError(f"uap: target_fooling_rate must be in (0, 1], got {target_fooling_rate!r}")
         if not _is_number(overshoot) or overshoot < 0:
             raise ConfigError(f"uap: overshoot must be a non-negative number, got {overshoot!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ConfigError(f"uap: seed must be an integer or None, got {seed!r}")
+        if self.classifier.num_classes < 2:
+            raise ConfigError("uap: the classifier must have at least 2 classes")
         self.max_passes, self.target_fooling_rate = max_passes, float(target_fooling_rate)
         self.overshoot, self.deepfool_steps, self.nb_grads = float(overshoot), deepfool_steps, nb_grads
         self.batch_size, self.seed = batch_size, seed
@@ -85,22 +102,29 @@ class UAP(UniversalAttack):
 
     def fit(self, data, *, progress: bool = True) -> torch.Tensor:
         """Learn v from ``data``; sets ``perturbation``, ``fooling_rate_``, ``converged_`` and ``history``."""
+        benign = None  # f(x) of every image of a tensor, computed once
+        if isinstance(data, torch.Tensor):
+            batches = iter_batches(data, batch_size=4 * self.batch_size, device=self.device)
+            benign = torch.cat([self._predict(x) for x, _ in batches])
         v: Optional[torch.Tensor] = None
         self.history, fooling_rate, passes = [], 0.0, 0
-        total = _num_images(data)
         while fooling_rate < self.target_fooling_rate and passes < self.max_passes:
             seen = fooled = updates = 0
-            bar = tqdm(total=total, desc=f"{self.name} pass {passes + 1}", unit="img", disable=not progress,
-                       leave=False, dynamic_ncols=True)
+            bar = tqdm(
+                total=_num_images(data),
+                desc=f"{self.name} pass {passes + 1}",
+                unit="img",
+                disable=not progress,
+                leave=False,
+                dynamic_ncols=True,
+            )
             shuffle = None if self.seed is None else self.seed + passes
-            for x, _ in iter_batches(data, batch_size=self.batch_size, device=self.device, shuffle_seed=shuffle):
+            for x, fx in self._batches(data, benign, self.batch_size, shuffle):
                 v = torch.zeros_like(x[0]) if v is None else v  # (3, H, W)
-                with torch.no_grad():
-                    x_v = apply_perturbation(x, v)  # (B, 3, H, W)
-                    benign, current = self.classifier(torch.cat([x, x_v])).argmax(1).chunk(2)
-                todo = current == benign  # not fooled yet
-                if todo.any():
-                    dr, ok = self._deepfool(x_v[todo], benign[todo])
+                x_v = apply_perturbation(x, v)  # (B, 3, H, W)
+                todo = self._predict(x_v) == fx if v.any() else torch.ones_like(fx, dtype=torch.bool)
+                if todo.any():  # the images not fooled yet
+                    dr, ok = self._deepfool(x_v[todo], fx[todo])
                     for d in dr[ok]:  # fold each image's step into v, in data order
                         v = project(v + d, norm=self.norm, eps=self.eps)
                     updates += int(ok.sum())
@@ -111,59 +135,89 @@ class UAP(UniversalAttack):
                 bar.close()
                 raise ConfigError("uap: the data is empty: no images to learn a perturbation from")
             passes += 1
-            fooling_rate = self.fooling_rate(data, v)
+            fooling_rate = self._fooling_rate(data, v, benign)
             bar.set_postfix(fooling_rate=f"{fooling_rate:.3f}", updates=updates)
             bar.close()
             self.history.append({"pass": passes, "fooling_rate": fooling_rate, "updates": updates})
-        self.perturbation, self.fooling_rate_ = v.detach(), fooling_rate
+        self.perturbation, self.fooling_rate_ = v, fooling_rate
         self.converged_ = fooling_rate >= self.target_fooling_rate
         return self.perturbation
 
-    @torch.no_grad()
     def fooling_rate(self, data, v: torch.Tensor) -> float:
-        """ART's ``fooling_rate``: the share of images with f(clamp(x + v, 0, 1)) != f(x)."""
+        """ART's ``fooling_rate`` of v (3, H, W) on ``data``: the share with f(clamp(x + v, 0, 1)) != f(x)."""
+        return self._fooling_rate(data, v, None)
+
+    def _fooling_rate(self, data, v: torch.Tensor, benign: Optional[torch.Tensor]) -> float:
         n = fooled = 0
-        for x, _ in iter_batches(data, batch_size=2 * self.batch_size, device=self.device):
-            benign, adv = self.classifier(torch.cat([x, apply_perturbation(x, v)])).argmax(1).chunk(2)
-            n, fooled = n + len(x), fooled + int((benign != adv).sum())
+        for x, fx in self._batches(data, benign, 4 * self.batch_size, None):
+            n, fooled = n + len(x), fooled + int((self._predict(apply_perturbation(x, v)) != fx).sum())
         return fooled / max(n, 1)
+
+    def _batches(
+        self, data, benign: Optional[torch.Tensor], batch_size: int, shuffle_seed: Optional[int]
+    ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """``(x, f(x))`` batches; ``benign`` holds f of every image when ``data`` is a tensor."""
+        if benign is None:
+            batches = iter_batches(data, batch_size=batch_size, device=self.device, shuffle_seed=shuffle_seed)
+            for x, _ in batches:
+                yield x, self._predict(x)
+            return
+        order = (
+            torch.arange(len(data))
+            if shuffle_seed is None
+            # iter_batches' order
+            else torch.randperm(len(data), generator=torch.Generator().manual_seed(shuffle_seed))
+        )
+        for idx in order.split(batch_size):
+            yield data[idx].to(self.device), benign[idx.to(benign.device)]
+
+    @torch.no_grad()
+    def _predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(x).argmax(1)  # (B,)
 
     def _deepfool(self, x0: torch.Tensor, label: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Batched DeepFool (L_2) from x0 (B, 3, H, W), predicted as ``label`` (B,).
 
         Returns:
-            dr (B, 3, H, W) with x0 + dr in [0, 1] (overshoot included), and ok (B,) bool: f(x0 + dr) != label.
+            dr (B, 3, H, W), overshoot included and x0 + dr in [0, 1]; ok (B,): f(x0 + dr) != label.
         """
         k = min(self.nb_grads, self.classifier.num_classes)
         r_tot, x_adv = torch.zeros_like(x0), x0.clone()
-        active, classes = torch.arange(len(x0), device=x0.device), None  # classes: top-k at x0 (B, k)
-        for _ in range(self.deepfool_steps):
+        active, classes = torch.arange(len(x0), device=x0.device), label[:, None]
+        for step in range(self.deepfool_steps):
             xa = x_adv[active].requires_grad_(True)
             logits = self.classifier(xa)  # (b, C)
-            if classes is None:
-                classes = logits.detach().topk(k, dim=1).indices
-                classes[:, 0] = label  # the predicted class first (ties aside, it is the top-1)
+            if step == 0:  # the classes considered (B, k): the predicted one, then the top k-1 others at x0
+                others = logits.detach().scatter(1, label[:, None], -math.inf).topk(k - 1, dim=1).indices
+                classes = torch.cat([label[:, None], others], dim=1)
             cls = classes[active]  # (b, k)
-            onehots = torch.zeros(k, *logits.shape, device=logits.device, dtype=logits.dtype)
-            onehots.scatter_(2, cls.t().unsqueeze(2), 1.0)  # (k, b, C)
-            (grads,) = torch.autograd.grad(logits, xa, onehots, is_grads_batched=True)  # (k, b, 3, H, W)
+            w = torch.stack(
+                [_grad_diff(logits, xa, cls[:, 0], cls[:, j], last=j == k - 1) for j in range(1, k)], dim=1
+            )  # (b, k-1, D): grad of f_l - f_label
             with torch.no_grad():
-                w = (grads[1:] - grads[:1]).transpose(0, 1).flatten(2)  # (b, k-1, D)
                 f = logits.gather(1, cls)
                 f = (f[:, 1:] - f[:, :1]).abs()  # (b, k-1)
                 w_norm = w.norm(dim=2) + _TOL
                 dist, l_star = (f / w_norm).min(dim=1)  # distance to the nearest linearised boundary
-                w_l = w[torch.arange(len(w)), l_star]  # (b, D)
-                r = ((dist + 1e-4) / w_norm.gather(1, l_star[:, None]).squeeze(1))[:, None] * w_l
-                r_tot[active] += r.view_as(xa)
+                w_l = w[torch.arange(len(w)), l_star] / w_norm.gather(1, l_star[:, None])  # (b, D), unit
+                r_tot[active] += ((dist + 1e-4)[:, None] * w_l).view_as(xa)
                 x_adv[active] = (x0[active] + (1 + self.overshoot) * r_tot[active]).clamp(0.0, 1.0)
-                still = self.classifier(x_adv[active]).argmax(1) == label[active]
+                still = self._predict(x_adv[active]) == label[active]
             active = active[still]
             if len(active) == 0:
                 break
         ok = torch.ones(len(x0), dtype=torch.bool, device=x0.device)
         ok[active] = False
         return x_adv - x0, ok
+
+
+def _grad_diff(
+    logits: torch.Tensor, x: torch.Tensor, label: torch.Tensor, other: torch.Tensor, *, last: bool
+) -> torch.Tensor:
+    """Per-sample gradient of logits[other] - logits[label] w.r.t. x, flattened (b, D)."""
+    cot = torch.zeros_like(logits).scatter_(1, other[:, None], 1.0).scatter_(1, label[:, None], -1.0)
+    (g,) = torch.autograd.grad(logits, x, cot, retain_graph=not last)
+    return g.flatten(1)
 
 
 def _num_images(data) -> Optional[int]:

@@ -1,0 +1,206 @@
+"""UAP (DeepFool-based): budget, range, fooling, ART's fooling-rate formula, and parity with ART."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import juap
+from juap.attacks.uap import UAP
+from juap.budget import perturbation_norm, project
+
+BUDGETS = {"linf": 10.0, "l2": 600.0}  # at 32x32: L_2 600 has the per-pixel RMS of L_inf ~11
+
+
+def textures(n: int, *, size: int = 32, seed: int = 0):
+    """Three procedural classes (horizontal stripes, vertical stripes, a blob) in random colours."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    freq, phase = 2 + 3 * torch.rand(n, 1, 1, generator=g), 2 * math.pi * torch.rand(n, 1, 1, generator=g)
+    cx, cy = 0.3 + 0.4 * torch.rand(n, 1, 1, generator=g), 0.3 + 0.4 * torch.rand(n, 1, 1, generator=g)
+    blob = 2 * torch.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 0.02) - 1
+    stripes = [torch.sin(2 * math.pi * freq * u + phase) for u in (yy, xx)]
+    t = (torch.stack([*stripes, blob], 1)[torch.arange(n), y].unsqueeze(1) + 1) / 2  # (n, 1, s, s)
+    c1, c2 = torch.rand(n, 3, 1, 1, generator=g), torch.rand(n, 3, 1, 1, generator=g)
+    return (c1 * t + c2 * (1 - t) + 0.05 * torch.randn(n, 3, size, size, generator=g)).clamp(0, 1), y
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """A tiny small_resnet trained for ~3 s to well above chance, and 64 held-out images."""
+    torch.manual_seed(0)
+    clf = juap.create_classifier("small_resnet", num_classes=3, widths=(8, 16, 32))
+    x, y = textures(2048, seed=0)
+    opt = torch.optim.Adam(clf.parameters(), lr=3e-3)
+    clf.train()
+    for _ in range(60):
+        idx = torch.randint(0, len(x), (64,))
+        opt.zero_grad()
+        F.cross_entropy(clf(x[idx]), y[idx]).backward()
+        opt.step()
+    clf.eval()
+    x_test, y_test = textures(64, seed=1)
+    with torch.no_grad():
+        assert (clf(x_test).argmax(1) == y_test).float().mean() > 0.8
+    return clf, x_test
+
+
+def _fooled(clf, x, v) -> float:
+    with torch.no_grad():
+        return (clf((x + v).clamp(0, 1)).argmax(1) != clf(x).argmax(1)).float().mean().item()
+
+
+def test_registered(setup):
+    clf, _ = setup
+    attack = juap.create_attack("uap", classifier=clf, norm="l2", eps=600, max_passes=2)
+    assert isinstance(attack, UAP) and attack.max_passes == 2 and attack.overshoot == 0.02
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_budget_range_and_fooling(setup, norm):
+    clf, x = setup
+    eps = 1.6 * BUDGETS[norm]
+    attack = UAP(classifier=clf, norm=norm, eps=eps, max_passes=3, target_fooling_rate=0.3)
+    v = attack.fit(x, progress=False)
+    assert v.shape == x.shape[1:] and attack.perturbation is v
+    assert perturbation_norm(v, norm) <= eps * (1 + 1e-5) + 1e-4
+    x_adv = attack.perturb(x)
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert attack.fooling_rate_ == pytest.approx(_fooled(clf, x, v))
+    assert attack.fooling_rate_ >= 0.3 and attack.converged_  # stopped at the target
+    assert 1 <= len(attack.history) <= 3 and attack.history[-1]["fooling_rate"] == attack.fooling_rate_
+    noise = project(
+        torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(0)) * 1e3, norm=norm, eps=eps
+    )  # random noise on the boundary of the same ball
+    assert attack.fooling_rate_ > _fooled(clf, x, noise) + 0.2
+
+
+def test_loader_and_tensor_agree(setup):
+    """A loader of (x, y) in the tensor's order gives the same perturbation as the tensor (seed=None)."""
+    clf, x = setup
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(len(x))), batch_size=8)
+    kw = {"classifier": clf, "norm": "linf", "eps": 10, "max_passes": 1, "seed": None}
+    v_tensor = UAP(**kw).fit(x, progress=False)
+    v_loader = UAP(**kw).fit(loader, progress=True)
+    assert torch.allclose(v_tensor, v_loader, atol=1e-6)
+
+
+def _art(clf, x, norm, eps, *, passes=1, deepfool_steps=5):
+    pytest.importorskip("art")
+    from art.attacks.evasion import UniversalPerturbation
+    from art.estimators.classification import PyTorchClassifier
+
+    art_clf = PyTorchClassifier(
+        model=clf,
+        loss=torch.nn.CrossEntropyLoss(),
+        input_shape=tuple(x.shape[1:]),
+        nb_classes=clf.num_classes,
+        clip_values=(0.0, 1.0),
+    )
+    deepfool = {"epsilon": 0.02, "max_iter": deepfool_steps, "verbose": False}  # overshoot, iterations
+    attack = UniversalPerturbation(
+        art_clf,
+        attacker="deepfool",
+        attacker_params=deepfool,
+        delta=0.0,
+        max_iter=passes,
+        eps=eps / 255,
+        norm=np.inf if norm == "linf" else 2,
+        verbose=False,
+    )
+    return art_clf, attack
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_at_least_arts_fooling_rate(setup, norm, monkeypatch):
+    """Same 48 images in the same 4 orders (ART's per-pass shuffle is made the identity, ours runs with
+    seed=None on the permuted images), same budget, 1 pass, same DeepFool settings (overshoot 0.02, 5
+    iterations, top 10 classes); the mean fooling rate over the orders is compared.
+
+    Slack 0.05: one pass's fooling rate of either method moves by +-0.1 with the order, and ours is not
+    ART's trajectory (batched fold, overshoot at every DeepFool iteration), so the two agree on average,
+    not per order: over 16 orders the mean difference (ours - ART) was -0.01 (L_inf) and -0.03 (L_2)
+    here, +0.07 / +0.03 with 64 images and 10 DeepFool iterations, and ours is higher at the demo setting
+    (benchmarks/bench_baselines.py). Here: -0.02 for both norms (ours with batch_size=1, the sequential
+    algorithm, follows ART's trajectory almost image for image: -0.01)."""
+    clf, x = setup
+    x, eps = x[:48], BUDGETS[norm]
+    import art.attacks.evasion.universal_perturbation as art_uap
+
+    monkeypatch.setattr(art_uap.random, "sample", lambda population, k: list(population))
+    orders = [torch.arange(len(x))] + [
+        torch.randperm(len(x), generator=torch.Generator().manual_seed(s)) for s in range(3)
+    ]
+    ours, theirs = [], []
+    for order in orders:
+        attack = UAP(
+            classifier=clf,
+            norm=norm,
+            eps=eps,
+            max_passes=1,
+            target_fooling_rate=1.0,
+            deepfool_steps=5,
+            seed=None,
+        )
+        attack.fit(x[order], progress=False)
+        ours.append(attack.fooling_rate_)
+        _, art_attack = _art(clf, x, norm, eps)
+        art_attack.generate(x[order].numpy())
+        theirs.append(art_attack.fooling_rate)
+    assert min(theirs) > 0.1  # a setting where the comparison means something
+    assert np.mean(ours) >= np.mean(theirs) - 0.05, (ours, theirs)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_fooling_rate_is_arts_formula(setup, norm):
+    clf, x = setup
+    eps = BUDGETS[norm]
+    ours = UAP(classifier=clf, norm=norm, eps=eps, max_passes=1, target_fooling_rate=1.0)
+    v = ours.fit(x, progress=False)
+    art_clf, art_attack = _art(clf, x[:16], norm, eps)
+    # ART's formula (UniversalPerturbation.generate) on our perturbation, with ART's own predict
+    x_np, v_np = x.numpy(), v.numpy()[None]
+    y_index = np.argmax(art_clf.predict(x_np), axis=1)
+    y_adv = np.argmax(art_clf.predict(np.clip(x_np + v_np, 0.0, 1.0), batch_size=1), axis=1)
+    assert ours.fooling_rate_ == np.sum(y_index != y_adv) / len(x_np) > 0
+    # ... and ours on ART's perturbation gives ART's number
+    art_attack.generate(x[:16].numpy())
+    art_noise = torch.from_numpy(art_attack.noise[0])
+    assert perturbation_norm(art_noise, norm) <= eps * (1 + 1e-5) + 1e-4
+    assert ours.fooling_rate(x[:16], art_noise) == art_attack.fooling_rate
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"max_passes": 0}, "max_passes"),
+        ({"deepfool_steps": 1.5}, "deepfool_steps"),
+        ({"batch_size": True}, "batch_size"),
+        ({"nb_grads": 1}, "nb_grads"),
+        ({"target_fooling_rate": 1.5}, "target_fooling_rate"),
+        ({"target_fooling_rate": 0}, "target_fooling_rate"),
+        ({"overshoot": -0.1}, "overshoot"),
+        ({"overshoot": float("inf")}, "overshoot"),
+        ({"seed": 1.0}, "seed"),
+        ({"norm": "l1"}, "norm"),
+    ],
+)
+def test_bad_arguments_name_the_field(setup, kwargs, field):
+    clf, _ = setup
+    with pytest.raises(juap.ConfigError, match=field):
+        UAP(classifier=clf, **kwargs)
+
+
+def test_bad_data(setup):
+    clf, x = setup
+    with pytest.raises(juap.ConfigError, match="empty"):
+        UAP(classifier=clf).fit([], progress=False)
+    with pytest.raises(juap.ConfigError, match=r"\[0, 1\]"):
+        UAP(classifier=clf).fit(x * 255, progress=False)
+    with pytest.raises(RuntimeError, match="fit"):
+        UAP(classifier=clf).perturb(x)
