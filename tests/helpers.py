@@ -49,3 +49,39 @@ def tiny_trained_classifier(size: int = 32, num_classes: int = 4, epochs: int = 
     for p in clf.parameters():
         p.requires_grad_(False)
     return clf, xte, yte
+
+
+def textures(n: int, *, size: int = 32, seed: int = 0):
+    """Three procedural classes (horizontal stripes, vertical stripes, a blob) in random colours."""
+    import math
+
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    freq, phase = 2 + 3 * torch.rand(n, 1, 1, generator=g), 2 * math.pi * torch.rand(n, 1, 1, generator=g)
+    cx, cy = 0.3 + 0.4 * torch.rand(n, 1, 1, generator=g), 0.3 + 0.4 * torch.rand(n, 1, 1, generator=g)
+    blob = 2 * torch.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 0.02) - 1
+    stripes = [torch.sin(2 * math.pi * freq * u + phase) for u in (yy, xx)]
+    t = (torch.stack([*stripes, blob], 1)[torch.arange(n), y].unsqueeze(1) + 1) / 2  # (n, 1, s, s)
+    c1, c2 = torch.rand(n, 3, 1, 1, generator=g), torch.rand(n, 3, 1, 1, generator=g)
+    return (c1 * t + c2 * (1 - t) + 0.05 * torch.randn(n, 3, size, size, generator=g)).clamp(0, 1), y
+
+
+@functools.cache
+def texture_classifier():
+    """A tiny small_resnet trained for ~3 s on :func:`textures` (> 80% held out): (clf, x_test, y_test)."""
+    torch.manual_seed(0)
+    clf = juap.create_classifier("small_resnet", num_classes=3, widths=(8, 16, 32))
+    x, y = textures(2048, seed=0)
+    opt = torch.optim.Adam(clf.parameters(), lr=3e-3)
+    clf.train()
+    for _ in range(60):
+        idx = torch.randint(0, len(x), (64,))
+        opt.zero_grad()
+        F.cross_entropy(clf(x[idx]), y[idx]).backward()
+        opt.step()
+    clf.eval()
+    x_test, y_test = textures(64, seed=1)
+    with torch.no_grad():
+        assert (clf(x_test).argmax(1) == y_test).float().mean() > 0.8
+    return clf, x_test, y_test

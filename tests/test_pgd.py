@@ -2,51 +2,21 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-import torch.nn.functional as F
 
 import juap
+from helpers import texture_classifier
 from juap.attacks.pgd import PGD
 from juap.budget import perturbation_norm
 
 BUDGETS = {"linf": 8.0, "l2": 300.0}  # L_2 300 at 32x32 ~ 2000 at 224x224 (same per-pixel RMS)
 
 
-def textures(n: int, *, size: int = 32, seed: int = 0):
-    """Three procedural classes (horizontal stripes, vertical stripes, a blob) in random colours."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % 3
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
-    freq, phase = 2 + 3 * torch.rand(n, 1, 1, generator=g), 2 * math.pi * torch.rand(n, 1, 1, generator=g)
-    cx, cy = 0.3 + 0.4 * torch.rand(n, 1, 1, generator=g), 0.3 + 0.4 * torch.rand(n, 1, 1, generator=g)
-    blob = 2 * torch.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 0.02) - 1
-    stripes = [torch.sin(2 * math.pi * freq * u + phase) for u in (yy, xx)]
-    t = (torch.stack([*stripes, blob], 1)[torch.arange(n), y].unsqueeze(1) + 1) / 2  # (n, 1, s, s)
-    c1, c2 = torch.rand(n, 3, 1, 1, generator=g), torch.rand(n, 3, 1, 1, generator=g)
-    return (c1 * t + c2 * (1 - t) + 0.05 * torch.randn(n, 3, size, size, generator=g)).clamp(0, 1), y
-
-
 @pytest.fixture(scope="module")
 def setup():
-    """A tiny small_resnet trained for ~3 s to well above chance, and 64 held-out images."""
-    torch.manual_seed(0)
-    clf = juap.create_classifier("small_resnet", num_classes=3, widths=(8, 16, 32))
-    x, y = textures(2048, seed=0)
-    opt = torch.optim.Adam(clf.parameters(), lr=3e-3)
-    clf.train()
-    for _ in range(60):
-        idx = torch.randint(0, len(x), (64,))
-        opt.zero_grad()
-        F.cross_entropy(clf(x[idx]), y[idx]).backward()
-        opt.step()
-    clf.eval()
-    x_test, y_test = textures(64, seed=1)
-    with torch.no_grad():
-        assert (clf(x_test).argmax(1) == y_test).float().mean() > 0.8
-    return clf, x_test, y_test
+    """A tiny classifier trained to well above chance, and 64 held-out images."""
+    return texture_classifier()
 
 
 def _predict(clf, x):
