@@ -42,7 +42,7 @@ def test_help_lists_every_command(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for cmd in ("demo", "train-classifier", "attack", "evaluate"):
+    for cmd in ("demo", "train-classifier", "train-rts", "attack", "evaluate"):
         assert cmd in out
 
 
@@ -180,3 +180,55 @@ def test_existing_run_folder_is_refused(tmp_path, capsys):
     (tmp_path / "r" / "x").write_text("x")
     code, _, err = run(capsys, "train-classifier", "--out", str(tmp_path / "r"), *DATA)
     assert code == 2 and "--overwrite" in err
+
+
+def test_train_rts_then_attack_against_it(tmp_path, capsys, clf_path):
+    rts_dir = tmp_path / "rts"
+    code, stdout, err = run(
+        capsys,
+        "train-rts",
+        "--out",
+        str(rts_dir),
+        "--no-progress",
+        *DATA,
+        "--set",
+        f"classifier.weights={clf_path}",
+        "--set",
+        "train.epochs=1",
+    )
+    assert code == 0, err
+    assert (rts_dir / "rts.safetensors").is_file() and "pointing game" in stdout
+    code, _, err = run(
+        capsys,
+        "train-rts",
+        "--out",
+        str(tmp_path / "bad"),
+        *DATA,
+        "--set",
+        f"classifier.weights={clf_path}",
+        "--set",
+        "classifier.name=resnet18",
+    )
+    assert (
+        code == 2 and "saved for classifier 'small_resnet', not 'resnet18'" in err and "Traceback" not in err
+    )
+    out = tmp_path / "att"
+    code, _, err = run(
+        capsys,
+        "attack",
+        "--out",
+        str(out),
+        "--no-progress",
+        *DATA,
+        "--set",
+        f"classifier.weights={clf_path}",
+        "--set",
+        "interpreter.name=rts",
+        "--set",
+        f"interpreter.checkpoint={rts_dir / 'rts.safetensors'}",
+        "--set",
+        "attack.params={steps: 2, batch_size: 16, generator_options: {ngf: 8, n_blocks: 1}}",
+    )
+    assert code == 0, err
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["transfer"]) == {"cam", "gradcam", "rts"} and m["map_interpreter"] == "rts"

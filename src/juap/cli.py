@@ -188,7 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo",
         help="run the default experiment on the embedded synthetic data",
-        description="Train (once, cached) the demo classifier on the embedded data and report it.",
+        description="Train (once, cached) the demo classifier and RTS model on the embedded data, run UAP, "
+        "GUAP, R-JUAP and U-JUAP against CAM, Grad-CAM and RTS and JAP vs PGD, and write tables and "
+        "figures. Sizes: --set demo.steps=..., --set demo.eps=... (see juap.demo.DemoSettings).",
     )
     _add_common(p)
     p.add_argument("--cache-dir", metavar="DIR", help="cache folder (default: $JUAP_CACHE or ~/.cache/juap)")
@@ -197,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="train or fine-tune a classifier (Table I)",
         description="Train or fine-tune a registered classifier with random-crop + flip "
         "augmentation; report top-1 accuracy on the test split.",
+    )
+    _add_common(p)
+    p = sub.add_parser(
+        "train-rts",
+        help="train the RTS saliency model for a classifier checkpoint",
+        description="Train a real-time saliency (RTS) masking model (eq 12) that explains a trained "
+        "classifier; needs --set classifier.weights=CHECKPOINT.",
     )
     _add_common(p)
     p = sub.add_parser(
