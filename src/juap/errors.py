@@ -21,3 +21,7 @@ class WeightsUnavailableError(JuapError, RuntimeError):
 
 class DataError(JuapError, ValueError):
     """A data folder or image cannot be used."""
+
+
+class NumericalError(JuapError, FloatingPointError):
+    """A loss or an output became NaN or infinite during an attack or a training run."""

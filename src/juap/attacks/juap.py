@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .._registry import ATTACKS, GENERATORS
 from ..budget import apply_perturbation, scale_to_budget
 from ..config import check_range
-from ..errors import ConfigError
+from ..errors import ConfigError, NumericalError
 from ..interpreters.base import Interpreter
 from ..interpreters.gradcam import GradCAM
 from ..interpreters.smooth_relu import make_surrogate
@@ -217,7 +217,8 @@ class GeneratorUAP(UniversalAttack):
             delta = self.delta if self.delta is not None else float("-inf")
             loss = joint_loss(fool, interp, lam=self.lam, delta=delta)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"{self.name}: the loss became {loss.item()} (parts: {parts})")
+            raise NumericalError(f"{self.name}: the loss became {loss.item()} (parts: {parts}); lower lr or "
+                                 "check the inputs")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
