@@ -31,7 +31,7 @@ def _add_common(p: argparse.ArgumentParser, *, out: bool = True) -> None:
 def cmd_train_classifier(args: argparse.Namespace) -> int:
     from .config import TrainClassifierConfig, load_config
     from .experiments import run_train_classifier
-    from .runs import new_run_dir
+    from .runs import failed_on_error, new_run_dir
 
     cfg = load_config(TrainClassifierConfig, args.config, args.overrides)
     run_dir = new_run_dir(args.out, command="train-classifier", overwrite=args.overwrite)
@@ -39,7 +39,8 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
         f"Training {cfg.classifier.name} on {cfg.data.name} data ({cfg.train.epochs} epochs); "
         f"run folder: {run_dir}"
     )
-    m = run_train_classifier(cfg, run_dir, progress=not args.no_progress)
+    with failed_on_error(run_dir):
+        m = run_train_classifier(cfg, run_dir, progress=not args.no_progress)
     print(
         f"Test top-1 accuracy: {m['test_accuracy']:.2%} on {m['test_images']} images "
         f"(trained in {m['train_seconds']:.0f} s)"
@@ -51,7 +52,7 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .config import TrainClassifierConfig, apply_overrides, from_dict, load_config
     from .demo import DemoSettings, run_demo
-    from .runs import finish_run, new_run_dir
+    from .runs import failed_on_error, finish_run, new_run_dir
 
     t0 = time.perf_counter()
     demo_over = [o for o in args.overrides if o.startswith("demo.")]
@@ -62,14 +63,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "juap demo: the paper's experiment on the embedded synthetic data (6 shape classes on cluttered "
         f"backgrounds, {cfg.data.image_size}x{cfg.data.image_size}); run folder: {run_dir}"
     )
-    metrics = run_demo(
-        run_dir,
-        settings=settings,
-        classifier_cfg=cfg,
-        cache_dir=args.cache_dir,
-        progress=not args.no_progress,
-        say=print,
-    )
+    with failed_on_error(run_dir):
+        metrics = run_demo(
+            run_dir,
+            settings=settings,
+            classifier_cfg=cfg,
+            cache_dir=args.cache_dir,
+            progress=not args.no_progress,
+            say=print,
+        )
     total = time.perf_counter() - t0
     finish_run(
         run_dir,
@@ -96,7 +98,7 @@ def to_dict_safe(cfg):
 def cmd_train_rts(args: argparse.Namespace) -> int:
     from .config import load_config
     from .rts_training import TrainRTSConfig, run_train_rts
-    from .runs import new_run_dir
+    from .runs import failed_on_error, new_run_dir
 
     cfg = load_config(TrainRTSConfig, args.config, args.overrides)
     run_dir = new_run_dir(args.out, command="train-rts", overwrite=args.overwrite)
@@ -105,7 +107,8 @@ def cmd_train_rts(args: argparse.Namespace) -> int:
         f"run folder: {run_dir}"
     )
     t0 = time.perf_counter()
-    m = run_train_rts(cfg, run_dir, progress=not args.no_progress)
+    with failed_on_error(run_dir):
+        m = run_train_rts(cfg, run_dir, progress=not args.no_progress)
     point = m.get("pointing_top20")
     print(
         f"Done in {time.perf_counter() - t0:.0f} s; mean mask area {m['mean_mask_area']:.3f}"
@@ -140,13 +143,14 @@ def _print_attack_metrics(m: dict) -> None:
 def cmd_attack(args: argparse.Namespace) -> int:
     from .config import AttackRunConfig, load_config
     from .experiments import run_attack
-    from .runs import new_run_dir
+    from .runs import failed_on_error, new_run_dir
 
     cfg = load_config(AttackRunConfig, args.config, args.overrides)
     run_dir = new_run_dir(args.out, command="attack", overwrite=args.overwrite)
     what = cfg.attack.name + (f" against {cfg.interpreter.name}" if cfg.interpreter.name else "")
     print(f"Running {what} on {cfg.classifier.name}; run folder: {run_dir}")
-    m = run_attack(cfg, run_dir, progress=not args.no_progress)
+    with failed_on_error(run_dir):
+        m = run_attack(cfg, run_dir, progress=not args.no_progress)
     _print_attack_metrics(m)
     print(
         f"Wrote {run_dir}/metrics.json, config.yaml"
@@ -158,12 +162,13 @@ def cmd_attack(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .config import AttackRunConfig, load_config
     from .experiments import run_evaluate
-    from .runs import new_run_dir
+    from .runs import failed_on_error, new_run_dir
 
     cfg = load_config(AttackRunConfig, args.config, args.overrides)
     run_dir = new_run_dir(args.out, command="evaluate", overwrite=args.overwrite)
     print(f"Evaluating {args.perturbation} on {cfg.classifier.name}; run folder: {run_dir}")
-    m = run_evaluate(cfg, args.perturbation, run_dir, progress=not args.no_progress)
+    with failed_on_error(run_dir):
+        m = run_evaluate(cfg, args.perturbation, run_dir, progress=not args.no_progress)
     _print_attack_metrics(m)
     print(f"Wrote {run_dir}/metrics.json")
     return 0

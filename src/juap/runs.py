@@ -52,3 +52,28 @@ def finish_run(path: Path, *, config: Dict[str, Any], metrics: Dict[str, Any]) -
     run = json.loads((path / "run.json").read_text()) if (path / "run.json").exists() else {}
     run.update(info)
     write_json(path / "run.json", run)
+
+
+class failed_on_error:
+    """If the run raises, ``run.json`` says ``failed`` (or ``interrupted``) and why: no stale ``running``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> Path:
+        return self.path
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            import json
+
+            run_file = self.path / "run.json"
+            run = json.loads(run_file.read_text()) if run_file.exists() else {}
+            status = "interrupted" if issubclass(exc_type, KeyboardInterrupt) else "failed"
+            run.update(
+                status=status,
+                error=f"{exc_type.__name__}: {exc}",
+                finished=_dt.datetime.now().isoformat(timespec="seconds"),
+            )
+            write_json(run_file, run)
+        return False
