@@ -232,3 +232,54 @@ def test_train_rts_then_attack_against_it(tmp_path, capsys, clf_path):
     assert code == 0, err
     m = json.loads((out / "metrics.json").read_text())
     assert set(m["transfer"]) == {"cam", "gradcam", "rts"} and m["map_interpreter"] == "rts"
+
+
+def test_demo_writes_every_result_file_and_reuses_its_cache(tmp_path, capsys):
+    tiny = [
+        "--set",
+        "data.num_images=120",
+        "--set",
+        "data.image_size=32",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "classifier.options={widths: [4, 8, 8]}",
+        "--set",
+        "demo.steps=2",
+        "--set",
+        "demo.generator_ngf=8",
+        "--set",
+        "demo.uap_passes=1",
+        "--set",
+        "demo.jap_images=4",
+        "--set",
+        "demo.jap_steps=2",
+        "--set",
+        "demo.rts_epochs=1",
+    ]
+    cache = str(tmp_path / "cache")
+    code, stdout, err = run(
+        capsys, "demo", "--out", str(tmp_path / "d1"), "--no-progress", "--cache-dir", cache, *tiny
+    )
+    assert code == 0, err
+    for name in (
+        "results.md",
+        "results.csv",
+        "transfer.csv",
+        "metrics.json",
+        "figure.png",
+        "discrepancy.png",
+        "config.yaml",
+        "perturbations/GUAP.png",
+        "perturbations/U-JUAP-rts.safetensors",
+    ):
+        assert (tmp_path / "d1" / name).is_file(), name
+    with open(tmp_path / "d1" / "results.csv") as f:
+        header = f.readline().strip().split(",")
+    assert header == ["method", "generator", "interpreter", "norm", "fooling_ratio", "l1", "iou"]
+    assert "trained in" in stdout
+    code, stdout, err = run(
+        capsys, "demo", "--out", str(tmp_path / "d2"), "--no-progress", "--cache-dir", cache, *tiny
+    )
+    assert code == 0, err
+    assert "trained in" not in stdout and stdout.count("(cached)") == 8

@@ -50,7 +50,7 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .config import TrainClassifierConfig, apply_overrides, from_dict, load_config
+    from .config import TrainClassifierConfig, apply_overrides, from_dict, load_config, to_dict
     from .demo import DemoSettings, run_demo
     from .runs import failed_on_error, finish_run, new_run_dir
 
@@ -75,7 +75,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     total = time.perf_counter() - t0
     finish_run(
         run_dir,
-        config={"classifier_training": to_dict_safe(cfg), "demo": metrics["settings"]},
+        config={"classifier_training": to_dict(cfg), "demo": metrics["settings"]},
         metrics={**metrics, "demo_seconds": round(total, 1)},
     )
     print(f"Done in {total:.0f} s. Results in {run_dir}/:")
@@ -87,12 +87,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "and cells."
     )
     return 0
-
-
-def to_dict_safe(cfg):
-    from .config import to_dict
-
-    return to_dict(cfg)
 
 
 def cmd_train_rts(args: argparse.Namespace) -> int:

@@ -25,7 +25,7 @@ from . import create_attack
 from .config import TrainClassifierConfig, to_dict
 from .data.synthetic import default_cache_dir
 from .evaluation import evaluate
-from .experiments import build_interpreter, cached_demo_classifier, config_hash
+from .experiments import build_interpreter, cached_demo_classifier, config_hash, demo_classifier_path
 from .io import load_tensors, save_tensors, write_json, write_text
 from .report import bar_chart, figure_grid, markdown_table, write_csv
 
@@ -66,7 +66,6 @@ def run_demo(
     t_start = time.perf_counter()
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     ccfg = classifier_cfg or TrainClassifierConfig()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     say("[1/5] Embedded data set and demo classifier (trained once, then cached) ...")
     clf, splits, clf_metrics, cached = cached_demo_classifier(ccfg, cache_dir=cache, progress=progress)
@@ -219,9 +218,7 @@ def _cached_rts(ccfg: TrainClassifierConfig, s: DemoSettings, cache: Path, progr
     ckpt = folder / "rts.safetensors"
     if ckpt.is_file() and (folder / "metrics.json").is_file():
         return ckpt, json.loads((folder / "metrics.json").read_text()), True
-    clf_ckpt = next(
-        (cache / "demo").glob(f"classifier-{ccfg.classifier.name}-{config_hash(to_dict(ccfg))}.safetensors")
-    )
+    clf_ckpt = demo_classifier_path(ccfg, cache)
     cfg = TrainRTSConfig(
         data=ccfg.data,
         classifier=dataclasses.replace(ccfg.classifier, weights=str(clf_ckpt)),
@@ -280,7 +277,7 @@ def _jap_vs_pgd(clf, interps, x, y, s: DemoSettings, progress: bool) -> List[Dic
 
 def _write_outputs(run_dir: Path, results, jap_rows, perturbations, clf, interps, x_test, classes, s) -> None:
     from .budget import apply_perturbation
-    from .experiments import save_perturbation  # noqa: F401  (same PNG convention)
+    from .experiments import save_perturbation
 
     # results.csv: one row per method x interpreter (JUAP: the perturbation trained against that interpreter)
     main_rows = [
@@ -342,24 +339,11 @@ def _write_outputs(run_dir: Path, results, jap_rows, perturbations, clf, interps
     ]
     write_text(run_dir / "results.md", "\n".join(md))
 
-    (run_dir / "perturbations").mkdir(exist_ok=True)
-    from PIL import Image
-
-    from .io import atomic_path
-
     for tag, n in perturbations.items():
-        amp = (n / n.abs().max().clamp_min(1e-12) * 0.5 + 0.5).clamp(0, 1)
-        with atomic_path(run_dir / "perturbations" / f"{tag}.png") as tmp:
-            Image.fromarray((amp.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(
-                tmp, format="PNG"
-            )
-        save_tensors(
-            run_dir / "perturbations" / f"{tag}.safetensors",
-            {"perturbation": n},
-            {"norm": s.norm, "eps": s.eps},
-        )
+        method = tag.split("-")[0].lower() if not tag.startswith(("R-", "U-")) else "juap"
+        save_perturbation(run_dir / "perturbations" / tag, n, attack=method, norm=s.norm, eps=s.eps)
 
-    # Fig. 4-style grid on one test image the classifier gets right with a confident benign map.
+    # Fig. 4-style grid on the first held-out image.
     x = x_test[:1]
     rows = []
     with torch.no_grad():

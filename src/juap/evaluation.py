@@ -61,11 +61,21 @@ def evaluate(
     ):
         x_hat = perturb(x, y).detach()
         with torch.no_grad():
-            benign_logits, adv_logits = classifier(x), classifier(x_hat)
+            maps = {}
+            shared = next((n for n, it in interpreters.items() if it.classifier is classifier), None)
+            if shared is not None:  # its forward pass gives the logits and the maps of the predictions
+                benign_logits, bm = interpreters[shared].explain(x)
+                adv_logits, am = interpreters[shared].explain(x_hat)
+                maps[shared] = (bm, am)
+            else:
+                benign_logits, adv_logits = classifier(x), classifier(x_hat)
             preds.update_predictions(benign_logits, adv_logits, y, target)
             for name, interp in interpreters.items():
-                bm = interp(x, benign_logits.argmax(1))
-                am = interp(x_hat, adv_logits.argmax(1))
+                if name in maps:
+                    bm, am = maps[name]
+                else:
+                    bm = interp(x, benign_logits.argmax(1))
+                    am = interp(x_hat, adv_logits.argmax(1))
                 per_interp[name].update_maps(bm, am, seed=i)
     out = preds.summary()
     out["interpreters"] = {name: s.summary() for name, s in per_interp.items()}

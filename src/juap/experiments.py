@@ -100,6 +100,12 @@ def config_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def demo_classifier_path(cfg: TrainClassifierConfig, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where :func:`cached_demo_classifier` keeps the classifier trained with ``cfg``."""
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    return cache / "demo" / f"classifier-{cfg.classifier.name}-{config_hash(to_dict(cfg))}.safetensors"
+
+
 def cached_demo_classifier(
     cfg: TrainClassifierConfig, *, cache_dir: str | os.PathLike | None = None, progress: bool = True
 ) -> Tuple[Classifier, DataSplits, Dict[str, Any], bool]:
@@ -108,9 +114,7 @@ def cached_demo_classifier(
     Returns:
         (classifier, splits, metrics, was_cached).
     """
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    key = config_hash(to_dict(cfg))
-    ckpt = cache / "demo" / f"classifier-{cfg.classifier.name}-{key}.safetensors"
+    ckpt = demo_classifier_path(cfg, cache_dir)
     meta_path = ckpt.with_suffix(".json")
     splits = load_splits(cfg.data, augment_train=True, progress=progress)
     if ckpt.is_file() and meta_path.is_file():
@@ -281,7 +285,9 @@ def run_attack(cfg, run_dir: Path, *, progress: bool = True) -> Dict[str, Any]:
         val_loader = make_loader(val, batch_size=batch) if val is not None else None
         fit_kwargs = {"val_data": val_loader} if "val_data" in _fit_params(attack) else {}
         n_hat = attack.fit(train_loader, progress=progress, **fit_kwargs)
-        save_perturbation(run_dir, n_hat, cfg)
+        save_perturbation(
+            run_dir / "perturbation", n_hat, attack=cfg.attack.name, norm=cfg.attack.norm, eps=cfg.attack.eps
+        )
         if getattr(attack, "generator", None) is not None:
             from .io import save_tensors
 
@@ -323,8 +329,6 @@ def _fit_params(attack) -> set:
 
 def summarize(cfg, ev: Dict[str, Any], **extra: Any) -> Dict[str, Any]:
     """metrics.json: the attack's identity, its budget, and the figures on the test split."""
-    from .budget import perturbation_norm  # noqa: F401  (documented units: 0-255)
-
     params = cfg.attack.params
     main = cfg.interpreter.name or (cfg.evaluate.interpreters[0] if cfg.evaluate.interpreters else None)
     out: Dict[str, Any] = {
@@ -362,29 +366,27 @@ def summarize(cfg, ev: Dict[str, Any], **extra: Any) -> Dict[str, Any]:
     return out
 
 
-def save_perturbation(run_dir: Path, n_hat: torch.Tensor, cfg) -> None:
-    """``perturbation.safetensors`` (key ``perturbation``, (3, H, W), [0, 1] units) and an amplified PNG."""
+def save_perturbation(stem: Path, n_hat: torch.Tensor, *, attack: str, norm: str, eps: float) -> None:
+    """Write ``<stem>.safetensors`` (key ``perturbation``, (3, H, W), [0, 1] units) and an amplified PNG."""
     from PIL import Image
 
     from .budget import perturbation_norm
     from .io import atomic_path, save_tensors
 
+    stem = Path(stem)
     n_hat = n_hat.detach().cpu().float()
-    save_tensors(
-        run_dir / "perturbation.safetensors",
-        {"perturbation": n_hat},
-        {
-            "format": "juap.perturbation",
-            "attack": cfg.attack.name,
-            "norm": cfg.attack.norm,
-            "eps": cfg.attack.eps,
-            "shape": list(n_hat.shape),
-            "measured_norm": float(perturbation_norm(n_hat, cfg.attack.norm)),
-        },
-    )
+    meta = {
+        "format": "juap.perturbation",
+        "attack": attack,
+        "norm": norm,
+        "eps": eps,
+        "shape": list(n_hat.shape),
+        "measured_norm": float(perturbation_norm(n_hat, norm)),
+    }
+    save_tensors(stem.with_suffix(".safetensors"), {"perturbation": n_hat}, meta)
     amp = n_hat / n_hat.abs().max().clamp_min(1e-12) * 0.5 + 0.5  # amplified: 0 -> grey
     arr = (amp.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-    with atomic_path(run_dir / "perturbation.png") as tmp:
+    with atomic_path(stem.with_suffix(".png")) as tmp:
         Image.fromarray(arr).save(tmp, format="PNG")
 
 

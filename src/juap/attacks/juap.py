@@ -14,6 +14,7 @@ the best on held-out validation images, judged with the *unmodified* classifier 
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
@@ -35,7 +36,6 @@ from ..losses import (
     joint_loss,
     map_distance,
 )
-from ..metrics import MetricSums
 from .base import UniversalAttack, cycle_batches, first_images, iter_batches, rebind
 
 
@@ -113,8 +113,10 @@ class GeneratorUAP(UniversalAttack):
         if interpreter is not None and not isinstance(interpreter, Interpreter):
             raise ConfigError(f"interpreter must be a juap Interpreter, got {type(interpreter).__name__}")
         if type(interpreter).__name__ == "RTS" and getattr(interpreter, "checkpoint", None) is None:
-            raise ConfigError("the RTS interpreter is untrained: train it with `juap train-rts` and pass "
-                              "create_interpreter('rts', classifier, checkpoint=PATH)")
+            raise ConfigError(
+                "the RTS interpreter is untrained: train it with `juap train-rts` and pass "
+                "create_interpreter('rts', classifier, checkpoint=PATH)"
+            )
         if isinstance(generator, str):
             GENERATORS.get(generator)  # unknown names fail now, listing the known ones
         self.interpreter = interpreter
@@ -217,8 +219,9 @@ class GeneratorUAP(UniversalAttack):
             delta = self.delta if self.delta is not None else float("-inf")
             loss = joint_loss(fool, interp, lam=self.lam, delta=delta)
         if not torch.isfinite(loss):
-            raise NumericalError(f"{self.name}: the loss became {loss.item()} (parts: {parts}); lower lr or "
-                                 "check the inputs")
+            raise NumericalError(
+                f"{self.name}: the loss became {loss.item()} (parts: {parts}); lower lr or check the inputs"
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -246,20 +249,24 @@ class GeneratorUAP(UniversalAttack):
 
     def validate(self, n_hat: torch.Tensor, data, max_batches: int = 8) -> Dict[str, float]:
         """Fooling ratio (and L1/IoU of the unmodified interpreter) of ``n_hat`` on a few batches."""
-        sums = MetricSums()
-        for i, (x, y) in enumerate(iter_batches(data, batch_size=self.batch_size, device=self.device)):
-            if i >= max_batches:
-                break
-            with torch.no_grad():
-                x_hat = apply_perturbation(x, n_hat)
-                if self.interpreter is None:
-                    bl, al = self.classifier(x), self.classifier(x_hat)
-                else:
-                    bl, bm = self.interpreter.explain(x)
-                    al, am = self.interpreter.explain(x_hat)
-                    sums.update_maps(bm, am, seed=i)
-                sums.update_predictions(bl, al, y, self.target if self.objective == "targeted" else None)
-        return sums.summary()
+        from ..evaluation import evaluate
+
+        batches = list(
+            itertools.islice(iter_batches(data, batch_size=self.batch_size, device=self.device), max_batches)
+        )
+        interps = {"main": self.interpreter} if self.interpreter is not None else None
+        out = evaluate(
+            self.classifier,
+            n_hat,
+            batches,
+            interpreters=interps,
+            device=self.device,
+            target=self.target if self.objective == "targeted" else None,
+        )
+        return {
+            **{k: v for k, v in out.items() if k != "interpreters"},
+            **out["interpreters"].get("main", {}),
+        }
 
     def _score(self, val: Dict[str, float]) -> float:
         """Validation score: the fooling ratio (the target success rate when targeted); ``joint`` weighs it
