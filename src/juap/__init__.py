@@ -6,7 +6,7 @@ from .classifiers import Classifier, create_classifier, load_classifier, save_cl
 from .errors import CheckpointError, ConfigError, DataError, JuapError, WeightsUnavailableError
 from .evaluation import evaluate
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def list_classifiers() -> list[str]:

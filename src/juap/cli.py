@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
@@ -12,8 +13,11 @@ from typing import Callable, Dict, List
 from .errors import JuapError
 
 
-def _add_common(p: argparse.ArgumentParser, *, out: bool = True) -> None:
-    p.add_argument("--config", "-c", metavar="YAML", help="experiment config file (YAML)")
+def _add_common(
+    p: argparse.ArgumentParser, *, out: bool = True, resume: bool = False, config: bool = True
+) -> None:
+    if config:
+        p.add_argument("--config", "-c", metavar="YAML", help="experiment config file (YAML)")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -25,22 +29,59 @@ def _add_common(p: argparse.ArgumentParser, *, out: bool = True) -> None:
     if out:
         p.add_argument("--out", "-o", metavar="DIR", help="run folder (default: runs/<command>-<time>)")
         p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    if resume:
+        p.add_argument(
+            "--resume",
+            action="store_true",
+            help="continue the interrupted run in --out from its last checkpoint (same config; "
+            "without --config/--set its config.yaml is reused)",
+        )
+        p.add_argument("--checkpoint-every", type=int, metavar="N", help="save a checkpoint every N steps")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def cmd_train_classifier(args: argparse.Namespace) -> int:
-    from .config import TrainClassifierConfig, load_config
-    from .experiments import run_train_classifier
-    from .runs import failed_on_error, new_run_dir
+def _open_run(args: argparse.Namespace, cls: type, command: str):
+    """Load the config and open the run folder; ``--resume`` reopens it (reusing its ``config.yaml`` when
+    no --config/--set is given) and refuses a config other than the one the run started with."""
+    from pathlib import Path
 
-    cfg = load_config(TrainClassifierConfig, args.config, args.overrides)
-    run_dir = new_run_dir(args.out, command="train-classifier", overwrite=args.overwrite)
+    from .config import load_config, to_dict
+    from .runs import check_config, new_run_dir
+
+    _resume_options(args)  # checked before the run folder is made
+    source = args.config
+    if args.resume and args.out and not args.config and not args.overrides:
+        saved = Path(args.out) / "config.yaml"
+        source = saved if saved.is_file() else None
+    cfg = load_config(cls, source, args.overrides)
+    run_dir = new_run_dir(args.out, command=command, overwrite=args.overwrite, resume=args.resume)
+    check_config(run_dir, to_dict(cfg), resume=args.resume)
+    args.run_dir = run_dir  # for the "how to resume" message on an interruption
+    return cfg, run_dir
+
+
+def _resume_options(args: argparse.Namespace) -> dict:
+    from .errors import ConfigError
+
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        raise ConfigError(
+            f"--checkpoint-every {args.checkpoint_every} is out of range; give a number of steps >= 1"
+        )
+    return {"resume": args.resume, "checkpoint_every": args.checkpoint_every}
+
+
+def cmd_train_classifier(args: argparse.Namespace) -> int:
+    from .config import TrainClassifierConfig
+    from .experiments import run_train_classifier
+    from .runs import failed_on_error
+
+    cfg, run_dir = _open_run(args, TrainClassifierConfig, "train-classifier")
     print(
         f"Training {cfg.classifier.name} on {cfg.data.name} data ({cfg.train.epochs} epochs); "
         f"run folder: {run_dir}"
     )
     with failed_on_error(run_dir):
-        m = run_train_classifier(cfg, run_dir, progress=not args.no_progress)
+        m = run_train_classifier(cfg, run_dir, progress=not args.no_progress, **_resume_options(args))
     print(
         f"Test top-1 accuracy: {m['test_accuracy']:.2%} on {m['test_images']} images "
         f"(trained in {m['train_seconds']:.0f} s)"
@@ -90,19 +131,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train_rts(args: argparse.Namespace) -> int:
-    from .config import load_config
     from .rts_training import TrainRTSConfig, run_train_rts
-    from .runs import failed_on_error, new_run_dir
+    from .runs import failed_on_error
 
-    cfg = load_config(TrainRTSConfig, args.config, args.overrides)
-    run_dir = new_run_dir(args.out, command="train-rts", overwrite=args.overwrite)
+    cfg, run_dir = _open_run(args, TrainRTSConfig, "train-rts")
     print(
         f"Training the RTS saliency model for {cfg.classifier.weights} ({cfg.train.epochs} epochs); "
         f"run folder: {run_dir}"
     )
     t0 = time.perf_counter()
     with failed_on_error(run_dir):
-        m = run_train_rts(cfg, run_dir, progress=not args.no_progress)
+        m = run_train_rts(cfg, run_dir, progress=not args.no_progress, **_resume_options(args))
     point = m.get("pointing_top20")
     print(
         f"Done in {time.perf_counter() - t0:.0f} s; mean mask area {m['mean_mask_area']:.3f}"
@@ -135,16 +174,15 @@ def _print_attack_metrics(m: dict) -> None:
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
-    from .config import AttackRunConfig, load_config
+    from .config import AttackRunConfig
     from .experiments import run_attack
-    from .runs import failed_on_error, new_run_dir
+    from .runs import failed_on_error
 
-    cfg = load_config(AttackRunConfig, args.config, args.overrides)
-    run_dir = new_run_dir(args.out, command="attack", overwrite=args.overwrite)
+    cfg, run_dir = _open_run(args, AttackRunConfig, "attack")
     what = cfg.attack.name + (f" against {cfg.interpreter.name}" if cfg.interpreter.name else "")
     print(f"Running {what} on {cfg.classifier.name}; run folder: {run_dir}")
     with failed_on_error(run_dir):
-        m = run_attack(cfg, run_dir, progress=not args.no_progress)
+        m = run_attack(cfg, run_dir, progress=not args.no_progress, **_resume_options(args))
     _print_attack_metrics(m)
     print(
         f"Wrote {run_dir}/metrics.json, config.yaml"
@@ -168,12 +206,89 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from .grid import dry_run_experiment, load_experiment, parse_shard, plan, run_grid, write_results
+    from .runs import failed_on_error, finish_run, open_grid_dir
+
+    exp = load_experiment(args.experiment, args.overrides)
+    shard = parse_shard(args.shard)
+    cells = plan(exp)
+    if args.list:
+        for k, cell in enumerate(cells):
+            mark = "*" if k % shard[1] == shard[0] - 1 else " "
+            print(f"{mark} {cell.id}  {cell.describe()}")
+        print(f"{len(cells)} cells; * = in shard {shard[0]}/{shard[1]}")
+        return 0
+    if args.dry_run:
+        with tempfile.TemporaryDirectory(prefix="juap-dry-run-") as tmp:
+            tiny = dry_run_experiment(exp, Path(tmp))
+            print(f"Dry run of {exp.name}: {len(cells)} cells, one step each on tiny embedded data ...")
+            res = run_grid(tiny, Path(tmp) / "run", shard=shard, progress=False, say=print)
+            write_results(tiny, Path(tmp) / "run", res)
+        print(f"Dry run passed: {res['ran']} cells built, trained one step and evaluated.")
+        return 0
+    out = args.out or Path("runs") / exp.name
+    run_dir = open_grid_dir(out, experiment=exp.name, overwrite=args.overwrite)
+    print(
+        f"juap run {exp.name}: {len(cells)} cells"
+        + (f", shard {shard[0]}/{shard[1]}" if shard[1] > 1 else "")
+        + f"; run folder: {run_dir} (finished cells are reused: run again to continue)"
+    )
+    t0 = time.perf_counter()
+    args.rerun_hint = f"juap run {args.experiment} --out {run_dir}"  # printed if interrupted
+    with failed_on_error(run_dir):
+        res = run_grid(
+            exp,
+            run_dir,
+            shard=shard,
+            merge=[Path(m) for m in args.merge],
+            cache_dir=args.cache_dir,
+            progress=not args.no_progress,
+            say=print,
+        )
+        write_results(exp, run_dir, res)
+    from .config import to_dict
+
+    summary = {k: v for k, v in res.items() if k != "rows"}
+    done = res["complete"] == res["cells"]
+    finish_run(run_dir, config=to_dict(exp), metrics={**summary, "rows": res["rows"]}, complete=done)
+    print(
+        f"{res['complete']} of {res['cells']} cells finished ({res['ran']} run now, "
+        f"{time.perf_counter() - t0:.0f} s). Tables: {run_dir}/results.md, results.csv, transfer.csv"
+    )
+    return 0
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .detection import DetectConfig, run_detect
+    from .runs import failed_on_error, new_run_dir
+
+    cfg = load_config(DetectConfig, args.config, args.overrides)
+    run_dir = new_run_dir(args.out, command="detect", overwrite=args.overwrite)
+    print(f"Detecting {len(args.perturbation)} perturbation(s) from their maps; run folder: {run_dir}")
+    with failed_on_error(run_dir):
+        m = run_detect(cfg, args.perturbation, run_dir, progress=not args.no_progress, say=print)
+    print(
+        f"{m['train_images']} images trained the detectors, {m['test_images']} held-out images evaluated "
+        f"them ({m['seconds']:.0f} s):\n"
+    )
+    print(m["markdown"])
+    print(f"\nWrote {run_dir}/detection.md, detection.csv, roc.png, fig1.png, metrics.json")
+    return 0
+
+
 COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
     "attack": cmd_attack,
     "evaluate": cmd_evaluate,
     "train-classifier": cmd_train_classifier,
     "demo": cmd_demo,
     "train-rts": cmd_train_rts,
+    "detect": cmd_detect,
+    "run": cmd_run,
 }
 
 
@@ -199,21 +314,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train or fine-tune a registered classifier with random-crop + flip "
         "augmentation; report top-1 accuracy on the test split.",
     )
-    _add_common(p)
+    _add_common(p, resume=True)
     p = sub.add_parser(
         "train-rts",
         help="train the RTS saliency model for a classifier checkpoint",
         description="Train a real-time saliency (RTS) masking model (eq 12) that explains a trained "
         "classifier; needs --set classifier.weights=CHECKPOINT.",
     )
-    _add_common(p)
+    _add_common(p, resume=True)
     p = sub.add_parser(
         "attack",
         help="learn a perturbation (JUAP, GUAP, UAP, ...) or run a per-image attack",
         description="Fit an attack on the train split, evaluate it on the test split against "
         "every interpreter, and save the perturbation, generator and metrics.",
     )
-    _add_common(p)
+    _add_common(p, resume=True)
     p = sub.add_parser(
         "evaluate",
         help="evaluate a saved perturbation on a data set",
@@ -221,6 +336,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--perturbation", "-p", required=True, metavar="FILE", help="perturbation.safetensors")
     _add_common(p)
+    p = sub.add_parser(
+        "detect",
+        help="how well attribution maps reveal saved perturbations (AUROC, TPR at 5%% FPR)",
+        description="Measure how well an inspector of attribution maps separates benign from adversarial "
+        "test images for each perturbation and interpreter: the reference inspector (sees I(x) and "
+        "I(x_hat)) and a deployable logistic-regression detector (sees only the input's own map), trained "
+        "on half of the images and tested on the other half, in-distribution and cross-attack.",
+    )
+    p.add_argument(
+        "--perturbation",
+        "-p",
+        action="append",
+        required=True,
+        metavar="[NAME=]FILE",
+        help="perturbation.safetensors, optionally named (default: its attack); repeatable",
+    )
+    _add_common(p)
+    p = sub.add_parser(
+        "run",
+        help="run a grid of attacks from an experiment file and write the paper's tables",
+        description="Cross the grid of an experiment file (attacks x generators x interpreters x budgets "
+        "x objectives x classifiers x variants), run every cell not finished yet into OUT/cells/, and "
+        "write results.md, results.csv and transfer.csv. Run it again to continue an interrupted grid.",
+    )
+    p.add_argument("experiment", metavar="EXPERIMENT.yaml", help="experiment file (see configs/)")
+    _add_common(p, config=False)
+    p.add_argument(
+        "--shard", metavar="I/N", help="run only every N-th cell, starting at the I-th (1 <= I <= N)"
+    )
+    p.add_argument(
+        "--merge", action="append", default=[], metavar="DIR",
+        help="also take finished cells from another run folder of this experiment (repeatable)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="run every cell one step on tiny data, then stop")
+    p.add_argument("--list", action="store_true", help="list the cells and stop")
+    p.add_argument("--cache-dir", metavar="DIR", help="cache folder (default: $JUAP_CACHE or ~/.cache/juap)")
     return parser
 
 
@@ -237,15 +388,66 @@ def main(argv: List[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return COMMANDS[args.command](args)
+        with _sigterm_as_interrupt():
+            return _run_command(args)
     except JuapError as e:
         if args.verbose:
             raise
         print(f"juap {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"juap {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM; a training loop saved a checkpoint first
+        print(f"juap {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        if getattr(args, "rerun_hint", None):  # juap run: finished cells are kept, the rest resume
+            print(f"To continue, run again: {args.rerun_hint}", file=sys.stderr)
+        elif getattr(args, "run_dir", None) is not None and hasattr(args, "resume"):
+            print(f"To continue, run: juap {args.command} --out {args.run_dir} --resume", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (e.g. a scheduler's stop) behaves like Ctrl-C: a clean exit with a message, not a kill."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt("stopped by SIGTERM")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+# Commands that run data-parallel under torchrun (juap.distributed); the others refuse a multi-process launch.
+DATA_PARALLEL = ("attack", "evaluate", "run")
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """Run one command, joining torchrun's process group when launched by it: then only rank 0 prints,
+    shows progress bars and writes files; every rank reports its own errors."""
+    import contextlib
+    import os
+
+    from . import distributed
+
+    distributed.init_from_env()
+    try:
+        if distributed.world_size() > 1 and args.command not in DATA_PARALLEL:
+            distributed.refuse_multi_process(args.command)
+        if distributed.is_main():
+            return COMMANDS[args.command](args)
+        args.no_progress = True
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return COMMANDS[args.command](args)
+    finally:
+        distributed.cleanup()
 
 
 if __name__ == "__main__":

@@ -99,9 +99,12 @@ def run_demo(
         f"[3/5] Universal attacks at {settings.norm} eps={settings.eps:g} (0-255 units), "
         f"{n_tr} training / {n_te} test images; cells already in the cache are reused ..."
     )
-    key_base = {
+    from . import __version__
+
+    key_base = {  # a cached cell is reused only for the same models, settings and juap version
+        "juap": __version__,
         "classifier": config_hash(to_dict(ccfg)),
-        "rts": rts_path.name,
+        "rts": rts_path.parent.name,
         "settings": dataclasses.asdict(settings),
     }
     cells = _universal_cells(settings)
@@ -152,6 +155,11 @@ def run_demo(
 
     say("[5/5] Writing tables and figures ...")
     _write_outputs(run_dir, results, jap_rows, perturbations, clf, interps, x_test, splits.classes, settings)
+    from .detection import demo_detection  # appends the Detection section to results.md
+
+    detection = demo_detection(
+        run_dir, interps, perturbations, x_test, class_names=splits.classes, seed=settings.seed, say=say
+    )
     total = time.perf_counter() - t_start
     metrics = {
         "classifier": {**clf_metrics, "cached": cached},
@@ -159,6 +167,7 @@ def run_demo(
         "settings": dataclasses.asdict(settings),
         "universal": results,
         "image_dependent": jap_rows,
+        "detection": detection,
         "demo_seconds": round(total, 1),
     }
     write_json(run_dir / "metrics.json", metrics)
@@ -226,14 +235,18 @@ def _cached_rts(ccfg: TrainClassifierConfig, s: DemoSettings, cache: Path, progr
         seed=s.seed,
         device=ccfg.device,
     )
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        import shutil
+    import shutil
+    import tempfile
 
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # A private temporary folder: two runs training at once (e.g. two shards) never clobber each other.
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", suffix=".tmp", dir=folder.parent))
     metrics = run_train_rts(cfg, tmp, progress=progress)
-    tmp.rename(folder)
+    try:
+        tmp.rename(folder)
+    except OSError:  # another run finished first: keep its model
+        shutil.rmtree(tmp, ignore_errors=True)
+        return ckpt, json.loads((folder / "metrics.json").read_text()), True
     return ckpt, metrics, False
 
 

@@ -11,6 +11,7 @@ from typing import Callable, Dict, Mapping, Optional
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .attacks.base import Attack, PerImageAttack, UniversalAttack, iter_batches
 from .budget import apply_perturbation, perturbation_norm
 from .classifiers.base import Classifier
@@ -41,24 +42,28 @@ def evaluate(
             table comes from passing every interpreter, not only the one the attack was trained with.
         target: the target class of a targeted attack (for the target success rate).
 
+    Under torchrun every rank passes the same ``data``; each computes its contiguous slice of every batch
+    and the sums and counts are all-reduced, so every rank returns the metrics of the whole data (each
+    image counted once, the random-map floor drawn as in one process).
+
     Returns:
         ``{"fooling_ratio", "clean_accuracy", "adversarial_accuracy", ..., "interpreters": {name: {...}}}``.
     """
     classifier.eval()
+    distributed.check_same_across_ranks(classifier, "classifier")
     device = device or next(classifier.parameters()).device
     if isinstance(interpreters, Interpreter):
         interpreters = {getattr(interpreters, "name", type(interpreters).__name__.lower()): interpreters}
     interpreters = dict(interpreters or {})
     perturb = _perturb_fn(attack, device)
     preds, per_interp = MetricSums(), {name: MetricSums() for name in interpreters}
-    for i, (x, y) in enumerate(
-        tqdm(
-            iter_batches(data, batch_size=batch_size, device=device),
-            desc="evaluate",
-            disable=not progress,
-            leave=False,
-        )
+    batches = iter_batches(data, batch_size=batch_size, device=device)
+    progress = progress and distributed.is_main()
+    for i, (x, y, start, n_global) in enumerate(
+        tqdm(distributed.local_batches(batches), desc="evaluate", disable=not progress, leave=False)
     ):
+        if len(x) == 0:  # this rank's slice of a batch smaller than the number of ranks
+            continue
         x_hat = perturb(x, y).detach()
         with torch.no_grad():
             maps = {}
@@ -76,7 +81,9 @@ def evaluate(
                 else:
                     bm = interp(x, benign_logits.argmax(1))
                     am = interp(x_hat, adv_logits.argmax(1))
-                per_interp[name].update_maps(bm, am, seed=i)
+                per_interp[name].update_maps(bm, am, seed=i, part=(start, n_global))
+    for sums in (preds, *per_interp.values()):
+        sums.all_reduce()
     out = preds.summary()
     out["interpreters"] = {name: s.summary() for name, s in per_interp.items()}
     if isinstance(attack, torch.Tensor) or isinstance(attack, UniversalAttack):

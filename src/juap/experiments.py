@@ -12,6 +12,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from . import distributed
 from .classifiers import Classifier, create_classifier, load_classifier, save_classifier
 from .config import ClassifierConfig, TrainClassifierConfig, to_dict
 from .data import (
@@ -48,9 +49,17 @@ def build_classifier(cfg: ClassifierConfig, *, num_classes: int | None = None) -
 
 
 def run_train_classifier(
-    cfg: TrainClassifierConfig, run_dir: Path, *, progress: bool = True
+    cfg: TrainClassifierConfig,
+    run_dir: Path,
+    *,
+    progress: bool = True,
+    resume: bool = False,
+    checkpoint_every: Optional[int] = None,
 ) -> Dict[str, Any]:
-    """``juap train-classifier``: train on the train split, report top-1 on the test split, save all."""
+    """``juap train-classifier``: train on the train split, report top-1 on the test split, save all.
+
+    Training checkpoints into ``run_dir`` every ``checkpoint_every`` steps; ``resume`` continues from there.
+    """
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     splits = load_splits(cfg.data, augment_train=True, progress=progress)
@@ -64,7 +73,8 @@ def run_train_classifier(
             f"({splits.classes}); set classifier.num_classes={splits.num_classes} and "
             "classifier.reset_head=true to fine-tune a new head"
         )
-    metrics = _train_and_measure(clf, splits, cfg, device=device, progress=progress)
+    ckpt = {"checkpoint_dir": run_dir, "checkpoint_every": checkpoint_every, "resume": resume}
+    metrics = _train_and_measure(clf, splits, cfg, device=device, progress=progress, **ckpt)
     save_classifier(clf, run_dir / "classifier.safetensors", classes=splits.classes)
     metrics.update(
         classifier=cfg.classifier.name, classes=splits.classes, data=cfg.data.name, data_root=splits.root
@@ -74,7 +84,13 @@ def run_train_classifier(
 
 
 def _train_and_measure(
-    clf: Classifier, splits: DataSplits, cfg: TrainClassifierConfig, *, device: torch.device, progress: bool
+    clf: Classifier,
+    splits: DataSplits,
+    cfg: TrainClassifierConfig,
+    *,
+    device: torch.device,
+    progress: bool,
+    **checkpoints: Any,
 ) -> Dict[str, Any]:
     in_memory = cfg.data.in_memory if cfg.data.in_memory is not None else cfg.data.name == "synthetic"
     if in_memory:  # decode once, augment per batch (random crop + flip) on tensors
@@ -93,7 +109,9 @@ def _train_and_measure(
             drop_last=True,
         )
     test_loader = make_loader(splits.test, batch_size=256, num_workers=cfg.data.num_workers)
-    return train_classifier(clf, train_loader, test_loader, cfg.train, device=device, progress=progress)
+    return train_classifier(
+        clf, train_loader, test_loader, cfg.train, device=device, progress=progress, **checkpoints
+    )
 
 
 def config_hash(obj: Any) -> str:
@@ -174,7 +192,15 @@ def attack_param_names(cls: type) -> set:
         for p in inspect.signature(init).parameters.values():
             if p.kind == p.KEYWORD_ONLY:
                 names.add(p.name)
-    return names
+    return names - set(getattr(cls, "fixed_params", ()))
+
+
+def takes_interpreter(cls: type) -> bool:
+    """Whether an attack class uses an interpreter (JUAP, JAP), judged by its own constructor: GUAP
+    inherits the argument from the JUAP loop but drops it."""
+    import inspect
+
+    return "interpreter" in inspect.signature(cls.__init__).parameters
 
 
 def build_attack(cfg, classifier: Classifier, interpreter, *, device=None):
@@ -195,7 +221,7 @@ def build_attack(cfg, classifier: Classifier, interpreter, *, device=None):
                 f"Known: {', '.join(sorted(allowed))}"
             )
     kwargs = dict(cfg.params, classifier=classifier, norm=cfg.norm, eps=cfg.eps, device=device)
-    if "interpreter" in attack_param_names(cls):
+    if takes_interpreter(cls):
         kwargs["interpreter"] = interpreter
     elif interpreter is not None:
         raise ConfigError(
@@ -233,7 +259,8 @@ def attack_data(cfg, *, progress: bool):
     """Splits for an attack: train (minus a held-out validation part) and test."""
     from torch.utils.data import Subset
 
-    splits = load_splits(cfg.data, progress=progress)
+    with distributed.main_first():  # under torchrun, rank 0 fills the data cache, then the others read it
+        splits = load_splits(cfg.data, progress=progress)
     n_train = len(splits.train)
     n_val = max(1, int(round(cfg.attack.val_fraction * n_train))) if cfg.attack.val_fraction > 0 else 0
     # Split indices are sorted (hence grouped by class folder): hold out a seeded random part.
@@ -258,15 +285,22 @@ def _check_classes(clf: Classifier, splits: DataSplits) -> None:
         )
 
 
-def run_attack(cfg, run_dir: Path, *, progress: bool = True) -> Dict[str, Any]:
-    """``juap attack``: fit on the train split, evaluate on the test split, save the artifacts."""
+def run_attack(
+    cfg, run_dir: Path, *, progress: bool = True, resume: bool = False, checkpoint_every: Optional[int] = None
+) -> Dict[str, Any]:
+    """``juap attack``: fit on the train split, evaluate on the test split, save the artifacts.
+
+    An attack whose ``fit`` checkpoints (JUAP, GUAP) writes ``checkpoint.safetensors`` into ``run_dir``
+    every ``checkpoint_every`` steps (default: its ``eval_every``); ``resume`` continues from it.
+    """
     from .attacks.base import UniversalAttack
     from .evaluation import evaluate
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same on every rank: models built below agree (random weights too)
     device = resolve_device(cfg.device)
     splits, train, val, test = attack_data(cfg, progress=progress)
-    save_split(run_dir / "split.json", splits.split)
+    if distributed.is_main():  # under torchrun only rank 0 writes files
+        save_split(run_dir / "split.json", splits.split)
     clf = build_classifier(cfg.classifier, num_classes=splits.num_classes).to(device)
     _check_classes(clf, splits)
     interp = build_interpreter(
@@ -274,6 +308,8 @@ def run_attack(cfg, run_dir: Path, *, progress: bool = True) -> Dict[str, Any]:
     )
     interp = interp.to(device) if interp is not None else None
     attack = build_attack(cfg.attack, clf, interp, device=device)
+    if distributed.world_size() > 1:  # per-rank RNG from here (per-image random starts differ by rank)
+        torch.manual_seed(distributed.rank_seed(cfg.seed))
     batch = getattr(attack, "batch_size", 30)
     t0 = time.perf_counter()
     fit_info: Dict[str, Any] = {}
@@ -284,11 +320,13 @@ def run_attack(cfg, run_dir: Path, *, progress: bool = True) -> Dict[str, Any]:
         train_loader = make_loader(train, batch_size=batch, shuffle=True, seed=cfg.seed, drop_last=drop_last)
         val_loader = make_loader(val, batch_size=batch) if val is not None else None
         fit_kwargs = {"val_data": val_loader} if "val_data" in _fit_params(attack) else {}
+        if "checkpoint_dir" in _fit_params(attack):
+            fit_kwargs.update(checkpoint_dir=run_dir, checkpoint_every=checkpoint_every, resume=resume)
         n_hat = attack.fit(train_loader, progress=progress, **fit_kwargs)
         save_perturbation(
             run_dir / "perturbation", n_hat, attack=cfg.attack.name, norm=cfg.attack.norm, eps=cfg.attack.eps
         )
-        if getattr(attack, "generator", None) is not None:
+        if getattr(attack, "generator", None) is not None and distributed.is_main():
             from .io import save_tensors
 
             save_tensors(
@@ -367,7 +405,12 @@ def summarize(cfg, ev: Dict[str, Any], **extra: Any) -> Dict[str, Any]:
 
 
 def save_perturbation(stem: Path, n_hat: torch.Tensor, *, attack: str, norm: str, eps: float) -> None:
-    """Write ``<stem>.safetensors`` (key ``perturbation``, (3, H, W), [0, 1] units) and an amplified PNG."""
+    """Write ``<stem>.safetensors`` (key ``perturbation``, (3, H, W), [0, 1] units) and an amplified PNG.
+
+    Under torchrun only rank 0 writes.
+    """
+    if not distributed.is_main():
+        return
     from PIL import Image
 
     from .budget import perturbation_norm
@@ -409,6 +452,7 @@ def run_evaluate(cfg, perturbation: str, run_dir: Path, *, progress: bool = True
     from .errors import ConfigError
     from .evaluation import evaluate
 
+    torch.manual_seed(cfg.seed)  # a classifier without weights is the same random one on every rank
     device = resolve_device(cfg.device)
     n_hat = load_perturbation(perturbation)
     splits, _, _, test = attack_data(cfg, progress=progress)

@@ -7,21 +7,26 @@ flushed and fsynced, then renamed over the final name.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import pickle
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, Mapping, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Tuple
 
 import torch
 import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from .errors import CheckpointError
+from .errors import CheckpointError, JuapError
 
 PathLike = str | os.PathLike
+
+
+class DiskFullError(JuapError, OSError):
+    """A file could not be written for lack of space; nothing half-written was left behind."""
 
 
 @contextlib.contextmanager
@@ -31,18 +36,70 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     On any error the temporary file is removed, so no half-written file remains.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    except OSError as e:
+        _raise_if_full(e, path)
+        raise
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as e:
         tmp_path.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            _raise_if_full(e, path)
         raise
+    _fsync_dir(path.parent)
+
+
+TMP_SUFFIX = ".tmp"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_FULL = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EFBIG: "the file size limit was reached",
+}
+
+
+def _raise_if_full(e: OSError, path: Path) -> None:
+    """Turn "no space left" (and quota / file-size limits) into a DiskFullError naming the file."""
+    if e.errno in _FULL:
+        raise DiskFullError(
+            f"could not write {path}: {_FULL[e.errno]} ({e.strerror}); nothing was written (the partial "
+            "temporary file was removed and any earlier version of the file is unchanged). Free some "
+            "space, then run the command again (with --resume to continue from the last checkpoint)"
+        ) from e
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (best effort: not every platform can open a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(folder: PathLike) -> List[Path]:
+    """Delete the temporary files a killed process left in ``folder`` (``.NAME.XXXX.tmp``); returns them."""
+    gone = []
+    for p in Path(folder).rglob(f".*{TMP_SUFFIX}"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone
 
 
 def write_bytes(path: PathLike, data: bytes) -> Path:

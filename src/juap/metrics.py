@@ -7,10 +7,11 @@ Every figure is a ratio of sums kept in :class:`MetricSums`, so shards and ranks
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
+from . import distributed
 from .interpreters.base import normalize_maps
 
 IOU_KS = (10, 20, 30, 40, 50)
@@ -52,6 +53,11 @@ class MetricSums:
             self.add(k, v)
         return self
 
+    def all_reduce(self) -> MetricSums:
+        """Add the sums of every torchrun rank (in place; every rank then holds the totals)."""
+        self.sums = distributed.all_reduce_sums(self.sums)
+        return self
+
     @torch.no_grad()
     def update_predictions(
         self,
@@ -75,14 +81,31 @@ class MetricSums:
             self.add("hit_target_of_not_target", ((pa == target) & (pb != target)).sum())
 
     @torch.no_grad()
-    def update_maps(self, benign_maps: torch.Tensor, adv_maps: torch.Tensor, *, seed: int = 0) -> None:
-        """L1 (eq 19) and top-k IoU (eq 20) of one batch of maps, and the random-map IoU floor."""
+    def update_maps(
+        self,
+        benign_maps: torch.Tensor,
+        adv_maps: torch.Tensor,
+        *,
+        seed: int = 0,
+        part: Optional[Tuple[int, int]] = None,
+    ) -> None:
+        """L1 (eq 19) and top-k IoU (eq 20) of one batch of maps, and the random-map IoU floor.
+
+        Args:
+            seed: seeds the two random maps of the floor.
+            part: ``(start, n_global)`` when these maps are rows ``start:start+N`` of a global batch split
+                over ranks: the random maps are drawn for the global batch and the same rows kept, so the
+                floor does not depend on the number of ranks.
+        """
         benign_maps, adv_maps = benign_maps.float(), adv_maps.float()
         self.add("n_maps", len(benign_maps))
         self.add("l1", l1_distance(adv_maps, benign_maps).sum())
+        start, total = part if part is not None else (0, len(benign_maps))
+        shape = (total,) + tuple(benign_maps.shape[1:])
+        rows = slice(start, start + len(benign_maps))
         g = torch.Generator().manual_seed(seed)
-        r1 = torch.rand(benign_maps.shape, generator=g).to(benign_maps.device)
-        r2 = torch.rand(benign_maps.shape, generator=g).to(benign_maps.device)
+        r1 = torch.rand(shape, generator=g)[rows].to(benign_maps.device)
+        r2 = torch.rand(shape, generator=g)[rows].to(benign_maps.device)
         for k in IOU_KS:
             self.add(f"iou@{k}", iou_topk(adv_maps, benign_maps, k).sum())
             self.add(f"random_iou@{k}", iou_topk(r1, r2, k).sum())

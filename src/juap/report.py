@@ -117,3 +117,96 @@ def bar_chart(
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=130, format="png")
     plt.close(fig)
+
+
+def roc_grid(
+    path: str | os.PathLike,
+    panels: Mapping[str, Mapping[str, Mapping[str, Sequence]]],
+    *,
+    aurocs: Optional[Mapping[tuple, float]] = None,
+    title: str = "ROC curves: benign vs adversarial, per interpreter (rows) and detector (columns)",
+) -> None:
+    """ROC curves in a grid: one row per interpreter, one column per detector, one line per attack.
+
+    Args:
+        panels: ``{interpreter: {detector: {attack: (fpr, tpr)}}}`` (1-D tensors or sequences).
+        aurocs: ``{(interpreter, detector, attack): auroc}`` for the legends.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(panels)
+    cols: List[str] = []
+    for r in rows:
+        cols += [d for d in panels[r] if d not in cols]
+    fig, axes = plt.subplots(
+        max(len(rows), 1),
+        max(len(cols), 1),
+        figsize=(2.3 * max(len(cols), 1), 2.3 * max(len(rows), 1) + 0.4),
+        squeeze=False,
+    )
+    for i, interp in enumerate(rows):
+        for j, det in enumerate(cols):
+            ax = axes[i][j]
+            ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
+            for attack, (fpr, tpr) in panels[interp].get(det, {}).items():
+                auc = (aurocs or {}).get((interp, det, attack))
+                label = attack + (f" {auc:.2f}" if auc is not None else "")
+                ax.step([float(v) for v in fpr], [float(v) for v in tpr], where="post", lw=1.2, label=label)
+            ax.set_xlim(0, 1)
+            ax.set_ylim(0, 1.02)
+            ax.tick_params(labelsize=6)
+            ax.legend(fontsize=5.5, loc="lower right")
+            if i == 0:
+                ax.set_title(det, fontsize=7)
+            if j == 0:
+                ax.set_ylabel(f"{interp}\nTPR", fontsize=7)
+            if i == len(rows) - 1:
+                ax.set_xlabel("FPR", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def map_panels(path: str | os.PathLike, rows: Sequence[Mapping], *, title: str = "") -> None:
+    """A grid of images with their maps overlaid (Fig. 1 style): one row per entry of ``rows``.
+
+    Args:
+        rows: dicts with ``label`` and ``panels``, a list of ``(image (3, H, W), map (h, w) or None,
+            caption)``; maps are min-max normalised and upsampled to the image.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ncol = max((len(r["panels"]) for r in rows), default=1)
+    fig, axes = plt.subplots(
+        max(len(rows), 1), ncol, figsize=(1.8 * ncol, 1.85 * max(len(rows), 1) + 0.4), squeeze=False
+    )
+    for r, row in enumerate(rows):
+        for c in range(ncol):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(row["panels"]):
+                ax.axis("off")
+                continue
+            img, heat, caption = row["panels"][c]
+            ax.imshow(_rgb(img))
+            if heat is not None:
+                hm = upsample_maps(normalize_maps(heat[None].float()), img.shape[-2:])[0].cpu().numpy()
+                ax.imshow(hm, cmap="jet", alpha=0.5, vmin=0, vmax=1)
+            ax.set_title(caption, fontsize=7)
+            if c == 0:
+                ax.set_ylabel(row["label"], fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)

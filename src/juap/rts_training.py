@@ -170,7 +170,16 @@ def pointing_game(
 
 # -- training ----------------------------------------------------------------------------------------
 def train_rts(
-    rts: RTS, train_loader: DataLoader, cfg: RTSTrainConfig, *, device: torch.device, progress: bool = True
+    rts: RTS,
+    train_loader: DataLoader,
+    cfg: RTSTrainConfig,
+    *,
+    device: torch.device,
+    progress: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+    max_rollbacks: int = 3,
 ) -> Dict[str, Any]:
     """Train the masking model in place with Adam on eq 12; the classifier and encoder stay frozen.
 
@@ -181,11 +190,28 @@ def train_rts(
         cfg: epochs, learning rate, eq-12 weights, fake-label share and time bound.
         device: where to train.
         progress: show a tqdm bar with the live loss.
+        checkpoint_dir: folder for ``checkpoint.safetensors`` (masking model, Adam, schedule, data
+            position, RNG states, loss history), written every ``checkpoint_every`` steps (default: every
+            epoch or 200 steps, whichever is sooner), at the end and on SIGINT/SIGTERM.
+        resume: continue from the checkpoint in ``checkpoint_dir``.
+        max_rollbacks: NaN/Inf losses rolled back to the last good state with the lr halved before a
+            NumericalError.
 
     Returns:
         Metrics: ``train_loss`` (loss parts, mean over the last epoch), ``first_loss`` (first epoch),
         ``train_seconds``, ``steps``, ``epochs_done``, ``stopped_early`` (time bound reached).
     """
+    from .checkpoint import (
+        LoopCheckpoints,
+        ResumableLoader,
+        cpu_copy,
+        lower_lr,
+        lr_settings,
+        rng_states,
+        set_rng_states,
+    )
+    from .errors import NumericalError
+
     rts.to(device).train()
     params = rts.trainable_parameters()
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -193,16 +219,66 @@ def train_rts(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps_total, eta_min=cfg.lr * 0.05)
     gen = torch.Generator().manual_seed(int(torch.initial_seed()) % (2**31))
     kwargs = cfg.loss_kwargs()
-    t0 = time.perf_counter()
-    deadline = t0 + 60.0 * cfg.max_minutes
-    bar = tqdm(total=steps_total, desc="train-rts", disable=not progress, dynamic_ncols=True)
+    ckpt = LoopCheckpoints(
+        checkpoint_dir,
+        every=checkpoint_every or min(200, max(1, len(train_loader))),
+        kind="train-rts",
+        resume=resume,
+        max_rollbacks=max_rollbacks,
+    )
+    state = ckpt.resume_state()
+    loader = ResumableLoader(train_loader, state and state["data"])
+    c: Dict[str, Any] = {"steps": 0, "epoch": 0, "epochs_done": 0, "seen": 0, "seconds": 0.0}
+    sums = {k: 0.0 for k in LOSS_PARTS}
     history: list[Dict[str, float]] = []
-    steps = epochs_done = 0
+    trained = _trainable_names(rts)
+
+    def snapshot() -> Dict[str, Any]:
+        return {
+            **c,
+            "step": c["steps"],
+            "sums": sums,
+            "history": history,
+            "model": {k: v for k, v in rts.state_dict().items() if k in trained},
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "fake_labels": gen.get_state(),
+            "data": loader.position(),
+            "rng": rng_states(),
+        }
+
+    def load(s: Dict[str, Any]) -> None:
+        try:
+            rts.load_state_dict(s["model"], strict=False)
+            opt.load_state_dict(s["optimizer"])
+            sched.load_state_dict(s["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"the checkpoint does not fit this RTS model: {e}") from None
+        gen.set_state(s["fake_labels"])
+
+    if state is not None:
+        if set(state["model"]) != set(trained):
+            raise CheckpointError(
+                "the checkpoint is of another RTS model (other layers); resume with the same config"
+            )
+        load(state)
+        c.update({k: state[k] for k in c})
+        sums.update(state["sums"])
+        history[:] = state["history"]
+        set_rng_states(state["rng"])
+    else:
+        ckpt.remember(snapshot())
+    t0 = time.perf_counter() - c["seconds"]
+    deadline = time.perf_counter() + 60.0 * cfg.max_minutes - c["seconds"]
+    bar = tqdm(
+        total=steps_total, initial=c["steps"], desc="train-rts", disable=not progress, dynamic_ncols=True
+    )
     stopped = False
-    for epoch in range(cfg.epochs):
-        sums = {k: 0.0 for k in LOSS_PARTS}
-        seen = 0
-        for x, y, _n_skip in train_loader:
+    for epoch in ckpt.steps(range(c["epoch"], cfg.epochs)):
+        if epoch != c["epoch"]:
+            c.update(epoch=epoch, seen=0)
+            sums.update({k: 0.0 for k in LOSS_PARTS})
+        for x, y, _n_skip in loader:
             if time.perf_counter() > deadline:
                 stopped = True
                 break
@@ -216,22 +292,29 @@ def train_rts(
             classes, real = _with_fake_labels(y, rts.classifier.num_classes, cfg.fake_label_prob, gen)
             masks = rts(x, classes)  # (N, H/4, W/4)
             loss, parts = rts_loss(rts.classifier, x, masks, classes, real=real, **kwargs)
+            if not torch.isfinite(loss):
+                lrs = lr_settings(opt, sched)
+                load(cpu_copy(ckpt.roll_back(NumericalError(f"train-rts: the loss became {loss.item()}"))))
+                lower_lr(opt, lrs, ckpt.lr_factor, sched)
+                continue
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            steps += 1
+            c["steps"] += 1
             for k in LOSS_PARTS:
                 sums[k] += float(parts[k]) * len(y)
-            seen += len(y)
+            c["seen"] += len(y)
             bar.set_postfix(
                 epoch=f"{epoch + 1}/{cfg.epochs}",
                 loss=f"{float(parts['total']):.3f}",
                 area=f"{float(parts['area']):.3f}",
             )
             bar.update(1)
-        if seen:
-            history.append({k: sums[k] / seen for k in LOSS_PARTS})
+            c["seconds"] = time.perf_counter() - t0
+            ckpt.step_end(c["steps"], snapshot, last=c["steps"] == steps_total)
+        if c["seen"]:
+            history.append({k: sums[k] / c["seen"] for k in LOSS_PARTS})
         if stopped:
             log.warning(
                 "train-rts stopped after %.1f minutes (train.max_minutes) in epoch %d",
@@ -239,7 +322,7 @@ def train_rts(
                 epoch + 1,
             )
             break
-        epochs_done += 1
+        c["epochs_done"] += 1
     bar.close()
     rts.eval()
     return {
@@ -247,10 +330,18 @@ def train_rts(
         "first_loss": history[0] if history else {},
         "loss_history": [h["total"] for h in history],
         "train_seconds": round(time.perf_counter() - t0, 2),
-        "steps": steps,
-        "epochs_done": epochs_done,
+        "steps": c["steps"],
+        "epochs_done": c["epochs_done"],
         "stopped_early": stopped,
     }
+
+
+def _trainable_names(rts: RTS) -> set:
+    """State-dict names of the masking model's own tensors (parameters and buffers), not the frozen
+    classifier's or encoder's."""
+    from .interpreters.rts import _FROZEN_PREFIXES
+
+    return {n for n in rts.state_dict() if not n.startswith(_FROZEN_PREFIXES)}
 
 
 def _with_fake_labels(
@@ -374,8 +465,17 @@ def load_explained_classifier(cfg: ClassifierConfig, *, classes: Sequence[str]) 
     return clf.eval()
 
 
-def run_train_rts(cfg: TrainRTSConfig, run_dir: Path, *, progress: bool = True) -> Dict[str, Any]:
+def run_train_rts(
+    cfg: TrainRTSConfig,
+    run_dir: Path,
+    *,
+    progress: bool = True,
+    resume: bool = False,
+    checkpoint_every: int | None = None,
+) -> Dict[str, Any]:
     """``juap train-rts``: train the RTS masking model for a classifier checkpoint, measure it, save it.
+
+    Training checkpoints into ``run_dir`` every ``checkpoint_every`` steps; ``resume`` continues from there.
 
     Writes ``rts.safetensors`` (the masking model without the frozen classifier/encoder), ``split.json``,
     ``metrics.json`` and ``config.yaml`` into ``run_dir``.
@@ -408,7 +508,16 @@ def run_train_rts(cfg: TrainRTSConfig, run_dir: Path, *, progress: bool = True) 
         seed=cfg.seed,
         drop_last=len(splits.train) > cfg.train.batch_size,
     )
-    metrics = train_rts(rts, loader, cfg.train, device=device, progress=progress)
+    metrics = train_rts(
+        rts,
+        loader,
+        cfg.train,
+        device=device,
+        progress=progress,
+        checkpoint_dir=run_dir,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+    )
     boxes = _test_boxes(splits) if cfg.data.name == "synthetic" else None
     ev = evaluate_rts(
         rts, splits.test, device=device, boxes=boxes, loss_kwargs=cfg.train.loss_kwargs(), progress=progress

@@ -121,7 +121,8 @@ def iter_batches(
         if x.numel() == 0:
             continue
         _check_images(x)
-        yield x.to(device), (y.to(device) if y is not None else None)
+        nb = x.is_pinned()  # pinned batches (make_loader on a GPU machine) copy asynchronously
+        yield x.to(device, non_blocking=nb), (y.to(device, non_blocking=nb) if y is not None else None)
 
 
 def cycle_batches(data, *, batch_size: int, device: torch.device, seed: int = 0):

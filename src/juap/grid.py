@@ -1,0 +1,668 @@
+"""``juap run EXPERIMENT.yaml``: a grid of attack cells, resumable, shardable, with the paper's tables.
+
+An experiment file names the data, the evaluation and, under ``grid``, the axes to cross: attacks x
+generators x interpreters x budgets (norm, eps) x objectives x classifiers x variants (extra attack
+hyperparameters, e.g. a lambda sweep). An axis only multiplies the attacks it applies to: UAP, GUAP and
+PGD take no interpreter, so they make one cell each, evaluated against every interpreter (the paper
+reports one fooling ratio for them); JUAP and JAP make one cell per interpreter.
+
+Each cell is an ordinary ``juap attack`` run in ``<out>/cells/<id>/`` whose id hashes the cell's whole
+config, so a re-run skips every finished cell (a long grid can be stopped and continued), a changed
+hyperparameter makes a new cell, and ``--shard i/n`` splits the cells across jobs whose results merge
+into one table (same ``--out``, or ``--merge`` of several folders).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
+
+import yaml
+
+from .config import (
+    AttackConfig,
+    AttackRunConfig,
+    ClassifierConfig,
+    DataConfig,
+    EvalConfig,
+    InterpreterConfig,
+    apply_overrides,
+    check_range,
+    from_dict,
+    to_dict,
+)
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+INTERPRETER_LABELS = {"cam": "CAM", "gradcam": "GradCAM", "rts": "RTS"}
+OBJECTIVE_LABELS = {"untargeted": "CE", "least_likely": "Cmin", "targeted": "Ct"}
+ATTACK_LABELS = {
+    "uap": "UAP",
+    "guap": "GUAP",
+    "guap_ct": "GUAP-Ct",
+    "pgd": "PGD",
+    "jap": "JAP",
+    "juap": "JUAP",
+}
+GENERATOR_PREFIX = {"resnet": "R", "unet": "U"}
+DEMO = "demo"  # classifier.weights / rts_checkpoint: the cached demo models of `juap demo`
+
+
+# -- the experiment file ------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class BudgetConfig:
+    """One threat model: ``norm`` and ``eps`` in 0-255 units (eq 6)."""
+
+    norm: Literal["linf", "l2"] = "linf"
+    eps: float = 10.0
+
+    def __post_init__(self) -> None:
+        check_range("grid.budgets.eps", self.eps, low=0, low_open=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class GridClassifierConfig(ClassifierConfig):
+    """A classifier of the grid: ``weights: demo`` is the cached demo classifier (trained on first use);
+    ``rts_checkpoint`` is its RTS model (``demo``: the demo's), needed for the ``rts`` interpreter."""
+
+    label: Optional[str] = None
+    rts_checkpoint: Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class GridConfig:
+    """The axes crossed by ``juap run``; each applies only to the attacks that take it."""
+
+    attacks: Tuple[str, ...] = ("uap", "guap", "juap")
+    generators: Tuple[str, ...] = ("resnet",)
+    interpreters: Tuple[str, ...] = ("cam", "gradcam")
+    budgets: Tuple[BudgetConfig, ...] = (BudgetConfig(),)
+    objectives: Tuple[str, ...] = ("least_likely",)
+    classifiers: Tuple[GridClassifierConfig, ...] = (GridClassifierConfig(),)
+    variants: Tuple[Dict[str, Any], ...] = ({},)  # extra attack params, e.g. [{lam: 0.01}, {lam: 0.1}]
+
+    def __post_init__(self) -> None:
+        for name in ("attacks", "generators", "interpreters", "budgets", "objectives", "classifiers"):
+            if not getattr(self, name):
+                raise ConfigError(f"grid.{name} is empty; give at least one value")
+
+
+@dataclasses.dataclass(frozen=True)
+class TableConfig:
+    """One result table: ``rows`` x ``columns`` (fields of a result row), one sub-column per value.
+
+    Fields: classifier, method (R-JUAP), variant (R-JUAP-CAM), generator, interpreter, trained_against,
+    budget (linf-10), norm, objective, setting (the variant's extra params). Values: fooling_ratio, l1,
+    iou, random_iou, target_success_rate, clean_accuracy, adversarial_accuracy. ``where`` keeps rows whose
+    field is one of the given values, e.g. ``{method: [PGD, JAP]}``.
+    """
+
+    title: str = "Fooling ratio"
+    rows: Tuple[str, ...] = ("classifier", "variant")
+    columns: Tuple[str, ...] = ()
+    values: Tuple[str, ...] = ("fooling_ratio",)
+    where: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+DEFAULT_TABLES = (
+    TableConfig(title="Table II - fooling ratio"),
+    TableConfig(
+        title="Table III - map discrepancy (L1 lower and IoU higher: maps kept)",
+        rows=("classifier", "method"),
+        columns=("interpreter",),
+        values=("l1", "iou"),
+    ),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """A ``juap run`` experiment: shared settings, per-attack hyperparameters, the grid and its tables."""
+
+    name: str = "experiment"
+    description: str = ""
+    data: DataConfig = dataclasses.field(
+        default_factory=lambda: DataConfig(train_fraction=0.2, test_fraction=0.2)
+    )
+    evaluate: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    attack_params: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)
+    val_fraction: float = 0.1
+    grid: GridConfig = dataclasses.field(default_factory=GridConfig)
+    tables: Tuple[TableConfig, ...] = DEFAULT_TABLES
+    seed: int = 0
+    device: str = "auto"
+
+
+def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read an experiment file (following ``extends:`` to a base file), apply overrides, validate."""
+    raw = _read_with_extends(Path(path), seen=())
+    raw = apply_overrides(raw, overrides)
+    exp = from_dict(ExperimentConfig, raw)
+    plan(exp)  # every name resolves now, before any work
+    return exp
+
+
+def _read_with_extends(path: Path, seen: Tuple[Path, ...]) -> Dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"experiment file {str(path)!r} does not exist")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'extends' loops back to itself")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"experiment file {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"experiment file {path} must hold a mapping, got {type(raw).__name__}")
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    parent = _read_with_extends(path.parent / base, seen + (path.resolve(),))
+    return _merge(parent, raw)
+
+
+def _merge(base: Dict[str, Any], top: Mapping[str, Any]) -> Dict[str, Any]:
+    """Deep-merge mappings (``top`` wins); lists are replaced, not concatenated."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
+
+
+# -- the plan -----------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One grid cell: an attack run with fixed choices on every axis."""
+
+    id: str
+    classifier: GridClassifierConfig
+    attack: str
+    budget: BudgetConfig
+    generator: Optional[str]
+    interpreter: Optional[str]
+    objective: Optional[str]
+    setting: Dict[str, Any]
+    params: Dict[str, Any]
+    method: str
+    variant: str
+
+    @property
+    def classifier_label(self) -> str:
+        return self.classifier.label or self.classifier.name
+
+    def describe(self) -> str:
+        return f"{self.classifier_label} {self.variant} {self.budget.norm} eps={self.budget.eps:g}"
+
+
+def plan(exp: ExperimentConfig) -> List[Cell]:
+    """Every cell of the grid, in a stable order; unknown names fail here with the known ones listed."""
+    from . import ATTACKS, CLASSIFIERS, GENERATORS, INTERPRETERS, __version__
+    from .experiments import attack_param_names, takes_interpreter
+
+    g = exp.grid
+    for name in g.generators:
+        GENERATORS.get(name)
+    for name in g.interpreters:
+        INTERPRETERS.get(name)
+    for c in g.classifiers:
+        CLASSIFIERS.get(c.name)
+    for obj in g.objectives:
+        if obj not in OBJECTIVE_LABELS:
+            raise ConfigError(
+                f"grid.objectives: {obj!r} is not allowed; allowed: {', '.join(OBJECTIVE_LABELS)}"
+            )
+    for name in exp.attack_params:
+        if name not in g.attacks:
+            ATTACKS.get(name)  # a typo in attack_params fails even if that attack is not in this grid
+    labels = [c.label or c.name for c in g.classifiers]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"grid.classifiers: labels must differ, got {labels}; set label: for each")
+    cells: List[Cell] = []
+    for clf, budget, attack in itertools.product(g.classifiers, g.budgets, g.attacks):
+        accepts = attack_param_names(ATTACKS.get(attack))
+        base = dict(exp.attack_params.get(attack, {}))
+        unknown = sorted(set(base) - accepts)
+        if unknown:
+            raise ConfigError(
+                f"attack_params.{attack}: unknown key(s) {unknown}; known: {', '.join(sorted(accepts))}"
+            )
+        # An axis applies to the attacks that take it, unless attack_params fixes the value.
+        axes = itertools.product(
+            g.generators if _free("generator", accepts, base) else (None,),
+            g.interpreters if takes_interpreter(ATTACKS.get(attack)) else (None,),
+            g.objectives if _free("objective", accepts, base) and attack != "guap_ct" else (None,),
+            [v for v in g.variants if set(v) <= accepts] or [{}],
+        )
+        for gen, interp, obj, setting in axes:
+            params = {**base, **setting}
+            if gen is not None:
+                params["generator"] = gen
+            if obj is not None:
+                params["objective"] = obj
+            method, variant = _labels(attack, gen, interp, obj, setting, g)
+            key = {
+                "juap": __version__,
+                "data": to_dict(exp.data),
+                "evaluate": to_dict(exp.evaluate),
+                "classifier": dataclasses.asdict(clf),
+                "attack": attack,
+                "budget": dataclasses.asdict(budget),
+                "interpreter": interp,
+                "params": params,
+                "val_fraction": exp.val_fraction,
+                "seed": exp.seed,
+            }
+            slug = _slug(f"{clf.label or clf.name}_{variant}_{budget.norm}{budget.eps:g}")
+            cells.append(
+                Cell(
+                    id=f"{slug}-{_hash(key)}",
+                    classifier=clf,
+                    attack=attack,
+                    budget=budget,
+                    generator=gen,
+                    interpreter=interp,
+                    objective=obj,
+                    setting=dict(setting),
+                    params=params,
+                    method=method,
+                    variant=variant,
+                )
+            )
+    return cells
+
+
+def _free(name: str, accepts: set, fixed: Mapping[str, Any]) -> bool:
+    return name in accepts and name not in fixed
+
+
+def _labels(attack, gen, interp, obj, setting, g: GridConfig) -> Tuple[str, str]:
+    """The paper's names: method ``R-JUAP``, variant ``R-JUAP-CAM`` (plus objective / setting suffixes)."""
+    method = ATTACK_LABELS.get(attack, attack.upper())
+    if attack == "juap" and gen is not None:
+        method = f"{GENERATOR_PREFIX.get(gen, gen)}-{method}"
+    elif gen is not None and len(g.generators) > 1 and attack != "guap_ct":
+        method = f"{method}-{gen}"
+    variant = method if interp is None else f"{method}-{INTERPRETER_LABELS.get(interp, interp)}"
+    if obj is not None and len(g.objectives) > 1:
+        variant += f"-{OBJECTIVE_LABELS[obj]}"
+    if setting and len(g.variants) > 1:
+        variant += " [" + ", ".join(f"{k}={v}" for k, v in setting.items()) + "]"
+    return method, variant
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.=-]+", "_", s).strip("_")[:80]
+
+
+def _hash(obj: Any) -> str:
+    from .experiments import config_hash
+
+    return config_hash(obj)[:10]
+
+
+def parse_shard(text: Optional[str]) -> Tuple[int, int]:
+    """``"i/n"`` (1 <= i <= n) -> (i, n); None -> (1, 1)."""
+    if text is None:
+        return 1, 1
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not m:
+        raise ConfigError(f"--shard {text!r} must look like i/n, e.g. --shard 1/4 (the first of 4 jobs)")
+    i, n = int(m.group(1)), int(m.group(2))
+    if n < 1 or not 1 <= i <= n:
+        raise ConfigError(f"--shard {text}: the index must be between 1 and {max(n, 1)} (got {i}/{n})")
+    return i, n
+
+
+# -- running ------------------------------------------------------------------------------------------
+def cell_config(
+    exp: ExperimentConfig, cell: Cell, *, cache_dir=None, progress: bool = True
+) -> AttackRunConfig:
+    """The ``juap attack`` config of a cell, with ``demo`` weights resolved to the cached demo models."""
+    clf = cell.classifier
+    weights, rts = clf.weights, clf.rts_checkpoint
+    if weights == DEMO or rts == DEMO:
+        demo_clf, demo_rts = demo_models(cache_dir=cache_dir, need_rts=rts == DEMO, progress=progress)
+        weights = demo_clf if weights == DEMO else weights
+        rts = demo_rts if rts == DEMO else rts
+    uses_rts = cell.interpreter == "rts" or "rts" in exp.evaluate.interpreters
+    if uses_rts and not rts:
+        raise ConfigError(
+            f"grid.classifiers[{clf.label or clf.name}]: the rts interpreter needs rts_checkpoint "
+            "(train it with `juap train-rts`, or use `demo` with the demo classifier)"
+        )
+    interps = tuple(i for i in exp.evaluate.interpreters if i != "rts")
+    return AttackRunConfig(
+        data=exp.data,
+        classifier=ClassifierConfig(
+            name=clf.name,
+            weights=weights,
+            num_classes=clf.num_classes,
+            reset_head=clf.reset_head,
+            options=clf.options,
+        ),
+        interpreter=InterpreterConfig(
+            name=cell.interpreter, checkpoint=rts if cell.interpreter == "rts" else None
+        ),
+        attack=AttackConfig(
+            name=cell.attack,
+            norm=cell.budget.norm,
+            eps=cell.budget.eps,
+            params=dict(cell.params),
+            val_fraction=exp.val_fraction,
+        ),
+        evaluate=dataclasses.replace(exp.evaluate, interpreters=interps, rts_checkpoint=rts),
+        seed=exp.seed,
+        device=exp.device,
+    )
+
+
+def demo_models(*, cache_dir=None, need_rts: bool = True, progress: bool = True) -> Tuple[str, Optional[str]]:
+    """Paths of the cached demo classifier and its RTS model (trained on first use, as ``juap demo`` does)."""
+    from .config import TrainClassifierConfig
+    from .data.synthetic import default_cache_dir
+    from .demo import DemoSettings, _cached_rts
+    from .experiments import cached_demo_classifier, demo_classifier_path
+
+    ccfg = TrainClassifierConfig()
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    cached_demo_classifier(ccfg, cache_dir=cache, progress=progress)
+    rts = None
+    if need_rts:
+        rts, _, _ = _cached_rts(ccfg, DemoSettings(), cache, progress)
+    return str(demo_classifier_path(ccfg, cache)), (str(rts) if rts else None)
+
+
+def cell_status(cell_dir: Path) -> Optional[str]:
+    run = cell_dir / "run.json"
+    if not run.is_file():
+        return None
+    try:
+        return json.loads(run.read_text()).get("status")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def run_grid(
+    exp: ExperimentConfig,
+    run_dir: Path,
+    *,
+    shard: Tuple[int, int] = (1, 1),
+    merge: Sequence[Path] = (),
+    cache_dir=None,
+    progress: bool = True,
+    say: Callable[[str], None] = lambda s: None,
+    run_cell: Optional[Callable[..., Dict[str, Any]]] = None,
+) -> Dict[str, Any]:
+    """Run this shard's unfinished cells into ``run_dir/cells``, then write the tables of every finished
+    cell found there (and in ``merge`` folders).
+
+    Returns:
+        ``{"cells": N, "complete": k, "ran": r, "rows": [...]}``.
+    """
+    from .checkpoint import CHECKPOINT_NAME
+    from .experiments import run_attack
+    from .runs import failed_on_error, new_run_dir, reopen_run_dir
+
+    run_cell = run_cell or (lambda cfg, d, resume=False: run_attack(cfg, d, progress=progress, resume=resume))
+    cells = plan(exp)
+    i, n = shard
+    mine = [c for k, c in enumerate(cells) if k % n == i - 1]
+    cells_dir = run_dir / "cells"
+    ran = 0
+    for k, cell in enumerate(mine, 1):
+        d = cells_dir / cell.id
+        head = f"[{k}/{len(mine)}] {cell.describe():<50}"
+        if _finished(d, merge, cell.id):
+            say(f"{head} done earlier, reused")
+            continue
+        t0 = time.perf_counter()
+        cfg = cell_config(exp, cell, cache_dir=cache_dir, progress=progress)
+        resume = (d / CHECKPOINT_NAME).is_file() and cell_status(d) in ("running", "interrupted", "failed")
+        if resume:  # an interrupted cell continues from its last checkpoint (JUAP, GUAP)
+            reopen_run_dir(d, command="attack")
+            head += " (resumed)"
+        else:  # an unfinished cell without a checkpoint starts again
+            new_run_dir(d, command="attack", overwrite=True)
+        with failed_on_error(d):
+            m = run_cell(cfg, d, resume=resume)
+        ran += 1
+        say(
+            f"{head} fooling ratio {m.get('fooling_ratio', float('nan')):.3f}{_map_note(m)}  "
+            f"({time.perf_counter() - t0:.0f} s)"
+        )
+    rows, complete = collect_rows(cells, [cells_dir, *[Path(p) / "cells" for p in merge]])
+    return {"cells": len(cells), "complete": complete, "ran": ran, "shard": list(shard), "rows": rows}
+
+
+def _finished(d: Path, merge: Sequence[Path], cell_id: str) -> bool:
+    if cell_status(d) == "complete" and (d / "metrics.json").is_file():
+        return True
+    return any(cell_status(Path(p) / "cells" / cell_id) == "complete" for p in merge)
+
+
+def _map_note(m: Mapping[str, Any]) -> str:
+    if m.get("iou") is None:
+        return ""
+    return f", {m.get('map_interpreter')} IoU {m['iou']:.3f} L1 {m['l1']:.3f}"
+
+
+def collect_rows(cells: Sequence[Cell], folders: Sequence[Path]) -> Tuple[List[Dict[str, Any]], int]:
+    """Result rows (one per finished cell x evaluated interpreter) and the number of finished cells."""
+    rows: List[Dict[str, Any]] = []
+    complete = 0
+    for cell in cells:
+        for folder in folders:
+            d = folder / cell.id
+            if cell_status(d) == "complete" and (d / "metrics.json").is_file():
+                rows += cell_rows(cell, json.loads((d / "metrics.json").read_text()), d)
+                complete += 1
+                break
+    return rows, complete
+
+
+def cell_rows(cell: Cell, m: Mapping[str, Any], folder: Path) -> List[Dict[str, Any]]:
+    """Long-format rows of one cell: one per interpreter it was evaluated with."""
+    common = {
+        "classifier": cell.classifier_label,
+        "method": cell.method,
+        "variant": cell.variant,
+        "attack": cell.attack,
+        "generator": cell.generator or "-",
+        "trained_against": cell.interpreter or "-",
+        "budget": f"{cell.budget.norm}-{cell.budget.eps:g}",
+        "norm": cell.budget.norm,
+        "eps": cell.budget.eps,
+        "objective": cell.objective or "-",
+        "setting": ", ".join(f"{k}={v}" for k, v in cell.setting.items()) or "-",
+        "fooling_ratio": m.get("fooling_ratio"),
+        "clean_accuracy": m.get("clean_accuracy"),
+        "adversarial_accuracy": m.get("adversarial_accuracy"),
+        "target_success_rate": m.get("target_success_rate"),
+        "n_images": m.get("n_images"),
+        "cell": cell.id,
+        "folder": str(folder),
+    }
+    out = []
+    for iname, t in (m.get("transfer") or {}).items():
+        out.append(
+            {
+                **common,
+                "interpreter": iname,
+                "l1": t.get("l1"),
+                "iou": t.get("iou"),
+                "random_iou": t.get("random_iou"),
+            }
+        )
+    return out or [{**common, "interpreter": "-", "l1": None, "iou": None, "random_iou": None}]
+
+
+def main_rows(rows: Sequence[Mapping[str, Any]]) -> List[Mapping[str, Any]]:
+    """The rows the paper's tables show: an attack trained against an interpreter is reported with that
+    interpreter; attacks without one (UAP, GUAP, PGD) with every interpreter."""
+    return [r for r in rows if r["trained_against"] in ("-", r["interpreter"])]
+
+
+def pivot(rows: Sequence[Mapping[str, Any]], table: TableConfig) -> Tuple[List[str], List[List[Any]]]:
+    """Rows x columns of one table; the first row wins where several fill a cell (e.g. GUAP's fooling
+    ratio, identical for every interpreter)."""
+    keep = [r for r in rows if all(_matches(r.get(k), v) for k, v in table.where.items())]
+    row_keys: List[Tuple] = []
+    col_keys: List[Tuple] = []
+    cells: Dict[Tuple[Tuple, Tuple], Mapping[str, Any]] = {}
+    for r in keep:
+        rk = tuple(r.get(f) for f in table.rows)
+        ck = tuple(r.get(f) for f in table.columns)
+        if rk not in row_keys:
+            row_keys.append(rk)
+        if ck not in col_keys:
+            col_keys.append(ck)
+        cells.setdefault((rk, ck), r)
+    header = list(table.rows)
+    for ck in col_keys:
+        for v in table.values:
+            header.append(" ".join([*map(str, ck), _VALUE_LABELS.get(v, v)]).strip())
+    body = []
+    for rk in row_keys:
+        line: List[Any] = list(rk)
+        for ck in col_keys:
+            r = cells.get((rk, ck))
+            line += [None if r is None else r.get(v) for v in table.values]
+        body.append(line)
+    return header, body
+
+
+_VALUE_LABELS = {"fooling_ratio": "FR", "l1": "L1", "iou": "IoU", "target_success_rate": "target success"}
+
+
+def _matches(value: Any, allowed: Any) -> bool:
+    return value in allowed if isinstance(allowed, (list, tuple)) else value == allowed
+
+
+def write_results(exp: ExperimentConfig, run_dir: Path, result: Dict[str, Any]) -> None:
+    """``results.md`` (the configured tables), ``results.csv`` / ``transfer.csv``, ``discrepancy.png``."""
+    from .report import bar_chart, markdown_table, write_csv
+
+    rows = result["rows"]
+    shown = main_rows(rows)
+    write_csv(run_dir / "results.csv", shown, columns=RESULT_COLUMNS)
+    write_csv(run_dir / "transfer.csv", rows, columns=RESULT_COLUMNS + ("trained_against", "cell"))
+    md = [f"# {exp.name}\n"]
+    if exp.description:
+        md.append(exp.description.strip() + "\n")
+    md.append(
+        f"Data: {exp.data.name} at {exp.data.image_size}x{exp.data.image_size}; "
+        f"{result['complete']} of {result['cells']} cells finished"
+        + ("" if result["complete"] == result["cells"] else " (partial tables: run the grid again to finish)")
+        + ". Fooling ratio (eq 18), L1 (eq 19) and mean top-k IoU (eq 20) on the test split, measured with "
+        "the unmodified classifier and interpreters.\n"
+    )
+    for table in exp.tables:
+        header, body = pivot(shown, table)
+        md += [f"## {table.title}\n", markdown_table(header, body) if body else "(no finished cell)", ""]
+    if rows:
+        floors = sorted({round(r["random_iou"], 3) for r in rows if r.get("random_iou") is not None})
+        if floors:
+            md.append(f"Random-map IoU floor: {', '.join(f'{f:.3f}' for f in floors)}.\n")
+        md.append(
+            "Every perturbation against every interpreter: `transfer.csv`. Map discrepancy: "
+            "![discrepancy](discrepancy.png)\n"
+        )
+        interps = list(dict.fromkeys(r["interpreter"] for r in shown if r.get("l1") is not None))
+        methods = list(dict.fromkeys(r["method"] for r in shown if r.get("l1") is not None))
+        if interps and methods:
+
+            def l1(method, interp):
+                return next(
+                    (r["l1"] for r in shown if r["method"] == method and r["interpreter"] == interp), 0.0
+                )
+
+            bar_chart(
+                run_dir / "discrepancy.png",
+                groups=interps,
+                series={m: [l1(m, i) or 0.0 for i in interps] for m in methods},
+                ylabel="map L1 (lower: maps kept)",
+                title=f"{exp.name}: map discrepancy per interpreter (Fig. 5 style)",
+            )
+    from .io import write_text
+
+    write_text(run_dir / "results.md", "\n".join(md))
+
+
+RESULT_COLUMNS = (
+    "method",
+    "generator",
+    "interpreter",
+    "norm",
+    "fooling_ratio",
+    "l1",
+    "iou",
+    "classifier",
+    "variant",
+    "eps",
+    "objective",
+    "setting",
+    "target_success_rate",
+    "random_iou",
+)
+
+
+# -- dry runs -----------------------------------------------------------------------------------------
+ONE_STEP = {"steps": 1, "max_passes": 1, "eval_every": 1}
+
+
+def dry_run_experiment(exp: ExperimentConfig, work_dir: Path) -> ExperimentConfig:
+    """The same grid on tiny embedded data, untrained weights and one step per attack: checks that
+    every cell builds and runs end to end before hours are spent on the real one."""
+    import torch
+
+    from .classifiers import create_classifier
+    from .interpreters.rts import RTS, save_rts
+
+    data = DataConfig(name="synthetic", image_size=32, num_images=36, train_fraction=0.5, test_fraction=0.5)
+    classifiers = []
+    for c in exp.grid.classifiers:
+        rts_path = None
+        if "rts" in exp.grid.interpreters or "rts" in exp.evaluate.interpreters:
+            torch.manual_seed(0)
+            clf = create_classifier(c.name, num_classes=data.num_classes, **c.options)
+            rts_path = str(work_dir / f"rts-{_slug(c.label or c.name)}.safetensors")
+            save_rts(RTS(clf, image_size=data.image_size), rts_path)
+            ckpt = work_dir / f"classifier-{_slug(c.label or c.name)}.safetensors"
+            from .classifiers import save_classifier
+
+            save_classifier(clf, ckpt)
+            weights = str(ckpt)
+        else:
+            weights = None
+        classifiers.append(
+            dataclasses.replace(
+                c, weights=weights, num_classes=None, reset_head=False, rts_checkpoint=rts_path
+            )
+        )
+    from . import ATTACKS
+    from .experiments import attack_param_names
+
+    params = {}
+    for name in set(exp.grid.attacks) | set(exp.attack_params):
+        accepts = attack_param_names(ATTACKS.get(name))
+        p = dict(exp.attack_params.get(name, {}))
+        p.update({k: v for k, v in ONE_STEP.items() if k in accepts})
+        if "batch_size" in accepts:
+            p["batch_size"] = 6
+        if "generator_options" in accepts:
+            p["generator_options"] = {**p.get("generator_options", {}), "ngf": 8}
+        params[name] = p
+    return dataclasses.replace(
+        exp,
+        data=data,
+        evaluate=dataclasses.replace(exp.evaluate, batch_size=18, max_images=12, rts_checkpoint=None),
+        attack_params=params,
+        grid=dataclasses.replace(exp.grid, classifiers=tuple(classifiers)),
+        device="cpu",
+    )

@@ -1,0 +1,322 @@
+"""``juap run``: grid expansion, resumability, shards, tables, and every experiment file in configs/."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from juap.cli import main
+from juap.config import TrainClassifierConfig, load_config
+from juap.errors import ConfigError, JuapError
+from juap.grid import (
+    ExperimentConfig,
+    TableConfig,
+    dry_run_experiment,
+    load_experiment,
+    parse_shard,
+    pivot,
+    plan,
+    run_grid,
+    write_results,
+)
+from juap.rts_training import TrainRTSConfig
+from juap.runs import finish_run
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+EXPERIMENTS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.name.startswith(("table", "lambda")))
+
+
+def _exp(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+GRID = """
+name: tiny
+grid:
+  attacks: [uap, guap, juap]
+  generators: [resnet, unet]
+  interpreters: [cam, gradcam]
+attack_params:
+  guap: {generator: resnet}
+"""
+
+
+def test_plan_applies_each_axis_only_where_it_belongs(tmp_path):
+    exp = load_experiment(_exp(tmp_path, GRID))
+    variants = [c.variant for c in plan(exp)]
+    # UAP takes no generator or interpreter; GUAP's generator is fixed by attack_params; JUAP crosses both.
+    assert variants == [
+        "UAP",
+        "GUAP",
+        "R-JUAP-CAM",
+        "R-JUAP-GradCAM",
+        "U-JUAP-CAM",
+        "U-JUAP-GradCAM",
+    ]
+    ids = [c.id for c in plan(exp)]
+    assert len(set(ids)) == len(ids)
+    assert ids == [c.id for c in plan(load_experiment(_exp(tmp_path, GRID, "again.yaml")))]  # stable
+
+
+def test_cell_ids_change_with_hyperparameters_only_for_the_cells_they_touch(tmp_path):
+    a = {c.variant: c.id for c in plan(load_experiment(_exp(tmp_path, GRID)))}
+    b = {
+        c.variant: c.id
+        for c in plan(load_experiment(_exp(tmp_path, GRID), ["attack_params.juap={lam: 0.2}"]))
+    }
+    assert a["UAP"] == b["UAP"] and a["GUAP"] == b["GUAP"]
+    assert a["R-JUAP-CAM"] != b["R-JUAP-CAM"]
+
+
+def test_variants_objectives_and_labels(tmp_path):
+    text = """
+grid:
+  attacks: [juap, guap_ct]
+  interpreters: [cam]
+  objectives: [untargeted, least_likely, targeted]
+  variants: [{lam: 0.01}, {lam: 0.1}]
+attack_params:
+  juap: {target: 1}
+  guap_ct: {target: 1}
+"""
+    cells = plan(load_experiment(_exp(tmp_path, text)))
+    names = [c.variant for c in cells]
+    assert "R-JUAP-CAM-CE [lam=0.01]" in names and "R-JUAP-CAM-Ct [lam=0.1]" in names
+    assert names.count("GUAP-Ct") == 1  # guap_ct takes no lam and has its objective built in
+    assert len(cells) == 3 * 2 + 1
+    juap_ct = next(c for c in cells if c.variant == "R-JUAP-CAM-Ct [lam=0.1]")
+    assert juap_ct.params["objective"] == "targeted" and juap_ct.params["lam"] == 0.1
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("grid: {attacks: [juapp]}", "juap"),
+        ("grid: {interpreters: [gradcm]}", "gradcam"),
+        ("grid: {generators: []}", "grid.generators is empty"),
+        ("grid: {objectives: [least]}", "least_likely"),
+        ("attack_params: {juap: {lamda: 1}}", "lam"),
+        ("grid: {atacks: [uap]}", "Did you mean 'grid.attacks'"),
+        ("grid: {budgets: [{norm: linf, eps: -1}]}", "eps"),
+        ("grid: {classifiers: [{name: resnet18}, {name: resnet18}]}", "label"),
+    ],
+)
+def test_bad_experiment_files_are_refused_with_a_message(tmp_path, text, needle):
+    with pytest.raises(JuapError, match=needle):
+        load_experiment(_exp(tmp_path, text))
+
+
+def test_extends_merges_and_refuses_loops(tmp_path):
+    _exp(tmp_path, "name: base\ngrid: {attacks: [uap], interpreters: [cam]}\nseed: 3\n", "base.yaml")
+    exp = load_experiment(_exp(tmp_path, "extends: base.yaml\nname: top\ngrid: {attacks: [guap]}\n"))
+    assert (exp.name, exp.seed, exp.grid.attacks, exp.grid.interpreters) == ("top", 3, ("guap",), ("cam",))
+    _exp(tmp_path, "extends: b.yaml\n", "a.yaml")
+    _exp(tmp_path, "extends: a.yaml\n", "b.yaml")
+    with pytest.raises(ConfigError, match="loops"):
+        load_experiment(tmp_path / "a.yaml")
+
+
+def _fake_cell(calls):
+    """A stand-in for ``run_attack`` that records the call and finishes the cell folder like it."""
+
+    def run(cfg, d, resume=False):
+        calls.append(d.name)
+        m = {
+            "fooling_ratio": 0.5 if cfg.attack.name != "uap" else 0.25,
+            "transfer": {i: {"l1": 0.1, "iou": 0.7, "random_iou": 0.2} for i in ("cam", "gradcam")},
+            "map_interpreter": "cam",
+            "l1": 0.1,
+            "iou": 0.7,
+        }
+        finish_run(d, config={}, metrics=m)
+        return m
+
+    return run
+
+
+def test_a_rerun_skips_finished_cells_and_redoes_failed_ones(tmp_path):
+    exp = load_experiment(_exp(tmp_path, GRID))
+    calls: list = []
+    res = run_grid(exp, tmp_path / "run", run_cell=_fake_cell(calls))
+    assert res["complete"] == res["cells"] == 6 and len(calls) == 6
+    calls.clear()
+    res = run_grid(exp, tmp_path / "run", run_cell=_fake_cell(calls))
+    assert calls == [] and res["complete"] == 6  # nothing is run twice
+    # A cell interrupted half-way is not "complete": it runs again, and only it.
+    victim = plan(exp)[3].id
+    run_json = tmp_path / "run" / "cells" / victim / "run.json"
+    run_json.write_text(json.dumps({"command": "attack", "status": "interrupted"}))
+    run_grid(exp, tmp_path / "run", run_cell=_fake_cell(calls))
+    assert calls == [victim]
+    # With the attack's checkpoint there, the cell resumes instead of starting over.
+    resumed = []
+
+    def resuming(cfg, d, resume=False):
+        resumed.append(resume)
+        return _fake_cell(calls)(cfg, d)
+
+    run_json.write_text(json.dumps({"command": "attack", "status": "interrupted"}))
+    (run_json.parent / "checkpoint.safetensors").write_bytes(b"stand-in")
+    run_grid(exp, tmp_path / "run", run_cell=resuming)
+    assert resumed == [True]
+
+
+def test_a_failing_cell_is_marked_and_the_grid_stops_with_the_error(tmp_path):
+    exp = load_experiment(_exp(tmp_path, GRID))
+
+    def boom(cfg, d, resume=False):
+        raise ConfigError("broken cell")
+
+    with pytest.raises(ConfigError, match="broken cell"):
+        run_grid(exp, tmp_path / "run", run_cell=boom)
+    first = tmp_path / "run" / "cells" / plan(exp)[0].id / "run.json"
+    assert json.loads(first.read_text())["status"] == "failed"
+
+
+def test_shards_split_the_cells_and_merge_into_one_table(tmp_path):
+    exp = load_experiment(_exp(tmp_path, GRID))
+    seen = []
+    for i in (1, 2, 3):
+        calls: list = []
+        run_grid(exp, tmp_path / f"shard{i}", shard=(i, 3), run_cell=_fake_cell(calls))
+        seen.append(set(calls))
+    assert set().union(*seen) == {c.id for c in plan(exp)}
+    assert sum(len(s) for s in seen) == 6  # disjoint
+    calls = []
+    res = run_grid(
+        exp,
+        tmp_path / "merged",
+        shard=(1, 3),
+        merge=[tmp_path / "shard2", tmp_path / "shard3"],
+        run_cell=_fake_cell(calls),
+    )
+    assert res["complete"] == 6 and len(calls) == 2  # shard 1's cells run here, the rest are merged
+    write_results(exp, tmp_path / "merged", res)
+    md = (tmp_path / "merged" / "results.md").read_text()
+    assert "6 of 6 cells finished" in md and "U-JUAP-GradCAM" in md
+
+
+@pytest.mark.parametrize("text", ["0/2", "3/2", "1/0", "two/3", "1-2"])
+def test_shard_out_of_range_is_refused(text):
+    with pytest.raises(ConfigError, match="shard"):
+        parse_shard(text)
+
+
+def test_pivot_shapes_the_paper_tables():
+    rows = [
+        {
+            "classifier": "r18",
+            "method": "GUAP",
+            "variant": "GUAP",
+            "interpreter": i,
+            "fooling_ratio": 0.8,
+            "l1": l1,
+            "iou": 0.3,
+            "trained_against": "-",
+        }
+        for i, l1 in (("cam", 0.4), ("gradcam", 0.5))
+    ] + [
+        {
+            "classifier": "r18",
+            "method": "R-JUAP",
+            "variant": f"R-JUAP-{i}",
+            "interpreter": i,
+            "fooling_ratio": fr,
+            "l1": 0.1,
+            "iou": 0.7,
+            "trained_against": i,
+        }
+        for i, fr in (("cam", 0.75), ("gradcam", 0.7))
+    ]
+    header, body = pivot(rows, TableConfig(rows=("classifier", "variant"), values=("fooling_ratio",)))
+    assert header == ["classifier", "variant", "FR"]
+    assert body == [["r18", "GUAP", 0.8], ["r18", "R-JUAP-cam", 0.75], ["r18", "R-JUAP-gradcam", 0.7]]
+    header, body = pivot(rows, TableConfig(rows=("method",), columns=("interpreter",), values=("l1", "iou")))
+    assert header == ["method", "cam L1", "cam IoU", "gradcam L1", "gradcam IoU"]
+    assert body == [["GUAP", 0.4, 0.3, 0.5, 0.3], ["R-JUAP", 0.1, 0.7, 0.1, 0.7]]
+
+
+def test_cli_run_list_and_errors(tmp_path, capsys):
+    exp = _exp(tmp_path, GRID)
+    assert main(["run", str(exp), "--list", "--shard", "2/2"]) == 0
+    out = capsys.readouterr().out
+    assert "6 cells; * = in shard 2/2" in out and out.count("\n* ") + out.startswith("* ") == 3
+    assert main(["run", str(exp), "--shard", "5/2", "--out", str(tmp_path / "o")]) == 2
+    assert "between 1 and 2" in capsys.readouterr().err
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.txt").write_text("not a run")
+    assert main(["run", str(exp), "--out", str(tmp_path / "other")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_cli_run_end_to_end_then_continues(tmp_path, capsys):
+    """A real grid (one-step attacks on tiny data) through the CLI; the second call reuses every cell."""
+    exp = load_experiment(_exp(tmp_path, GRID + "evaluate: {interpreters: [cam]}\n"))
+    tiny = dry_run_experiment(exp, tmp_path)
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(yaml.safe_dump(_plain(tiny)))
+    out = tmp_path / "run"
+    assert main(["run", str(spec), "--out", str(out), "--no-progress"]) == 0
+    assert "6 of 6 cells finished (6 run now" in capsys.readouterr().out
+    assert json.loads((out / "run.json").read_text())["status"] == "complete"
+    csv = (out / "results.csv").read_text().splitlines()
+    assert csv[0].startswith("method,generator,interpreter,norm,fooling_ratio,l1,iou")
+    # UAP and GUAP with cam (the evaluated interpreter); each JUAP cell with the interpreter it fooled.
+    assert len(csv) == 1 + 6
+    assert main(["run", str(spec), "--out", str(out), "--no-progress"]) == 0
+    assert "(0 run now" in capsys.readouterr().out
+
+
+def _plain(exp: ExperimentConfig) -> dict:
+    import dataclasses
+
+    d = dataclasses.asdict(exp)
+    return json.loads(json.dumps(d))
+
+
+# -- every experiment file shipped in configs/ --------------------------------------------------------
+def test_configs_cover_every_table_for_every_data_set():
+    names = {(p.parent.name, p.stem.split("_")[0]) for p in EXPERIMENTS}
+    for ds in ("embedded", "imagenet", "chestxray", "intel"):
+        for table in ("table2", "table3", "table4", "table5", "table6"):
+            assert (ds, table) in names, f"configs/{ds}/{table}_*.yaml is missing"
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS.rglob("*.yaml") if p.name.startswith("train_")], ids=str)
+def test_training_configs_load(path):
+    cfg = load_config(TrainClassifierConfig, path)
+    assert cfg.data.image_size == 224 and cfg.classifier.reset_head
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS.rglob("*.yaml") if p.name.startswith("rts_")], ids=str)
+def test_rts_configs_load(path):
+    cfg = load_config(TrainRTSConfig, path)
+    assert cfg.classifier.weights
+
+
+@pytest.fixture(scope="module")
+def dry_run_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("dry-run")
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_experiment_config_loads_resolves_and_dry_runs(path, dry_run_dir):
+    """Each experiment loads, resolves every name, and every cell runs one step on tiny data. Identical
+    dry-run cells across data sets (ImageNet / Chest X-Ray / Intel differ only in data and weights) share
+    one folder, so each distinct cell runs once."""
+    exp = load_experiment(path)
+    cells = plan(exp)
+    assert cells, f"{path} plans no cell"
+    tiny = dry_run_experiment(exp, dry_run_dir)
+    res = run_grid(tiny, dry_run_dir / "run", progress=False)
+    assert res["complete"] == res["cells"] == len(cells)
+    for r in res["rows"]:
+        assert 0.0 <= r["fooling_ratio"] <= 1.0
+    write_results(tiny, dry_run_dir / "run", res)
+    for table in exp.tables:
+        assert table.title in (dry_run_dir / "run" / "results.md").read_text()
