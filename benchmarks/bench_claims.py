@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "embedded"
 EXPERIMENTS = {
     "table2": "table2_fooling_ratio.yaml",
+    "table3": "table3_discrepancy.yaml",
     "table4": "table4_jap_pgd.yaml",
     "table5": "table5_norms.yaml",
     "table6": "table6_objectives.yaml",
@@ -90,6 +91,11 @@ def judge(rows: Dict[str, List[Mapping]], v: Verdicts) -> None:
                     iou_ok = j["iou"] >= g["iou"] + IOU_GAIN
                     l1_ok = j["l1"] < g["l1"]
                     parts = [n for n, ok in (("FR", fr_ok), ("IoU", iou_ok), ("L1", l1_ok)) if not ok]
+                    if j.get("iou_fooled") is not None and g.get("iou_fooled") is not None:
+                        print(
+                            f"    (diagnostic) maps of the fooled images only: IoU {j['iou_fooled']:.3f} vs "
+                            f"{g['iou_fooled']:.3f}, L1 {j['l1_fooled']:.3f} vs {g['l1_fooled']:.3f}"
+                        )
                     v.check(
                         f"{gen} vs GUAP under {i}",
                         fr_ok and iou_ok and l1_ok,

@@ -111,6 +111,21 @@ def test_metrics_by_construction():
     assert r["fooling_ratio"] == 0.5 and r["clean_accuracy"] == 0.75 and r["adversarial_accuracy"] == 0.5
 
 
+def test_fooled_only_map_metrics_split_the_mean():
+    """Maps of fooled images are also averaged apart: kept maps of unfooled images must not hide changed
+    maps of fooled ones."""
+    maps = torch.rand(4, 8, 8)
+    adv = torch.stack([maps[0], maps[1], -maps[2], -maps[3]])  # the last two maps turned upside down
+    s = MetricSums()
+    s.update_maps(maps, adv, fooled=torch.tensor([False, False, True, True]))
+    out = s.summary()
+    assert out["iou"] == pytest.approx(0.5) and out["iou_fooled"] == 0 and out["n_fooled"] == 2
+    assert out["l1_fooled"] == pytest.approx(2 * out["l1"])
+    s = MetricSums()
+    s.update_maps(maps, adv, fooled=torch.zeros(4, dtype=torch.bool))
+    assert s.summary()["iou_fooled"] is None  # nothing fooled: undefined, not 0
+
+
 def test_bad_input_errors(model):
     clf, x, _ = model
     with pytest.raises(juap.ConfigError, match="positive finite"):

@@ -120,13 +120,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         metrics={**metrics, "demo_seconds": round(total, 1)},
     )
     print(f"Done in {total:.0f} s. Results in {run_dir}/:")
-    print(
-        "  results.md (Tables II-IV), results.csv and transfer.csv, metrics.json, figure.png (Fig. 4 style),"
-    )
-    print(
-        "  discrepancy.png (Fig. 5 style), perturbations/*.png. Run it again to reuse the cached models "
-        "and cells."
-    )
+    print("  results.md      Tables II-IV, the transfer table and the detection table (start here)")
+    print("  results.csv     one row per method x interpreter; transfer.csv: each perturbation x interpreter")
+    print("  figure.png      benign vs adversarial images and maps (Fig. 4 style)")
+    print("  discrepancy.png map L1 per method and interpreter (Fig. 5 style)")
+    print("  fig1.png, roc.png, detection.csv  how well the maps reveal each perturbation (Fig. 1, ROC)")
+    print("  metrics.json, perturbations/*.safetensors|png")
+    print("Run it again to reuse the cached models and cells; `juap run configs/embedded/...` for the tables")
+    print("of the paper one by one.")
     return 0
 
 
@@ -210,29 +211,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
+    from . import distributed
     from .grid import dry_run_experiment, load_experiment, parse_shard, plan, run_grid, write_results
     from .runs import failed_on_error, finish_run, open_grid_dir
 
+    say: Callable = print if distributed.is_main() else lambda *a, **k: None  # under torchrun: rank 0 alone
     exp = load_experiment(args.experiment, args.overrides)
     shard = parse_shard(args.shard)
     cells = plan(exp)
     if args.list:
         for k, cell in enumerate(cells):
             mark = "*" if k % shard[1] == shard[0] - 1 else " "
-            print(f"{mark} {cell.id}  {cell.describe()}")
-        print(f"{len(cells)} cells; * = in shard {shard[0]}/{shard[1]}")
+            say(f"{mark} {cell.id}  {cell.describe()}")
+        say(f"{len(cells)} cells; * = in shard {shard[0]}/{shard[1]}")
         return 0
     if args.dry_run:
         with tempfile.TemporaryDirectory(prefix="juap-dry-run-") as tmp:
             tiny = dry_run_experiment(exp, Path(tmp))
-            print(f"Dry run of {exp.name}: {len(cells)} cells, one step each on tiny embedded data ...")
-            res = run_grid(tiny, Path(tmp) / "run", shard=shard, progress=False, say=print)
+            say(f"Dry run of {exp.name}: {len(cells)} cells, one step each on tiny embedded data ...")
+            res = run_grid(tiny, Path(tmp) / "run", shard=shard, progress=False, say=say)
             write_results(tiny, Path(tmp) / "run", res)
-        print(f"Dry run passed: {res['ran']} cells built, trained one step and evaluated.")
+        say(f"Dry run passed: {res['ran']} cells built, trained one step and evaluated.")
         return 0
     out = args.out or Path("runs") / exp.name
     run_dir = open_grid_dir(out, experiment=exp.name, overwrite=args.overwrite)
-    print(
+    say(
         f"juap run {exp.name}: {len(cells)} cells"
         + (f", shard {shard[0]}/{shard[1]}" if shard[1] > 1 else "")
         + f"; run folder: {run_dir} (finished cells are reused: run again to continue)"
@@ -247,7 +250,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             merge=[Path(m) for m in args.merge],
             cache_dir=args.cache_dir,
             progress=not args.no_progress,
-            say=print,
+            say=say,
         )
         write_results(exp, run_dir, res)
     from .config import to_dict
@@ -255,7 +258,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = {k: v for k, v in res.items() if k != "rows"}
     done = res["complete"] == res["cells"]
     finish_run(run_dir, config=to_dict(exp), metrics={**summary, "rows": res["rows"]}, complete=done)
-    print(
+    say(
         f"{res['complete']} of {res['cells']} cells finished ({res['ran']} run now, "
         f"{time.perf_counter() - t0:.0f} s). Tables: {run_dir}/results.md, results.csv, transfer.csv"
     )
@@ -425,7 +428,7 @@ def _sigterm_as_interrupt():
 
 
 # Commands that run data-parallel under torchrun (juap.distributed); the others refuse a multi-process launch.
-DATA_PARALLEL = ("attack", "evaluate", "run")
+DATA_PARALLEL = ("attack", "evaluate", "run", "train-classifier", "train-rts")
 
 
 def _run_command(args: argparse.Namespace) -> int:

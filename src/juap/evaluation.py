@@ -81,7 +81,8 @@ def evaluate(
                 else:
                     bm = interp(x, benign_logits.argmax(1))
                     am = interp(x_hat, adv_logits.argmax(1))
-                per_interp[name].update_maps(bm, am, seed=i, part=(start, n_global))
+                fooled = benign_logits.argmax(1) != adv_logits.argmax(1)
+                per_interp[name].update_maps(bm, am, seed=i, part=(start, n_global), fooled=fooled)
     for sums in (preds, *per_interp.values()):
         sums.all_reduce()
     out = preds.summary()

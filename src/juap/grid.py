@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequen
 
 import yaml
 
+from . import distributed
 from .config import (
     AttackConfig,
     AttackRunConfig,
@@ -371,10 +372,11 @@ def demo_models(*, cache_dir=None, need_rts: bool = True, progress: bool = True)
 
     ccfg = TrainClassifierConfig()
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    cached_demo_classifier(ccfg, cache_dir=cache, progress=progress)
     rts = None
-    if need_rts:
-        rts, _, _ = _cached_rts(ccfg, DemoSettings(), cache, progress)
+    with distributed.main_first():  # under torchrun rank 0 trains and caches them, then the others load
+        cached_demo_classifier(ccfg, cache_dir=cache, progress=progress and distributed.is_main())
+        if need_rts:
+            rts, _, _ = _cached_rts(ccfg, DemoSettings(), cache, progress and distributed.is_main())
     return str(demo_classifier_path(ccfg, cache)), (str(rts) if rts else None)
 
 
@@ -418,12 +420,13 @@ def run_grid(
     for k, cell in enumerate(mine, 1):
         d = cells_dir / cell.id
         head = f"[{k}/{len(mine)}] {cell.describe():<50}"
-        if _finished(d, merge, cell.id):
+        if distributed.broadcast_object(_finished(d, merge, cell.id)):  # rank 0 decides for all
             say(f"{head} done earlier, reused")
             continue
         t0 = time.perf_counter()
         cfg = cell_config(exp, cell, cache_dir=cache_dir, progress=progress)
         resume = (d / CHECKPOINT_NAME).is_file() and cell_status(d) in ("running", "interrupted", "failed")
+        resume = distributed.broadcast_object(resume)
         if resume:  # an interrupted cell continues from its last checkpoint (JUAP, GUAP)
             reopen_run_dir(d, command="attack")
             head += " (resumed)"
@@ -453,7 +456,12 @@ def _map_note(m: Mapping[str, Any]) -> str:
 
 
 def collect_rows(cells: Sequence[Cell], folders: Sequence[Path]) -> Tuple[List[Dict[str, Any]], int]:
-    """Result rows (one per finished cell x evaluated interpreter) and the number of finished cells."""
+    """Result rows (one per finished cell x evaluated interpreter) and the number of finished cells.
+
+    Under torchrun rank 0 reads the folders and the other ranks get its result (they may run ahead of
+    rank 0's last writes)."""
+    if not distributed.is_main():
+        return distributed.broadcast_object(None)
     rows: List[Dict[str, Any]] = []
     complete = 0
     for cell in cells:
@@ -463,7 +471,7 @@ def collect_rows(cells: Sequence[Cell], folders: Sequence[Path]) -> Tuple[List[D
                 rows += cell_rows(cell, json.loads((d / "metrics.json").read_text()), d)
                 complete += 1
                 break
-    return rows, complete
+    return distributed.broadcast_object((rows, complete))
 
 
 def cell_rows(cell: Cell, m: Mapping[str, Any], folder: Path) -> List[Dict[str, Any]]:
@@ -497,6 +505,8 @@ def cell_rows(cell: Cell, m: Mapping[str, Any], folder: Path) -> List[Dict[str, 
                 "l1": t.get("l1"),
                 "iou": t.get("iou"),
                 "random_iou": t.get("random_iou"),
+                "l1_fooled": t.get("l1_fooled"),
+                "iou_fooled": t.get("iou_fooled"),
             }
         )
     return out or [{**common, "interpreter": "-", "l1": None, "iou": None, "random_iou": None}]
@@ -537,7 +547,14 @@ def pivot(rows: Sequence[Mapping[str, Any]], table: TableConfig) -> Tuple[List[s
     return header, body
 
 
-_VALUE_LABELS = {"fooling_ratio": "FR", "l1": "L1", "iou": "IoU", "target_success_rate": "target success"}
+_VALUE_LABELS = {
+    "fooling_ratio": "FR",
+    "l1": "L1",
+    "iou": "IoU",
+    "target_success_rate": "target success",
+    "l1_fooled": "L1 (fooled)",
+    "iou_fooled": "IoU (fooled)",
+}
 
 
 def _matches(value: Any, allowed: Any) -> bool:
@@ -545,8 +562,13 @@ def _matches(value: Any, allowed: Any) -> bool:
 
 
 def write_results(exp: ExperimentConfig, run_dir: Path, result: Dict[str, Any]) -> None:
-    """``results.md`` (the configured tables), ``results.csv`` / ``transfer.csv``, ``discrepancy.png``."""
+    """``results.md`` (the configured tables), ``results.csv`` / ``transfer.csv``, ``discrepancy.png``.
+
+    Under torchrun only rank 0 writes them."""
     from .report import bar_chart, markdown_table, write_csv
+
+    if not distributed.is_main():
+        return
 
     rows = result["rows"]
     shown = main_rows(rows)
@@ -609,6 +631,8 @@ RESULT_COLUMNS = (
     "setting",
     "target_success_rate",
     "random_iou",
+    "l1_fooled",
+    "iou_fooled",
 )
 
 

@@ -88,6 +88,7 @@ class MetricSums:
         *,
         seed: int = 0,
         part: Optional[Tuple[int, int]] = None,
+        fooled: Optional[torch.Tensor] = None,
     ) -> None:
         """L1 (eq 19) and top-k IoU (eq 20) of one batch of maps, and the random-map IoU floor.
 
@@ -96,19 +97,30 @@ class MetricSums:
             part: ``(start, n_global)`` when these maps are rows ``start:start+N`` of a global batch split
                 over ranks: the random maps are drawn for the global batch and the same rows kept, so the
                 floor does not depend on the number of ranks.
+            fooled: bool (N,), the images whose prediction the perturbation changed; their maps are also
+                summed apart (``l1_fooled``, ``iou_fooled``): an image that is not fooled keeps its
+                class, so its map mostly stays, and the mean over all images rises as the fooling ratio
+                falls. The fooled-only figures separate keeping the maps from fooling fewer images.
         """
         benign_maps, adv_maps = benign_maps.float(), adv_maps.float()
         self.add("n_maps", len(benign_maps))
-        self.add("l1", l1_distance(adv_maps, benign_maps).sum())
         start, total = part if part is not None else (0, len(benign_maps))
         shape = (total,) + tuple(benign_maps.shape[1:])
         rows = slice(start, start + len(benign_maps))
         g = torch.Generator().manual_seed(seed)
         r1 = torch.rand(shape, generator=g)[rows].to(benign_maps.device)
         r2 = torch.rand(shape, generator=g)[rows].to(benign_maps.device)
-        for k in IOU_KS:
-            self.add(f"iou@{k}", iou_topk(adv_maps, benign_maps, k).sum())
+        l1 = l1_distance(adv_maps, benign_maps)
+        self.add("l1", l1.sum())
+        iou = torch.stack([iou_topk(adv_maps, benign_maps, k) for k in IOU_KS])  # (K, N)
+        for j, k in enumerate(IOU_KS):
+            self.add(f"iou@{k}", iou[j].sum())
             self.add(f"random_iou@{k}", iou_topk(r1, r2, k).sum())
+        if fooled is not None:
+            f = fooled.to(l1.device).bool()
+            self.add("n_maps_fooled", f.sum())
+            self.add("l1_fooled", l1[f].sum())
+            self.add("iou_fooled", iou.mean(0)[f].sum())
 
     def summary(self) -> Dict[str, float]:
         """Ratios: fooling_ratio, clean/adv accuracy, target success, l1, iou (mean over k) and per k."""
@@ -136,6 +148,11 @@ class MetricSums:
             out["random_iou"] = sum(floor.values()) / len(floor)
             out.update({f"iou@{k}": v for k, v in per_k.items()})
             out.update({f"random_iou@{k}": v for k, v in floor.items()})
+        if "n_maps_fooled" in s:  # maps of the fooled images alone (None: no image was fooled)
+            nf = s["n_maps_fooled"]
+            out["n_fooled"] = int(nf)
+            out["l1_fooled"] = s["l1_fooled"] / nf if nf else None
+            out["iou_fooled"] = s["iou_fooled"] / nf if nf else None
         return out
 
 
