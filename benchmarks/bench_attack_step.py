@@ -1,96 +1,121 @@
-"""Cost of one JUAP training step (CAM, Grad-CAM, RTS) as a ratio to one GUAP step, side by side.
+"""Step cost: one JUAP training step (CAM, Grad-CAM, RTS) as a ratio to a GUAP step and to a plain
+forward+backward of the classifier, side by side.
 
-    python benchmarks/bench_attack_step.py [--quick] [--threads N] [--size 64] [--batch 30]
+    python benchmarks/bench_attack_step.py [--quick] [--threads N] [--out DIR]
 
-Goals (issue 4): CAM and Grad-CAM at most 1.5x a GUAP step, RTS at most 2.5x. Every step is timed on
-the same classifier, generator, noise and images in one run; medians of several repeats.
+Every step is timed on the same classifier, generator (ResNet, ngf 32), noise and images, in interleaved
+rounds (median, process CPU time, one torch thread). ``plain`` is logits = f(x), cross-entropy, gradient
+w.r.t. the input (the cost of a classifier-only attack step, without a generator). RTS is an untrained
+model saved and loaded from a checkpoint: its step costs what a trained one's does.
+Goals (issue 4): JUAP-CAM and JUAP-Grad-CAM <= 1.5x a GUAP step, JUAP-RTS <= 2.5x.
+Settings: the demo (small_resnet 64x64, batch 30) and, in the full run, ResNet18 at 224x224, batch 8.
 """
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict
 
 import torch
+import torch.nn.functional as F
 
 import juap
+from _common import demo_data, freeze, goal, interleaved, print_goals, print_table, standalone
 from juap.attacks.base import rebind
 from juap.interpreters.smooth_relu import make_surrogate
 
+GOALS = {"cam": 1.5, "gradcam": 1.5, "rts": 2.5}
 
-def time_steps(attack, x, repeats: int) -> float:
+
+def step_fn(attack, x: torch.Tensor) -> Callable[[], None]:
+    """One training step of a generator attack (its ``_step``) on ``x``, as ``fit`` runs it."""
+    torch.manual_seed(0)
     G = attack._make_generator().train()
     attack.noise = torch.rand((1,) + tuple(x.shape[1:]), generator=torch.Generator().manual_seed(0))
     opt = torch.optim.Adam(G.parameters(), lr=attack.lr, betas=attack.betas)
     interp = attack.interpreter
     if interp is not None and attack.use_surrogate:
         interp = rebind(interp, make_surrogate(attack.classifier))
-    attack._step(G, opt, x, interp)  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        attack._step(G, opt, x, interp)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return lambda: attack._step(G, opt, x, interp)
 
 
-def _untrained_rts(clf) -> str:
-    """An untrained RTS saved to a temporary file: its step costs the same as a trained one's."""
-    import tempfile
+def plain_fn(clf, x: torch.Tensor) -> Callable[[], None]:
+    with torch.no_grad():
+        y = clf(x).argmax(1)
 
+    def step() -> None:
+        xg = x.clone().requires_grad_()
+        torch.autograd.grad(F.cross_entropy(clf(xg), y), xg)
+
+    return step
+
+
+def untrained_rts(clf) -> juap.interpreters.Interpreter:
+    """An untrained RTS loaded from a temporary checkpoint (attacks refuse one without a checkpoint)."""
     from juap.interpreters.rts import save_rts
 
     path = tempfile.mkdtemp() + "/rts.safetensors"
     save_rts(juap.create_interpreter("rts", clf), path)
-    return path
+    return juap.create_interpreter("rts", clf, checkpoint=path)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--batch", type=int, default=30)
-    p.add_argument("--rts", help="an RTS checkpoint for the classifier (else an untrained RTS is timed)")
-    args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    repeats = 3 if args.quick else 7
-    torch.manual_seed(0)
-    clf = juap.create_classifier("small_resnet", num_classes=6)
-    x = torch.rand(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(1))
-    common = dict(classifier=clf, norm="linf", eps=10, batch_size=args.batch, generator_options={"ngf": 32})
-    rows = [("guap", None)]
+def steps_for(clf, x: torch.Tensor) -> Dict[str, Callable[[], None]]:
+    common = dict(classifier=clf, norm="linf", eps=10, batch_size=len(x), generator_options={"ngf": 32})
+    fns = {"plain fwd+bwd": plain_fn(clf, x), "GUAP": step_fn(juap.create_attack("guap", **common), x)}
     for name in ("cam", "gradcam", "rts"):
-        if name in juap.list_interpreters():
-            rows.append(("juap", name))
-    results = {}
-    for attack_name, interp_name in rows:
-        kw = dict(common)
-        if interp_name == "rts":
-            kw["interpreter"] = juap.create_interpreter(
-                "rts", clf, checkpoint=args.rts or _untrained_rts(clf)
+        interp = untrained_rts(clf) if name == "rts" else juap.create_interpreter(name, clf)
+        fns[f"JUAP-{name}"] = step_fn(juap.create_attack("juap", interpreter=interp, **common), x)
+    return fns
+
+
+def run(quick: bool, out_dir: Path) -> Dict[str, Any]:
+    repeats = 3
+    clf, x_train, _, _, info = demo_data(30, 0)
+    settings = [("demo small_resnet", clf, x_train[:30])]
+    if not quick:
+        torch.manual_seed(0)
+        r18 = freeze(juap.create_classifier("resnet18", num_classes=6))
+        settings.append(
+            ("resnet18", r18, torch.rand(8, 3, 224, 224, generator=torch.Generator().manual_seed(1)))
+        )
+    rows, goals = [], []
+    for label, model, x in settings:
+        med = interleaved(steps_for(model, x), repeats=repeats, warmup=1)
+        setting = f"{label} {x.shape[-1]}x{x.shape[-1]} b{len(x)}"
+        print(f"[step_cost] {setting}: median of {repeats} (CPU s)", flush=True)
+        for name, t in med.items():
+            interp = name.split("-", 1)[1] if name.startswith("JUAP-") else None
+            ratio = t / med["GUAP"]
+            rows.append(
+                {
+                    "setting": setting,
+                    "step": name,
+                    "cpu s": t,
+                    "x plain": t / med["plain fwd+bwd"],
+                    "x GUAP": ratio,
+                    "goal": f"<= {GOALS[interp]}x GUAP" if interp else "",
+                }
             )
-        elif interp_name:
-            kw["interpreter"] = juap.create_interpreter(interp_name, clf)
-        attack = juap.create_attack(attack_name, **kw)
-        results[(attack_name, interp_name)] = time_steps(attack, x, repeats)
-    base = results[("guap", None)]
-    goals = {"cam": 1.5, "gradcam": 1.5, "rts": 2.5}
-    print(
-        f"small_resnet, {args.size}x{args.size}, batch {args.batch}, ResNet generator ngf 32, "
-        f"{torch.get_num_threads()} threads, median of {repeats}"
-    )
-    print(f"{'step':<18}{'seconds':>10}{'x GUAP':>10}{'goal':>8}  verdict")
-    for (a, i), t in results.items():
-        label = a if i is None else f"{a}-{i}"
-        ratio = t / base
-        goal = goals.get(i)
-        verdict = "" if goal is None else ("met" if ratio <= goal else "missed")
-        goal_s = "" if goal is None else f"<={goal}"
-        print(f"{label:<18}{t:>10.3f}{ratio:>10.2f}{goal_s:>8}  {verdict}")
+            if interp:
+                goals.append(
+                    goal(
+                        f"{setting}: JUAP-{interp} step vs GUAP step",
+                        ratio,
+                        GOALS[interp],
+                        higher_is_better=False,
+                    )
+                )
+    print_table(rows, ["setting", "step", "cpu s", "x plain", "x GUAP", "goal"])
+    print_goals(goals)
+    return {
+        "name": "step_cost",
+        "title": "4. Step cost: JUAP step vs a GUAP step and a plain forward+backward",
+        "setting": {**info, "repeats": repeats, "generator": "resnet ngf 32"},
+        "rows": rows,
+        "goals": goals,
+    }
 
 
 if __name__ == "__main__":
-    main()
+    standalone(run, __doc__)

@@ -110,19 +110,23 @@ class TrainClassifierConfig:
 # -- loading -----------------------------------------------------------------------------------------
 def load_config(cls: Type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """Read YAML (optional), apply ``section.key=value`` overrides, validate into ``cls``."""
-    raw: Dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(raw).__name__}")
+    raw = read_yaml_mapping(path) if path is not None else {}
     raw = apply_overrides(raw, overrides)
     return from_dict(cls, raw)
+
+
+def read_yaml_mapping(path: str | Path, what: str = "config file") -> Dict[str, Any]:
+    """The mapping in a YAML file; a missing file, bad YAML or a non-mapping is a ConfigError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {str(p)!r} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {p} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{what} {p} must hold a mapping of sections, got {type(raw).__name__}")
+    return raw
 
 
 def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:

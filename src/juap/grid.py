@@ -23,8 +23,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
 
-import yaml
-
 from . import distributed
 from .config import (
     AttackConfig,
@@ -36,6 +34,7 @@ from .config import (
     apply_overrides,
     check_range,
     from_dict,
+    read_yaml_mapping,
     to_dict,
 )
 from .errors import ConfigError
@@ -151,16 +150,9 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Experime
 
 
 def _read_with_extends(path: Path, seen: Tuple[Path, ...]) -> Dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"experiment file {str(path)!r} does not exist")
     if path.resolve() in seen:
         raise ConfigError(f"{path}: 'extends' loops back to itself")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"experiment file {path} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"experiment file {path} must hold a mapping, got {type(raw).__name__}")
+    raw = read_yaml_mapping(path, what="experiment file")
     base = raw.pop("extends", None)
     if base is None:
         return raw

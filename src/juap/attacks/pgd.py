@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from .._registry import ATTACKS
 from ..budget import project
 from ..errors import ConfigError
+from ._folding import FoldedCache
 from .base import PerImageAttack, _check_images
 
 
@@ -42,6 +43,10 @@ class PGD(PerImageAttack):
         use_labels: untargeted, maximise the CE of the labels ``y`` when they are passed (as torchattacks);
             ``False`` (default, SPEC §3's C_x) uses the benign prediction f(x).
         seed: seed of a private generator for the random start; ``None`` uses torch's global RNG.
+        fast: take the gradients on a copy of the classifier whose eval-mode BatchNorms are folded into
+            the preceding convolutions (channels-last on a CPU; see ``juap.attacks._folding``): the same
+            function up to float rounding, checked on the first batch; the copy is rebuilt when the
+            classifier's weights change. The benign prediction f(x) uses the classifier itself.
         device: where to compute; default: the classifier's device.
 
     Shape:
@@ -66,6 +71,7 @@ class PGD(PerImageAttack):
         target: Optional[int] = None,
         use_labels: bool = False,
         seed: Optional[int] = None,
+        fast: bool = True,
         **kw,
     ) -> None:
         super().__init__(**kw)
@@ -74,7 +80,7 @@ class PGD(PerImageAttack):
         step_size = 2.5 * self.eps / steps if step_size is None else step_size
         if not _is_number(step_size) or step_size <= 0:
             raise ConfigError(f"pgd: step_size must be a positive number (0-255 units), got {step_size!r}")
-        for field, value in (("random_start", random_start), ("use_labels", use_labels)):
+        for field, value in (("random_start", random_start), ("use_labels", use_labels), ("fast", fast)):
             if not isinstance(value, bool):
                 raise ConfigError(f"pgd: {field} must be True or False, got {value!r}")
         n = self.classifier.num_classes
@@ -84,6 +90,7 @@ class PGD(PerImageAttack):
             raise ConfigError(f"pgd: seed must be an integer or None, got {seed!r}")
         self.steps, self.step_size, self.random_start = steps, float(step_size), random_start
         self.target, self.use_labels, self.seed = target, use_labels, seed
+        self.fast, self._folded = fast, FoldedCache()
 
     def __call__(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         _check_images(x)
@@ -99,9 +106,10 @@ class PGD(PerImageAttack):
             y, sign = y.to(self.device), 1.0
         alpha = self.step_size / 255.0
         x_adv = self._random_start(x) if self.random_start else x.clone()
+        net = self._folded.get(self.classifier, x) if self.fast else self.classifier
         for _ in range(self.steps):
             x_adv.requires_grad_(True)
-            loss = sign * F.cross_entropy(self.classifier(x_adv), y, reduction="sum")
+            loss = sign * F.cross_entropy(net(x_adv), y, reduction="sum")
             (grad,) = torch.autograd.grad(loss, x_adv)  # (N, 3, H, W)
             with torch.no_grad():
                 if self.norm == "linf":
