@@ -193,7 +193,11 @@ def test_metrics_equal_one_process(results, which):
         assert got.keys() == ref.keys()
         for k in ref:
             assert got[k] == pytest.approx(ref[k], rel=METRIC_TOL, abs=METRIC_TOL), k
-        assert m["val"] == pytest.approx(single["val"], rel=METRIC_TOL, abs=METRIC_TOL)
+        val, ref_val = _flat_metrics(m["val"]), _flat_metrics(single["val"])
+        assert val.keys() == ref_val.keys()
+        for k, v in ref_val.items():  # None: a metric of the fooled images when none was fooled
+            same = val[k] is None if v is None else val[k] == pytest.approx(v, rel=METRIC_TOL, abs=METRIC_TOL)
+            assert same, k
 
 
 def test_models_that_differ_between_ranks_are_refused(results):
@@ -333,3 +337,200 @@ def test_cli_batch_not_divisible_fails_clearly(tmp_path):
     assert r.returncode != 0
     assert "batch_size = 7 is not divisible by the number of processes (2)" in r.stderr
     assert "/src/juap/" not in r.stderr  # a message, not a juap traceback (torchrun prints its own summary)
+
+
+# -- data-parallel training (train_classifier, train-classifier, train-rts) -----------------------------
+# The 2-process side trains with the same global batches as the 1-process side (an InMemoryLoader whose
+# ranks each take half of every global batch, augmentation drawn for the whole batch): the model has no
+# BatchNorm, so a rank's loss on its half, averaged over the ranks by DDP, is exactly the 1-process loss
+# on the whole batch and the weights agree up to float summation order. With BatchNorm each rank would
+# normalise with its half's statistics (plain BN on CPU/gloo), a different computation from one process.
+TRAIN_TOL = 1e-5  # max |w_2proc - w_1proc| after 8 SGD steps (measured ~1e-7)
+
+
+def _tiny_classifier(bn: bool = False):
+    torch.manual_seed(0)
+    clf = juap.create_classifier("small_resnet", num_classes=4, widths=(4, 8, 8))
+    if not bn:  # no BatchNorm: the 2-process computation is the 1-process one
+        for name, m in list(clf.named_modules()):
+            if isinstance(m, torch.nn.BatchNorm2d):
+                parent, _, child = name.rpartition(".")
+                setattr(clf.get_submodule(parent), child, torch.nn.Identity())
+    return clf
+
+
+def _train_data():
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(43, 3, 16, 16, generator=g)
+    y = torch.randint(0, 4, (43,), generator=g)
+    test = [(x[i], int(y[i])) for i in range(32, 43)]  # 11 test images: 6 and 5 per rank
+    return x[:32], y[:32], test
+
+
+def run_training(out_dir: Path) -> dict:
+    """Train the tiny classifier (uninterrupted, then interrupted at step 5 and resumed), the same code
+    for any world size."""
+    import signal
+
+    from juap.checkpoint import RunInterrupted
+    from juap.config import TrainConfig
+    from juap.data import InMemoryLoader, make_loader
+    from juap.training import shard_train_loader, train_classifier
+
+    torch.set_num_threads(1)
+    x, y, test = _train_data()
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    cpu = torch.device("cpu")
+
+    def loader():
+        return InMemoryLoader(x, y, batch_size=8, augment=True, seed=1, drop_last=True)
+
+    clf = _tiny_classifier()
+    m = train_classifier(clf, loader(), make_loader(test, batch_size=4), cfg, device=cpu, progress=False)
+    res = {"weights": {k: v.clone() for k, v in clf.state_dict().items()}, "metrics": m}
+
+    # interrupted after step 5 (a SIGINT to rank 0 only), then resumed from rank 0's checkpoint
+    ck = out_dir / "ck"
+    clf = _tiny_classifier()
+    calls = [0]
+
+    def stop_at_5(module, inputs):
+        calls[0] += 1
+        if calls[0] == 5 and distributed.is_main():
+            os.kill(os.getpid(), signal.SIGINT)
+
+    hook = clf.register_forward_pre_hook(stop_at_5)
+    try:
+        train_classifier(clf, loader(), None, cfg, device=cpu, progress=False, checkpoint_dir=ck)
+    except RunInterrupted as e:
+        res["stopped_at"] = e.step
+    hook.remove()
+    clf = _tiny_classifier()
+    train_classifier(clf, loader(), None, cfg, device=cpu, progress=False, checkpoint_dir=ck, resume=True)
+    res["resumed"] = {k: v.clone() for k, v in clf.state_dict().items()}
+
+    # a DataLoader is shared out by a DistributedSampler: disjoint shares of each epoch
+    dl = shard_train_loader(make_loader(test[:10], batch_size=2, shuffle=True, seed=3, drop_last=True))
+    if distributed.world_size() > 1:
+        dl.sampler.set_epoch(1)
+    res["shard"] = list(dl.sampler)
+    # with BatchNorm (plain, per rank, on CPU) the ranks still end with identical models
+    bn = _tiny_classifier(bn=True)
+    train_classifier(bn, loader(), None, TrainConfig(epochs=1, batch_size=8), device=cpu, progress=False)
+    res["bn"] = {k: v.clone() for k, v in bn.state_dict().items()}
+    return res
+
+
+def _train_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )  # fmt: skip
+    try:
+        assert distributed.init_from_env("gloo")
+        res = run_training(Path(out_dir))
+        torch.save(res, Path(out_dir) / f"train{rank}.pt")
+    finally:
+        distributed.cleanup()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp-train")
+    torch.multiprocessing.start_processes(
+        _train_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True, start_method="fork"
+    )
+    multi = [torch.load(out / f"train{r}.pt", weights_only=False) for r in range(WORLD)]
+    single_dir = tmp_path_factory.mktemp("one-train")
+    return run_training(single_dir), multi
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].numel())
+
+
+def test_training_two_processes_equals_one_process(trained):
+    single, multi = trained
+    for r in range(WORLD):
+        assert _max_diff(multi[r]["weights"], single["weights"]) <= TRAIN_TOL
+    assert _max_diff(multi[0]["weights"], multi[1]["weights"]) == 0.0  # DDP: identical on every rank
+    assert _max_diff(single["weights"], _tiny_classifier().state_dict()) > 1e-3  # the weights did move
+
+
+def test_training_metrics_are_sums_over_the_ranks(trained):
+    single, multi = trained
+    for r in range(WORLD):
+        m, s = multi[r]["metrics"], single["metrics"]
+        assert m["test_images"] == s["test_images"] == 11  # every test image counted once
+        assert m["test_accuracy"] == s["test_accuracy"]  # same weights to 1e-5: same predictions here
+        assert m["train_accuracy"] == s["train_accuracy"]  # 2 x 4 steps of 8 images, over both halves
+        assert m["train_images"] == s["train_images"] == 32
+
+
+def test_training_resumed_under_two_processes_is_the_uninterrupted_run(trained):
+    single, multi = trained
+    for res in (single, *multi):
+        assert res["stopped_at"] == 5  # every rank stopped at the step rank 0 was signalled in
+        assert _max_diff(res["resumed"], res["weights"]) == 0.0  # bitwise the uninterrupted weights
+
+
+def test_dataloader_shards_are_disjoint_and_cover_the_epoch(trained):
+    _, multi = trained
+    a, b = multi[0]["shard"], multi[1]["shard"]
+    assert len(a) == len(b) == 5 and sorted(a + b) == list(range(10))
+
+
+def test_batchnorm_models_agree_between_ranks(trained):
+    _, multi = trained
+    assert _max_diff(multi[0]["bn"], multi[1]["bn"]) == 0.0  # weights and rank 0's running statistics
+
+
+def test_sync_batchnorm_swap_is_undone(monkeypatch):
+    from juap import training
+
+    clf = _tiny_classifier(bn=True)
+    before = {n: type(m) for n, m in clf.named_modules()}
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    swapped = training.to_sync_batchnorm(clf, torch.device("cuda"))  # only swaps modules: no GPU needed
+    assert swapped and all(isinstance(getattr(p, c), torch.nn.SyncBatchNorm) for p, c, _ in swapped)
+    assert all(getattr(p, c).weight is m.weight for p, c, m in swapped)  # shares the parameters
+    training.restore_batchnorm(swapped)
+    assert {n: type(m) for n, m in clf.named_modules()} == before
+    assert training.to_sync_batchnorm(clf, torch.device("cpu")) == []  # CPU/gloo: plain BatchNorm
+
+
+def test_cli_train_classifier_and_rts_under_torchrun(tmp_path):
+    import json
+
+    data = ["--set", "data.image_size=32", "--set", "data.num_images=48", "--set", "data.train_fraction=0.5",
+            "--set", "data.test_fraction=0.25"]  # fmt: skip
+    out = tmp_path / "clf"
+    r = _torchrun(
+        ["train-classifier", "--no-progress", "--out", str(out), *data, "--set", "train.epochs=1",
+         "--set", "train.batch_size=8", "--set", "classifier.options={widths: [4, 8, 8]}"],
+        tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert r.stdout.count("Test top-1 accuracy") == 1  # only rank 0 prints
+    m = json.loads((out / "metrics.json").read_text())
+    split = json.loads((out / "split.json").read_text())
+    assert m["test_images"] == len(split["test"]) == 12  # all test images, as one process counts them
+    assert json.loads((out / "run.json").read_text())["world_size"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clf"]  # no other rank wrote a folder
+
+    rts_out = tmp_path / "rts"
+    r = _torchrun(
+        ["train-rts", "--no-progress", "--out", str(rts_out), *data, "--set", "train.epochs=1",
+         "--set", "train.batch_size=8", "--set", "rts.width=8",
+         "--set", f"classifier.weights={out / 'classifier.safetensors'}",
+         "--set", "classifier.options={widths: [4, 8, 8]}"],
+        tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert r.stdout.count("Done in") == 1
+    m = json.loads((rts_out / "metrics.json").read_text())
+    assert m["test_images"] == 12 and m["pointing_images"] == 12  # every test image measured once
+    assert m["steps"] == 3 and len(m["loss_history"]) == 1  # 24 train images / global batch 8
+    assert (rts_out / "rts.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clf", "rts"]

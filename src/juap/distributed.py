@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "gloo", "nccl")
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 _owns_group = False  # True when init_from_env created the process group (cleanup then destroys it)
+_solo = 0  # > 0 inside main_first: the block runs on one rank at a time, as if alone (no collectives)
 
 T = TypeVar("T")
 
@@ -50,8 +51,8 @@ def rank() -> int:
 
 
 def world_size() -> int:
-    """Number of processes (1 without a process group)."""
-    return dist.get_world_size() if is_initialized() else 1
+    """Number of processes (1 without a process group, and inside :class:`main_first`)."""
+    return dist.get_world_size() if is_initialized() and not _solo else 1
 
 
 def local_rank() -> int:
@@ -299,16 +300,24 @@ def refuse_multi_process(command: str) -> None:
 class main_first:
     """Run a block on rank 0 first, then on the other ranks (e.g. filling a cache once, then reading it).
 
+    Inside the block each rank runs alone: :func:`world_size` is 1 there, so code in it (e.g. training a
+    model for a cache) takes the single-process path and makes no collective call that would wait for
+    ranks held at the barrier.
+
     Example:
         >>> with distributed.main_first():
         ...     splits = load_splits(cfg.data)   # rank 0 generates the data set; the others reuse it
     """
 
     def __enter__(self) -> None:
+        global _solo
         if not is_main():
             barrier()
+        _solo += 1
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        global _solo
+        _solo -= 1
         if is_main() and exc_type is None:
             barrier()
         return False

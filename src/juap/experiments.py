@@ -59,11 +59,14 @@ def run_train_classifier(
     """``juap train-classifier``: train on the train split, report top-1 on the test split, save all.
 
     Training checkpoints into ``run_dir`` every ``checkpoint_every`` steps; ``resume`` continues from there.
+    Under torchrun it trains data-parallel (:func:`~juap.training.train_classifier`); rank 0 writes.
     """
-    torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    splits = load_splits(cfg.data, augment_train=True, progress=progress)
-    save_split(run_dir / "split.json", splits.split)
+    torch.manual_seed(cfg.seed)  # the same on every rank: the same initial weights
+    device = distributed.device_for_rank(resolve_device(cfg.device))
+    with distributed.main_first():  # under torchrun, rank 0 fills the data cache, then the others read it
+        splits = load_splits(cfg.data, augment_train=True, progress=progress)
+    if distributed.is_main():
+        save_split(run_dir / "split.json", splits.split)
     clf = build_classifier(cfg.classifier, num_classes=splits.num_classes)
     if clf.num_classes != splits.num_classes:
         from .errors import ConfigError
@@ -75,7 +78,8 @@ def run_train_classifier(
         )
     ckpt = {"checkpoint_dir": run_dir, "checkpoint_every": checkpoint_every, "resume": resume}
     metrics = _train_and_measure(clf, splits, cfg, device=device, progress=progress, **ckpt)
-    save_classifier(clf, run_dir / "classifier.safetensors", classes=splits.classes)
+    if distributed.is_main():
+        save_classifier(clf, run_dir / "classifier.safetensors", classes=splits.classes)
     metrics.update(
         classifier=cfg.classifier.name, classes=splits.classes, data=cfg.data.name, data_root=splits.root
     )
@@ -93,6 +97,8 @@ def _train_and_measure(
     **checkpoints: Any,
 ) -> Dict[str, Any]:
     in_memory = cfg.data.in_memory if cfg.data.in_memory is not None else cfg.data.name == "synthetic"
+    if distributed.world_size() > 1:  # the model is built: per-rank RNG from here (augmentation, dropout)
+        torch.manual_seed(distributed.rank_seed(cfg.seed))
     if in_memory:  # decode once, augment per batch (random crop + flip) on tensors
         plain = SplitView(splits.train.base, splits.train.indices, eval_transform(cfg.data.image_size))
         x, y, _ = to_tensors(plain)

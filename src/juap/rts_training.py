@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from . import distributed
 from .classifiers import Classifier
 from .config import ClassifierConfig, DataConfig, check_range, to_dict
 from .errors import CheckpointError, ConfigError, DataError
@@ -197,6 +198,13 @@ def train_rts(
         max_rollbacks: NaN/Inf losses rolled back to the last good state with the lr halved before a
             NumericalError.
 
+    Under torchrun (:mod:`juap.distributed`) the masking model trains as DistributedDataParallel, each
+    rank on its share of every global batch (:func:`~juap.training.shard_train_loader`; the batch size
+    must divide by the number of processes) with its own fake-label draws; the schedule counts global
+    steps, the loss history is sums and counts added over the ranks, the time bound stops every rank at
+    the same step, rank 0 alone writes checkpoints. The masking model's BatchNorm layers normalise with
+    each rank's slice (plain BatchNorm per rank; rank 0's running statistics are kept).
+
     Returns:
         Metrics: ``train_loss`` (loss parts, mean over the last epoch), ``first_loss`` (first epoch),
         ``train_seconds``, ``steps``, ``epochs_done``, ``stopped_early`` (time bound reached).
@@ -211,7 +219,20 @@ def train_rts(
         set_rng_states,
     )
     from .errors import NumericalError
+    from .training import (
+        any_rank,
+        broadcast_buffers,
+        gather_rank_states,
+        set_epoch,
+        shard_train_loader,
+        this_rank_state,
+    )
 
+    world = distributed.world_size()
+    progress = progress and distributed.is_main()
+    if world > 1:
+        distributed.check_divisible(cfg.batch_size, "train.batch_size")
+    train_loader = shard_train_loader(train_loader)
     rts.to(device).train()
     params = rts.trainable_parameters()
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -225,16 +246,24 @@ def train_rts(
         kind="train-rts",
         resume=resume,
         max_rollbacks=max_rollbacks,
+        write=distributed.is_main(),
     )
+    if resume:  # under torchrun: rank 0's last write is done before any rank reads
+        distributed.barrier()
     state = ckpt.resume_state()
+    mine = this_rank_state(state, "train-rts") if state is not None else None
+    if mine is not None:  # this rank's data position, RNG states, fake-label draws and loss sums
+        state = {**state, **mine}
     loader = ResumableLoader(train_loader, state and state["data"])
     c: Dict[str, Any] = {"steps": 0, "epoch": 0, "epochs_done": 0, "seen": 0, "seconds": 0.0}
     sums = {k: 0.0 for k in LOSS_PARTS}
     history: list[Dict[str, float]] = []
     trained = _trainable_names(rts)
 
+    per_rank = ("seen", "sums", "fake_labels", "data", "rng")
+
     def snapshot() -> Dict[str, Any]:
-        return {
+        s = {
             **c,
             "step": c["steps"],
             "sums": sums,
@@ -246,6 +275,8 @@ def train_rts(
             "data": loader.position(),
             "rng": rng_states(),
         }
+        ranks = gather_rank_states({k: s[k] for k in per_rank})  # None in one process
+        return s if ranks is None else {**s, "ranks": ranks}
 
     def load(s: Dict[str, Any]) -> None:
         try:
@@ -268,6 +299,7 @@ def train_rts(
         set_rng_states(state["rng"])
     else:
         ckpt.remember(snapshot())
+    model = distributed.wrap_ddp(rts)  # averages the masking model's gradients; rts itself alone
     t0 = time.perf_counter() - c["seconds"]
     deadline = time.perf_counter() + 60.0 * cfg.max_minutes - c["seconds"]
     bar = tqdm(
@@ -278,11 +310,12 @@ def train_rts(
         if epoch != c["epoch"]:
             c.update(epoch=epoch, seen=0)
             sums.update({k: 0.0 for k in LOSS_PARTS})
+        set_epoch(train_loader, epoch)
         for x, y, _n_skip in loader:
-            if time.perf_counter() > deadline:
+            if any_rank(time.perf_counter() > deadline):  # under torchrun every rank stops at this step
                 stopped = True
                 break
-            if len(y) == 0:
+            if any_rank(len(y) == 0):
                 bar.update(1)
                 continue
             x, y = x.to(device), y.to(device)
@@ -290,9 +323,9 @@ def train_rts(
                 with torch.no_grad():
                     y = rts.classifier(x).argmax(1)
             classes, real = _with_fake_labels(y, rts.classifier.num_classes, cfg.fake_label_prob, gen)
-            masks = rts(x, classes)  # (N, H/4, W/4)
+            masks = model(x, classes)  # (N, H/4, W/4)
             loss, parts = rts_loss(rts.classifier, x, masks, classes, real=real, **kwargs)
-            if not torch.isfinite(loss):
+            if any_rank(not bool(torch.isfinite(loss))):
                 lrs = lr_settings(opt, sched)
                 load(cpu_copy(ckpt.roll_back(NumericalError(f"train-rts: the loss became {loss.item()}"))))
                 lower_lr(opt, lrs, ckpt.lr_factor, sched)
@@ -313,8 +346,9 @@ def train_rts(
             bar.update(1)
             c["seconds"] = time.perf_counter() - t0
             ckpt.step_end(c["steps"], snapshot, last=c["steps"] == steps_total)
-        if c["seen"]:
-            history.append({k: sums[k] / c["seen"] for k in LOSS_PARTS})
+        epoch_sums = distributed.all_reduce_sums({**sums, "_seen": c["seen"]})  # over the ranks
+        if epoch_sums["_seen"]:
+            history.append({k: epoch_sums[k] / epoch_sums["_seen"] for k in LOSS_PARTS})
         if stopped:
             log.warning(
                 "train-rts stopped after %.1f minutes (train.max_minutes) in epoch %d",
@@ -324,6 +358,7 @@ def train_rts(
             break
         c["epochs_done"] += 1
     bar.close()
+    broadcast_buffers(rts)  # under torchrun: rank 0's BatchNorm statistics everywhere
     rts.eval()
     return {
         "train_loss": history[-1] if history else {},
@@ -378,6 +413,9 @@ def evaluate_rts(
         loss_kwargs: eq-12 weights for the reported loss parts (default: :func:`rts_loss`'s).
         progress: show a tqdm bar.
 
+    Under torchrun each rank measures a disjoint share of the images (every W-th) and the sums and counts
+    are added over the ranks, so every rank returns the figures of the whole data set.
+
     Returns:
         ``loss`` (eq-12 parts, image means), ``mean_mask_area`` (mean mask value), ``classifier_accuracy``,
         ``images``, ``skipped``, and with ``boxes`` ``pointing_top20`` and ``pointing_images``.
@@ -387,10 +425,12 @@ def evaluate_rts(
     correct = seen = skipped = 0
     area_sum = 0.0
     hits = pointed = 0.0
+    mine = range(distributed.rank(), len(dataset), distributed.world_size())  # all of it alone
+    progress = progress and distributed.is_main()
     for start in tqdm(
-        range(0, len(dataset), batch_size), desc="evaluate-rts", disable=not progress, leave=False
+        range(0, len(mine), batch_size), desc="evaluate-rts", disable=not progress, leave=False
     ):
-        items = [(i, dataset[i]) for i in range(start, min(start + batch_size, len(dataset)))]
+        items = [(i, dataset[i]) for i in mine[start : start + batch_size]]
         kept = [(i, item) for i, item in items if item is not None]
         skipped += len(items) - len(kept)
         if not kept:
@@ -412,6 +452,21 @@ def evaluate_rts(
                 b = torch.tensor([boxes[kept[j][0]] for j in with_box], device=device)
                 hits += pointing_game(up, b) * len(with_box)
                 pointed += len(with_box)
+    if distributed.world_size() > 1:  # sums and counts over the ranks
+        total = distributed.all_reduce_sums(
+            {
+                **sums,
+                "_correct": correct,
+                "_seen": seen,
+                "_skipped": skipped,
+                "_area": area_sum,
+                "_hits": hits,
+                "_pointed": pointed,
+            }
+        )
+        sums = {k: total[k] for k in LOSS_PARTS}
+        correct, seen, skipped = (int(total[k]) for k in ("_correct", "_seen", "_skipped"))
+        area_sum, hits, pointed = total["_area"], total["_hits"], total["_pointed"]
     out: Dict[str, Any] = {
         "loss": {k: sums[k] / max(seen, 1) for k in LOSS_PARTS},
         "mean_mask_area": area_sum / max(seen, 1),
@@ -488,11 +543,13 @@ def run_train_rts(
     from .training import resolve_device
 
     run_dir = Path(run_dir)
-    torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    splits = load_splits(cfg.data, augment_train=cfg.train.augment, progress=progress)
+    torch.manual_seed(cfg.seed)  # the same on every rank: the same initial masking model
+    device = distributed.device_for_rank(resolve_device(cfg.device))
+    with distributed.main_first():  # under torchrun, rank 0 fills the data cache, then the others read it
+        splits = load_splits(cfg.data, augment_train=cfg.train.augment, progress=progress)
     clf = load_explained_classifier(cfg.classifier, classes=splits.classes)
-    save_split(run_dir / "split.json", splits.split)
+    if distributed.is_main():  # under torchrun only rank 0 writes files
+        save_split(run_dir / "split.json", splits.split)
     rts = RTS(
         clf.to(device),
         encoder=cfg.rts.encoder,
@@ -500,6 +557,8 @@ def run_train_rts(
         width=cfg.rts.width,
         image_size=cfg.data.image_size,
     ).to(device)
+    if distributed.world_size() > 1:  # the model is built: per-rank RNG (augmentation, fake labels)
+        torch.manual_seed(distributed.rank_seed(cfg.seed))
     loader = make_loader(
         splits.train,
         batch_size=cfg.train.batch_size,
@@ -522,7 +581,8 @@ def run_train_rts(
     ev = evaluate_rts(
         rts, splits.test, device=device, boxes=boxes, loss_kwargs=cfg.train.loss_kwargs(), progress=progress
     )
-    save_rts(rts, run_dir / "rts.safetensors", classes=splits.classes)
+    if distributed.is_main():
+        save_rts(rts, run_dir / "rts.safetensors", classes=splits.classes)
     metrics.update(
         test_loss=ev["loss"],
         mean_mask_area=ev["mean_mask_area"],

@@ -161,6 +161,11 @@ class InMemoryLoader:
 
     For small data sets (the embedded one): decoding every image once instead of every epoch, and a
     batched random crop (reflect-padded by 1/8) + horizontal flip instead of per-image PIL transforms.
+
+    With ``shard=True`` under torchrun (:mod:`juap.distributed`) every rank draws the same global batch
+    (order and augmentation from the shared ``seed``) and yields only its contiguous slice of it, so W
+    processes see exactly the batches one process sees, split W ways; ``len()`` stays the number of
+    global batches. Alone (one process) ``shard`` changes nothing.
     """
 
     def __init__(
@@ -173,11 +178,13 @@ class InMemoryLoader:
         augment: bool = False,
         seed: int = 0,
         drop_last: bool = False,
+        shard: bool = False,
     ) -> None:
         import torch
 
         self.x, self.y = x, y
         self.batch_size, self.shuffle, self.augment, self.drop_last = batch_size, shuffle, augment, drop_last
+        self.shard = shard
         self.generator = torch.Generator().manual_seed(seed)
         self.dataset = x  # len(loader.dataset) is the number of images, as for a DataLoader
 
@@ -189,23 +196,31 @@ class InMemoryLoader:
         import torch
         import torch.nn.functional as F
 
+        from .. import distributed
+
         n = len(self.x)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         for b in range(len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            if self.augment:  # drawn for the whole global batch: the generator advances alike on every rank
+                pad = max(1, self.x.shape[-2] // 8)
+                dy, dx = torch.randint(0, 2 * pad + 1, (2, len(idx)), generator=self.generator)
+                flip = torch.rand(len(idx), generator=self.generator) < 0.5
+            if self.shard and distributed.world_size() > 1:  # this rank's contiguous slice
+                lo, hi = distributed.slice_bounds(len(idx))
+                idx = idx[lo:hi]
+                if self.augment:
+                    dy, dx, flip = dy[lo:hi], dx[lo:hi], flip[lo:hi]
             x, y = self.x[idx], self.y[idx]
             if self.augment:
                 h, w = x.shape[-2:]
-                pad = max(1, h // 8)
                 xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-                dy, dx = torch.randint(0, 2 * pad + 1, (2, len(x)), generator=self.generator)
                 rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(
                     -1, x.shape[1], -1, w + 2 * pad
                 )
                 x = xp.gather(2, rows)
                 cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(-1, x.shape[1], h, -1)
                 x = x.gather(3, cols)
-                flip = torch.rand(len(x), generator=self.generator) < 0.5
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
             yield x, y, 0
 
