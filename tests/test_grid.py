@@ -320,3 +320,15 @@ def test_experiment_config_loads_resolves_and_dry_runs(path, dry_run_dir):
     write_results(tiny, dry_run_dir / "run", res)
     for table in exp.tables:
         assert table.title in (dry_run_dir / "run" / "results.md").read_text()
+
+
+def test_merge_reuses_the_same_configuration_under_another_label(tmp_path):
+    """A lambda-sweep point equal to another experiment's cell (same config, other name) is not rerun."""
+    base = GRID + "  juap: {lam: 0.05}\n"
+    a = load_experiment(_exp(tmp_path, base, "a.yaml"))
+    b = load_experiment(_exp(tmp_path, base, "b.yaml"), ["grid.variants=[{lam: 0.05}, {lam: 0.1}]"])
+    run_grid(a, tmp_path / "a", run_cell=_fake_cell([]))
+    calls: list = []
+    res = run_grid(b, tmp_path / "b", merge=[tmp_path / "a"], run_cell=_fake_cell(calls))
+    assert res["complete"] == res["cells"] == 2 + 8
+    assert len(calls) == 4 and all("lam=0.1" in c for c in calls)

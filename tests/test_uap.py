@@ -175,3 +175,41 @@ def test_bad_data(setup):
         UAP(classifier=clf).fit(x * 255, progress=False)
     with pytest.raises(RuntimeError, match="fit"):
         UAP(classifier=clf).perturb(x)
+
+
+def test_resume_after_a_pass_gives_the_uninterrupted_perturbation(setup, tmp_path):
+    """A run stopped after its first pass (checkpoint written) and resumed ends with exactly the v of an
+    uninterrupted run, for a tensor and for a shuffled, seeded loader."""
+    from juap.data import make_loader
+
+    clf, x = setup
+    kw = {"classifier": clf, "norm": "linf", "eps": 10, "target_fooling_rate": 1.0, "seed": 3}
+    dataset = torch.utils.data.TensorDataset(x, torch.zeros(len(x), dtype=torch.long))
+    for name, data in (
+        ("tensor", lambda: x),
+        ("loader", lambda: make_loader(dataset, batch_size=8, shuffle=True, seed=5)),
+    ):
+        whole = UAP(max_passes=3, **kw).fit(data(), progress=False)
+        d = tmp_path / name
+        first = UAP(max_passes=1, **kw)
+        first.fit(data(), progress=False, checkpoint_dir=d)
+        assert (d / "checkpoint.safetensors").is_file()
+        resumed = _CountingUAP(max_passes=3, **kw)
+        v = resumed.fit(data(), progress=False, checkpoint_dir=d, resume=True)
+        assert torch.equal(v, whole), name
+        assert [h["pass"] for h in resumed.history] == [1, 2, 3]
+        assert resumed.passes_run == 2  # pass 1 came from the checkpoint, not run again
+    with pytest.raises(juap.JuapError, match="eps"):
+        UAP(max_passes=3, **{**kw, "eps": 12}).fit(
+            x, progress=False, checkpoint_dir=tmp_path / "tensor", resume=True
+        )
+
+
+class _CountingUAP(UAP):
+    """Counts the passes it runs (each pass ends with one fooling-rate measurement)."""
+
+    passes_run = 0
+
+    def _fooling_rate(self, data, v, benign):
+        self.passes_run += 1
+        return super()._fooling_rate(data, v, benign)

@@ -436,9 +436,20 @@ def run_grid(
 
 
 def _finished(d: Path, merge: Sequence[Path], cell_id: str) -> bool:
-    if cell_status(d) == "complete" and (d / "metrics.json").is_file():
-        return True
-    return any(cell_status(Path(p) / "cells" / cell_id) == "complete" for p in merge)
+    return any(_done(f) for f in [d, *(_same_cell(Path(p) / "cells", cell_id) for p in merge)])
+
+
+def _done(d: Optional[Path]) -> bool:
+    return d is not None and cell_status(d) == "complete" and (d / "metrics.json").is_file()
+
+
+def _same_cell(folder: Path, cell_id: str) -> Optional[Path]:
+    """The cell ``cell_id`` in ``folder``: by its exact name, else by its config hash alone (the same
+    configuration named after another experiment's labels, e.g. a lambda-sweep point)."""
+    exact = folder / cell_id
+    if exact.is_dir():
+        return exact
+    return next((d for d in sorted(folder.glob(f"*-{cell_id.rsplit('-', 1)[-1]}")) if _done(d)), None)
 
 
 def _map_note(m: Mapping[str, Any]) -> str:
@@ -458,8 +469,8 @@ def collect_rows(cells: Sequence[Cell], folders: Sequence[Path]) -> Tuple[List[D
     complete = 0
     for cell in cells:
         for folder in folders:
-            d = folder / cell.id
-            if cell_status(d) == "complete" and (d / "metrics.json").is_file():
+            d = _same_cell(folder, cell.id)
+            if _done(d):
                 rows += cell_rows(cell, json.loads((d / "metrics.json").read_text()), d)
                 complete += 1
                 break

@@ -108,14 +108,66 @@ class UAP(UniversalAttack):
         self.fooling_rate_: Optional[float] = None
         self.converged_: Optional[bool] = None
 
-    def fit(self, data, *, progress: bool = True) -> torch.Tensor:
-        """Learn v from ``data``; sets ``perturbation``, ``fooling_rate_``, ``converged_`` and ``history``."""
+    def fit(
+        self,
+        data,
+        *,
+        progress: bool = True,
+        checkpoint_dir=None,
+        checkpoint_every: Optional[int] = None,
+        resume: bool = False,
+    ) -> torch.Tensor:
+        """Learn v from ``data``; sets ``perturbation``, ``fooling_rate_``, ``converged_`` and ``history``.
+
+        Args:
+            checkpoint_dir: folder for ``checkpoint.safetensors``, written after every pass (v, the pass
+                count, the history, the data order and RNG states); SIGINT/SIGTERM stop at the end of
+                the current pass with a checkpoint (a second signal stops at once).
+            checkpoint_every: accepted for a uniform interface; UAP checkpoints once per pass.
+            resume: continue after the last finished pass in ``checkpoint_dir`` (the same v as an
+                uninterrupted run's, bitwise on CPU with the same data and settings).
+        """
+        from ..checkpoint import LoopCheckpoints, rng_states, set_rng_states
+
         benign = None  # f(x) of every image of a tensor, computed once
         if isinstance(data, torch.Tensor):
             batches = iter_batches(data, batch_size=4 * self.batch_size, device=self.device)
             benign = torch.cat([self._predict(x) for x, _ in batches])
         v: Optional[torch.Tensor] = None
         self.history, fooling_rate, passes = [], 0.0, 0
+        ckpt = LoopCheckpoints(checkpoint_dir, every=1, kind=self.name, resume=resume)
+        gen = getattr(data, "generator", None)  # a seeded loader's order depends on its generator's state
+        gen = gen if isinstance(gen, torch.Generator) else None
+        state = ckpt.resume_state()
+        if state is not None:
+            self._check_resume(state)
+            v, passes = state["v"].to(self.device), int(state["step"])
+            self.history, fooling_rate = list(state["history"]), float(state["fooling_rate"])
+            if gen is not None and state.get("loader") is not None:
+                gen.set_state(state["loader"])
+            set_rng_states(state["rng"])
+        with ckpt.stop_signals():
+            v, fooling_rate, passes = self._passes(
+                data, benign, v, fooling_rate, passes, progress, ckpt, gen, rng_states
+            )
+        self.perturbation, self.fooling_rate_, self._net = v, fooling_rate, None
+        self.converged_ = fooling_rate >= self.target_fooling_rate
+        return self.perturbation
+
+    def _check_resume(self, state) -> None:
+        from ..errors import CheckpointError
+
+        mine = {"norm": self.norm, "eps": self.eps, "seed": self.seed, "batch_size": self.batch_size}
+        diff = {k: (state["identity"].get(k), v) for k, v in mine.items() if state["identity"].get(k) != v}
+        if diff:
+            raise CheckpointError(
+                "the UAP checkpoint was written with other settings, so it cannot be resumed: "
+                + "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
+            )
+
+    def _passes(self, data, benign, v, fooling_rate, passes, progress, ckpt, gen, rng_states):
+        """Algorithm 1 of Moosavi-Dezfooli et al.: DeepFool steps folded into v, pass after pass."""
+        identity = {"norm": self.norm, "eps": self.eps, "seed": self.seed, "batch_size": self.batch_size}
         while fooling_rate < self.target_fooling_rate and passes < self.max_passes:
             seen = fooled = updates = 0
             bar = tqdm(
@@ -150,9 +202,21 @@ class UAP(UniversalAttack):
             bar.set_postfix(fooling_rate=f"{fooling_rate:.3f}", updates=updates)
             bar.close()
             self.history.append({"pass": passes, "fooling_rate": fooling_rate, "updates": updates})
-        self.perturbation, self.fooling_rate_, self._net = v, fooling_rate, None
-        self.converged_ = fooling_rate >= self.target_fooling_rate
-        return self.perturbation
+            done = fooling_rate >= self.target_fooling_rate or passes >= self.max_passes
+            ckpt.step_end(  # after every pass; raises RunInterrupted on a pending stop signal
+                passes,
+                lambda v=v, fr=fooling_rate, p=passes: {
+                    "step": p,
+                    "identity": identity,
+                    "v": v,
+                    "fooling_rate": fr,
+                    "history": self.history,
+                    "loader": gen.get_state() if gen is not None else None,
+                    "rng": rng_states(),
+                },
+                last=done,
+            )
+        return v, fooling_rate, passes
 
     def fooling_rate(self, data, v: torch.Tensor) -> float:
         """ART's ``fooling_rate`` of v (3, H, W) on ``data``: the share with f(clamp(x + v, 0, 1)) != f(x)."""
