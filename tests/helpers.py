@@ -85,3 +85,18 @@ def texture_classifier():
     with torch.no_grad():
         assert (clf(x_test).argmax(1) == y_test).float().mean() > 0.8
     return clf, x_test, y_test
+
+
+# `--set` options for a tiny embedded data set (96 images, 32x32, 4 classes) in CLI tests.
+CLI_TINY_DATA = [
+    "--set",
+    "data.num_images=96",
+    "--set",
+    "data.image_size=32",
+    "--set",
+    "data.num_classes=4",
+    "--set",
+    "data.train_fraction=0.5",
+    "--set",
+    "data.test_fraction=0.25",
+]

@@ -6,22 +6,11 @@ import pytest
 import torch
 
 import juap
-from helpers import tiny_trained_classifier
+from helpers import CLI_TINY_DATA, tiny_trained_classifier
 from juap.cli import main
 from juap.io import load_tensors
 
-DATA = [
-    "--set",
-    "data.num_images=96",
-    "--set",
-    "data.image_size=32",
-    "--set",
-    "data.num_classes=4",
-    "--set",
-    "data.train_fraction=0.5",
-    "--set",
-    "data.test_fraction=0.25",
-]
+DATA = CLI_TINY_DATA
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 import juap
+from helpers import CLI_TINY_DATA
 from juap.checkpoint import (
     CHECKPOINT_NAME,
     LoopCheckpoints,
@@ -41,18 +42,7 @@ from juap.cli import main
 from juap.errors import CheckpointError, NumericalError
 from juap.io import DiskFullError, load_tensors, read_metadata, write_bytes, write_json
 
-DATA = [
-    "--set",
-    "data.num_images=96",
-    "--set",
-    "data.image_size=32",
-    "--set",
-    "data.num_classes=4",
-    "--set",
-    "data.train_fraction=0.5",
-    "--set",
-    "data.test_fraction=0.25",
-]
+DATA = CLI_TINY_DATA
 STEPS = 30
 ATTACK = [
     "--set",

@@ -80,12 +80,7 @@ def figure_grid(
             ax.set_title(caption, fontsize=7)
             if c == 0:
                 ax.set_ylabel(row["label"], fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=130, format="png")
-    plt.close(fig)
+    _save(fig, path, dpi=130, title=title)
 
 
 def bar_chart(
@@ -113,10 +108,7 @@ def bar_chart(
     if title:
         ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=130, format="png")
-    plt.close(fig)
+    _save(fig, path, dpi=130)
 
 
 def roc_grid(
@@ -165,11 +157,7 @@ def roc_grid(
                 ax.set_ylabel(f"{interp}\nTPR", fontsize=7)
             if i == len(rows) - 1:
                 ax.set_xlabel("FPR", fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    _save(fig, path, dpi=110, title=title)
 
 
 def map_panels(path: str | os.PathLike, rows: Sequence[Mapping], *, title: str = "") -> None:
@@ -204,9 +192,16 @@ def map_panels(path: str | os.PathLike, rows: Sequence[Mapping], *, title: str =
             ax.set_title(caption, fontsize=7)
             if c == 0:
                 ax.set_ylabel(row["label"], fontsize=7)
+    _save(fig, path, dpi=120, title=title)
+
+
+def _save(fig, path: str | os.PathLike, *, dpi: int, title: str = "") -> None:
+    """Title, tight layout, an atomic PNG write, and the figure closed."""
+    import matplotlib.pyplot as plt
+
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
+        fig.savefig(tmp, dpi=dpi, format="png")
     plt.close(fig)
