@@ -147,7 +147,7 @@ def results(tmp_path_factory):
     torch.multiprocessing.start_processes(
         _worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True, start_method="fork"
     )
-    multi = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    multi = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     single = run_experiment()
     return single, multi
 
@@ -440,7 +440,7 @@ def trained(tmp_path_factory):
     torch.multiprocessing.start_processes(
         _train_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True, start_method="fork"
     )
-    multi = [torch.load(out / f"train{r}.pt", weights_only=False) for r in range(WORLD)]
+    multi = [torch.load(out / f"train{r}.pt", weights_only=True) for r in range(WORLD)]
     single_dir = tmp_path_factory.mktemp("one-train")
     return run_training(single_dir), multi
 
