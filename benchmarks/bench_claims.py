@@ -91,11 +91,6 @@ def judge(rows: Dict[str, List[Mapping]], v: Verdicts) -> None:
                     iou_ok = j["iou"] >= g["iou"] + IOU_GAIN
                     l1_ok = j["l1"] < g["l1"]
                     parts = [n for n, ok in (("FR", fr_ok), ("IoU", iou_ok), ("L1", l1_ok)) if not ok]
-                    if j.get("iou_fooled") is not None and g.get("iou_fooled") is not None:
-                        print(
-                            f"    (diagnostic) maps of the fooled images only: IoU {j['iou_fooled']:.3f} vs "
-                            f"{g['iou_fooled']:.3f}, L1 {j['l1_fooled']:.3f} vs {g['l1_fooled']:.3f}"
-                        )
                     v.check(
                         f"{gen} vs GUAP under {i}",
                         fr_ok and iou_ok and l1_ok,
@@ -103,6 +98,11 @@ def judge(rows: Dict[str, List[Mapping]], v: Verdicts) -> None:
                         f"{g['iou']:.3f}, L1 {j['l1']:.3f} vs {g['l1']:.3f}"
                         + (f" (misses: {', '.join(parts)})" if parts else ""),
                     )
+                    if j.get("iou_fooled") is not None and g.get("iou_fooled") is not None:
+                        print(
+                            f"    diagnostic, the fooled images only: IoU {j['iou_fooled']:.3f} vs "
+                            f"{g['iou_fooled']:.3f}, L1 {j['l1_fooled']:.3f} vs {g['l1_fooled']:.3f}"
+                        )
     t5 = rows.get("table5", [])
     if t5:
         print(f"\nClaim 3: robust to the threat model (|dFR| and |dIoU| <= {ROBUST}, L_inf vs L_2)")
