@@ -210,8 +210,6 @@ def train_rts(
         ``train_seconds``, ``steps``, ``epochs_done``, ``stopped_early`` (time bound reached).
     """
     from .checkpoint import (
-        LoopCheckpoints,
-        ResumableLoader,
         cpu_copy,
         lower_lr,
         lr_settings,
@@ -223,9 +221,9 @@ def train_rts(
         any_rank,
         broadcast_buffers,
         gather_rank_states,
+        open_loop_checkpoints,
         set_epoch,
         shard_train_loader,
-        this_rank_state,
     )
 
     world = distributed.world_size()
@@ -240,21 +238,14 @@ def train_rts(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps_total, eta_min=cfg.lr * 0.05)
     gen = torch.Generator().manual_seed(int(torch.initial_seed()) % (2**31))
     kwargs = cfg.loss_kwargs()
-    ckpt = LoopCheckpoints(
-        checkpoint_dir,
-        every=checkpoint_every or min(200, max(1, len(train_loader))),
+    ckpt, state, loader = open_loop_checkpoints(
+        train_loader,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
         kind="train-rts",
         resume=resume,
         max_rollbacks=max_rollbacks,
-        write=distributed.is_main(),
     )
-    if resume:  # under torchrun: rank 0's last write is done before any rank reads
-        distributed.barrier()
-    state = ckpt.resume_state()
-    mine = this_rank_state(state, "train-rts") if state is not None else None
-    if mine is not None:  # this rank's data position, RNG states, fake-label draws and loss sums
-        state = {**state, **mine}
-    loader = ResumableLoader(train_loader, state and state["data"])
     c: Dict[str, Any] = {"steps": 0, "epoch": 0, "epochs_done": 0, "seen": 0, "seconds": 0.0}
     sums = {k: 0.0 for k in LOSS_PARTS}
     history: list[Dict[str, float]] = []

@@ -163,6 +163,40 @@ def this_rank_state(state: Dict, kind: str) -> Dict | None:
     return ranks[distributed.rank()] if ranks else None
 
 
+def open_loop_checkpoints(
+    train_loader,
+    *,
+    checkpoint_dir,
+    checkpoint_every: int | None,
+    kind: str,
+    resume: bool,
+    max_rollbacks: int,
+):
+    """The checkpoints of an epoch loop (every ``checkpoint_every`` steps, default one epoch or 200
+    steps), the state to resume from (this rank's part merged in) and the resumable training loader.
+
+    Returns:
+        ``(ckpt, state or None, loader)``.
+    """
+    from .checkpoint import LoopCheckpoints, ResumableLoader
+
+    ckpt = LoopCheckpoints(
+        checkpoint_dir,
+        every=checkpoint_every or min(200, max(1, len(train_loader))),
+        kind=kind,
+        resume=resume,
+        max_rollbacks=max_rollbacks,
+        write=distributed.is_main(),
+    )
+    if resume:  # under torchrun: rank 0's last write is done before any rank reads
+        distributed.barrier()
+    state = ckpt.resume_state()
+    mine = this_rank_state(state, kind) if state is not None else None
+    if mine is not None:  # this rank's data position, RNG states and counts
+        state = {**state, **mine}
+    return ckpt, state, ResumableLoader(train_loader, state and state["data"])
+
+
 def broadcast_buffers(module: torch.nn.Module) -> None:
     """Rank 0's buffers (BatchNorm running statistics) on every rank; nothing alone."""
     if distributed.world_size() == 1:
@@ -298,8 +332,6 @@ def train_classifier(
         Metrics: ``test_accuracy``, ``train_accuracy`` (last epoch, on augmented data), timings, counts.
     """
     from .checkpoint import (
-        LoopCheckpoints,
-        ResumableLoader,
         cpu_copy,
         lower_lr,
         lr_settings,
@@ -329,21 +361,14 @@ def train_classifier(
     )
     steps = cfg.epochs * max(1, len(train_loader))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.15)
-    ckpt = LoopCheckpoints(
-        checkpoint_dir,
-        every=checkpoint_every or min(200, max(1, len(train_loader))),
+    ckpt, state, loader = open_loop_checkpoints(
+        train_loader,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
         kind="train-classifier",
         resume=resume,
         max_rollbacks=max_rollbacks,
-        write=distributed.is_main(),
     )
-    if resume:  # under torchrun: rank 0's last write is done before any rank reads
-        distributed.barrier()
-    state = ckpt.resume_state()
-    mine = this_rank_state(state, "train-classifier") if state is not None else None
-    if mine is not None:  # this rank's data position, RNG states and counts
-        state = {**state, **mine}
-    loader = ResumableLoader(train_loader, state and state["data"])
     c = {"step": 0, "epoch": 0, "correct": 0, "seen": 0, "skipped": 0, "seconds": 0.0}
     per_rank = ("correct", "seen", "skipped", "data", "rng")
 
