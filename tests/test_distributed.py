@@ -118,36 +118,42 @@ def run_experiment() -> dict:
     }
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _in_process_group(rank: int, port: int, out_dir: str, work) -> None:
+    """A torchrun-like rank: join a gloo group of WORLD processes, save ``work(out_dir)`` as rank<r>.pt."""
     os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        MASTER_ADDR="127.0.0.1",
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
-    )
+    )  # fmt: skip
     try:
         assert distributed.init_from_env("gloo")
-        res = run_experiment()
-        torch.manual_seed(rank)  # a classifier built with another seed on each rank must be refused
-        other = juap.create_classifier("small_resnet", num_classes=4, widths=(4, 8, 16))
-        try:
-            distributed.check_same_across_ranks(other, "classifier")
-        except ConfigError as e:
-            res["different_models_error"] = str(e)
-        torch.save(res, Path(out_dir) / f"rank{rank}.pt")
+        torch.save(work(Path(out_dir)), Path(out_dir) / f"rank{rank}.pt")
     finally:
         distributed.cleanup()
 
 
+def _run_ranks(work, out: Path) -> list:
+    """``work`` in WORLD forked processes (they inherit the imported modules; spawn would import torch and
+    juap again, ~10 s); returns each rank's result."""
+    torch.multiprocessing.start_processes(
+        _in_process_group, args=(_free_port(), str(out), work), nprocs=WORLD, join=True, start_method="fork"
+    )
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def _experiment_on_rank(out_dir: Path) -> dict:
+    res = run_experiment()
+    torch.manual_seed(distributed.rank())  # a classifier built with another seed on each rank must be refused
+    other = juap.create_classifier("small_resnet", num_classes=4, widths=(4, 8, 16))
+    try:
+        distributed.check_same_across_ranks(other, "classifier")
+    except ConfigError as e:
+        res["different_models_error"] = str(e)
+    return res
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    # fork: the workers inherit the imported modules (spawn would import torch and juap again, ~10 s)
-    torch.multiprocessing.start_processes(
-        _worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True, start_method="fork"
-    )
-    multi = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    multi = _run_ranks(_experiment_on_rank, tmp_path_factory.mktemp("ddp"))
     single = run_experiment()
     return single, multi
 
@@ -421,26 +427,9 @@ def run_training(out_dir: Path) -> dict:
     return res
 
 
-def _train_worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )  # fmt: skip
-    try:
-        assert distributed.init_from_env("gloo")
-        res = run_training(Path(out_dir))
-        torch.save(res, Path(out_dir) / f"train{rank}.pt")
-    finally:
-        distributed.cleanup()
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp-train")
-    torch.multiprocessing.start_processes(
-        _train_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True, start_method="fork"
-    )
-    multi = [torch.load(out / f"train{r}.pt", weights_only=True) for r in range(WORLD)]
+    multi = _run_ranks(run_training, tmp_path_factory.mktemp("ddp-train"))
     single_dir = tmp_path_factory.mktemp("one-train")
     return run_training(single_dir), multi
 

@@ -48,14 +48,14 @@ def _open_run(args: argparse.Namespace, cls: type, command: str):
     from .config import load_config, to_dict
     from .runs import check_config, new_run_dir
 
-    _resume_options(args)  # checked before the run folder is made
+    resume = _resume_options(args)["resume"]  # checked before the run folder is made
     source = args.config
-    if args.resume and args.out and not args.config and not args.overrides:
+    if resume and args.out and not args.config and not args.overrides:
         saved = Path(args.out) / "config.yaml"
         source = saved if saved.is_file() else None
     cfg = load_config(cls, source, args.overrides)
-    run_dir = new_run_dir(args.out, command=command, overwrite=args.overwrite, resume=args.resume)
-    check_config(run_dir, to_dict(cfg), resume=args.resume)
+    run_dir = new_run_dir(args.out, command=command, overwrite=args.overwrite, resume=resume)
+    check_config(run_dir, to_dict(cfg), resume=resume)
     args.run_dir = run_dir  # for the "how to resume" message on an interruption
     return cfg, run_dir
 
@@ -63,11 +63,10 @@ def _open_run(args: argparse.Namespace, cls: type, command: str):
 def _resume_options(args: argparse.Namespace) -> dict:
     from .errors import ConfigError
 
-    if args.checkpoint_every is not None and args.checkpoint_every < 1:
-        raise ConfigError(
-            f"--checkpoint-every {args.checkpoint_every} is out of range; give a number of steps >= 1"
-        )
-    return {"resume": args.resume, "checkpoint_every": args.checkpoint_every}
+    every = getattr(args, "checkpoint_every", None)  # commands without --resume have neither option
+    if every is not None and every < 1:
+        raise ConfigError(f"--checkpoint-every {every} is out of range; give a number of steps >= 1")
+    return {"resume": getattr(args, "resume", False), "checkpoint_every": every}
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> int:
@@ -193,12 +192,11 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .config import AttackRunConfig, load_config
+    from .config import AttackRunConfig
     from .experiments import run_evaluate
-    from .runs import failed_on_error, new_run_dir
+    from .runs import failed_on_error
 
-    cfg = load_config(AttackRunConfig, args.config, args.overrides)
-    run_dir = new_run_dir(args.out, command="evaluate", overwrite=args.overwrite)
+    cfg, run_dir = _open_run(args, AttackRunConfig, "evaluate")
     print(f"Evaluating {args.perturbation} on {cfg.classifier.name}; run folder: {run_dir}")
     with failed_on_error(run_dir):
         m = run_evaluate(cfg, args.perturbation, run_dir, progress=not args.no_progress)
@@ -266,12 +264,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    from .config import load_config
     from .detection import DetectConfig, run_detect
-    from .runs import failed_on_error, new_run_dir
+    from .runs import failed_on_error
 
-    cfg = load_config(DetectConfig, args.config, args.overrides)
-    run_dir = new_run_dir(args.out, command="detect", overwrite=args.overwrite)
+    cfg, run_dir = _open_run(args, DetectConfig, "detect")
     print(f"Detecting {len(args.perturbation)} perturbation(s) from their maps; run folder: {run_dir}")
     with failed_on_error(run_dir):
         m = run_detect(cfg, args.perturbation, run_dir, progress=not args.no_progress, say=print)
