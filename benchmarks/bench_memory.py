@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any, Dict
 
 from _common import goal, print_goals, print_table, standalone
-from bench_scaling import measure
+from bench_scaling import POINT_COLUMNS, measure
+
+COLUMNS = POINT_COLUMNS[:-1] + ("wall_s", "error")
 
 GOAL_GIB = 8.0
 
@@ -33,22 +35,7 @@ def run(quick: bool, out_dir: Path) -> Dict[str, Any]:
     )
     for arch in ("resnet18", "densenet121"):
         r = measure({"arch": arch, "batch": batch, "size": 224, "steps": 2, "mode": "fit"}, timeout=900)
-        rows.append(
-            {
-                k: r.get(k)
-                for k in (
-                    "arch",
-                    "batch",
-                    "size",
-                    "step_cpu_s",
-                    "rss_before_gib",
-                    "peak_rss_gib",
-                    "step_gib",
-                    "wall_s",
-                    "error",
-                )
-            }
-        )
+        rows.append({k: r.get(k) for k in COLUMNS})
         goals.append(
             goal(
                 f"{arch} 224x224 batch {batch}: peak RSS of JUAP-Grad-CAM training",
@@ -58,20 +45,7 @@ def run(quick: bool, out_dir: Path) -> Dict[str, Any]:
                 unit=" GiB",
             )
         )
-    print_table(
-        rows,
-        [
-            "arch",
-            "batch",
-            "size",
-            "step_cpu_s",
-            "rss_before_gib",
-            "peak_rss_gib",
-            "step_gib",
-            "wall_s",
-            "error",
-        ],
-    )
+    print_table(rows, list(COLUMNS))
     print_goals(goals)
     return {
         "name": "memory",

@@ -108,6 +108,10 @@ def child(spec: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
+# What a measured point reports, in table order.
+POINT_COLUMNS = ("arch", "batch", "size", "step_cpu_s", "rss_before_gib", "peak_rss_gib", "step_gib", "error")
+
+
 def measure(spec: Dict[str, Any], timeout: float = 600) -> Dict[str, Any]:
     """Run :func:`child` in a fresh interpreter; its JSON line is the result (or an error)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(spec.get("threads", 1))}
@@ -207,22 +211,7 @@ def run(quick: bool, out_dir: Path) -> Dict[str, Any]:
             ),
             flush=True,
         )
-    rows = [
-        {
-            k: p.get(k)
-            for k in (
-                "arch",
-                "batch",
-                "size",
-                "step_cpu_s",
-                "rss_before_gib",
-                "peak_rss_gib",
-                "step_gib",
-                "error",
-            )
-        }
-        for p in points
-    ]
+    rows = [{k: p.get(k) for k in POINT_COLUMNS} for p in points]
     print_table(rows, ["arch", "batch", "size", "step_cpu_s", "rss_before_gib", "peak_rss_gib", "step_gib"])
     fits: Dict[str, Any] = {}
     for arch in archs:
