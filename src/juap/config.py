@@ -274,13 +274,16 @@ class EvalConfig:
         check_range("evaluate.batch_size", self.batch_size, low=1)
 
 
+def attack_split_data() -> DataConfig:
+    """The paper's attack protocol: seeded, disjoint 20% train and 20% test subsets of the data."""
+    return DataConfig(train_fraction=0.2, test_fraction=0.2)
+
+
 @dataclasses.dataclass(frozen=True)
 class AttackRunConfig:
     """``juap attack`` and ``juap evaluate``."""
 
-    data: DataConfig = dataclasses.field(
-        default_factory=lambda: DataConfig(train_fraction=0.2, test_fraction=0.2)
-    )
+    data: DataConfig = dataclasses.field(default_factory=attack_split_data)
     classifier: ClassifierConfig = dataclasses.field(default_factory=ClassifierConfig)
     interpreter: InterpreterConfig = dataclasses.field(default_factory=InterpreterConfig)
     attack: AttackConfig = dataclasses.field(default_factory=AttackConfig)

@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequen
 
 import torch
 
-from .config import ClassifierConfig, DataConfig, EvalConfig, check_range, to_dict
+from .config import ClassifierConfig, DataConfig, EvalConfig, attack_split_data, check_range, to_dict
 from .errors import ConfigError
 from .interpreters.base import normalize_maps
 from .metrics import IOU_KS, iou_topk, l1_distance
@@ -296,9 +296,7 @@ class DetectorSettings:
 class DetectConfig:
     """``juap detect``: the data (its test split is used), classifier, interpreters and the settings."""
 
-    data: DataConfig = dataclasses.field(
-        default_factory=lambda: DataConfig(train_fraction=0.2, test_fraction=0.2)
-    )
+    data: DataConfig = dataclasses.field(default_factory=attack_split_data)
     classifier: ClassifierConfig = dataclasses.field(default_factory=ClassifierConfig)
     evaluate: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     detect: DetectorSettings = dataclasses.field(default_factory=DetectorSettings)

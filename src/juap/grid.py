@@ -32,6 +32,7 @@ from .config import (
     EvalConfig,
     InterpreterConfig,
     apply_overrides,
+    attack_split_data,
     check_range,
     from_dict,
     read_yaml_mapping,
@@ -128,9 +129,7 @@ class ExperimentConfig:
 
     name: str = "experiment"
     description: str = ""
-    data: DataConfig = dataclasses.field(
-        default_factory=lambda: DataConfig(train_fraction=0.2, test_fraction=0.2)
-    )
+    data: DataConfig = dataclasses.field(default_factory=attack_split_data)
     evaluate: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     attack_params: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)
     val_fraction: float = 0.1
