@@ -15,6 +15,7 @@ into one table (same ``--out``, or ``--merge`` of several folders).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import logging
@@ -356,13 +357,18 @@ def cell_config(
 
 def demo_models(*, cache_dir=None, need_rts: bool = True, progress: bool = True) -> Tuple[str, Optional[str]]:
     """Paths of the cached demo classifier and its RTS model (trained on first use, as ``juap demo`` does)."""
-    from .config import TrainClassifierConfig
     from .data.synthetic import default_cache_dir
+
+    return _demo_models(Path(cache_dir) if cache_dir else default_cache_dir(), need_rts, progress)
+
+
+@functools.cache  # once per process and cache folder: every cell of a grid asks again
+def _demo_models(cache: Path, need_rts: bool, progress: bool) -> Tuple[str, Optional[str]]:
+    from .config import TrainClassifierConfig
     from .demo import DemoSettings, _cached_rts
     from .experiments import cached_demo_classifier, demo_classifier_path
 
     ccfg = TrainClassifierConfig()
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
     rts = None
     with distributed.main_first():  # under torchrun rank 0 trains and caches them, then the others load
         cached_demo_classifier(ccfg, cache_dir=cache, progress=progress and distributed.is_main())
