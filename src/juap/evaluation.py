@@ -75,13 +75,13 @@ def evaluate(
             else:
                 benign_logits, adv_logits = classifier(x), classifier(x_hat)
             preds.update_predictions(benign_logits, adv_logits, y, target)
+            fooled = benign_logits.argmax(1) != adv_logits.argmax(1)
             for name, interp in interpreters.items():
                 if name in maps:
                     bm, am = maps[name]
                 else:
                     bm = interp(x, benign_logits.argmax(1))
                     am = interp(x_hat, adv_logits.argmax(1))
-                fooled = benign_logits.argmax(1) != adv_logits.argmax(1)
                 per_interp[name].update_maps(bm, am, seed=i, part=(start, n_global), fooled=fooled)
     for sums in (preds, *per_interp.values()):
         sums.all_reduce()
