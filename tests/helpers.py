@@ -100,3 +100,12 @@ CLI_TINY_DATA = [
     "--set",
     "data.test_fraction=0.25",
 ]
+
+
+def run_cli(capsys, *argv):
+    """``juap ARGV`` in-process: (exit code, stdout, stderr)."""
+    from juap.cli import main
+
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err

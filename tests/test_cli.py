@@ -7,6 +7,7 @@ import torch
 
 import juap
 from helpers import CLI_TINY_DATA, tiny_trained_classifier
+from helpers import run_cli as run
 from juap.cli import main
 from juap.io import load_tensors
 
@@ -19,12 +20,6 @@ def clf_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("clf") / "classifier.safetensors"
     juap.save_classifier(clf, path)
     return str(path)
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_help_lists_every_command(capsys):

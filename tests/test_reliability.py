@@ -28,6 +28,7 @@ from PIL import Image
 
 import juap
 from helpers import CLI_TINY_DATA
+from helpers import run_cli as run
 from juap.checkpoint import (
     CHECKPOINT_NAME,
     LoopCheckpoints,
@@ -64,12 +65,6 @@ def clf_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("clf") / "classifier.safetensors"
     juap.save_classifier(clf, path)
     return str(path)
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def attack_argv(out, clf_path, *extra):
