@@ -52,6 +52,7 @@ ATTACK_LABELS = {
     "pgd": "PGD",
     "jap": "JAP",
     "juap": "JUAP",
+    "sgd_uap": "SGD-UAP",
 }
 GENERATOR_PREFIX = {"resnet": "R", "unet": "U"}
 DEMO = "demo"  # classifier.weights / rts_checkpoint: the cached demo models of `juap demo`
@@ -229,7 +230,7 @@ def plan(exp: ExperimentConfig) -> List[Cell]:
         axes = itertools.product(
             g.generators if _free("generator", accepts, base) else (None,),
             g.interpreters if takes_interpreter(ATTACKS.get(attack)) else (None,),
-            g.objectives if _free("objective", accepts, base) and attack != "guap_ct" else (None,),
+            _objectives(ATTACKS.get(attack), g) if _free("objective", accepts, base) else (None,),
             [v for v in g.variants if set(v) <= accepts] or [{}],
         )
         for gen, interp, obj, setting in axes:
@@ -268,6 +269,11 @@ def plan(exp: ExperimentConfig) -> List[Cell]:
                 )
             )
     return cells
+
+
+def _objectives(cls: type, g: GridConfig) -> Tuple[Optional[str], ...]:
+    """The grid's objectives that the attack class supports (``objectives`` on the class, default all)."""
+    return tuple(o for o in g.objectives if o in getattr(cls, "objectives", OBJECTIVE_LABELS)) or (None,)
 
 
 def _free(name: str, accepts: set, fixed: Mapping[str, Any]) -> bool:

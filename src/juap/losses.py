@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +11,6 @@ from .distributed import global_count, global_sum
 from .errors import ConfigError
 from .interpreters.base import normalize_maps
 
-Objective = Literal["untargeted", "least_likely", "targeted"]
 OBJECTIVES = ("untargeted", "least_likely", "targeted")
 
 
@@ -43,26 +42,64 @@ def check_target(target: Optional[int], num_classes: int) -> None:
         )
 
 
-def fooling_loss(
-    adv_logits: torch.Tensor, classes: torch.Tensor, *, objective: str, across_ranks: bool = False
+FOOL_FORMS = ("log_mean", "mean_log", "mean_log1p")
+HINGES = ("batch", "image")
+
+
+def fooling_terms(
+    adv_logits: torch.Tensor, classes: torch.Tensor, *, objective: str, form: str
 ) -> torch.Tensor:
-    """Eqs 7-9 on the batch-mean cross-entropy (as GUAP does); a scalar to minimise.
+    """Per-image fooling terms (N,) to minimise: ``-log(CE_i + c)`` untargeted (eq 7), ``+log(CE_i + c)``
+    towards C_min / C_t (eqs 8, 9), with ``c = 1`` for ``mean_log1p`` (GUAP's public code) else 0."""
+    ce = F.cross_entropy(adv_logits.float(), classes, reduction="none")  # (N,)
+    ce = ce + 1.0 if form == "mean_log1p" else ce.clamp_min(_CE_FLOOR)  # log(0) would be -inf, then NaN
+    return -torch.log(ce) if objective == "untargeted" else torch.log(ce)
+
+
+def fooling_loss(
+    adv_logits: torch.Tensor,
+    classes: torch.Tensor,
+    *,
+    objective: str,
+    form: str = "log_mean",
+    delta: Optional[float] = None,
+    hinge: str = "batch",
+    across_ranks: bool = False,
+) -> torch.Tensor:
+    """Eqs 7-9 (with eq 16's hinge ``max{., delta}`` when ``delta`` is given); a scalar to minimise.
 
     Args:
         adv_logits: (N, C) logits of the adversarial images.
         classes: (N,) from :func:`attack_classes`.
-        objective: ``untargeted`` gives ``-log CE`` (eq 7, pushes away from C_x); ``least_likely`` and
-            ``targeted`` give ``log CE`` (eqs 8, 9, pull towards C_min / C_t).
-        across_ranks: under torchrun, this rank holds a slice of the global batch: the mean is taken
-            over the global batch (CE sum and count all-reduced, differentiably, *before* the log: a mean
-            of per-rank logs would be another loss). A no-op in one process.
+        objective: ``untargeted`` pushes away from C_x (``-log``, eq 7); ``least_likely`` and ``targeted``
+            pull towards C_min / C_t (``+log``, eqs 8, 9).
+        form: ``log_mean``: the log of the batch-mean cross-entropy (the paper's eqs on a batch);
+            ``mean_log``: the batch mean of per-image ``log CE_i``; ``mean_log1p``: the batch mean of
+            per-image ``log(CE_i + 1)`` (GUAP's public code, ``run_imagenet.py``).
+        delta: eq 16's hinge level; ``None``: no hinge.
+        hinge: ``batch`` clamps the batch loss at ``delta`` (once the batch is fooled on average, the
+            fooling gradient stops for every image); ``image`` clamps each image's term (an image that
+            is fooled past ``delta`` stops pulling, the others keep pulling). ``log_mean`` is a batch
+            quantity, so its image hinge clamps ``log CE_i``.
+        across_ranks: under torchrun, this rank holds a slice of the global batch: means are taken over
+            the global batch (sums and counts all-reduced, differentiably, *before* any log: a mean of
+            per-rank logs would be another loss). A no-op in one process.
     """
-    ce_sum = F.cross_entropy(adv_logits.float(), classes, reduction="sum")
-    ce = _batch_mean(ce_sum, len(classes), across_ranks)
-    ce = ce.clamp_min(_CE_FLOOR)  # log(0) would be -inf, then NaN
-    if objective == "untargeted":
-        return -torch.log(ce)
-    return torch.log(ce)
+    if form not in FOOL_FORMS:
+        raise ConfigError(f"fool_loss = {form!r} is not allowed; allowed values: {', '.join(FOOL_FORMS)}")
+    if hinge not in HINGES:
+        raise ConfigError(f"hinge = {hinge!r} is not allowed; allowed values: {', '.join(HINGES)}")
+    n = len(classes)
+    if form == "log_mean" and (hinge == "batch" or delta is None):
+        ce_sum = F.cross_entropy(adv_logits.float(), classes, reduction="sum")
+        ce = _batch_mean(ce_sum, n, across_ranks).clamp_min(_CE_FLOOR)
+        loss = -torch.log(ce) if objective == "untargeted" else torch.log(ce)
+        return loss if delta is None else torch.clamp(loss, min=delta)
+    terms = fooling_terms(adv_logits, classes, objective=objective, form=form)  # (N,)
+    if delta is not None and hinge == "image":
+        terms = torch.clamp(terms, min=delta)
+    loss = _batch_mean(terms.sum(), n, across_ranks)
+    return loss if delta is None or hinge == "image" else torch.clamp(loss, min=delta)
 
 
 _CE_FLOOR = 1e-12
@@ -96,10 +133,8 @@ def feature_distance(
     return _batch_mean(d.sum(), len(d), across_ranks)
 
 
-def joint_loss(fool: torch.Tensor, interp: torch.Tensor, *, lam: float, delta: float = -0.8) -> torch.Tensor:
-    """Eq 16: ``max{L_fool, delta} + lambda * L_interp`` (the hinge on the batch-mean fooling loss).
-
-    Under torchrun, pass global ``fool`` and ``interp`` (``across_ranks=True``): the hinge then acts on
-    the global batch's loss, identically on every rank.
-    """
-    return torch.clamp(fool, min=delta) + lam * interp
+def joint_loss(fool: torch.Tensor, interp: torch.Tensor, *, lam: float | torch.Tensor) -> torch.Tensor:
+    """Eq 16: ``max{L_fool, delta} + lambda * L_interp``, where ``fool`` is already hinged by
+    :func:`fooling_loss` (on the batch or per image). Under torchrun pass global terms (``across_ranks``),
+    so the sum is the same on every rank."""
+    return fool + lam * interp

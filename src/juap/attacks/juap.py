@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
@@ -37,6 +38,8 @@ from ..interpreters.base import Interpreter
 from ..interpreters.gradcam import GradCAM
 from ..interpreters.smooth_relu import make_surrogate
 from ..losses import (
+    FOOL_FORMS,
+    HINGES,
     OBJECTIVES,
     attack_classes,
     check_target,
@@ -47,6 +50,9 @@ from ..losses import (
 )
 from .base import UniversalAttack, cycle_batches, first_images, iter_batches, rebind
 from .fastpaths import FastPaths
+
+_FR_SCALE = 0.1  # dual ascent: a fooling ratio 0.1 off target moves log(lambda) by dual_lr per step
+_LAM_RANGE = (1e-4, 1e3)
 
 
 class GeneratorUAP(UniversalAttack):
@@ -61,9 +67,22 @@ class GeneratorUAP(UniversalAttack):
         objective: ``"untargeted"`` (eq 7), ``"least_likely"`` (eq 8, the paper's default) or
             ``"targeted"`` (eq 9).
         target: the target class C_t of the targeted objective.
+        fool_loss: how eqs 7-9 meet a batch (:func:`juap.losses.fooling_loss`): ``"log_mean"`` (the log
+            of the batch-mean CE), ``"mean_log"`` (the mean of per-image logs) or ``"mean_log1p"`` (the
+            mean of per-image ``log(CE + 1)``, GUAP's public code).
+        hinge: where eq 16's ``max{., delta}`` acts: ``"batch"`` (on the batch's fooling loss) or
+            ``"image"`` (on each image's term, so fooled images stop pulling and unfooled ones keep on).
         lam: lambda of eq 16 (the paper recommends 1e-4..3e-3 at 224x224 with raw maps; juap's maps are
             min-max normalised, so larger values suit it: see the README).
         delta: the hinge of eq 16 (-0.8); ``None`` disables it.
+        warmup: steps trained with lambda = 0 (the fooling loss alone) before the map term starts.
+        fr_target: constrained mode: the fooling ratio to keep; lambda then adapts online by dual
+            ascent (``log lambda += dual_lr * (FR - fr_target)`` after each step, FR an exponential
+            average of the batch fooling ratio), so the map term gets as much weight as the constraint
+            allows. ``lam`` is the starting value.
+        fr_margin: constrained mode relative to GUAP: the target is the validation fooling ratio that
+            the ``warmup`` steps reached (GUAP's training, lambda = 0) minus this margin. Needs ``warmup``.
+        dual_lr: the step of the dual ascent on log lambda.
         steps: Adam steps; batch_size: images per step; lr, betas: Adam's (2e-4, (0.5, 0.999)).
         surrogate: use the smoothed-ReLU surrogate (eq 15) for gradients; ``"auto"``: only for Grad-CAM.
         tau: eq 15's constant.
@@ -74,8 +93,10 @@ class GeneratorUAP(UniversalAttack):
             The default 0.02 puts the two terms on the same scale.
         seed: fixes the generator's initialisation, its input noise and the data order.
         eval_every: validation period in steps (and once at the end).
-        selection: ``"fooling_ratio"``, ``"joint"`` (fooling ratio x (1 + IoU)) or ``"last"``;
-            ``"auto"`` picks joint with an interpreter, else fooling ratio.
+        selection: ``"fooling_ratio"``, ``"joint"`` (fooling ratio x (1 + IoU)), ``"constrained"`` (the
+            highest IoU among validations that keep the fooling-ratio target; the closest to it when
+            none does) or ``"last"``; ``"auto"``: constrained in constrained mode, joint with an
+            interpreter, else fooling ratio.
         amp, channels_last, compile: opt-in GPU fast paths of the training step (bf16 autocast, NHWC
             layout, ``torch.compile`` with an eager fallback); see :mod:`juap.attacks.fastpaths`.
 
@@ -103,8 +124,14 @@ class GeneratorUAP(UniversalAttack):
         generator_options: Optional[Mapping[str, Any]] = None,
         objective: str = "least_likely",
         target: Optional[int] = None,
+        fool_loss: str = "log_mean",
+        hinge: str = "batch",
         lam: float = 0.0,
         delta: Optional[float] = -0.8,
+        warmup: int = 0,
+        fr_target: Optional[float] = None,
+        fr_margin: Optional[float] = None,
+        dual_lr: float = 0.05,
         steps: int = 500,
         batch_size: int = 30,
         lr: float = 2e-4,
@@ -129,12 +156,38 @@ class GeneratorUAP(UniversalAttack):
             check_target(target, classifier.num_classes)
         check_range("lam", lam, low=0)
         check_range("steps", steps, low=1)
+        check_range("warmup", warmup, low=0)
+        if fool_loss not in FOOL_FORMS:
+            raise ConfigError(f"fool_loss = {fool_loss!r}; allowed values: {', '.join(FOOL_FORMS)}")
+        if hinge not in HINGES:
+            raise ConfigError(f"hinge = {hinge!r}; allowed values: {', '.join(HINGES)}")
+        constrained = fr_target is not None or fr_margin is not None
+        if constrained:
+            if interpreter is None:
+                raise ConfigError("fr_target / fr_margin constrain JUAP's lambda; GUAP has no map term")
+            if fr_target is not None and fr_margin is not None:
+                raise ConfigError("give fr_target (an absolute fooling ratio) or fr_margin, not both")
+            if fr_target is not None:
+                check_range("fr_target", fr_target, low=0, high=1, low_open=True)
+            if fr_margin is not None:
+                check_range("fr_margin", fr_margin, low=0, high=1)
+                if warmup < 1:
+                    raise ConfigError(
+                        "fr_margin measures GUAP's fooling ratio during the warm-up: set warmup >= 1 "
+                        "(e.g. a third of the steps), or give an absolute fr_target"
+                    )
+            check_range("lam", lam, low=0, low_open=True)  # the dual ascent works on log(lambda)
+            check_range("dual_lr", dual_lr, low=0, low_open=True)
         check_range("batch_size", batch_size, low=1)
         distributed.check_divisible(int(batch_size))  # under torchrun: equal slices of each global batch
         check_range("lr", lr, low=0, low_open=True)
         check_range("eval_every", eval_every, low=1)
-        if selection not in ("auto", "fooling_ratio", "joint", "last"):
-            raise ConfigError(f"selection = {selection!r}; allowed values: auto, fooling_ratio, joint, last")
+        if selection not in ("auto", "fooling_ratio", "joint", "constrained", "last"):
+            raise ConfigError(
+                f"selection = {selection!r}; allowed values: auto, fooling_ratio, joint, constrained, last"
+            )
+        if selection == "constrained" and not constrained:
+            raise ConfigError("selection = 'constrained' needs fr_target or fr_margin")
         if interpreter is not None and not isinstance(interpreter, Interpreter):
             raise ConfigError(f"interpreter must be a juap Interpreter, got {type(interpreter).__name__}")
         if type(interpreter).__name__ == "RTS" and getattr(interpreter, "checkpoint", None) is None:
@@ -148,7 +201,13 @@ class GeneratorUAP(UniversalAttack):
         self.generator_spec = generator
         self.generator_options = dict(generator_options or {})
         self.objective, self.target = objective, target
+        self.fool_loss, self.hinge = fool_loss, hinge
         self.lam, self.delta = float(lam), delta
+        self.warmup = int(warmup)
+        self.fr_target = None if fr_target is None else float(fr_target)
+        self.fr_margin = None if fr_margin is None else float(fr_margin)
+        self.constrained = constrained
+        self.dual_lr = float(dual_lr)
         self.steps, self.batch_size, self.lr, self.betas = (
             int(steps),
             int(batch_size),
@@ -160,9 +219,11 @@ class GeneratorUAP(UniversalAttack):
         self.rts_feature_weight = float(rts_feature_weight)
         self.seed = int(seed)
         self.eval_every = int(eval_every)
-        self.selection = (
-            selection if selection != "auto" else ("joint" if interpreter is not None else "fooling_ratio")
-        )
+        if selection == "auto":
+            selection = (
+                "constrained" if constrained else "joint" if interpreter is not None else "fooling_ratio"
+            )
+        self.selection = selection
         self.fast_options = {"amp": bool(amp), "channels_last": bool(channels_last), "compile": bool(compile)}
         self.generator: Optional[torch.nn.Module] = None
         self.noise: Optional[torch.Tensor] = None
@@ -212,6 +273,7 @@ class GeneratorUAP(UniversalAttack):
         G_fwd, train_interp = fast.prepare(distributed.wrap_ddp(G), train_interp, self.classifier)
         best: Optional[Dict[str, Any]] = None
         self.history = []
+        self.dual = {"lam": self.lam, "fr_ema": None, "target": self.fr_target, "guap_fooling_ratio": None}
         ckpt = LoopCheckpoints(
             checkpoint_dir,
             every=checkpoint_every or self.eval_every,
@@ -239,8 +301,9 @@ class GeneratorUAP(UniversalAttack):
             x = fast.images(next(batches)[0])
             try:
                 with fast.autocast():
+                    lam = self.lam_at(step)
                     (loss, parts), G_fwd, train_interp = fast.first_step(
-                        lambda g, ti, x=x: self._step(g, opt, x, ti), G_fwd, train_interp
+                        lambda g, ti, x=x, lam=lam: self._step(g, opt, x, ti, lam=lam), G_fwd, train_interp
                     )
                 if step % self.eval_every == 0 or ckpt.due(step, last=step == self.steps):
                     check_finite_parameters(G, f"{self.name} generator at step {step}")
@@ -248,13 +311,20 @@ class GeneratorUAP(UniversalAttack):
                 self._roll_back(ckpt, e, G, opt, step)
                 continue
             self.history.append({"step": step, "loss": loss, **parts})
+            if self.interpreter is not None:
+                self.history[-1]["lam"] = lam
+            self._dual_step(step, parts["batch_fooling_ratio"])
             bar.set_postfix(loss=f"{loss:.3f}", fr=f"{parts['batch_fooling_ratio']:.2f}")
-            if step % self.eval_every == 0 or step == self.steps:
+            if step % self.eval_every == 0 or step == self.steps or step == self.warmup:
                 n_hat = self.current_perturbation(G)
                 val = self.validate(n_hat, val_data if val_data is not None else data)
-                score = self._score(val)
                 self.history[-1]["val"] = val
-                if best is None or score >= best["score"] or self.selection == "last":
+                if step == self.warmup and self.fr_margin is not None:  # GUAP's ratio, measured
+                    self.dual["guap_fooling_ratio"] = val["fooling_ratio"]
+                    self.dual["target"] = max(val["fooling_ratio"] - self.fr_margin, 0.0)
+                score = self._score(val)
+                in_warmup = step <= self.warmup and step != self.steps  # GUAP's perturbation, not JUAP's
+                if not in_warmup and (best is None or score >= best["score"] or self.selection == "last"):
                     best = {
                         "score": score,
                         "step": step,
@@ -294,6 +364,7 @@ class GeneratorUAP(UniversalAttack):
             "optimizer": opt.state_dict(),
             "best": best,
             "history": self.history,
+            "dual": dict(self.dual),
             "data": source.position() if isinstance(source, ResumableLoader) else None,
             "rng": rng_states(),
         }
@@ -315,6 +386,7 @@ class GeneratorUAP(UniversalAttack):
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"the checkpoint does not fit this generator: {e}") from None
         self.history = list(state["history"])
+        self.dual = dict(state.get("dual") or self.dual)
         best = state["best"]
         if best is not None:
             best = {**best, "n_hat": best["n_hat"].to(self.device)}
@@ -347,7 +419,23 @@ class GeneratorUAP(UniversalAttack):
         lower_lr(opt, lrs, ckpt.lr_factor)
         self.history.append({"step": step, "rolled_back_to": good["step"], "error": str(error)})
 
-    def _step(self, G, opt, x: torch.Tensor, train_interp) -> Tuple[float, Dict[str, float]]:
+    def lam_at(self, step: int) -> float:
+        """lambda at ``step`` (1-based): 0 during the warm-up, then the fixed or the adapted value."""
+        return 0.0 if step <= self.warmup else float(self.dual["lam"])
+
+    def _dual_step(self, step: int, batch_fr: float) -> None:
+        """Constrained mode: dual ascent on log(lambda) against the fooling-ratio target (after warm-up)."""
+        d = self.dual
+        d["fr_ema"] = batch_fr if d["fr_ema"] is None else 0.9 * d["fr_ema"] + 0.1 * batch_fr
+        if not self.constrained or step <= self.warmup or d["target"] is None:
+            return
+        log_lam = math.log(d["lam"]) + self.dual_lr * (d["fr_ema"] - d["target"]) / _FR_SCALE
+        d["lam"] = math.exp(min(max(log_lam, math.log(_LAM_RANGE[0])), math.log(_LAM_RANGE[1])))
+
+    def _step(
+        self, G, opt, x: torch.Tensor, train_interp, *, lam: Optional[float] = None
+    ) -> Tuple[float, Dict[str, float]]:
+        lam = self.lam if lam is None else lam
         clf = self.classifier
         with torch.no_grad():  # benign side: the unmodified models, one forward pass
             if self.interpreter is None:
@@ -361,20 +449,28 @@ class GeneratorUAP(UniversalAttack):
         parts: Dict[str, float] = {}
         if self.interpreter is None:
             adv_logits = clf(x_hat)
-            fool = fooling_loss(adv_logits, classes, objective=self.objective, across_ranks=True)
-            loss = fool if self.delta is None else torch.clamp(fool, min=self.delta)
         else:
             map_classes = classes if self.objective == "targeted" else None  # None: the predicted class
             adv_logits, adv_maps = train_interp.explain(x_hat, map_classes)
-            fool = fooling_loss(adv_logits, classes, objective=self.objective, across_ranks=True)
+        fool = fooling_loss(  # max{L_fool, delta} of eq 16, on the batch or per image
+            adv_logits,
+            classes,
+            objective=self.objective,
+            form=self.fool_loss,
+            delta=self.delta,
+            hinge=self.hinge,
+            across_ranks=True,
+        )
+        if self.interpreter is None:
+            loss = fool
+        else:
             interp = map_distance(adv_maps, benign_maps, across_ranks=True)
             parts["map_loss"] = interp.item()
             if benign_feats is not None and self.rts_feature_weight > 0:
                 feat = feature_distance(self._encode(train_interp, x_hat), benign_feats, across_ranks=True)
                 parts["feature_loss"] = feat.item()
                 interp = interp + self.rts_feature_weight * feat
-            delta = self.delta if self.delta is not None else float("-inf")
-            loss = joint_loss(fool, interp, lam=self.lam, delta=delta)
+            loss = joint_loss(fool, interp, lam=lam)
         if not torch.isfinite(loss):
             raise NumericalError(
                 f"{self.name}: the loss became {loss.item()} (parts: {parts}); lower lr or check the inputs"
@@ -429,8 +525,13 @@ class GeneratorUAP(UniversalAttack):
 
     def _score(self, val: Dict[str, float]) -> float:
         """Validation score: the fooling ratio (the target success rate when targeted); ``joint`` weighs it
-        by ``1 + IoU``, so an unperturbed-looking map never outranks fooling the classifier."""
+        by ``1 + IoU``, so an unperturbed-looking map never outranks fooling the classifier;
+        ``constrained`` ranks every validation that keeps the target (1 + IoU) above every one that
+        does not (its shortfall, negative)."""
         key = "target_success_rate" if self.objective == "targeted" else "fooling_ratio"
+        if self.selection == "constrained":
+            shortfall = val.get(key, 0.0) - (self.dual["target"] or 0.0)
+            return 1.0 + val.get("iou", 0.0) if shortfall >= 0 else shortfall
         if self.selection == "joint":
             return val.get(key, 0.0) * (1.0 + val.get("iou", 0.0))
         if self.selection == "fooling_ratio":
@@ -458,24 +559,37 @@ class JUAP(GeneratorUAP):
 
 @ATTACKS.register("guap")
 class GUAP(GeneratorUAP):
-    """GUAP (the generator baseline): the classifier loss only, no interpreter term, no hinge."""
+    """GUAP (the generator baseline), trained as its public code trains it: the classifier loss only, no
+    interpreter term, no hinge, and by default the untargeted per-image ``-mean_i log(CE_i + 1)`` against
+    the benign prediction (TrustAI/GUAP ``run_imagenet.py``). ``objective`` and ``fool_loss`` select
+    eqs 7-9 in the paper's form instead."""
 
     name = "guap"
     fixed_params = ("interpreter", "lam")  # inherited from the JUAP loop, not settable here
 
-    def __init__(self, *, delta: Optional[float] = None, **kw) -> None:
-        kw.pop("interpreter", None)
-        kw.pop("lam", None)
-        super().__init__(interpreter=None, lam=0.0, delta=delta, **kw)
+    def __init__(
+        self,
+        *,
+        objective: str = "untargeted",
+        fool_loss: str = "mean_log1p",
+        delta: Optional[float] = None,
+        **kw,
+    ) -> None:
+        for key in ("interpreter", "lam"):
+            if kw.pop(key, None) not in (None, 0, 0.0):
+                raise ConfigError(f"{self.name} has no map term, so it takes no {key}; use juap for that")
+        super().__init__(
+            interpreter=None, lam=0.0, objective=objective, fool_loss=fool_loss, delta=delta, **kw
+        )
 
 
 @ATTACKS.register("guap_ct")
 class GUAPTargeted(GUAP):
-    """GUAP-C_t: GUAP with the targeted objective (eq 9) towards ``target``."""
+    """GUAP-C_t: GUAP with the targeted objective (eq 9, the log of the batch-mean CE) towards ``target``."""
 
     name = "guap_ct"
     fixed_params = ("interpreter", "lam", "objective")
 
-    def __init__(self, *, target: int, **kw) -> None:
+    def __init__(self, *, target: int, fool_loss: str = "log_mean", **kw) -> None:
         kw.pop("objective", None)
-        super().__init__(objective="targeted", target=target, **kw)
+        super().__init__(objective="targeted", target=target, fool_loss=fool_loss, **kw)

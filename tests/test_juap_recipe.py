@@ -1,0 +1,110 @@
+"""JUAP's training recipe: the constrained mode (lambda by dual ascent), warm-up, hinge readings, GUAP's
+public loss as GUAP's default, and resuming a constrained run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import juap
+from helpers import texture_classifier, textures
+from juap.errors import ConfigError
+
+GEN = {"ngf": 8, "n_blocks": 2}
+FAST = dict(norm="linf", eps=16, generator_options=GEN, steps=80, batch_size=32, lr=1e-2, eval_every=10)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    clf, x_test, _ = texture_classifier()
+    x_train, _ = textures(256, seed=2)
+    return clf, juap.create_interpreter("cam", clf), x_train, x_test
+
+
+def _fr(clf, x, n_hat) -> float:
+    return juap.evaluate(clf, n_hat, x)["fooling_ratio"]
+
+
+def test_constrained_mode_holds_its_target(setup):
+    """A lambda far too strong fools nothing; the same start in constrained mode brings lambda down until
+    the target holds (on held-out images, with a 0.05 slack for 64 images), and keeps more of the maps
+    than GUAP does."""
+    clf, cam, x_train, x_test = setup
+    fixed = juap.create_attack("juap", classifier=clf, interpreter=cam, lam=1.0, **FAST)
+    assert _fr(clf, x_test, fixed.fit(x_train, val_data=x_test[:32], progress=False)) < 0.1
+    target = 0.4
+    attack = juap.create_attack("juap", classifier=clf, interpreter=cam, lam=1.0, fr_target=target, **FAST)
+    n_hat = attack.fit(x_train, val_data=x_test[:32], progress=False)
+    assert attack.selection == "constrained"
+    assert attack.best_val["fooling_ratio"] >= target  # the selection keeps the target on validation
+    assert _fr(clf, x_test, n_hat) >= target - 0.05
+    lams = [h["lam"] for h in attack.history if "lam" in h]
+    assert lams[0] == 1.0 and min(lams) < 0.2  # lambda came down to where fooling is possible
+    guap = juap.create_attack("guap", classifier=clf, **FAST)
+    g_hat = guap.fit(x_train, val_data=x_test[:32], progress=False)
+    ious = [
+        juap.evaluate(clf, n, x_test, interpreters={"cam": cam})["interpreters"]["cam"]["iou"]
+        for n in (n_hat, g_hat)
+    ]
+    assert ious[0] > ious[1]
+
+
+def test_margin_mode_measures_guap_during_warmup(setup):
+    """``fr_margin``: lambda is 0 for the warm-up steps (GUAP's training), the warm-up's validation fooling
+    ratio minus the margin becomes the target, and the perturbation kept is from after the warm-up."""
+    clf, cam, x_train, x_test = setup
+    attack = juap.create_attack(
+        "juap", classifier=clf, interpreter=cam, lam=0.3, fr_margin=0.1, warmup=30, hinge="image", **FAST
+    )
+    attack.fit(x_train, val_data=x_test[:32], progress=False)
+    d = attack.dual
+    warm = [h for h in attack.history if h["step"] <= 30 and "lam" in h]
+    assert all(h["lam"] == 0.0 for h in warm) and len(warm) == 30
+    assert d["guap_fooling_ratio"] == next(
+        h["val"]["fooling_ratio"] for h in attack.history if h["step"] == 30
+    )
+    assert d["target"] == pytest.approx(max(d["guap_fooling_ratio"] - 0.1, 0.0))
+    assert attack.best_step > 30 and attack.best_val["fooling_ratio"] >= d["target"]
+
+
+def test_constrained_run_resumes_exactly(setup, tmp_path):
+    """The dual state (lambda, its average, the target) is in the checkpoint: stop at step 40, resume, and
+    the perturbation is the uninterrupted run's."""
+    clf, cam, x_train, x_test = setup
+    kw = dict(FAST, classifier=clf, interpreter=cam, lam=0.5, fr_margin=0.1, warmup=20, steps=60)
+    whole = juap.create_attack("juap", **kw).fit(x_train, val_data=x_test[:32], progress=False)
+    juap.create_attack("juap", **{**kw, "steps": 40}).fit(
+        x_train, val_data=x_test[:32], progress=False, checkpoint_dir=tmp_path, checkpoint_every=10
+    )
+    resumed = juap.create_attack("juap", **kw)
+    n_hat = resumed.fit(x_train, val_data=x_test[:32], progress=False, checkpoint_dir=tmp_path, resume=True)
+    assert torch.equal(n_hat, whole)
+
+
+def test_guap_defaults_to_its_public_loss(setup):
+    clf, _, _, _ = setup
+    guap = juap.create_attack("guap", classifier=clf)
+    assert (guap.objective, guap.fool_loss, guap.delta) == ("untargeted", "mean_log1p", None)
+    ct = juap.create_attack("guap_ct", classifier=clf, target=1)
+    assert (ct.objective, ct.fool_loss) == ("targeted", "log_mean")
+    with pytest.raises(ConfigError, match="lam"):
+        juap.create_attack("guap", classifier=clf, lam=0.5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"fr_target": 1.5}, "fr_target"),
+        ({"fr_target": 0.5, "fr_margin": 0.1, "warmup": 5}, "not both"),
+        ({"fr_margin": 0.1}, "warmup"),
+        ({"fr_target": 0.5, "lam": 0.0}, "lam"),
+        ({"hinge": "sample"}, "hinge"),
+        ({"fool_loss": "ce"}, "fool_loss"),
+        ({"selection": "constrained"}, "fr_target"),
+        ({"warmup": -1}, "warmup"),
+    ],
+)
+def test_bad_recipe_arguments(setup, kwargs, match):
+    clf, cam, _, _ = setup
+    with pytest.raises(ConfigError, match=match):
+        juap.create_attack("juap", classifier=clf, interpreter=cam, **kwargs)
