@@ -4,6 +4,7 @@ All generators of a batch are trained together: their parameters are stacked and
 ``torch.func.vmap`` over ``functional_call``, so a batch of N images trains N independent generators
 in one vectorised pass (Adam's update is element-wise, so stacked parameters stay independent).
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping, Optional
@@ -18,7 +19,7 @@ from ..errors import ConfigError
 from ..interpreters.base import Interpreter, normalize_maps
 from ..interpreters.gradcam import GradCAM
 from ..interpreters.smooth_relu import make_surrogate
-from ..losses import OBJECTIVES, attack_classes, check_target
+from ..losses import OBJECTIVES, attack_classes, check_target, fooling_terms
 from .base import PerImageAttack, rebind
 
 
@@ -129,8 +130,7 @@ class JAP(PerImageAttack):
         return best
 
     def _per_image_loss(self, logits, classes, maps, benign_maps) -> torch.Tensor:
-        ce = torch.nn.functional.cross_entropy(logits, classes, reduction="none").clamp_min(1e-12)
-        fool = -torch.log(ce) if self.objective == "untargeted" else torch.log(ce)
+        fool = fooling_terms(logits, classes, objective=self.objective, form="mean_log")  # (N,)
         if self.delta is not None:
             fool = torch.clamp(fool, min=self.delta)
         if maps is None:
