@@ -1,23 +1,33 @@
-"""The paper's claims, measured on the embedded data: each claim, its figures, and "holds" or "does not hold".
+"""The paper's claims, measured on the embedded data: each claim, its figures (mean +- sd over seeds), and
+"holds" or "does not hold".
 
-Runs the scaled-down experiments of ``configs/embedded/`` (Tables II-VI and a lambda sweep) with the
-library's grid runner; cells are shared between the experiments and kept in ``--out``, so an
-interrupted run continues where it stopped and a second run only re-reads the results. Then it checks:
+Runs the scaled-down experiments of ``configs/embedded/`` with the library's grid runner: the headline
+grid (``claims.yaml``: UAP, SGD-UAP, GUAP, R-JUAP and U-JUAP against CAM, Grad-CAM and RTS at L_inf 10,
+L_inf 24 and L_2 1370) once per seed, and Tables IV and VI and the Pareto front (lambda sweep and the
+constrained mode) with the first seed. Cells are kept in ``--out``, so an interrupted run continues
+where it stopped and a second run only re-reads the results. Then it checks:
 
-1. UAP and GUAP change the maps (low IoU, high L1) under every interpreter.
-2. JUAP's fooling ratio is within 5 points of GUAP's while its IoU is at least 0.1 higher and its L1
-   lower, for each interpreter and both generators.
-3. The result is robust to the threat model (L_inf vs L_2 of matched strength) and
+0. The baselines are at full strength: GUAP and SGD-UAP fool >= 0.7 at L_inf 10.
+1. UAP, SGD-UAP and GUAP change the maps (low IoU, high L1) under every interpreter.
+2. JUAP's fooling ratio is within 0.05 of GUAP's while its IoU is at least 0.1 higher and its L1 lower,
+   for each interpreter, generator and budget (means over seeds); and on the fooled images alone its
+   IoU is at least 0.05 higher (so the gain is not "fooled fewer").
+3. The result is robust to the threat model (L_inf 24 vs L_2 1370, matched strength) and
 4. to the objective (eq 7 vs eq 8; targeted R-JUAP-Ct vs GUAP-Ct).
 5. JAP keeps a fooling ratio near PGD's with a higher IoU.
-and draws the lambda trade-off (fooling ratio against IoU, with the Pareto front) to ``lambda.png``.
+6. The paper's motivation: does JUAP evade map-based inspection better than GUAP? AUROC of the reference
+   inspector and of the deployable detector (``juap detect``'s) for GUAP and R-JUAP (first seed).
+and draws the fooling-ratio / IoU trade-off (fixed lambdas, constrained targets, Pareto front) to
+``pareto.png``.
 
-    python benchmarks/bench_claims.py [--out benchmarks/results/claims] [--only table2 ...]
+    python benchmarks/bench_claims.py [--out benchmarks/results/claims] [--seeds 0 1 2] [--only ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,32 +38,66 @@ from juap.grid import load_experiment, main_rows, run_grid, write_results
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "embedded"
 EXPERIMENTS = {
-    "table2": "table2_fooling_ratio.yaml",
-    "table3": "table3_discrepancy.yaml",
+    "headline": "claims.yaml",
     "table4": "table4_jap_pgd.yaml",
-    "table5": "table5_norms.yaml",
     "table6": "table6_objectives.yaml",
-    "lambda": "lambda_sweep.yaml",
+    "pareto": "pareto.yaml",
 }
-FR_GAP, IOU_GAIN, LOW_IOU, HIGH_L1, ROBUST = 0.05, 0.10, 0.60, 0.10, 0.10
+SEEDED = ("headline",)  # run once per seed; the others with the first seed
+FR_GAP, IOU_GAIN, IOU_FOOLED_GAIN, LOW_IOU, HIGH_L1, ROBUST, STRONG = 0.05, 0.10, 0.05, 0.60, 0.10, 0.10, 0.70
+PAPER_BUDGET = "linf-10"
+FIGURES = ("fooling_ratio", "iou", "l1", "iou_fooled", "l1_fooled", "target_success_rate")
+KEY = ("method", "variant", "interpreter", "budget", "objective", "setting", "generator")
 
 
-def run_experiments(out: Path, names: Sequence[str], progress: bool) -> Dict[str, List[Mapping]]:
-    rows: Dict[str, List[Mapping]] = {}
+def run_experiments(
+    out: Path, names: Sequence[str], seeds: Sequence[int], progress: bool
+) -> Dict[str, List[Dict]]:
+    """Rows per experiment (main rows, each tagged with its seed); every seeded run into ``NAME/seedS``."""
+    rows: Dict[str, List[Dict]] = {}
     done: List[Path] = []
     for name in names:
         exp = load_experiment(CONFIGS / EXPERIMENTS[name])
-        run_dir = out / exp.name
-        print(f"== {exp.name}: {exp.description}", flush=True)
-        res = run_grid(exp, run_dir, merge=done, progress=progress, say=lambda s: print("  " + s, flush=True))
-        write_results(exp, run_dir, res)
-        rows[name] = main_rows(res["rows"])
-        done.append(run_dir)
+        rows[name] = []
+        for seed in seeds if name in SEEDED else seeds[:1]:
+            exp_s = dataclasses.replace(exp, seed=seed)
+            run_dir = out / exp.name / f"seed{seed}"
+            print(f"== {exp.name} (seed {seed}): {exp.description}", flush=True)
+            res = run_grid(
+                exp_s, run_dir, merge=done, progress=progress, say=lambda s: print("  " + s, flush=True)
+            )
+            write_results(exp_s, run_dir, res)
+            rows[name] += [{**r, "seed": seed, "run_dir": str(run_dir)} for r in main_rows(res["rows"])]
+            done.append(run_dir)
     return rows
+
+
+def aggregate(rows: Sequence[Mapping]) -> List[Dict]:
+    """One row per cell (KEY) with ``<figure>`` the mean over seeds, ``<figure>_sd`` its sd, ``seeds``."""
+    groups: Dict[tuple, List[Mapping]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r.get(k) for k in KEY), []).append(r)
+    out = []
+    for key, group in groups.items():
+        agg: Dict = dict(zip(KEY, key, strict=True))
+        agg["seeds"] = len(group)
+        for f in FIGURES:
+            vals = [g[f] for g in group if g.get(f) is not None]
+            agg[f] = statistics.fmean(vals) if vals else None
+            agg[f + "_sd"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        out.append(agg)
+    return out
 
 
 def pick(rows, **match) -> Mapping | None:
     return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
+
+
+def fmt(r: Mapping, f: str) -> str:
+    """``mean +- sd`` (or the value alone for one seed)."""
+    if r.get(f) is None:
+        return "-"
+    return f"{r[f]:.3f}" + (f" +- {r[f + '_sd']:.3f}" if r.get("seeds", 1) > 1 else "")
 
 
 class Verdicts:
@@ -65,61 +109,83 @@ class Verdicts:
         print(f"  [{'holds' if ok else 'does not hold'}] {claim}: {figures}")
 
 
-def judge(rows: Dict[str, List[Mapping]], v: Verdicts) -> None:
-    t2 = rows.get("table2", [])
-    interps = list(dict.fromkeys(r["interpreter"] for r in t2))
-    if t2:
+def judge(rows: Dict[str, List[Dict]], v: Verdicts) -> None:
+    head = aggregate(rows.get("headline", []))
+    interps = list(dict.fromkeys(r["interpreter"] for r in head))
+    budgets = list(dict.fromkeys(r["budget"] for r in head))
+    seeds = max((r["seeds"] for r in head), default=0)
+    if head:
         print(
-            "\nClaim 1: UAP and GUAP change the maps "
-            f"(IoU <= {LOW_IOU} and L1 >= {HIGH_L1} under each interpreter)"
+            f"\nClaim 0: the baselines are at full strength (FR >= {STRONG} at {PAPER_BUDGET}; {seeds} seeds)"
         )
-        for method in ("UAP", "GUAP"):
-            for i in interps:
-                r = pick(t2, method=method, interpreter=i)
-                if r:
-                    v.check(
-                        f"{method} changes {i} maps",
-                        r["iou"] <= LOW_IOU and r["l1"] >= HIGH_L1,
-                        f"FR {r['fooling_ratio']:.3f}, IoU {r['iou']:.3f}, L1 {r['l1']:.3f}",
-                    )
-        print(f"\nClaim 2: JUAP's FR within {FR_GAP:.2f} of GUAP's, IoU >= GUAP's + {IOU_GAIN}, L1 lower")
-        for gen in ("R-JUAP", "U-JUAP"):
-            for i in interps:
-                j, g = pick(t2, method=gen, interpreter=i), pick(t2, method="GUAP", interpreter=i)
-                if j and g:
-                    fr_ok = j["fooling_ratio"] >= g["fooling_ratio"] - FR_GAP
-                    iou_ok = j["iou"] >= g["iou"] + IOU_GAIN
-                    l1_ok = j["l1"] < g["l1"]
-                    parts = [n for n, ok in (("FR", fr_ok), ("IoU", iou_ok), ("L1", l1_ok)) if not ok]
-                    v.check(
-                        f"{gen} vs GUAP under {i}",
-                        fr_ok and iou_ok and l1_ok,
-                        f"FR {j['fooling_ratio']:.3f} vs {g['fooling_ratio']:.3f}, IoU {j['iou']:.3f} vs "
-                        f"{g['iou']:.3f}, L1 {j['l1']:.3f} vs {g['l1']:.3f}"
-                        + (f" (misses: {', '.join(parts)})" if parts else ""),
-                    )
-                    if j.get("iou_fooled") is not None and g.get("iou_fooled") is not None:
-                        print(
-                            f"    diagnostic, the fooled images only: IoU {j['iou_fooled']:.3f} vs "
-                            f"{g['iou_fooled']:.3f}, L1 {j['l1_fooled']:.3f} vs {g['l1_fooled']:.3f}"
-                        )
-    t5 = rows.get("table5", [])
-    if t5:
-        print(f"\nClaim 3: robust to the threat model (|dFR| and |dIoU| <= {ROBUST}, L_inf vs L_2)")
-        budgets = list(dict.fromkeys(r["budget"] for r in t5))
-        for variant in dict.fromkeys(r["variant"] for r in t5):
-            a, b = (pick(t5, variant=variant, budget=bd) for bd in budgets[:2])
-            if a and b:
-                dfr, diou = abs(a["fooling_ratio"] - b["fooling_ratio"]), abs(a["iou"] - b["iou"])
+        for method in ("GUAP", "SGD-UAP"):
+            r = pick(head, method=method, budget=PAPER_BUDGET)
+            if r:
                 v.check(
-                    f"{variant}: {budgets[0]} vs {budgets[1]}",
-                    dfr <= ROBUST and diou <= ROBUST,
-                    f"FR {a['fooling_ratio']:.3f} / {b['fooling_ratio']:.3f}, "
-                    f"IoU {a['iou']:.3f} / {b['iou']:.3f}",
+                    f"{method} at {PAPER_BUDGET}",
+                    r["fooling_ratio"] >= STRONG,
+                    f"FR {fmt(r, 'fooling_ratio')}",
                 )
-    t6 = rows.get("table6", [])
+        print(f"\nClaim 1: UAP, SGD-UAP and GUAP change the maps (IoU <= {LOW_IOU} and L1 >= {HIGH_L1})")
+        for budget in budgets:
+            for method in ("UAP", "SGD-UAP", "GUAP"):
+                for i in interps:
+                    r = pick(head, method=method, interpreter=i, budget=budget)
+                    if r:
+                        v.check(
+                            f"{method} changes {i} maps at {budget}",
+                            r["iou"] <= LOW_IOU and r["l1"] >= HIGH_L1,
+                            f"FR {fmt(r, 'fooling_ratio')}, IoU {fmt(r, 'iou')}, L1 {fmt(r, 'l1')}",
+                        )
+        print(
+            f"\nClaim 2: JUAP's FR >= GUAP's - {FR_GAP}, IoU >= GUAP's + {IOU_GAIN}, L1 lower; "
+            f"on the fooled images IoU >= GUAP's + {IOU_FOOLED_GAIN}"
+        )
+        for budget in budgets:
+            for gen in ("R-JUAP", "U-JUAP"):
+                for i in interps:
+                    j = pick(head, method=gen, interpreter=i, budget=budget)
+                    g = pick(head, method="GUAP", interpreter=i, budget=budget)
+                    if not (j and g):
+                        continue
+                    oks = {
+                        "FR": j["fooling_ratio"] >= g["fooling_ratio"] - FR_GAP,
+                        "IoU": j["iou"] >= g["iou"] + IOU_GAIN,
+                        "L1": j["l1"] < g["l1"],
+                        "IoU fooled": (j["iou_fooled"] or 0) >= (g["iou_fooled"] or 0) + IOU_FOOLED_GAIN,
+                    }
+                    misses = [k for k, ok in oks.items() if not ok]
+                    v.check(
+                        f"{gen}-{i} vs GUAP at {budget}",
+                        not misses,
+                        f"FR {fmt(j, 'fooling_ratio')} vs {fmt(g, 'fooling_ratio')}, "
+                        f"IoU {fmt(j, 'iou')} vs {fmt(g, 'iou')}, L1 {fmt(j, 'l1')} vs {fmt(g, 'l1')}, "
+                        f"fooled-only IoU {fmt(j, 'iou_fooled')} vs {fmt(g, 'iou_fooled')}"
+                        + (f" (misses: {', '.join(misses)})" if misses else ""),
+                    )
+        pair = [b for b in budgets if b.startswith("linf") and b != PAPER_BUDGET][:1] + [
+            b for b in budgets if b.startswith("l2")
+        ][:1]
+        if len(pair) == 2:
+            print(
+                f"\nClaim 3: robust to the threat model (|dFR|, |dIoU| <= {ROBUST}, {pair[0]} vs {pair[1]})"
+            )
+            for gen in ("R-JUAP", "U-JUAP"):
+                for i in interps:
+                    a, b = (pick(head, method=gen, interpreter=i, budget=bd) for bd in pair)
+                    if a and b:
+                        dfr, diou = abs(a["fooling_ratio"] - b["fooling_ratio"]), abs(a["iou"] - b["iou"])
+                        v.check(
+                            f"{gen}-{i}: {pair[0]} vs {pair[1]}",
+                            dfr <= ROBUST and diou <= ROBUST,
+                            f"FR {fmt(a, 'fooling_ratio')} / {fmt(b, 'fooling_ratio')}, "
+                            f"IoU {fmt(a, 'iou')} / {fmt(b, 'iou')}",
+                        )
+    t6 = aggregate(rows.get("table6", []))
     if t6:
-        print(f"\nClaim 4: robust to the objective (CE vs Cmin within {ROBUST}); R-JUAP-Ct vs GUAP-Ct")
+        print(
+            f"\nClaim 4 (one seed): robust to the objective (CE vs Cmin within {ROBUST}); R-JUAP-Ct, GUAP-Ct"
+        )
         ce, cmin = pick(t6, objective="untargeted"), pick(t6, objective="least_likely")
         if ce and cmin:
             v.check(
@@ -142,9 +208,9 @@ def judge(rows: Dict[str, List[Mapping]], v: Verdicts) -> None:
                 f"target success {jt['target_success_rate']:.3f} vs {gt['target_success_rate']:.3f}, "
                 f"IoU {jt['iou']:.3f} vs {gt['iou']:.3f}, L1 {jt['l1']:.3f} vs {gt['l1']:.3f}",
             )
-    t4 = rows.get("table4", [])
+    t4 = aggregate(rows.get("table4", []))
     if t4:
-        print(f"\nClaim 5: JAP keeps FR within {FR_GAP:.2f} of PGD's with a higher IoU (Grad-CAM)")
+        print(f"\nClaim 5 (one seed): JAP keeps FR within {FR_GAP:.2f} of PGD's with a higher IoU (Grad-CAM)")
         p, j = pick(t4, method="PGD", interpreter="gradcam"), pick(t4, method="JAP", interpreter="gradcam")
         if p and j:
             v.check(
@@ -155,8 +221,57 @@ def judge(rows: Dict[str, List[Mapping]], v: Verdicts) -> None:
             )
 
 
-def lambda_plot(rows: List[Mapping], guap: List[Mapping], path: Path) -> None:
-    """Fooling ratio against IoU for each lambda, per interpreter, with the Pareto front and GUAP."""
+def detection(rows: Sequence[Mapping], budget: str) -> List[Dict]:
+    """The paper's motivation, measured: AUROC of ``juap detect``'s reference inspector (L1 between I(x)
+    and I(x_hat)) and deployable detector (the input's own map) for GUAP and R-JUAP under each
+    interpreter, on the first seed's perturbations at ``budget`` and the cells' test images."""
+    import torch
+
+    from juap.config import AttackRunConfig, load_config
+    from juap.detection import detect_interpreter
+    from juap.experiments import attack_data, build_classifier, build_interpreter
+    from juap.io import load_tensors
+
+    seed0 = min(r["seed"] for r in rows)
+    cells = [r for r in rows if r["seed"] == seed0 and r["budget"] == budget]
+    out: List[Dict] = []
+    for interp in dict.fromkeys(r["interpreter"] for r in cells):
+        guap, juap_ = (pick(cells, method=m, interpreter=interp) for m in ("GUAP", "R-JUAP"))
+        if not (guap and juap_):
+            continue
+        cfg = load_config(AttackRunConfig, Path(juap_["folder"]) / "config.yaml")
+        splits, _, _, test = attack_data(cfg, progress=False)
+        clf = build_classifier(cfg.classifier, num_classes=splits.num_classes)
+        rts = cfg.evaluate.rts_checkpoint or cfg.interpreter.checkpoint
+        interpreter = build_interpreter(interp, clf, checkpoint=rts if interp == "rts" else None)
+        x = torch.stack([test[k][0] for k in range(len(test))])
+        perts = {
+            name: load_tensors(Path(r["folder"]) / "perturbation.safetensors")[0]["perturbation"]
+            for name, r in (("GUAP", guap), ("R-JUAP", juap_))
+        }
+        res = detect_interpreter(interpreter, x, perts, seed=seed0, interpreter_name=interp)
+        out += [r for r in res["rows"] if r["setting"] != "noise-control"]
+    return out
+
+
+def print_detection(rows: Sequence[Mapping]) -> None:
+    print(
+        "\nClaim 6 (one seed): does JUAP evade map-based inspection better than GUAP? (AUROC, 0.5 = evades)"
+    )
+    for interp in dict.fromkeys(r["interpreter"] for r in rows):
+        for det in dict.fromkeys(r["detector"] for r in rows if r["interpreter"] == interp):
+            vals = {r["attack"]: r for r in rows if r["interpreter"] == interp and r["detector"] == det}
+            if len(vals) == 2:
+                g, j = vals["GUAP"], vals["R-JUAP"]
+                print(
+                    f"  {interp:<8} {det:<28} GUAP {g['auroc']:.3f} (FR {g['fooling_ratio']:.2f})  "
+                    f"R-JUAP {j['auroc']:.3f} (FR {j['fooling_ratio']:.2f})"
+                )
+
+
+def pareto_plot(rows: List[Mapping], head: List[Mapping], path: Path) -> None:
+    """Fooling ratio against IoU for every setting of the Pareto experiment (fixed lambdas, constrained
+    margins), per interpreter, with the Pareto front and GUAP / SGD-UAP of the same budget."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -165,30 +280,49 @@ def lambda_plot(rows: List[Mapping], guap: List[Mapping], path: Path) -> None:
     from juap.io import atomic_path
 
     interps = list(dict.fromkeys(r["interpreter"] for r in rows))
-    fig, axes = plt.subplots(1, len(interps), figsize=(4.2 * len(interps), 3.6), squeeze=False)
-    print("\nLambda trade-off (R-JUAP): lambda -> FR, IoU")
+    budget = rows[0]["budget"]
+    fig, axes = plt.subplots(1, len(interps), figsize=(4.4 * len(interps), 3.8), squeeze=False)
+    print(f"\nThe trade-off (R-JUAP, {budget}, one seed): setting -> FR, IoU, fooled-only IoU")
     for ax, interp in zip(axes[0], interps, strict=True):
         pts = sorted(
             (
-                (float(r["setting"].split("=")[1]), r["fooling_ratio"], r["iou"])
+                (r["setting"], r["fooling_ratio"], r["iou"], r.get("iou_fooled"))
                 for r in rows
                 if r["interpreter"] == interp
             ),
+            key=lambda p: p[2],
         )
-        for lam, fr, iou in pts:
-            print(f"  {interp:<8} lambda={lam:<5g} FR {fr:.3f}  IoU {iou:.3f}")
+        for setting, fr, iou, iouf in pts:
+            print(f"  {interp:<8} {setting:<16} FR {fr:.3f}  IoU {iou:.3f}  fooled-only IoU {iouf or 0:.3f}")
         front = [p for p in pts if not any(q[1] >= p[1] and q[2] >= p[2] and q != p for q in pts)]
-        front.sort(key=lambda p: p[2])
         ax.plot([p[2] for p in front], [p[1] for p in front], "-", color="tab:orange", label="Pareto front")
-        ax.scatter([p[2] for p in pts], [p[1] for p in pts], color="tab:blue", zorder=3, label="R-JUAP")
-        for lam, fr, iou in pts:
-            ax.annotate(f"λ={lam:g}", (iou, fr), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        g = pick(guap, method="GUAP", interpreter=interp)
-        if g:
-            ax.scatter([g["iou"]], [g["fooling_ratio"]], marker="x", color="black", zorder=3, label="GUAP")
+        for setting, fr, iou, _ in pts:
+            constrained = setting.startswith(("fr_margin", "fr_target"))
+            ax.scatter([iou], [fr], color="tab:green" if constrained else "tab:blue", zorder=3)
+            ax.annotate(
+                setting.replace("fr_margin=", "m=").replace("lam=", "λ="),
+                (iou, fr),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+        for method, marker in (("GUAP", "x"), ("SGD-UAP", "+")):
+            g = pick(head, method=method, interpreter=interp, budget=budget)
+            if g:
+                ax.scatter(
+                    [g["iou"]],
+                    [g["fooling_ratio"]],
+                    marker=marker,
+                    s=60,
+                    color="black",
+                    zorder=3,
+                    label=method,
+                )
+        ax.scatter([], [], color="tab:blue", label="fixed λ")
+        ax.scatter([], [], color="tab:green", label="constrained (margin m)")
         ax.set_xlabel(f"{interp} map IoU (higher: maps kept)")
         ax.set_ylabel("fooling ratio")
-        ax.set_title(f"JUAP against {interp}: the lambda trade-off", fontsize=9)
+        ax.set_title(f"R-JUAP against {interp}, {budget}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -201,31 +335,44 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "claims"))
     ap.add_argument("--only", nargs="*", choices=list(EXPERIMENTS), default=list(EXPERIMENTS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of the headline grid")
     ap.add_argument("--progress", action="store_true", help="show per-attack progress bars")
     args = ap.parse_args(argv)
     out = Path(args.out)
     t0 = time.perf_counter()
-    rows = run_experiments(out, args.only, progress=args.progress)
+    rows = run_experiments(out, args.only, args.seeds, progress=args.progress)
     print(f"\nThe paper's claims on the embedded data ({time.perf_counter() - t0:.0f} s; results in {out}):")
     verdicts = Verdicts()
     judge(rows, verdicts)
-    if "lambda" in rows:
-        lambda_plot(rows["lambda"], rows.get("table2", []), out / "lambda.png")
-        print(f"  plot: {out / 'lambda.png'}")
+    det: List[Dict] = []
+    if rows.get("headline"):
+        det = detection(rows["headline"], "linf-24")
+        print_detection(det)
+    if rows.get("pareto"):
+        pareto_plot(rows["pareto"], aggregate(rows.get("headline", [])), out / "pareto.png")
+        print(f"  plot: {out / 'pareto.png'}")
     held = sum(i["holds"] for i in verdicts.items)
     print(f"\n{held} of {len(verdicts.items)} checks hold.")
     from juap.io import write_json
+    from juap.report import write_csv
 
+    if rows.get("headline"):
+        write_csv(out / "headline.csv", aggregate(rows["headline"]))
     write_json(
         out / "claims.json",
         {
+            "seeds": args.seeds,
             "checks": verdicts.items,
+            "detection": det,
+            "headline": aggregate(rows.get("headline", [])),
             "thresholds": {
                 "fr_gap": FR_GAP,
                 "iou_gain": IOU_GAIN,
+                "iou_fooled_gain": IOU_FOOLED_GAIN,
                 "low_iou": LOW_IOU,
                 "high_l1": HIGH_L1,
                 "robust": ROBUST,
+                "strong": STRONG,
             },
         },
     )

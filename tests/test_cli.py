@@ -235,6 +235,8 @@ def test_demo_writes_every_result_file_and_reuses_its_cache(tmp_path, capsys):
         "--set",
         "demo.uap_passes=1",
         "--set",
+        "demo.sgd_epochs=1",
+        "--set",
         "demo.jap_images=4",
         "--set",
         "demo.jap_steps=2",
@@ -256,14 +258,21 @@ def test_demo_writes_every_result_file_and_reuses_its_cache(tmp_path, capsys):
         "config.yaml",
         "perturbations/GUAP.png",
         "perturbations/U-JUAP-rts.safetensors",
+        "perturbations/SGD-UAP.safetensors",
     ):
         assert (tmp_path / "d1" / name).is_file(), name
     with open(tmp_path / "d1" / "results.csv") as f:
         header = f.readline().strip().split(",")
     assert header == ["method", "generator", "interpreter", "norm", "fooling_ratio", "l1", "iou"]
     assert "trained in" in stdout
+    m = json.loads((tmp_path / "d1" / "metrics.json").read_text())
+    assert {c["claim"] for c in m["claims"]} == {
+        f"{g}-{i} vs GUAP" for g in ("R-JUAP", "U-JUAP") for i in ("cam", "gradcam", "rts")
+    }
+    assert all(f"[{'holds' if c['holds'] else 'does not hold'}] {c['claim']}" in stdout for c in m["claims"])
+    assert "The paper's headline" in (tmp_path / "d1" / "results.md").read_text()
     code, stdout, err = run(
         capsys, "demo", "--out", str(tmp_path / "d2"), "--no-progress", "--cache-dir", cache, *tiny
     )
     assert code == 0, err
-    assert "trained in" not in stdout and stdout.count("(cached)") == 8
+    assert "trained in" not in stdout and stdout.count("(cached)") == 9

@@ -26,7 +26,7 @@ from juap.rts_training import TrainRTSConfig
 from juap.runs import finish_run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-EXPERIMENTS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.name.startswith(("table", "lambda")))
+EXPERIMENTS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.name.startswith(("table", "claims", "pareto")))
 
 
 def _exp(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:

@@ -754,8 +754,8 @@ def demo_detection(
     settings: DetectorSettings = DetectorSettings(),
     say: Callable[[str], None] = lambda s: None,
 ) -> Dict[str, Any]:
-    """The demo's Detection section: UAP, GUAP and R-JUAP (trained against each interpreter) under each
-    interpreter, on the demo's held-out attack-test images.
+    """The demo's Detection section: UAP, SGD-UAP, GUAP and R-JUAP (trained against each interpreter)
+    under each interpreter, on the demo's held-out attack-test images.
 
     Appends the section to ``results.md`` and writes ``detection.csv``, ``detection.md``, ``roc.png`` and
     ``fig1.png``. Returns ``{"rows": [...], "seconds": ...}`` for ``metrics.json``.
@@ -766,7 +766,7 @@ def demo_detection(
     t0 = time.perf_counter()
     per_interp: Dict[str, Dict[str, torch.Tensor]] = {}
     for iname in interpreters:
-        chosen = {label: perturbations.get(label) for label in ("UAP", "GUAP")}
+        chosen = {label: perturbations.get(label) for label in ("UAP", "SGD-UAP", "GUAP")}
         if f"R-JUAP-{iname}" in perturbations:
             chosen["JUAP"] = perturbations[f"R-JUAP-{iname}"]
         chosen = {k: v for k, v in chosen.items() if v is not None}

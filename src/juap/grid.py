@@ -651,7 +651,7 @@ RESULT_COLUMNS = (
 
 
 # -- dry runs -----------------------------------------------------------------------------------------
-ONE_STEP = {"steps": 1, "max_passes": 1, "eval_every": 1}
+ONE_STEP = {"steps": 1, "max_passes": 1, "eval_every": 1, "epochs": 1}
 
 
 def dry_run_experiment(exp: ExperimentConfig, work_dir: Path) -> ExperimentConfig:
