@@ -39,18 +39,14 @@ def test_budget_projection_and_fooling(setup, norm):
     where sign / normalised steps push it); the perturbation fools far more than noise of that norm."""
     clf, x_train, x_test = setup
     eps = BUDGETS[norm]
-    seen = []
-
-    class Spy(SGDUAP):
-        def _epoch(self, data, v, epoch):
-            v, loss = super()._epoch(data, v, epoch)
-            seen.append(perturbation_norm(v, norm))
-            return v, loss
-
-    attack = Spy(classifier=clf, norm=norm, eps=eps, epochs=4, batch_size=32, step_size=0.5)
-    v = attack.fit(x_train, progress=False)
+    seen = []  # the norm after every step, through the public callback
+    attack = SGDUAP(classifier=clf, norm=norm, eps=eps, epochs=4, batch_size=32, step_size=0.5)
+    v = attack.fit(
+        x_train, progress=False, callback=lambda step, v: seen.append((step, perturbation_norm(v(), norm)))
+    )
     assert v.shape == x_train.shape[1:] and attack.perturbation is v
-    assert len(seen) == 4 and max(seen) <= eps * (1 + 1e-5) + 1e-4
+    assert [k for k, _ in seen] == list(range(1, 4 * 8 + 1))  # 4 epochs of 8 batches
+    assert max(n for _, n in seen) <= eps * (1 + 1e-5) + 1e-4
     assert perturbation_norm(v, norm) >= 0.9 * eps
     noise = torch.randn(v.shape, generator=torch.Generator().manual_seed(0))
     noise = juap.budget.project(noise * 1e3, norm=norm, eps=eps)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -239,6 +239,7 @@ class GeneratorUAP(UniversalAttack):
         checkpoint_every: Optional[int] = None,
         resume: bool = False,
         max_rollbacks: int = 3,
+        callback: Optional[Callable[[int, Callable[[], torch.Tensor]], None]] = None,
     ) -> torch.Tensor:
         """Train the generator on ``data``; keep the best perturbation on ``val_data`` (default: ``data``).
 
@@ -252,6 +253,9 @@ class GeneratorUAP(UniversalAttack):
                 uninterrupted run's (bitwise on CPU with the same data and settings).
             max_rollbacks: NaN/Inf faults rolled back to the last good state with the lr halved before
                 a NumericalError.
+            callback: called after every step as ``callback(step, perturbation)``, where
+                ``perturbation()`` returns the current n_hat (3, H, W); an exception it raises stops
+                the fit (benchmarks time attacks this way).
 
         Returns:
             n_hat (3, H, W), with ``||n_hat||_p <= zeta``.
@@ -334,6 +338,8 @@ class GeneratorUAP(UniversalAttack):
                     }
             state_now = lambda b=best, s=step: self._fit_state(G, opt, b, s, source)  # noqa: E731
             ckpt.step_end(step, state_now, last=step == self.steps)
+            if callback is not None:
+                callback(step, lambda G=G: self.current_perturbation(G))
         G.load_state_dict(best["state"])
         self.generator = G.eval()
         self.perturbation = best["n_hat"]

@@ -8,7 +8,7 @@ on the same model is undertrained, not a finding.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -102,17 +102,19 @@ class SGDUAP(UniversalAttack):
         checkpoint_dir=None,
         checkpoint_every: Optional[int] = None,
         resume: bool = False,
+        callback: Optional[Callable[[int, Callable[[], torch.Tensor]], None]] = None,
     ) -> torch.Tensor:
         """Learn v from ``data``; with ``val_data`` keep the epoch's v with the highest fooling ratio there
         (else the last). Checkpoints after every epoch in ``checkpoint_dir`` (``checkpoint_every`` is
-        accepted for a uniform interface); ``resume`` continues after the last finished epoch."""
+        accepted for a uniform interface); ``resume`` continues after the last finished epoch.
+        ``callback(step, perturbation)`` is called after every step (``perturbation()`` returns v)."""
         from ..checkpoint import LoopCheckpoints, rng_states, set_rng_states
 
         ckpt = LoopCheckpoints(checkpoint_dir, every=1, kind=self.name, resume=resume)
         gen = getattr(data, "generator", None)  # a seeded loader's order depends on its generator's state
         gen = gen if isinstance(gen, torch.Generator) else None
         identity = {"norm": self.norm, "eps": self.eps, "seed": self.seed, "batch_size": self.batch_size}
-        v, best, start, self.history = None, None, 0, []
+        v, best, start, steps, self.history = None, None, 0, 0, []
         state = ckpt.resume_state()
         if state is not None:
             diff = {
@@ -133,7 +135,7 @@ class SGDUAP(UniversalAttack):
         )
         with ckpt.stop_signals():
             for epoch in bar:
-                v, loss = self._epoch(data, v, epoch)
+                v, loss, steps = self._epoch(data, v, epoch, callback, steps)
                 record = {"epoch": epoch + 1, "loss": loss}
                 if val_data is not None:
                     record["val_fooling_ratio"] = self.fooling_ratio(val_data, v)
@@ -161,7 +163,8 @@ class SGDUAP(UniversalAttack):
         self.perturbation = v
         return v
 
-    def _epoch(self, data, v: Optional[torch.Tensor], epoch: int):
+    def _epoch(self, data, v: Optional[torch.Tensor], epoch: int, callback=None, steps: int = 0):
+        """One pass over ``data``; returns (v, the mean loss, the number of steps so far)."""
         step = self.step_size * self.zeta * self.decay**epoch
         shuffle = None if self.seed is None else self.seed + epoch
         total, n = 0.0, 0
@@ -178,9 +181,12 @@ class SGDUAP(UniversalAttack):
                 direction = g.sign() if self.norm == "linf" else g / g.norm().clamp_min(1e-12)
                 v = project(v + step * direction, norm=self.norm, eps=self.eps)
             total, n = total + float(loss.detach()) * len(x), n + len(x)
+            steps += 1
+            if callback is not None:
+                callback(steps, lambda v=v: v)
         if v is None:
             raise ConfigError("sgd_uap: the data is empty: no images to learn a perturbation from")
-        return v, total / n
+        return v, total / n, steps
 
     def _labels(self, x: torch.Tensor) -> torch.Tensor:
         if self.objective == "targeted":
