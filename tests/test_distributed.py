@@ -251,6 +251,39 @@ def test_cli_nccl_without_gpu_is_a_message(monkeypatch, capsys):
     assert "the nccl backend needs CUDA GPUs" in capsys.readouterr().err
 
 
+_TEARDOWN = """
+import os, torch
+from juap import distributed
+assert distributed.init_from_env("gloo")
+model = distributed.wrap_ddp(torch.nn.Linear(4, 2))  # DDP: what kept the group alive before
+model(torch.rand(3, 4)).sum().backward()
+assert distributed.all_reduce_sums({"n": 1}) == {"n": 2.0}
+del model
+distributed.cleanup(wait_for_others=True)
+tasks = os.listdir("/proc/self/task")
+print(",".join(sorted(n for t in tasks if "gloo" in (n := open(f"/proc/self/task/{t}/comm").read().strip()))))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads through Linux's /proc")
+def test_no_gloo_thread_outlives_the_process_group():
+    """The cause of the random SIGABRT at exit: a gloo worker thread that outlives the process group can
+    release the last reference to a finished collective's tensor while Python shuts down; the release
+    needs the GIL, and the rank dies with "terminate called without an active exception". After
+    cleanup() the group is freed and its threads joined, so Python never shuts down with them alive."""
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}  # fmt: skip
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _TEARDOWN], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for r in range(2)
+    ]  # fmt: skip
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-2000:]
+        assert out.strip() == "", f"gloo threads alive after cleanup: {out.strip()}"
+
+
 def test_partial_torchrun_environment_is_refused(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setenv("WORLD_SIZE", "2")

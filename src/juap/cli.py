@@ -436,17 +436,21 @@ def _run_command(args: argparse.Namespace) -> int:
     from . import distributed
 
     distributed.init_from_env()
+    done = False
     try:
         if distributed.world_size() > 1 and args.command not in DATA_PARALLEL:
             distributed.refuse_multi_process(args.command)
         if distributed.is_main():
-            return COMMANDS[args.command](args)
-        args.no_progress = True
-        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return COMMANDS[args.command](args)
-    finally:
-        distributed.cleanup()
+            code = COMMANDS[args.command](args)
+        else:
+            args.no_progress = True
+            with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                code = COMMANDS[args.command](args)
+        done = True
+        return code
+    finally:  # every rank leaves together, and the process group is gone before Python shuts down
+        distributed.cleanup(wait_for_others=done)
 
 
 if __name__ == "__main__":

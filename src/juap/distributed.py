@@ -17,6 +17,8 @@ the one-process gradient (see :func:`global_sum`). Metrics are sums and counts a
 from __future__ import annotations
 
 import datetime
+import gc
+import importlib
 import logging
 import os
 from typing import Dict, Iterable, Iterator, Mapping, Optional, Tuple, TypeVar
@@ -112,6 +114,12 @@ def init_from_env(backend: str = "auto", *, timeout_s: float = 1800.0) -> bool:
         torch.cuda.set_device(lrank)
     if world == 1:
         return False
+    # torch.distributed.nn.functional takes ``group=group.WORLD`` as default arguments, evaluated when it is
+    # first imported (by DistributedDataParallel, say): imported after the group exists, it would hold the
+    # group forever, so destroy_process_group could not free it and its gloo worker threads would outlive
+    # the interpreter (see cleanup). Imported now, the defaults are None.
+    importlib.import_module("torch.distributed.nn")
+
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     _owns_group = True
     log.debug("rank %d of %d joined the %s process group", rank(), world, backend)
@@ -125,11 +133,32 @@ def _nccl_without_cuda() -> ConfigError:
     )
 
 
-def cleanup() -> None:
-    """Leave the process group that :func:`init_from_env` created (safe to call more than once)."""
+def cleanup(*, wait_for_others: bool = False) -> None:
+    """Leave the process group that :func:`init_from_env` created (safe to call more than once).
+
+    The group is destroyed and freed here, while the interpreter is whole: freeing it joins the gloo
+    backend's worker threads. A worker thread still alive when Python finalises can be caught releasing
+    the last reference to a tensor of a finished collective; that release needs the GIL, which a
+    finalising interpreter no longer hands out, and the process dies with SIGABRT ("terminate called
+    without an active exception") after its work is done. So nothing may keep the group alive: objects
+    left in reference cycles are collected first, and :func:`init_from_env` imports
+    ``torch.distributed.nn`` before the group exists.
+
+    Args:
+        wait_for_others: meet the other ranks at a barrier first (the command finished on this rank), so
+            no rank leaves while another still sends to it. A failed barrier (another rank has already
+            failed and left) is logged, not raised: the error that matters is that rank's.
+    """
     global _owns_group
     if _owns_group and is_initialized():
+        if wait_for_others and dist.get_world_size() > 1:
+            try:
+                dist.barrier()
+            except RuntimeError as e:  # DistBackendError too: a rank that failed has closed its side
+                log.debug("no final barrier: %s", e)
+        gc.collect()  # objects in reference cycles (a DDP wrapper, say) may still hold the group
         dist.destroy_process_group()
+        gc.collect()
     _owns_group = False
 
 
