@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 
 from ..errors import DataError
+from .decode import decode_rgb
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +135,10 @@ def train_transform(image_size: int) -> Callable:
 class ImageFolderDataset(Dataset):
     """Images of an ImageFolder tree as ``(image (3, S, S) in [0, 1], label)``.
 
-    Grayscale, palette and RGBA images are converted to RGB (alpha dropped). An image that cannot be
-    decoded at load time (e.g. truncated) yields ``None``; :func:`collate_skip` drops it and counts it.
+    Every PIL mode is decoded to RGB in [0, 1] by its own range (8- and 16-bit grayscale, 32-bit integer
+    and float, palette, CMYK, alpha dropped; :mod:`juap.data.decode`). An image that cannot be decoded at
+    load time (e.g. truncated, or a float image outside [0, 1]) yields ``None``; :func:`collate_skip`
+    drops it and counts it.
 
     Args:
         root: the data folder.
@@ -163,12 +166,13 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load_image(self, i: int) -> Image.Image | None:
+    def load_image(self, i: int) -> Image.Image | torch.Tensor | None:
+        """Image ``i`` as RGB in [0, 1] (:func:`~juap.data.decode.decode_rgb`), or None if unreadable."""
         path = self.samples[i][0]
         try:
             with Image.open(path) as im:
-                return im.convert("RGB")
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+                return decode_rgb(im)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:  # DataError too
             warnings.warn(f"skipping unreadable image {path}: {e}", stacklevel=2)
             return None
 
