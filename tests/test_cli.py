@@ -116,6 +116,8 @@ def test_attack_and_evaluate_end_to_end(tmp_path, capsys, clf_path):
     assert code == 0, err
     m2 = json.loads((ev / "metrics.json").read_text())
     assert m2["fooling_ratio"] == pytest.approx(m["fooling_ratio"])
+    assert (m2["attack"], m2["norm"], m2["eps"], m2["budget_source"]) == ("juap", "linf", 16, "file")
+    assert m2["perturbation_norm"] == pytest.approx(m["perturbation_norm"])
 
 
 @pytest.mark.parametrize(

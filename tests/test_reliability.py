@@ -512,6 +512,16 @@ def _bad_cases(root: Path, clf_path: str, tmp: Path):
     p64, p2d = tmp / "p64.safetensors", tmp / "p2d.safetensors"
     juap.io.save_tensors(p64, {"perturbation": torch.zeros(3, 64, 64)})
     juap.io.save_tensors(p2d, {"perturbation": torch.zeros(32, 32)})
+    p_nan, p_inf, p48, p48_says_10 = (tmp / f"{n}.safetensors" for n in ("nan", "inf", "p48", "p48_says_10"))
+    for path, value in ((p_nan, float("nan")), (p_inf, float("inf"))):
+        n = torch.zeros(3, 32, 32)
+        n[0, 0, 0] = value
+        juap.io.save_tensors(path, {"perturbation": n})
+    linf48 = torch.full((3, 32, 32), 48 / 255)
+    juap.io.save_tensors(p48, {"perturbation": linf48}, {"attack": "uap", "norm": "linf", "eps": 48})
+    juap.io.save_tensors(p48_says_10, {"perturbation": linf48}, {"attack": "uap", "norm": "linf", "eps": 10})
+    bare48 = tmp / "bare48.safetensors"
+    juap.io.save_tensors(bare48, {"perturbation": linf48})
     existing = tmp / "existing"
     existing.mkdir()
     (existing / "x").write_text("x")
@@ -527,6 +537,20 @@ def _bad_cases(root: Path, clf_path: str, tmp: Path):
         "missing folder": ([*folder, f"data.root={root / 'nope'}"], "does not exist"),
         "perturbation of another size": ([ev[0], "-p", str(p64), *ev[1:]], "64x64 but the data"),
         "perturbation of another shape": ([ev[0], "-p", str(p2d), *ev[1:]], "(3, H, W)"),
+        "perturbation holding NaN": ([ev[0], "-p", str(p_nan), *ev[1:]], "holds 1 NaN and 0 infinite"),
+        "perturbation holding Inf": ([ev[0], "-p", str(p_inf), *ev[1:]], "holds 0 NaN and 1 infinite"),
+        "config budget other than the file's": (
+            [ev[0], "-p", str(p48), *ev[1:], "--set", "attack.eps=8"],
+            "records its budget as L_inf eps=48 (measured 48), but the config gives L_inf eps=8",
+        ),
+        "perturbation above the config's budget": (
+            [ev[0], "-p", str(bare48), *ev[1:], "--set", "attack.eps=8"],
+            "measures 48 in L_inf (0-255 units), more than L_inf eps=8, the budget the config gives",
+        ),
+        "perturbation above its file's budget": (
+            [ev[0], "-p", str(p48_says_10), *ev[1:]],
+            "more than L_inf eps=10, the budget its file records: the metadata does not describe the tensor",
+        ),
         "checkpoint of another class count": (
             [*att[:-1], f"classifier.weights={other_arch}"],
             "has 6 classes but the data set has 4",
@@ -568,7 +592,60 @@ def test_every_bad_input_is_a_message_and_exit_code_not_a_traceback(tmp_path, ca
         assert code == 2, (name, err)
         assert message in err, (name, err)
         assert "Traceback" not in err and f"juap {argv[0]}: error:" in err, (name, err)
-    assert len(cases) == 20
+    assert len(cases) == 25
+
+
+def test_evaluate_reports_the_perturbation_own_budget_and_norm(tmp_path, capsys, clf_path):
+    """The budget in metrics.json is the file's (never the config's default), or the config's for a file
+    that records none, or none at all; the measured norms are always the perturbation's own."""
+    linf48 = torch.full((3, 32, 32), 48 / 255)
+    linf48[1] = -20 / 255
+    with_budget, bare = tmp_path / "p48.safetensors", tmp_path / "bare.safetensors"
+    juap.io.save_tensors(with_budget, {"perturbation": linf48}, {"attack": "uap", "norm": "linf", "eps": 48})
+    juap.io.save_tensors(bare, {"perturbation": linf48})
+    l2 = float(linf48.norm() * 255)
+    ev = ["evaluate", "--no-progress", *DATA, "--set", f"classifier.weights={clf_path}"]
+    runs = {
+        "file's budget, none given": ([str(with_budget)], ("uap", "linf", 48, "file", 48)),
+        "file's budget, the same given": (
+            [str(with_budget), "--set", "attack.eps=48"],
+            ("uap", "linf", 48, "file", 48),
+        ),
+        "no budget anywhere": ([str(bare)], (None, None, None, None, 48)),
+        "config's budget for a bare file": (
+            [str(bare), "--set", "attack.norm=l2", "--set", f"attack.eps={l2 + 1}"],
+            (None, "l2", l2 + 1, "config", l2),
+        ),
+    }  # fmt: skip
+    for k, (argv, expected) in enumerate(runs.values()):
+        out = tmp_path / f"ev{k}"
+        code, stdout, err = run(capsys, ev[0], "-p", *argv, *ev[1:], "--out", str(out))
+        assert code == 0, err
+        m = json.loads((out / "metrics.json").read_text())
+        got = (m["attack"], m["norm"], m["eps"], m["budget_source"], m["perturbation_norm"])
+        assert got[:4] == expected[:4] and got[4] == pytest.approx(expected[4], rel=1e-5), (argv, got)
+        assert m["perturbation_linf"] == pytest.approx(48, rel=1e-5)
+        assert m["perturbation_l2"] == pytest.approx(l2, rel=1e-5)
+        assert math.isfinite(m["fooling_ratio"])
+        assert ("none recorded" in stdout) == (expected[2] is None)
+
+
+def test_a_perturbation_over_its_budget_or_not_finite_is_neither_saved_nor_evaluated(tmp_path):
+    from juap.errors import JuapError
+    from juap.experiments import save_perturbation
+
+    over = torch.full((3, 8, 8), 10.5 / 255)
+    with pytest.raises(JuapError, match="measures 10.5 in linf, above its budget eps=10: not saved"):
+        save_perturbation(tmp_path / "p", over, attack="uap", norm="linf", eps=10)
+    save_perturbation(tmp_path / "p", over * (10 / 10.5), attack="uap", norm="linf", eps=10)  # on the budget
+    nan = torch.zeros(3, 8, 8)
+    nan[0, 0, 0] = float("nan")
+    with pytest.raises(NumericalError, match="holds 1 NaN"):
+        save_perturbation(tmp_path / "q", nan, attack="uap", norm="linf", eps=10)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png", "p.safetensors"]
+    clf, x = _toy()
+    with pytest.raises(NumericalError, match="holds 1 NaN"):
+        juap.evaluate(clf, torch.nn.functional.pad(nan, (4, 4, 4, 4)), x[:4])
 
 
 def test_unreadable_images_are_skipped_and_counted(tmp_path, capsys, folders):

@@ -153,10 +153,17 @@ def cmd_train_rts(args: argparse.Namespace) -> int:
 
 def _print_attack_metrics(m: dict) -> None:
     norm = m.get("perturbation_norm")
-    print(
-        f"  budget: {m['norm']} eps={m['eps']:g} (0-255 units)"
-        + (f"; measured norm of the perturbation: {norm:.4g}" if norm is not None else "")
-    )
+    if m.get("eps") is None:  # evaluate: a perturbation file that records no budget, and none given
+        print(
+            f"  budget: none recorded; measured L_inf {m['perturbation_linf']:.4g}, "
+            f"L_2 {m['perturbation_l2']:.4g} (0-255 units)"
+        )
+    else:
+        source = {"file": " (from the perturbation file)", "config": " (from the config)"}
+        print(
+            f"  budget: {m['norm']} eps={m['eps']:g} (0-255 units){source.get(m.get('budget_source'), '')}"
+            + (f"; measured norm of the perturbation: {norm:.4g}" if norm is not None else "")
+        )
     line = f"  fooling ratio {m.get('fooling_ratio', float('nan')):.3f} on {m.get('n_images', 0)} test images"
     if "clean_accuracy" in m:
         line += f"; accuracy {m['clean_accuracy']:.3f} clean -> {m['adversarial_accuracy']:.3f} adversarial"
@@ -199,10 +206,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg, run_dir = _open_run(args, AttackRunConfig, "evaluate")
     print(f"Evaluating {args.perturbation} on {cfg.classifier.name}; run folder: {run_dir}")
     with failed_on_error(run_dir):
-        m = run_evaluate(cfg, args.perturbation, run_dir, progress=not args.no_progress)
+        m = run_evaluate(
+            cfg,
+            args.perturbation,
+            run_dir,
+            progress=not args.no_progress,
+            budget_given=_budget_given(args),
+        )
     _print_attack_metrics(m)
     print(f"Wrote {run_dir}/metrics.json")
     return 0
+
+
+def _budget_given(args: argparse.Namespace) -> bool:
+    """Whether --config or --set names attack.eps or attack.norm (not merely their defaults)."""
+    from .config import apply_overrides, read_yaml_mapping
+
+    raw = apply_overrides(read_yaml_mapping(args.config) if args.config else {}, args.overrides)
+    attack = raw.get("attack") if isinstance(raw.get("attack"), dict) else {}
+    return "eps" in attack or "norm" in attack
 
 
 def cmd_run(args: argparse.Namespace) -> int:

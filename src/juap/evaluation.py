@@ -98,6 +98,7 @@ def evaluate(
 
 def _perturb_fn(attack, device):
     if isinstance(attack, torch.Tensor):
+        check_finite(attack)
         n_hat = attack.to(device)
         return lambda x, y: apply_perturbation(x, n_hat)
     if isinstance(attack, UniversalAttack):
@@ -105,3 +106,100 @@ def _perturb_fn(attack, device):
     if isinstance(attack, PerImageAttack) or callable(attack):
         return attack
     raise TypeError(f"cannot evaluate {type(attack).__name__}: pass a perturbation tensor or an attack")
+
+
+# A saved perturbation may exceed its budget by float rounding of the projection, no more.
+BUDGET_RTOL, BUDGET_ATOL = 1e-4, 1e-3  # relative, and absolute in 0-255 units
+
+
+def check_finite(n_hat: torch.Tensor, what: str = "the perturbation") -> None:
+    """Refuse a perturbation holding NaN or infinite values: every figure measured with it is meaningless.
+
+    Raises:
+        NumericalError: naming how many values are NaN and how many infinite.
+    """
+    from .errors import NumericalError
+
+    bad = ~torch.isfinite(n_hat)
+    if bool(bad.any()):
+        nan = int(torch.isnan(n_hat).sum())
+        raise NumericalError(
+            f"{what} holds {nan} NaN and {int(bad.sum()) - nan} infinite value(s) of {n_hat.numel()}: it "
+            "cannot be evaluated (it may come from a run that diverged); make it again"
+        )
+
+
+def within_budget(measured: float, eps: float) -> bool:
+    """Whether a measured norm (0-255 units) respects the budget ``eps``, up to float rounding."""
+    return measured <= eps * (1 + BUDGET_RTOL) + BUDGET_ATOL
+
+
+def perturbation_budget(
+    n_hat: torch.Tensor,
+    *,
+    file_budget: Optional[Mapping[str, object]] = None,
+    config_budget: Optional[Mapping[str, object]] = None,
+    source: str = "the perturbation",
+) -> Dict:
+    """The budget a perturbation is reported under, and its own measured norms (0-255 units).
+
+    The budget is the one the perturbation's file records (``norm``, ``eps`` in its metadata); a budget in
+    the config is for files that record none. A config budget that disagrees with the file's is an
+    error, not a choice: one file, one budget. A budget the perturbation exceeds is never reported.
+
+    Args:
+        n_hat: (3, H, W) in [0, 1] units.
+        file_budget: the file's metadata (``norm``, ``eps``), or None / {} when it records none.
+        config_budget: ``{"norm", "eps"}`` when the config gives a budget, else None.
+        source: the file, for messages.
+
+    Returns:
+        ``{"norm", "eps", "budget_source", "perturbation_norm", "perturbation_linf", "perturbation_l2"}``;
+        ``norm``/``eps``/``budget_source`` are None when neither the file nor the config gives a budget
+        (``perturbation_norm`` is then the L_inf norm).
+
+    Raises:
+        NumericalError: the perturbation holds NaN or infinite values.
+        ConfigError: the config's budget differs from the file's, or the perturbation exceeds its budget.
+    """
+    from .errors import ConfigError
+
+    check_finite(n_hat, f"{source}")
+    measured = {k: float(perturbation_norm(n_hat, k)) for k in ("linf", "l2")}
+    recorded = None
+    if file_budget and file_budget.get("eps") is not None and file_budget.get("norm") in measured:
+        recorded = {"norm": str(file_budget["norm"]), "eps": float(file_budget["eps"])}
+    given = dict(config_budget) if config_budget else None
+    if recorded and given and (recorded["norm"] != given["norm"] or recorded["eps"] != float(given["eps"])):
+        shown = measured[recorded["norm"]]
+        raise ConfigError(
+            f"{source} records its budget as {_budget(recorded)} (measured {shown:.4g}), "
+            f"but the config gives {_budget(given)}: leave attack.eps and attack.norm unset to use the "
+            "file's budget, or give the same ones"
+        )
+    budget, origin = (recorded, "file") if recorded else (given, "config") if given else (None, None)
+    if budget is None:
+        return {"norm": None, "eps": None, "budget_source": None, "perturbation_norm": measured["linf"],
+                **{f"perturbation_{k}": v for k, v in measured.items()}}  # fmt: skip
+    norm, eps = budget["norm"], float(budget["eps"])
+    if not within_budget(measured[norm], eps):
+        fix = (
+            "the budget its file records: the metadata does not describe the tensor; save the perturbation "
+            "again with the budget it was made under"
+            if origin == "file"
+            else "the budget the config gives (attack.norm, attack.eps): give the budget it was made under, "
+            "or none to report its measured norm alone"
+        )
+        raise ConfigError(
+            f"{source} measures {measured[norm]:.4g} in {_NORM_NAMES[norm]} (0-255 units), more than "
+            f"{_budget(budget)}, {fix}"
+        )
+    return {"norm": norm, "eps": eps, "budget_source": origin, "perturbation_norm": measured[norm],
+            **{f"perturbation_{k}": v for k, v in measured.items()}}  # fmt: skip
+
+
+_NORM_NAMES = {"linf": "L_inf", "l2": "L_2"}
+
+
+def _budget(b: Mapping[str, object]) -> str:
+    return f"{_NORM_NAMES.get(str(b['norm']), b['norm'])} eps={float(b['eps']):g}"

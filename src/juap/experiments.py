@@ -420,17 +420,26 @@ def save_perturbation(stem: Path, n_hat: torch.Tensor, *, attack: str, norm: str
     from PIL import Image
 
     from .budget import perturbation_norm
+    from .errors import JuapError
+    from .evaluation import check_finite, within_budget
     from .io import atomic_path, save_tensors
 
     stem = Path(stem)
     n_hat = n_hat.detach().cpu().float()
+    check_finite(n_hat, f"the {attack} perturbation")
+    measured = float(perturbation_norm(n_hat, norm))
+    if not within_budget(measured, eps):  # never write a budget the perturbation exceeds
+        raise JuapError(
+            f"the {attack} perturbation measures {measured:.6g} in {norm}, above its budget eps={eps:g}: "
+            f"not saved to {stem}.safetensors (a projection bug; please report it)"
+        )
     meta = {
         "format": "juap.perturbation",
         "attack": attack,
         "norm": norm,
         "eps": eps,
         "shape": list(n_hat.shape),
-        "measured_norm": float(perturbation_norm(n_hat, norm)),
+        "measured_norm": measured,
     }
     save_tensors(stem.with_suffix(".safetensors"), {"perturbation": n_hat}, meta)
     amp = n_hat / n_hat.abs().max().clamp_min(1e-12) * 0.5 + 0.5  # amplified: 0 -> grey
@@ -442,6 +451,7 @@ def save_perturbation(stem: Path, n_hat: torch.Tensor, *, attack: str, norm: str
 def load_perturbation(path: str | os.PathLike) -> torch.Tensor:
     """Read ``perturbation.safetensors`` (a (3, H, W) tensor in [0, 1] pixel units)."""
     from .errors import CheckpointError
+    from .evaluation import check_finite
     from .io import load_tensors
 
     tensors, _ = load_tensors(path)
@@ -450,17 +460,28 @@ def load_perturbation(path: str | os.PathLike) -> torch.Tensor:
     n = tensors["perturbation"]
     if n.dim() != 3 or n.shape[0] != 3:
         raise CheckpointError(f"{path}: the perturbation must have shape (3, H, W), got {tuple(n.shape)}")
-    return n
+    check_finite(n, f"the perturbation in {path}")
+    return n.float()
 
 
-def run_evaluate(cfg, perturbation: str, run_dir: Path, *, progress: bool = True) -> Dict[str, Any]:
-    """``juap evaluate``: measure a saved perturbation on the test split with every interpreter."""
+def run_evaluate(
+    cfg, perturbation: str, run_dir: Path, *, progress: bool = True, budget_given: bool = False
+) -> Dict[str, Any]:
+    """``juap evaluate``: measure a saved perturbation on the test split with every interpreter.
+
+    The budget in metrics.json is the one the file records (a config budget that differs is an error);
+    ``budget_given`` says the config set ``attack.eps``/``attack.norm`` (for files that record none).
+    """
     from .errors import ConfigError
-    from .evaluation import evaluate
+    from .evaluation import evaluate, perturbation_budget
+    from .io import read_metadata
 
     torch.manual_seed(cfg.seed)  # a classifier without weights is the same random one on every rank
     device = resolve_device(cfg.device)
     n_hat = load_perturbation(perturbation)
+    meta = read_metadata(perturbation)
+    given = {"norm": cfg.attack.norm, "eps": cfg.attack.eps} if budget_given else None
+    budget = perturbation_budget(n_hat, file_budget=meta, config_budget=given, source=str(perturbation))
     splits, _, _, test = attack_data(cfg, progress=progress)
     size = cfg.data.image_size
     if tuple(n_hat.shape[1:]) != (size, size):
@@ -483,5 +504,7 @@ def run_evaluate(cfg, perturbation: str, run_dir: Path, *, progress: bool = True
         progress=progress,
     )
     metrics = summarize(cfg, ev, perturbation_file=str(perturbation))
+    made_by = {k: meta.get(k) for k in ("attack", "generator", "objective")}  # the file's, not the config's
+    metrics.update(made_by, **budget)
     finish_run(run_dir, config=to_dict(cfg), metrics=metrics)
     return metrics
