@@ -95,6 +95,11 @@ def test_attack_and_evaluate_end_to_end(tmp_path, capsys, clf_path):
         assert key in m, key
     assert set(m["transfer"]) == {"cam", "gradcam"}
     assert m["perturbation_norm"] <= 16 + 1e-3
+    summary = m["data_summary"]  # 96 images of 4 classes, 48 train (minus 5 validation), 24 test
+    assert sum(summary["per_class"].values()) == 96 and len(summary["per_class"]) == 4
+    assert (summary["train_images"], summary["val_images"], summary["test_images"]) == (43, 5, 24)
+    assert sum(summary["test_per_class"].values()) == m["n_images"] == 24
+    assert summary["skipped_files"] == 0 and summary["test_skipped_images"] == 0
     tensors, meta = load_tensors(out / "perturbation.safetensors")
     assert tensors["perturbation"].shape == (3, 32, 32) and meta["norm"] == "linf"
     assert (out / "perturbation.png").is_file() and (out / "generator.safetensors").is_file()

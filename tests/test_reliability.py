@@ -492,6 +492,11 @@ def folders(tmp_path_factory):
     (messy / "b" / "truncated.png").write_bytes(good[: len(good) // 2])
     (root / "empty").mkdir()
     _img(root / "flat" / "x.png")
+    for i in range(12):
+        _img(root / "one_class" / "cat" / f"{i}.png", seed=i)
+    for c, n in (("a", 11), ("b", 1)):  # a 10% train split of these holds class a alone
+        for i in range(n):
+            _img(root / "lopsided" / c / f"{i}.png", seed=i)
     return root
 
 
@@ -535,6 +540,15 @@ def _bad_cases(root: Path, clf_path: str, tmp: Path):
         "empty folder": ([*folder, f"data.root={root / 'empty'}"], "it is empty"),
         "no class subfolders": ([*folder, f"data.root={root / 'flat'}"], "no class subfolders"),
         "missing folder": ([*folder, f"data.root={root / 'nope'}"], "does not exist"),
+        "one class (train-classifier)": ([*folder, f"data.root={root / 'one_class'}"], "of 1 class (cat)"),
+        "one class (attack)": (
+            ["attack", *DATA, "--set", "data.name=folder", "--set", f"data.root={root / 'one_class'}"],
+            "need at least 2 classes",
+        ),
+        "train split of one class": (
+            [*folder, f"data.root={root / 'lopsided'}", "--set", "data.train_fraction=0.1"],
+            "the train split holds images of 1 class (a) of 2",
+        ),
         "perturbation of another size": ([ev[0], "-p", str(p64), *ev[1:]], "64x64 but the data"),
         "perturbation of another shape": ([ev[0], "-p", str(p2d), *ev[1:]], "(3, H, W)"),
         "perturbation holding NaN": ([ev[0], "-p", str(p_nan), *ev[1:]], "holds 1 NaN and 0 infinite"),
@@ -592,7 +606,7 @@ def test_every_bad_input_is_a_message_and_exit_code_not_a_traceback(tmp_path, ca
         assert code == 2, (name, err)
         assert message in err, (name, err)
         assert "Traceback" not in err and f"juap {argv[0]}: error:" in err, (name, err)
-    assert len(cases) == 25
+    assert len(cases) == 28
 
 
 def test_evaluate_reports_the_perturbation_own_budget_and_norm(tmp_path, capsys, clf_path):
@@ -663,7 +677,13 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, capsys, folders):
     with pytest.warns(UserWarning, match="skipped 3 unreadable or non-image files"):
         code, _, err = run(capsys, *argv)
     assert code == 0, err
-    assert json.loads((out / "metrics.json").read_text())["test_images"] + 8 == 16  # 16 readable, half tested
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["test_images"] + 8 == 16  # 16 readable, half tested
+    summary = m["data_summary"]
+    assert summary["per_class"] == {"a": 8, "b": 8} and summary["images"] == 16
+    assert summary["skipped_files"] == 3 and len(summary["skipped_examples"]) == 3
+    assert sum(summary["train_per_class"].values()) == summary["train_images"] == 8
+    assert sum(summary["test_per_class"].values()) == summary["test_images"] == 8
 
 
 def test_resume_refuses_another_config_and_a_complete_run(tmp_path, capsys, clf_path):

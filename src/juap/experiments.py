@@ -16,12 +16,15 @@ from . import distributed
 from .classifiers import Classifier, create_classifier, load_classifier, save_classifier
 from .config import ClassifierConfig, TrainClassifierConfig, to_dict
 from .data import (
+    CountSkipped,
     DataSplits,
     InMemoryLoader,
     SplitView,
+    data_summary,
     eval_transform,
     load_splits,
     make_loader,
+    require_classes,
     save_split,
     to_tensors,
 )
@@ -65,6 +68,7 @@ def run_train_classifier(
     device = distributed.device_for_rank(resolve_device(cfg.device))
     with distributed.main_first():  # under torchrun, rank 0 fills the data cache, then the others read it
         splits = load_splits(cfg.data, augment_train=True, progress=progress)
+    require_classes(splits.train, splits.classes)
     if distributed.is_main():
         save_split(run_dir / "split.json", splits.split)
     clf = build_classifier(cfg.classifier, num_classes=splits.num_classes)
@@ -83,6 +87,7 @@ def run_train_classifier(
     metrics.update(
         classifier=cfg.classifier.name, classes=splits.classes, data=cfg.data.name, data_root=splits.root
     )
+    metrics["data_summary"] = data_summary(splits, train=splits.train, test=splits.test)
     finish_run(run_dir, config=to_dict(cfg), metrics=metrics)
     return metrics
 
@@ -356,11 +361,15 @@ def run_attack(
     fit_seconds = time.perf_counter() - t0
     interps = {n: i.to(device) for n, i in eval_interpreters(cfg, clf).items()}
     target = cfg.attack.params.get("target")
-    test_loader = make_loader(test, batch_size=cfg.evaluate.batch_size)
+    test_loader = CountSkipped(make_loader(test, batch_size=cfg.evaluate.batch_size))
     ev = evaluate(
         clf, attack, test_loader, interpreters=interps, target=target, device=device, progress=progress
     )
     metrics = summarize(cfg, ev, fit_seconds=fit_seconds, **fit_info)
+    metrics["data_summary"] = {
+        **data_summary(splits, train=train, val=val, test=test),
+        "test_skipped_images": test_loader.skipped,  # unreadable at decode time
+    }
     finish_run(run_dir, config=to_dict(cfg), metrics=metrics)
     return metrics
 
@@ -493,7 +502,7 @@ def run_evaluate(
     clf = build_classifier(cfg.classifier, num_classes=splits.num_classes).to(device)
     _check_classes(clf, splits)
     interps = {n: i.to(device) for n, i in eval_interpreters(cfg, clf).items()}
-    test_loader = make_loader(test, batch_size=cfg.evaluate.batch_size)
+    test_loader = CountSkipped(make_loader(test, batch_size=cfg.evaluate.batch_size))
     ev = evaluate(
         clf,
         n_hat,
@@ -506,5 +515,6 @@ def run_evaluate(
     metrics = summarize(cfg, ev, perturbation_file=str(perturbation))
     made_by = {k: meta.get(k) for k in ("attack", "generator", "objective")}  # the file's, not the config's
     metrics.update(made_by, **budget)
+    metrics["data_summary"] = {**data_summary(splits, test=test), "test_skipped_images": test_loader.skipped}
     finish_run(run_dir, config=to_dict(cfg), metrics=metrics)
     return metrics

@@ -530,7 +530,7 @@ def run_train_rts(
         The metrics: training loss parts, test loss parts, ``mean_mask_area``, ``pointing_top20`` (data
         with object boxes, e.g. the synthetic set; else ``None``), timings.
     """
-    from .data import load_splits, make_loader, save_split
+    from .data import data_summary, load_splits, make_loader, require_classes, save_split
     from .training import resolve_device
 
     run_dir = Path(run_dir)
@@ -538,6 +538,7 @@ def run_train_rts(
     device = distributed.device_for_rank(resolve_device(cfg.device))
     with distributed.main_first():  # under torchrun, rank 0 fills the data cache, then the others read it
         splits = load_splits(cfg.data, augment_train=cfg.train.augment, progress=progress)
+    require_classes(splits.train, splits.classes)
     clf = load_explained_classifier(cfg.classifier, classes=splits.classes)
     if distributed.is_main():  # under torchrun only rank 0 writes files
         save_split(run_dir / "split.json", splits.split)
@@ -588,6 +589,7 @@ def run_train_rts(
         classes=splits.classes,
         data=cfg.data.name,
         data_root=splits.root,
+        data_summary=data_summary(splits, train=splits.train, test=splits.test),
     )
     finish_run(run_dir, config=to_dict(cfg), metrics=metrics)
     return metrics

@@ -8,6 +8,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import DataConfig
+from ..errors import DataError
 from .folder import (
     ImageFolderDataset,
     ScanReport,
@@ -86,6 +87,13 @@ def load_splits(cfg: DataConfig, *, augment_train: bool = False, progress: bool 
     """Scan the data folder and draw the seeded train/test subsets (SPEC: random 20% subsets by default)."""
     root = data_root(cfg, progress=progress)
     base = ImageFolderDataset(root, image_size=cfg.image_size, classes=KNOWN_CLASSES[cfg.name])
+    present = [c for c, n in base.report.per_class.items() if n]
+    if len(present) < MIN_CLASSES:
+        raise DataError(
+            f"the data in {root!r} has images of {len(present)} class ({', '.join(present)}): a classifier "
+            f"and an attack on it need at least {MIN_CLASSES} classes, one subfolder each (e.g. "
+            "root/cat/1.jpg, root/dog/2.jpg)"
+        )
     train_idx, test_idx = split_indices(
         len(base), fractions=(cfg.train_fraction, cfg.test_fraction), seed=cfg.split_seed
     )
@@ -106,6 +114,72 @@ def load_splits(cfg: DataConfig, *, augment_train: bool = False, progress: bool 
         split=split,
         report=base.report,
     )
+
+
+MIN_CLASSES = 2  # one class: nothing to classify, and every accuracy or fooling ratio is trivial
+
+
+def class_counts(ds: Dataset, classes: Sequence[str]) -> Dict[str, int]:
+    """Images per class of a :class:`SplitView` or an :class:`ImageFolderDataset` (through any Subset)."""
+    from torch.utils.data import Subset
+
+    indices: Sequence[int] = range(len(ds))
+    while isinstance(ds, Subset):  # Subset(Subset(view, a), b): indices into the view below
+        indices = [ds.indices[i] for i in indices]
+        ds = ds.dataset
+    if isinstance(ds, SplitView):
+        targets = [ds.base.targets[ds.indices[i]] for i in indices]
+    elif isinstance(ds, ImageFolderDataset):
+        targets = [ds.targets[i] for i in indices]
+    else:
+        raise TypeError(f"cannot count the classes of a {type(ds).__name__}")
+    counts = dict.fromkeys(classes, 0)
+    for t in targets:
+        counts[classes[t]] += 1
+    return counts
+
+
+def require_classes(ds: Dataset, classes: Sequence[str], what: str = "the train split") -> None:
+    """Refuse training on a subset that holds images of fewer than :data:`MIN_CLASSES` classes."""
+    present = [c for c, n in class_counts(ds, classes).items() if n]
+    if len(present) < MIN_CLASSES:
+        raise DataError(
+            f"{what} holds images of {len(present)} class ({', '.join(present) or 'none'}) of "
+            f"{len(classes)}: training needs at least {MIN_CLASSES}; use more images or a larger "
+            "data.train_fraction"
+        )
+
+
+def data_summary(splits: DataSplits, **views: Dataset) -> Dict[str, object]:
+    """For metrics.json: images per class in the data and in each view (``train=..., test=...``), and the
+    files the scan skipped (not images, or unreadable)."""
+    out: Dict[str, object] = {
+        "images": splits.report.kept,
+        "per_class": dict(splits.report.per_class),
+        "skipped_files": splits.report.skipped,
+        "skipped_examples": list(splits.report.skipped_examples),
+    }
+    for name, ds in views.items():
+        if ds is not None:
+            out[f"{name}_images"] = len(ds)
+            out[f"{name}_per_class"] = class_counts(ds, splits.classes)
+    return out
+
+
+class CountSkipped:
+    """Iterate a loader of ``(x, y, n_skipped)`` batches and add up ``n_skipped`` (images dropped because
+    they could not be decoded) in ``.skipped``."""
+
+    def __init__(self, loader) -> None:
+        self.loader, self.skipped = loader, 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.skipped += int(batch[2])
+            yield batch
 
 
 def make_loader(
@@ -139,6 +213,8 @@ def make_loader(
 
 
 __all__ = [
+    "MIN_CLASSES",
+    "CountSkipped",
     "DataSplits",
     "ImageFolderDataset",
     "KNOWN_CLASSES",
@@ -146,10 +222,13 @@ __all__ = [
     "collate_skip",
     "data_root",
     "eval_transform",
+    "class_counts",
+    "data_summary",
     "load_split",
     "load_splits",
     "make_loader",
     "save_split",
+    "require_classes",
     "scan_folder",
     "split_indices",
     "train_transform",

@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -30,11 +30,12 @@ SPLIT_DIRS = ("train", "test", "val", "seg_train", "seg_test")
 
 @dataclass(frozen=True)
 class ScanReport:
-    """What a folder scan kept and skipped."""
+    """What a folder scan kept (per class) and skipped."""
 
     kept: int
     skipped: int
     skipped_examples: Tuple[str, ...]
+    per_class: Dict[str, int] = field(default_factory=dict)
 
 
 def find_class_dirs(root: Path) -> List[Path]:
@@ -87,7 +88,12 @@ def scan_folder(root: str | os.PathLike, *, classes: Sequence[str] | None = None
                 skipped.append(str(p))
     if not samples:
         raise DataError(f"data folder {str(root)!r} has class subfolders {names} but no readable images")
-    report = ScanReport(kept=len(samples), skipped=len(skipped), skipped_examples=tuple(skipped[:5]))
+    per_class = dict.fromkeys(names, 0)
+    for _, c in samples:
+        per_class[names[c]] += 1
+    report = ScanReport(
+        kept=len(samples), skipped=len(skipped), skipped_examples=tuple(skipped[:5]), per_class=per_class
+    )
     if skipped:
         warnings.warn(
             f"skipped {len(skipped)} unreadable or non-image files in {root} (e.g. {skipped[0]})",
