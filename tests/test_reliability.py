@@ -13,6 +13,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -407,6 +408,75 @@ def test_a_signal_to_one_process_of_a_torchrun_stops_every_rank_at_the_same_step
 
 
 # -- atomic artifacts and a full disk ------------------------------------------------------------------
+_READ_ONLY_PROBE = """
+import contextlib, io, json, sys
+from juap.cli import main
+out = {}
+for name, folder in json.loads(sys.argv[1]).items():
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(["train-classifier", "--no-progress", "--out", folder])
+    out[name] = [code, err.getvalue()]
+print(json.dumps(out))
+"""
+
+
+def _without_file_permission_override() -> list:
+    """A command prefix that runs a process whose file-permission checks apply (root bypasses them)."""
+    if os.geteuid() != 0:
+        return []
+    drop = [shutil.which("setpriv") or "setpriv", "--inh-caps=-all", "--bounding-set=-all"]
+    try:
+        if subprocess.run([*drop, "true"], capture_output=True, timeout=30).returncode == 0:
+            return drop
+    except OSError:
+        pass
+    pytest.skip("as root without a working setpriv to drop CAP_DAC_OVERRIDE, permissions are not checked")
+
+
+def test_read_only_run_folders_are_a_message_not_a_traceback(tmp_path):
+    """--out in a read-only folder, and --out naming an empty read-only folder (issue 14): one line, exit 2,
+    nothing created. Run as a process without root's permission override, so the permissions apply."""
+    prefix = _without_file_permission_override()
+    parent, empty = tmp_path / "read_only_parent", tmp_path / "read_only_empty"
+    parent.mkdir()
+    empty.mkdir()
+    cases = {"in a read-only folder": str(parent / "run"), "an empty read-only folder": str(empty)}
+    for folder in (parent, empty):
+        folder.chmod(0o555)
+    try:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run([*prefix, sys.executable, "-c", _READ_ONLY_PROBE, json.dumps(cases)],
+                              capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results = json.loads(proc.stdout.strip().splitlines()[-1])
+        for name, where in (("in a read-only folder", parent), ("an empty read-only folder", empty)):
+            code, err = results[name]
+            assert code == 2, err
+            assert err.startswith("juap train-classifier: error: could not create the run folder")
+            assert f"no permission to write in {where} (Permission denied)" in err, err
+            assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        assert list(parent.iterdir()) == [] and list(empty.iterdir()) == []  # nothing half-written
+    finally:
+        for folder in (parent, empty):
+            folder.chmod(0o755)
+
+
+def test_a_full_disk_while_creating_the_run_folder_leaves_nothing(tmp_path, capsys, monkeypatch):
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *a, **k):
+        real_mkdir(self, *a, **k)  # the folders appear, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    out = tmp_path / "new" / "run"
+    code, _, err = run(capsys, "train-classifier", "--no-progress", "--out", str(out))
+    assert code == 2 and f"could not create the run folder {out}: the disk is full" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # the folders it made are gone again
+
+
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
     target = tmp_path / "metrics.json"
     write_json(target, {"v": 1})
@@ -422,6 +492,23 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
     monkeypatch.undo()
     write_bytes(tmp_path / "new.bin", b"x")
     assert (tmp_path / "new.bin").stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def test_any_os_error_writing_an_artifact_is_a_write_error_naming_it(tmp_path, monkeypatch):
+    from juap.io import WriteError
+
+    def refuse(src, dst):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(WriteError, match=f"could not write {tmp_path / 'm.json'}: no permission to write in"):
+        write_json(tmp_path / "m.json", {"v": 1})
+    assert list(tmp_path.iterdir()) == []  # the temporary file is gone
+    monkeypatch.undo()
+    (tmp_path / "m.json").mkdir()
+    with pytest.raises(WriteError, match="a folder of that name is in the way"):
+        write_json(tmp_path / "m.json", {"v": 1})
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
 
 
 def _umask() -> int:
@@ -514,6 +601,10 @@ def _bad_cases(root: Path, clf_path: str, tmp: Path):
         pickle.dump({"w": Evil()}, f)
     cut = tmp / "cut.safetensors"
     cut.write_bytes(Path(clf_path).read_bytes()[:500])
+    noise = tmp / "noise.bin"
+    noise.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    a_file = tmp / "a_file"
+    a_file.write_text("x")
     p64, p2d = tmp / "p64.safetensors", tmp / "p2d.safetensors"
     juap.io.save_tensors(p64, {"perturbation": torch.zeros(3, 64, 64)})
     juap.io.save_tensors(p2d, {"perturbation": torch.zeros(32, 32)})
@@ -575,6 +666,10 @@ def _bad_cases(root: Path, clf_path: str, tmp: Path):
         ),
         "unsafe pickle": ([*att[:-1], f"classifier.weights={evil}"], "refused to load"),
         "truncated checkpoint": ([*att[:-1], f"classifier.weights={cut}"], "truncated"),
+        "random bytes as a .bin checkpoint": (
+            [*att[:-1], f"classifier.weights={noise}"],
+            "is not a PyTorch checkpoint: it is neither a zip archive (torch.save) nor a pickle",
+        ),
         "misspelt config key": ([*att, "--set", "data.image_sise=32"], "Did you mean 'data.image_size'"),
         "misspelt attack parameter": (
             [*att, "--set", "attack.params={stpes: 2}"],
@@ -591,6 +686,12 @@ def _bad_cases(root: Path, clf_path: str, tmp: Path):
         "output folder exists": ([*train, str(existing)], "pass --overwrite to replace it, or --resume"),
         "resume without a run": ([*train, str(tmp / "none"), "--resume"], "nothing to resume"),
         "resume and overwrite": ([*train, str(existing), "--resume", "--overwrite"], "pass only one"),
+        "--out is a file": ([*train, str(a_file)], f"--out '{a_file}' is a file, not a folder"),
+        "--out under a file": ([*train, str(a_file / "run")], f"{a_file} is a file, not a folder (Not a dir"),
+        "--out with a name too long": (
+            [*train, str(tmp / ("x" * 300) / "run")],
+            "a name in the path is too long for the file system",
+        ),
         "checkpoint period 0": ([*att, "--checkpoint-every", "0"], "--checkpoint-every 0 is out of range"),
     }
 
@@ -599,14 +700,17 @@ def test_every_bad_input_is_a_message_and_exit_code_not_a_traceback(tmp_path, ca
     cases = _bad_cases(folders, clf_path, tmp_path)
     for name, (argv, message) in cases.items():
         if "--out" not in argv:
-            argv = [*argv, "--out", str(tmp_path / name.replace(" ", "_"))]
+            argv = [*argv, "--out", str(tmp_path / name.replace(" ", "_").replace("/", "_"))]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             code, _, err = run(capsys, *argv)  # an exception escaping main() would fail the test here
         assert code == 2, (name, err)
         assert message in err, (name, err)
         assert "Traceback" not in err and f"juap {argv[0]}: error:" in err, (name, err)
-    assert len(cases) == 28
+        assert len(err.strip().splitlines()) == 1, (name, err)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("xxx")]  # nothing half-made
+    assert (tmp_path / "a_file").read_text() == "x"
+    assert len(cases) == 32
 
 
 def test_evaluate_reports_the_perturbation_own_budget_and_norm(tmp_path, capsys, clf_path):

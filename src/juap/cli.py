@@ -416,6 +416,11 @@ def main(argv: List[str] | None = None) -> int:
             raise
         print(f"juap {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file-system error juap did not foresee: still one line, naming the file
+        if args.verbose:
+            raise
+        print(f"juap {args.command}: error: {e} (--verbose shows where it happened)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM; a training loop saved a checkpoint first
         print(f"juap {args.command}: {e or 'interrupted'}", file=sys.stderr)
         if getattr(args, "rerun_hint", None):  # juap run: finished cells are kept, the rest resume

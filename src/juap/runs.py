@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -11,7 +12,16 @@ from typing import Any, Dict
 from . import distributed
 from .checkpoint import CHECKPOINT_NAME
 from .errors import ConfigError
-from .io import remove_stale_temporaries, write_json, write_yaml
+from .io import (
+    DiskFullError,
+    WriteError,
+    remove_stale_temporaries,
+    write_error,
+    write_json,
+    write_yaml,
+)
+
+log = logging.getLogger(__name__)
 
 
 def new_run_dir(
@@ -43,25 +53,56 @@ def new_run_dir(
         reopen_run_dir(path, command=command)
         distributed.broadcast_object(str(path))
         return path
-    if path.exists() and any(path.iterdir()):
-        if not overwrite:
-            raise ConfigError(
-                f"output folder {str(path)!r} already exists and is not empty; choose another --out, "
-                "pass --overwrite to replace it, or --resume to continue the run in it"
-            )
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-    write_json(
-        path / "run.json",
-        {
-            "command": command,
-            "status": "running",
-            "started": _dt.datetime.now().isoformat(timespec="seconds"),
-            **({"world_size": distributed.world_size()} if distributed.world_size() > 1 else {}),
-        },
-    )
+    created = None  # the top folder this call creates: removed again if the run folder cannot be made
+    try:
+        _refuse_a_file(path)
+        if path.exists() and any(path.iterdir()):
+            if not overwrite:
+                raise ConfigError(
+                    f"output folder {str(path)!r} already exists and is not empty; choose another --out, "
+                    "pass --overwrite to replace it, or --resume to continue the run in it"
+                )
+            shutil.rmtree(path)
+        created = _first_missing(path)
+        path.mkdir(parents=True, exist_ok=True)
+        write_json(
+            path / "run.json",
+            {
+                "command": command,
+                "status": "running",
+                "started": _dt.datetime.now().isoformat(timespec="seconds"),
+                **({"world_size": distributed.world_size()} if distributed.world_size() > 1 else {}),
+            },
+        )
+    except OSError as e:  # WriteError from write_json too: nothing half-made stays behind
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        if isinstance(e, DiskFullError):
+            raise
+        cause = e.__cause__ if isinstance(e, WriteError) and isinstance(e.__cause__, OSError) else e
+        raise write_error(cause, path, doing="create the run folder", fix=_OUT_FIX) from cause
     distributed.broadcast_object(str(path))
     return path
+
+
+_OUT_FIX = "Choose an --out you may write to (a new or empty folder), or fix that folder's permissions"
+
+
+def _refuse_a_file(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise ConfigError(
+            f"--out {str(path)!r} is a file, not a folder: choose another --out (a new or empty folder)"
+        )
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (what ``mkdir(parents=True)`` creates)."""
+    missing = None
+    for p in (path, *path.parents):
+        if p.exists():
+            break
+        missing = p
+    return missing
 
 
 def finish_run(
@@ -116,7 +157,10 @@ def reopen_run_dir(path: Path, *, command: str) -> Path:
             f"the run in {str(path)!r} is already complete: nothing to resume "
             "(pass --overwrite instead of --resume to run it again)"
         )
-    remove_stale_temporaries(path)
+    try:
+        remove_stale_temporaries(path)
+    except OSError as e:
+        raise write_error(e, path, doing="clean up the run folder", fix=_OUT_FIX) from e
     now = _dt.datetime.now().isoformat(timespec="seconds")
     run.update(status="running", resumed=[*run.get("resumed", []), now])
     run.pop("error", None)
@@ -172,14 +216,17 @@ class failed_on_error:
             import json
 
             run_file = self.path / "run.json"
-            run = json.loads(run_file.read_text()) if run_file.exists() else {}
             status = "interrupted" if issubclass(exc_type, KeyboardInterrupt) else "failed"
-            run.update(
-                status=status,
-                error=f"{exc_type.__name__}: {exc}",
-                finished=_dt.datetime.now().isoformat(timespec="seconds"),
-            )
-            write_json(run_file, run)
+            try:
+                run = json.loads(run_file.read_text()) if run_file.exists() else {}
+                run.update(
+                    status=status,
+                    error=f"{exc_type.__name__}: {exc}",
+                    finished=_dt.datetime.now().isoformat(timespec="seconds"),
+                )
+                write_json(run_file, run)
+            except (OSError, ValueError) as e:  # e.g. the folder became read-only: the run's error matters
+                log.debug("could not record the %s run in %s: %s", status, run_file, e)
         return False
 
 
@@ -196,7 +243,12 @@ def open_grid_dir(out: str | os.PathLike, *, experiment: str, overwrite: bool = 
 
     path = Path(out)
     run_file = path / "run.json"
-    if path.exists() and any(path.iterdir()) and not overwrite:
+    try:
+        _refuse_a_file(path)
+        reopen = path.exists() and any(path.iterdir()) and not overwrite
+    except OSError as e:
+        raise write_error(e, path, doing="open the run folder", fix=_OUT_FIX) from e
+    if reopen:
         try:
             run = json.loads(run_file.read_text())
         except (OSError, ValueError):
