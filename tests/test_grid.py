@@ -73,6 +73,26 @@ def test_cell_ids_change_with_hyperparameters_only_for_the_cells_they_touch(tmp_
     assert a["R-JUAP-CAM"] != b["R-JUAP-CAM"]
 
 
+def test_interpreter_params_touch_only_that_interpreters_cells(tmp_path):
+    """``interpreter_params.cam`` changes the CAM cells of the attacks that take an interpreter (their
+    params and ids), and nothing else; a variant still wins over it; typos are refused."""
+    a = {c.variant: c for c in plan(load_experiment(_exp(tmp_path, GRID)))}
+    exp = load_experiment(_exp(tmp_path, GRID), ["interpreter_params={cam: {lam: 0.01}}"])
+    b = {c.variant: c for c in plan(exp)}
+    assert b["R-JUAP-CAM"].params["lam"] == 0.01 and b["U-JUAP-CAM"].params["lam"] == 0.01
+    assert "lam" not in b["R-JUAP-GradCAM"].params
+    assert a["R-JUAP-CAM"].id != b["R-JUAP-CAM"].id
+    assert all(a[v].id == b[v].id for v in ("UAP", "GUAP", "R-JUAP-GradCAM", "U-JUAP-GradCAM"))
+    with_variant = load_experiment(
+        _exp(tmp_path, GRID), ["interpreter_params={cam: {lam: 0.01}}", "grid.variants=[{lam: 0.3}]"]
+    )
+    assert all(c.params["lam"] == 0.3 for c in plan(with_variant) if c.attack == "juap")
+    with pytest.raises(ConfigError, match="interpreter_params.cam"):
+        load_experiment(_exp(tmp_path, GRID), ["interpreter_params={cam: {lamb: 0.01}}"])
+    with pytest.raises(JuapError, match="nope"):
+        load_experiment(_exp(tmp_path, GRID), ["interpreter_params={nope: {lam: 0.01}}"])
+
+
 def test_variants_objectives_and_labels(tmp_path):
     text = """
 grid:

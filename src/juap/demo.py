@@ -64,6 +64,8 @@ class DemoSettings:
     delta: float = -1.5
     lam: float = 0.2
     warmup: int = 0
+    rts_lam: float = 0.01  # RTS masks move with any perturbation: lambda 0.2 stops all fooling there
+    rts_feature_weight: float = 0.0  # the RTS encoder is the classifier's own features (see configs)
     generator_ngf: int = 32
     attack_train_images: int = 300
     attack_test_images: int = 300
@@ -277,6 +279,8 @@ def _fit_universal(cell, clf, interps, x_train, s: DemoSettings, progress: bool)
         attack = create_attack("guap", **kw)
     else:
         recipe = {k: getattr(s, k) for k in ("objective", "fool_loss", "hinge", "delta", "lam", "warmup")}
+        if cell["interpreter"] == "rts":
+            recipe.update(lam=s.rts_lam, rts_feature_weight=s.rts_feature_weight)
         attack = create_attack("juap", interpreter=interps[cell["interpreter"]], **recipe, **kw)
     n_hat = attack.fit(x_train, val_data=val, progress=progress)
     return n_hat, {"best_step": attack.best_step}

@@ -134,6 +134,9 @@ class ExperimentConfig:
     data: DataConfig = dataclasses.field(default_factory=attack_split_data)
     evaluate: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     attack_params: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)
+    # per interpreter, hyperparameters of the attacks that take one (e.g. {rts: {lam: 0.01}}): the
+    # paper tunes lambda per interpreter; applied over attack_params, under the grid's variants
+    interpreter_params: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)
     val_fraction: float = 0.1
     grid: GridConfig = dataclasses.field(default_factory=GridConfig)
     tables: Tuple[TableConfig, ...] = DEFAULT_TABLES
@@ -211,6 +214,8 @@ def plan(exp: ExperimentConfig) -> List[Cell]:
             raise ConfigError(
                 f"grid.objectives: {obj!r} is not allowed; allowed: {', '.join(OBJECTIVE_LABELS)}"
             )
+    for name in exp.interpreter_params:
+        INTERPRETERS.get(name)
     for name in exp.attack_params:
         if name not in g.attacks:
             ATTACKS.get(name)  # a typo in attack_params fails even if that attack is not in this grid
@@ -234,7 +239,14 @@ def plan(exp: ExperimentConfig) -> List[Cell]:
             [v for v in g.variants if set(v) <= accepts] or [{}],
         )
         for gen, interp, obj, setting in axes:
-            params = {**base, **setting}
+            per_interp = exp.interpreter_params.get(interp, {}) if interp is not None else {}
+            unknown = sorted(set(per_interp) - accepts)
+            if unknown:
+                raise ConfigError(
+                    f"interpreter_params.{interp}: unknown key(s) {unknown} for {attack}; "
+                    f"known: {', '.join(sorted(accepts))}"
+                )
+            params = {**base, **per_interp, **setting}
             if gen is not None:
                 params["generator"] = gen
             if obj is not None:

@@ -80,8 +80,9 @@ class GeneratorUAP(UniversalAttack):
             ascent (``log lambda += dual_lr * (FR - fr_target)`` after each step, FR an exponential
             average of the batch fooling ratio), so the map term gets as much weight as the constraint
             allows. ``lam`` is the starting value.
-        fr_margin: constrained mode relative to GUAP: the target is the validation fooling ratio that
-            the ``warmup`` steps reached (GUAP's training, lambda = 0) minus this margin. Needs ``warmup``.
+        fr_margin: constrained mode relative to GUAP: the target is the fooling ratio that the
+            ``warmup`` steps reached (GUAP's training, lambda = 0; the same running average of the
+            training batches' ratio that the dual ascent follows) minus this margin. Needs ``warmup``.
         dual_lr: the step of the dual ascent on log lambda.
         steps: Adam steps; batch_size: images per step; lr, betas: Adam's (2e-4, (0.5, 0.999)).
         surrogate: use the smoothed-ReLU surrogate (eq 15) for gradients; ``"auto"``: only for Grad-CAM.
@@ -318,14 +319,14 @@ class GeneratorUAP(UniversalAttack):
             if self.interpreter is not None:
                 self.history[-1]["lam"] = lam
             self._dual_step(step, parts["batch_fooling_ratio"])
+            if step == self.warmup and self.fr_margin is not None:  # GUAP's ratio, as the dual sees it
+                self.dual["guap_fooling_ratio"] = self.dual["fr_ema"]
+                self.dual["target"] = max(self.dual["fr_ema"] - self.fr_margin, 0.0)
             bar.set_postfix(loss=f"{loss:.3f}", fr=f"{parts['batch_fooling_ratio']:.2f}")
             if step % self.eval_every == 0 or step == self.steps or step == self.warmup:
                 n_hat = self.current_perturbation(G)
                 val = self.validate(n_hat, val_data if val_data is not None else data)
                 self.history[-1]["val"] = val
-                if step == self.warmup and self.fr_margin is not None:  # GUAP's ratio, measured
-                    self.dual["guap_fooling_ratio"] = val["fooling_ratio"]
-                    self.dual["target"] = max(val["fooling_ratio"] - self.fr_margin, 0.0)
                 score = self._score(val)
                 in_warmup = step <= self.warmup and step != self.steps  # GUAP's perturbation, not JUAP's
                 if not in_warmup and (best is None or score >= best["score"] or self.selection == "last"):
@@ -549,10 +550,12 @@ class GeneratorUAP(UniversalAttack):
 class JUAP(GeneratorUAP):
     """JUAP: fool the classifier and keep the interpreter's maps (eq 16). Needs an interpreter.
 
-    ``lam`` defaults to 0.05: eq 13 is taken on min-max normalised maps here (an L2 distance of order
+    The defaults are the paper's (eq 8, the hinge on the log of the batch-mean CE at -0.8). ``lam``
+    defaults to 0.05: eq 13 is taken on min-max normalised maps here (an L2 distance of order
     sqrt(h*w)), not on raw maps as in the paper, whose recommended 1e-4..3e-3 therefore does not carry
-    over. On the demo (8x8 CAM maps, L_inf 24) 0.03 kept GUAP's fooling ratio and 0.1 traded half of
-    it for IoU; sweep it for your setting.
+    over. For few classes the README gives the recipe that keeps GUAP's fooling ratio (eq 7, GUAP's
+    per-image term, ``hinge="image"``); the constrained mode (``fr_target`` / ``fr_margin``) sets lambda
+    itself.
     """
 
     name = "juap"
