@@ -87,6 +87,19 @@ def texture_classifier():
     return clf, x_test, y_test
 
 
+def art_classifier(clf, input_shape):
+    """ART's PyTorchClassifier around a juap classifier (images in [0, 1]), for parity tests."""
+    from art.estimators.classification import PyTorchClassifier
+
+    return PyTorchClassifier(
+        model=clf,
+        loss=torch.nn.CrossEntropyLoss(),
+        input_shape=tuple(input_shape),
+        nb_classes=clf.num_classes,
+        clip_values=(0.0, 1.0),
+    )
+
+
 # `--set` options for a tiny embedded data set (96 images, 32x32, 4 classes) in CLI tests.
 CLI_TINY_DATA = [
     "--set",

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import juap
-from helpers import texture_classifier, textures
+from helpers import art_classifier, texture_classifier, textures
 from juap.attacks.sgd_uap import SGDUAP
 from juap.budget import perturbation_norm
 
@@ -94,17 +94,10 @@ def test_fools_at_least_arts_uap(setup, attacker):
     the same images."""
     pytest.importorskip("art")
     from art.attacks.evasion import UniversalPerturbation
-    from art.estimators.classification import PyTorchClassifier
 
     clf, x_train, x_test = setup
     x_train = x_train[:96]
-    art_clf = PyTorchClassifier(
-        model=clf,
-        loss=torch.nn.CrossEntropyLoss(),
-        input_shape=tuple(x_train.shape[1:]),
-        nb_classes=clf.num_classes,
-        clip_values=(0.0, 1.0),
-    )
+    art_clf = art_classifier(clf, x_train.shape[1:])
     params = {"epsilon": 0.02, "max_iter": 5, "verbose": False} if attacker == "deepfool" else {}
     art = UniversalPerturbation(
         art_clf, attacker=attacker, attacker_params=params, delta=0.0, max_iter=2, eps=10 / 255, norm=np.inf

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import juap
-from helpers import texture_classifier
+from helpers import art_classifier, texture_classifier
 from juap.attacks.uap import UAP
 from juap.budget import perturbation_norm, project
 
@@ -64,15 +64,8 @@ def test_loader_and_tensor_agree(setup):
 def _art(clf, x, norm, eps, *, passes=1, deepfool_steps=5):
     pytest.importorskip("art")
     from art.attacks.evasion import UniversalPerturbation
-    from art.estimators.classification import PyTorchClassifier
 
-    art_clf = PyTorchClassifier(
-        model=clf,
-        loss=torch.nn.CrossEntropyLoss(),
-        input_shape=tuple(x.shape[1:]),
-        nb_classes=clf.num_classes,
-        clip_values=(0.0, 1.0),
-    )
+    art_clf = art_classifier(clf, x.shape[1:])
     deepfool = {"epsilon": 0.02, "max_iter": deepfool_steps, "verbose": False}  # overshoot, iterations
     attack = UniversalPerturbation(
         art_clf,
