@@ -671,6 +671,14 @@ def _bad_cases(root: Path, clf_path: str, tmp: Path):
             "is not a PyTorch checkpoint: it is neither a zip archive (torch.save) nor a pickle",
         ),
         "misspelt config key": ([*att, "--set", "data.image_sise=32"], "Did you mean 'data.image_size'"),
+        "classifier option another architecture does not take": (
+            ["attack", *DATA, "--set", "classifier.name=resnet18", "--set", "classifier.options={c: 4}"],
+            "classifier 'resnet18' got an unexpected keyword argument 'c' (check classifier.options)",
+        ),
+        "a generator that is not a name": (
+            [*att, "--set", "attack.name=guap", "--set", "attack.params={steps: 1, generator: 3}"],
+            "unknown generator 3. Known generators:",
+        ),
         "misspelt attack parameter": (
             [*att, "--set", "attack.params={stpes: 2}"],
             "Did you mean 'attack.params.steps'",
@@ -710,7 +718,7 @@ def test_every_bad_input_is_a_message_and_exit_code_not_a_traceback(tmp_path, ca
         assert len(err.strip().splitlines()) == 1, (name, err)
     assert not [n for n in os.listdir(tmp_path) if n.startswith("xxx")]  # nothing half-made
     assert (tmp_path / "a_file").read_text() == "x"
-    assert len(cases) == 32
+    assert len(cases) == 34
 
 
 def test_evaluate_reports_the_perturbation_own_budget_and_norm(tmp_path, capsys, clf_path):
@@ -764,6 +772,22 @@ def test_a_perturbation_over_its_budget_or_not_finite_is_neither_saved_nor_evalu
     clf, x = _toy()
     with pytest.raises(NumericalError, match="holds 1 NaN"):
         juap.evaluate(clf, torch.nn.functional.pad(nan, (4, 4, 4, 4)), x[:4])
+
+
+def test_an_attack_on_a_train_split_of_one_image_holds_none_out(tmp_path, capsys):
+    """Found by tests/test_fuzz_cli.py: validation took the only train image and the fit crashed."""
+    for c in ("a", "b"):
+        _img(tmp_path / "data" / c / "0.png", seed=ord(c))
+    sets = ["data.name=folder", f"data.root={tmp_path / 'data'}", "data.image_size=32",
+            "data.train_fraction=0.5", "data.test_fraction=0.5", "classifier.options={widths: [4, 8, 8]}",
+            "attack.name=guap", "attack.params={steps: 1, generator_options: {ngf: 4, n_blocks: 1}}"]
+    out = tmp_path / "run"
+    argv = ["attack", "--no-progress", "--out", str(out), *(a for v in sets for a in ("--set", v))]
+    with pytest.warns(UserWarning, match="the train split holds 1 image"):
+        code, _, err = run(capsys, *argv)
+    assert code == 0, err
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["data_summary"]["train_images"] == 1 and "val_images" not in m["data_summary"]
 
 
 def test_unreadable_images_are_skipped_and_counted(tmp_path, capsys, folders):

@@ -38,10 +38,10 @@ class Registry(Generic[T]):
         return deco
 
     def get(self, name: str) -> Callable[..., T]:
-        if name in self._entries:
+        if isinstance(name, str) and name in self._entries:
             return self._entries[name]
         known = ", ".join(sorted(self._entries)) or "(none registered)"
-        close = difflib.get_close_matches(name, list(self._entries), n=1)
+        close = difflib.get_close_matches(name, list(self._entries), n=1) if isinstance(name, str) else []
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise UnknownNameError(f"unknown {self.kind} {name!r}.{hint} Known {self.kind}s: {known}")
 

@@ -89,8 +89,8 @@ def evaluate(
     out["interpreters"] = {name: s.summary() for name, s in per_interp.items()}
     if isinstance(attack, torch.Tensor) or isinstance(attack, UniversalAttack):
         n = attack if isinstance(attack, torch.Tensor) else attack.perturbation
-        out["perturbation_linf"] = float(perturbation_norm(n, "linf"))
-        out["perturbation_l2"] = float(perturbation_norm(n, "l2"))
+        out["perturbation_linf"] = float(perturbation_norm(n.double(), "linf"))  # float64: no overflow
+        out["perturbation_l2"] = float(perturbation_norm(n.double(), "l2"))
     if return_sums:
         out["_sums"] = {"predictions": preds, **per_interp}
     return out
@@ -165,7 +165,7 @@ def perturbation_budget(
     from .errors import ConfigError
 
     check_finite(n_hat, f"{source}")
-    measured = {k: float(perturbation_norm(n_hat, k)) for k in ("linf", "l2")}
+    measured = {k: float(perturbation_norm(n_hat.double(), k)) for k in ("linf", "l2")}  # float64: no inf
     recorded = None
     if file_budget and file_budget.get("eps") is not None and file_budget.get("norm") in measured:
         recorded = {"norm": str(file_budget["norm"]), "eps": float(file_budget["eps"])}

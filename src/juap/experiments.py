@@ -46,9 +46,15 @@ def build_classifier(cfg: ClassifierConfig, *, num_classes: int | None = None) -
         and not cfg.reset_head
     ):
         return load_classifier(cfg.weights, name=cfg.name, **cfg.options)
-    return create_classifier(
-        cfg.name, num_classes=n, weights=cfg.weights, reset_head=cfg.reset_head, **cfg.options
-    )
+    try:
+        return create_classifier(
+            cfg.name, num_classes=n, weights=cfg.weights, reset_head=cfg.reset_head, **cfg.options
+        )
+    except TypeError as e:  # an option this architecture does not take, e.g. widths for resnet18
+        from .errors import ConfigError
+
+        why = str(e).split("() ", 1)[-1]  # "build() got an unexpected keyword argument 'widths'"
+        raise ConfigError(f"classifier {cfg.name!r} {why} (check classifier.options)") from None
 
 
 def run_train_classifier(
@@ -274,6 +280,11 @@ def attack_data(cfg, *, progress: bool):
         splits = load_splits(cfg.data, progress=progress)
     n_train = len(splits.train)
     n_val = max(1, int(round(cfg.attack.val_fraction * n_train))) if cfg.attack.val_fraction > 0 else 0
+    if n_val >= n_train:  # a train split of one image: it is trained on, none is held out
+        import warnings
+
+        warnings.warn(f"the train split holds {n_train} image(s): none held out for validation", stacklevel=2)
+        n_val = 0
     # Split indices are sorted (hence grouped by class folder): hold out a seeded random part.
     order = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     train = Subset(splits.train, sorted(order[n_val:])) if n_val else splits.train
@@ -436,7 +447,7 @@ def save_perturbation(stem: Path, n_hat: torch.Tensor, *, attack: str, norm: str
     stem = Path(stem)
     n_hat = n_hat.detach().cpu().float()
     check_finite(n_hat, f"the {attack} perturbation")
-    measured = float(perturbation_norm(n_hat, norm))
+    measured = float(perturbation_norm(n_hat.double(), norm))
     if not within_budget(measured, eps):  # never write a budget the perturbation exceeds
         raise JuapError(
             f"the {attack} perturbation measures {measured:.6g} in {norm}, above its budget eps={eps:g}: "
