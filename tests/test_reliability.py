@@ -603,6 +603,8 @@ def _bad_cases(root: Path, clf_path: str, tmp: Path):
     cut.write_bytes(Path(clf_path).read_bytes()[:500])
     noise = tmp / "noise.bin"
     noise.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    empty_ckpt = tmp / "empty.pth"
+    empty_ckpt.write_bytes(b"")
     a_file = tmp / "a_file"
     a_file.write_text("x")
     p64, p2d = tmp / "p64.safetensors", tmp / "p2d.safetensors"
@@ -694,6 +696,7 @@ def _bad_cases(root: Path, clf_path: str, tmp: Path):
         "output folder exists": ([*train, str(existing)], "pass --overwrite to replace it, or --resume"),
         "resume without a run": ([*train, str(tmp / "none"), "--resume"], "nothing to resume"),
         "resume and overwrite": ([*train, str(existing), "--resume", "--overwrite"], "pass only one"),
+        "empty checkpoint": ([*att[:-1], f"classifier.weights={empty_ckpt}"], "is empty (0 bytes)"),
         "--out is a file": ([*train, str(a_file)], f"--out '{a_file}' is a file, not a folder"),
         "--out under a file": ([*train, str(a_file / "run")], f"{a_file} is a file, not a folder (Not a dir"),
         "--out with a name too long": (
@@ -718,7 +721,7 @@ def test_every_bad_input_is_a_message_and_exit_code_not_a_traceback(tmp_path, ca
         assert len(err.strip().splitlines()) == 1, (name, err)
     assert not [n for n in os.listdir(tmp_path) if n.startswith("xxx")]  # nothing half-made
     assert (tmp_path / "a_file").read_text() == "x"
-    assert len(cases) == 34
+    assert len(cases) == 35
 
 
 def test_evaluate_reports_the_perturbation_own_budget_and_norm(tmp_path, capsys, clf_path):
