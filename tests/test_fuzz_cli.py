@@ -227,9 +227,10 @@ def perturbation_file(draw, odd: bool) -> tuple:
         n.view(-1)[draw(st.integers(0, n.numel() - 1))] = draw(st.sampled_from([math.nan, math.inf]))
     n = n.to(dtype)
     key = draw(pick(st.just("perturbation"), st.just("noise")))
-    norm = draw(pick(st.sampled_from(["linf", "l2"]), st.just("l7")))
+    norm = draw(pick(st.sampled_from(["linf", "l2"]), st.sampled_from(["l7", 3, ["linf"], None])))
     measured = float((n.float().norm() if norm == "l2" else n.float().abs().max()) * 255)  # its own norm
-    eps = draw(pick(st.just(measured), st.sampled_from([0.0, 10.0, 255.0, 1e9, -1])))
+    odd_eps = st.sampled_from([0.0, 10.0, 255.0, 1e9, -1, "ten", math.inf, math.nan])
+    eps = draw(pick(st.just(measured), odd_eps))
     meta = draw(st.one_of(st.none(), st.just({"norm": norm, "eps": eps, "attack": "uap"})))
     if kind == "pth":
         return ".pth", lambda p: torch.save({key: n}, p)

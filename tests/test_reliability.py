@@ -618,6 +618,8 @@ def _bad_cases(root: Path, clf_path: str, tmp: Path):
     linf48 = torch.full((3, 32, 32), 48 / 255)
     juap.io.save_tensors(p48, {"perturbation": linf48}, {"attack": "uap", "norm": "linf", "eps": 48})
     juap.io.save_tensors(p48_says_10, {"perturbation": linf48}, {"attack": "uap", "norm": "linf", "eps": 10})
+    p_odd_budget = tmp / "odd_budget.safetensors"
+    juap.io.save_tensors(p_odd_budget, {"perturbation": linf48}, {"norm": "linf", "eps": "ten"})
     bare48 = tmp / "bare48.safetensors"
     juap.io.save_tensors(bare48, {"perturbation": linf48})
     existing = tmp / "existing"
@@ -653,6 +655,10 @@ def _bad_cases(root: Path, clf_path: str, tmp: Path):
         "perturbation above the config's budget": (
             [ev[0], "-p", str(bare48), *ev[1:], "--set", "attack.eps=8"],
             "measures 48 in L_inf (0-255 units), more than L_inf eps=8, the budget the config gives",
+        ),
+        "perturbation with a budget that is not one": (
+            [ev[0], "-p", str(p_odd_budget), *ev[1:]],
+            "records a budget juap cannot read (norm='linf', eps='ten'",
         ),
         "perturbation above its file's budget": (
             [ev[0], "-p", str(p48_says_10), *ev[1:]],
@@ -721,7 +727,7 @@ def test_every_bad_input_is_a_message_and_exit_code_not_a_traceback(tmp_path, ca
         assert len(err.strip().splitlines()) == 1, (name, err)
     assert not [n for n in os.listdir(tmp_path) if n.startswith("xxx")]  # nothing half-made
     assert (tmp_path / "a_file").read_text() == "x"
-    assert len(cases) == 35
+    assert len(cases) == 36
 
 
 def test_evaluate_reports_the_perturbation_own_budget_and_norm(tmp_path, capsys, clf_path):

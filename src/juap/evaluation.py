@@ -6,6 +6,7 @@ SPEC §3: the benign map explains f(x); the adversarial map explains the class p
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, Mapping, Optional
 
 import torch
@@ -166,9 +167,7 @@ def perturbation_budget(
 
     check_finite(n_hat, f"{source}")
     measured = {k: float(perturbation_norm(n_hat.double(), k)) for k in ("linf", "l2")}  # float64: no inf
-    recorded = None
-    if file_budget and file_budget.get("eps") is not None and file_budget.get("norm") in measured:
-        recorded = {"norm": str(file_budget["norm"]), "eps": float(file_budget["eps"])}
+    recorded = _recorded_budget(file_budget or {}, source)
     given = dict(config_budget) if config_budget else None
     if recorded and given and (recorded["norm"] != given["norm"] or recorded["eps"] != float(given["eps"])):
         shown = measured[recorded["norm"]]
@@ -199,6 +198,22 @@ def perturbation_budget(
 
 
 _NORM_NAMES = {"linf": "L_inf", "l2": "L_2"}
+
+
+def _recorded_budget(meta: Mapping[str, object], source: str) -> Optional[Dict]:
+    """The budget a file's metadata records (None if it records none); one juap cannot read is an error."""
+    from .errors import CheckpointError
+
+    if meta.get("eps") is None and meta.get("norm") is None:
+        return None
+    norm, eps = meta.get("norm"), meta.get("eps")
+    number = isinstance(eps, (int, float)) and not isinstance(eps, bool)
+    if not (isinstance(norm, str) and norm in _NORM_NAMES and number and math.isfinite(eps) and eps > 0):
+        raise CheckpointError(
+            f"{source} records a budget juap cannot read (norm={norm!r}, eps={eps!r}; expected norm linf or "
+            "l2 and eps > 0 in 0-255 units): save the perturbation again with its budget, or without one"
+        )
+    return {"norm": norm, "eps": float(eps)}
 
 
 def _budget(b: Mapping[str, object]) -> str:
