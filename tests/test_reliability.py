@@ -412,10 +412,10 @@ _READ_ONLY_PROBE = """
 import contextlib, io, json, sys
 from juap.cli import main
 out = {}
-for name, folder in json.loads(sys.argv[1]).items():
+for name, argv in json.loads(sys.argv[1]).items():
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = main(["train-classifier", "--no-progress", "--out", folder])
+        code = main(argv)
     out[name] = [code, err.getvalue()]
 print(json.dumps(out))
 """
@@ -435,13 +435,23 @@ def _without_file_permission_override() -> list:
 
 
 def test_read_only_run_folders_are_a_message_not_a_traceback(tmp_path):
-    """--out in a read-only folder, and --out naming an empty read-only folder (issue 14): one line, exit 2,
-    nothing created. Run as a process without root's permission override, so the permissions apply."""
+    """--out in a read-only folder, --out naming an empty read-only folder (issue 14), and a checkpoint one
+    may not read: one line, exit 2, nothing created. Run as a process without root's permission override,
+    so the permissions apply."""
     prefix = _without_file_permission_override()
     parent, empty = tmp_path / "read_only_parent", tmp_path / "read_only_empty"
     parent.mkdir()
     empty.mkdir()
-    cases = {"in a read-only folder": str(parent / "run"), "an empty read-only folder": str(empty)}
+    unreadable = tmp_path / "classifier.pth"
+    torch.save({"w": torch.zeros(2)}, unreadable)
+    unreadable.chmod(0o000)
+    train = ["train-classifier", "--no-progress", "--out"]
+    cases = {
+        "in a read-only folder": [*train, str(parent / "run")],
+        "an empty read-only folder": [*train, str(empty)],
+        "an unreadable checkpoint": ["attack", "--no-progress", "--out", str(tmp_path / "run"), *DATA,
+                                     "--set", f"classifier.weights={unreadable}"],  # fmt: skip
+    }
     for folder in (parent, empty):
         folder.chmod(0o555)
     try:
@@ -457,6 +467,9 @@ def test_read_only_run_folders_are_a_message_not_a_traceback(tmp_path):
             assert f"no permission to write in {where} (Permission denied)" in err, err
             assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
         assert list(parent.iterdir()) == [] and list(empty.iterdir()) == []  # nothing half-written
+        code, err = results["an unreadable checkpoint"]
+        assert code == 2 and f"cannot read {unreadable}: no permission to read it" in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     finally:
         for folder in (parent, empty):
             folder.chmod(0o755)
@@ -724,7 +737,8 @@ def test_every_bad_input_is_a_message_and_exit_code_not_a_traceback(tmp_path, ca
         assert code == 2, (name, err)
         assert message in err, (name, err)
         assert "Traceback" not in err and f"juap {argv[0]}: error:" in err, (name, err)
-        assert len(err.strip().splitlines()) == 1, (name, err)
+        errors = [ln for ln in err.strip().splitlines() if not ln.startswith("warning: ")]
+        assert len(errors) == 1, (name, err)  # one line, beside the warnings
     assert not [n for n in os.listdir(tmp_path) if n.startswith("xxx")]  # nothing half-made
     assert (tmp_path / "a_file").read_text() == "x"
     assert len(cases) == 36

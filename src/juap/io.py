@@ -106,6 +106,11 @@ def write_error(e: OSError, path: PathLike, *, doing: str = "write", fix: str | 
         fix: what the user can do (default: for an artifact of a run).
     """
     path = Path(path)
+    if e.errno in _FULL and doing != "write":  # a run folder: nothing of it is left
+        return DiskFullError(
+            f"could not {doing} {path}: {_FULL[e.errno]} ({e.strerror}); nothing was written. Free some "
+            "space, then run the command again"
+        )
     if e.errno in _FULL:
         return DiskFullError(
             f"could not {doing} {path}: {_FULL[e.errno]} ({e.strerror}); nothing was written (the partial "
@@ -214,6 +219,8 @@ def load_tensors(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist (check the path)")
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(f"cannot read {path}: no permission to read it (check its permissions)")
     if path.suffix == ".safetensors":
         try:
             tensors = load_file(str(path))
