@@ -303,17 +303,19 @@ def pareto_plot(rows: List[Mapping], head: List[Mapping], path: Path) -> None:
         for setting, fr, iou, iouf in pts:
             print(f"  {interp:<8} {setting:<16} FR {fr:.3f}  IoU {iou:.3f}  fooled-only IoU {iouf or 0:.3f}")
         front = [p for p in pts if not any(q[1] >= p[1] and q[2] >= p[2] and q != p for q in pts)]
+        front = [p for p in front if p[1] >= 0.3]
         ax.plot([p[2] for p in front], [p[1] for p in front], "-", color="tab:orange", label="Pareto front")
-        for setting, fr, iou, _ in pts:
+        shown = [p for p in pts if p[1] >= 0.3]  # a setting that fools nothing is listed, not drawn
+        for k, (setting, fr, iou, _) in enumerate(shown):
             constrained = setting.startswith(("fr_margin", "fr_target"))
             ax.scatter([iou], [fr], color="tab:green" if constrained else "tab:blue", zorder=3)
+            label = setting.split(",")[0].replace("fr_margin=", "m=").replace("lam=", "λ=")
             ax.annotate(
-                setting.replace("fr_margin=", "m=").replace("lam=", "λ="),
-                (iou, fr),
-                fontsize=7,
-                xytext=(3, 3),
-                textcoords="offset points",
+                label, (iou, fr), fontsize=7, xytext=(4, -10 if k % 2 else 4), textcoords="offset points"
             )
+        gone = [p[0] for p in pts if p[1] < 0.3]
+        if gone:
+            ax.text(0.02, 0.02, "fools < 0.3: " + "; ".join(gone), transform=ax.transAxes, fontsize=7)
         for method, marker in (("GUAP", "x"), ("SGD-UAP", "+")):
             g = pick(head, method=method, interpreter=interp, budget=budget)
             if g:
