@@ -221,7 +221,7 @@ def run_generator(
     if interpreter is None:
         attack = juap.create_attack("guap", **kw)
     else:
-        recipe = {k: getattr(d, k) for k in ("objective", "fool_loss", "hinge", "delta", "lam", "warmup")}
+        recipe = d.juap_recipe(interpreter)
         attack = juap.create_attack(
             "juap", interpreter=juap.create_interpreter(interpreter, clf), **recipe, **kw
         )

@@ -76,6 +76,13 @@ class DemoSettings:
     rts_epochs: int = 2
     seed: int = 0
 
+    def juap_recipe(self, interpreter: str) -> Dict[str, Any]:
+        """JUAP's hyperparameters for one interpreter (RTS gets its own lambda and no encoder term)."""
+        recipe = {k: getattr(self, k) for k in ("objective", "fool_loss", "hinge", "delta", "lam", "warmup")}
+        if interpreter == "rts":
+            recipe.update(lam=self.rts_lam, rts_feature_weight=self.rts_feature_weight)
+        return recipe
+
 
 def run_demo(
     run_dir: Path,
@@ -278,9 +285,7 @@ def _fit_universal(cell, clf, interps, x_train, s: DemoSettings, progress: bool)
     if cell["method"] == "guap":  # as its public code trains it (the library's defaults)
         attack = create_attack("guap", **kw)
     else:
-        recipe = {k: getattr(s, k) for k in ("objective", "fool_loss", "hinge", "delta", "lam", "warmup")}
-        if cell["interpreter"] == "rts":
-            recipe.update(lam=s.rts_lam, rts_feature_weight=s.rts_feature_weight)
+        recipe = s.juap_recipe(cell["interpreter"])
         attack = create_attack("juap", interpreter=interps[cell["interpreter"]], **recipe, **kw)
     n_hat = attack.fit(x_train, val_data=val, progress=progress)
     return n_hat, {"best_step": attack.best_step}
