@@ -57,8 +57,8 @@ def demo_data(n_train: int = 300, n_test: int = 300, seed: int = 0):
         ``(clf, x_train (n_train, 3, 64, 64), x_test (n_test, ...), y_test, info)``; the classifier is
         trained once (a few minutes) and cached in ``$JUAP_CACHE/demo``.
     """
-    from juap.config import TrainClassifierConfig
-    from juap.experiments import cached_demo_classifier
+    from juap.commands.demo_models import cached_demo_classifier
+    from juap.commands.train_classifier import TrainClassifierConfig
 
     t0 = time.perf_counter()
     clf, splits, metrics, cached = cached_demo_classifier(TrainClassifierConfig(), progress=False)

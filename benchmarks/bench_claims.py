@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Mapping, Sequence
 
-from juap.grid import collect_rows, load_experiment, main_rows, plan, run_grid, write_results
+from juap.commands.run import collect_rows, load_experiment, main_rows, plan, run_grid, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "embedded"
@@ -234,10 +234,11 @@ def detection(rows: Sequence[Mapping], budget: str) -> List[Dict]:
     interpreter, on the first seed's perturbations at ``budget`` and the cells' test images."""
     import torch
 
-    from juap.config import AttackRunConfig, load_config
-    from juap.detection import detect_interpreter
-    from juap.experiments import attack_data, build_classifier, build_interpreter
-    from juap.io import load_tensors
+    from juap.commands._build import attack_data, build_classifier, build_interpreter
+    from juap.commands.attack import AttackRunConfig
+    from juap.commands.detect import detect_interpreter
+    from juap.runtime.config import load_config
+    from juap.runtime.io import load_tensors
 
     seed0 = min(r["seed"] for r in rows)
     cells = [r for r in rows if r["seed"] == seed0 and r["budget"] == budget]
@@ -284,7 +285,7 @@ def pareto_plot(rows: List[Mapping], head: List[Mapping], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from juap.io import atomic_path
+    from juap.runtime.io import atomic_path
 
     interps = list(dict.fromkeys(r["interpreter"] for r in rows))
     budget = rows[0]["budget"]
@@ -364,8 +365,8 @@ def main(argv=None) -> int:
         print(f"  plot: {out / 'pareto.png'}")
     held = sum(i["holds"] for i in verdicts.items)
     print(f"\n{held} of {len(verdicts.items)} checks hold.")
-    from juap.io import write_json
-    from juap.report import write_csv
+    from juap.runtime.io import write_json
+    from juap.runtime.report import write_csv
 
     if rows.get("headline"):
         write_csv(out / "headline.csv", aggregate(rows["headline"]))

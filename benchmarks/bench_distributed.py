@@ -4,7 +4,7 @@
 
 Setting: the demo classifier's architecture (small_resnet 16-32-64, random weights, 6 classes) at 64x64,
 the JUAP attack against CAM with the default ResNet generator (ngf 64, 6 blocks), global batch 30 split
-over the ranks exactly as ``torchrun --nproc_per_node N -m juap attack`` does (juap.distributed). Each
+over the ranks exactly as ``torchrun --nproc_per_node N -m juap attack`` does (juap.runtime.distributed). Each
 process uses one torch thread; the 1-process run is also timed with as many threads as the 2-process
 run has processes, the fair comparison on one machine. Throughput = global images per second of wall
 time over the timed steps (after warm-up steps), from rank 0, between barriers.
@@ -36,7 +36,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR.parent / "src"))
 
 import juap  # noqa: E402
-from juap import distributed  # noqa: E402
+from juap.runtime import distributed  # noqa: E402
 
 
 def _free_port() -> int:

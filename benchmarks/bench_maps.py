@@ -15,9 +15,14 @@ import argparse
 import torch
 
 import juap
-from juap.config import DataConfig
+from juap.commands.configs import DataConfig
 from juap.data import load_splits
-from juap.sanity import held_out_images_with_boxes, pointing_rates, randomized_copy, rank_correlation
+from juap.interpreters.sanity import (
+    held_out_images_with_boxes,
+    pointing_rates,
+    randomized_copy,
+    rank_correlation,
+)
 
 
 def main() -> None:

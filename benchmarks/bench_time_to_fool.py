@@ -204,7 +204,7 @@ def run_art(race: Race, clf, x: torch.Tensor, eps: float, seed: int, attacker: s
 def run_generator(
     race: Race, clf, x: torch.Tensor, eps: float, seed: int, interpreter: Optional[str]
 ) -> None:
-    from juap.demo import DemoSettings
+    from juap.commands.demo import DemoSettings
 
     d = DemoSettings()
     kw: Dict[str, Any] = dict(

@@ -117,7 +117,7 @@ CLI_TINY_DATA = [
 
 def run_cli(capsys, *argv):
     """``juap ARGV`` in-process: (exit code, stdout, stderr)."""
-    from juap.cli import main
+    from juap.commands.cli import main
 
     code = main(list(argv))
     out = capsys.readouterr()

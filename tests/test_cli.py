@@ -8,8 +8,8 @@ import torch
 import juap
 from helpers import CLI_TINY_DATA, tiny_trained_classifier
 from helpers import run_cli as run
-from juap.cli import main
-from juap.io import load_tensors
+from juap.commands.cli import main
+from juap.runtime.io import load_tensors
 
 DATA = CLI_TINY_DATA
 
@@ -151,7 +151,7 @@ def test_attack_errors_are_messages_not_tracebacks(tmp_path, capsys, clf_path, a
 
 def test_evaluate_refuses_a_perturbation_of_another_size(tmp_path, capsys, clf_path):
     p = tmp_path / "p.safetensors"
-    juap.io.save_tensors(p, {"perturbation": torch.zeros(3, 64, 64)})
+    juap.runtime.io.save_tensors(p, {"perturbation": torch.zeros(3, 64, 64)})
     code, _, err = run(
         capsys,
         "evaluate",

@@ -1,7 +1,8 @@
 import pytest
 
-from juap.config import TrainClassifierConfig, apply_overrides, from_dict, load_config, to_dict
+from juap.commands.train_classifier import TrainClassifierConfig
 from juap.errors import ConfigError
+from juap.runtime.config import apply_overrides, from_dict, load_config, to_dict
 
 
 def test_defaults_round_trip(tmp_path):

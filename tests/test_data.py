@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from juap.config import DataConfig
+from juap.commands.configs import DataConfig
 from juap.data import (
     ImageFolderDataset,
     load_splits,

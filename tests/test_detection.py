@@ -10,19 +10,12 @@ import torch
 import juap
 from helpers import texture_classifier, textures
 from juap import detection
-from juap.cli import main
-from juap.detection import (
-    DetectorSettings,
-    LogisticDetector,
-    auroc,
-    detect_interpreter,
-    inspector_scores,
-    map_features,
-    roc_curve,
-    split_images,
-    tpr_at_fpr,
-)
+from juap.commands import detect
+from juap.commands.cli import main
+from juap.commands.detect import DetectorSettings, detect_interpreter
+from juap.detection import LogisticDetector, inspector_scores, map_features, split_images
 from juap.errors import ConfigError
+from juap.metrics import auroc, roc_curve, tpr_at_fpr
 
 
 def pairwise_auroc(neg, pos):
@@ -202,7 +195,7 @@ def test_deployable_detector_trains_on_train_images_only(tiny, monkeypatch):
             assert not torch.isclose(test_adv, row, atol=1e-6).all(1).any()
 
     rows = res["rows"]
-    assert {r["detector"] for r in rows} == set(detection.DETECTOR_COLUMNS + detection.NOISE_COLUMNS)
+    assert {r["detector"] for r in rows} == set(detect.DETECTOR_COLUMNS + detect.NOISE_COLUMNS)
     for r in rows:
         assert r["n_benign"] == len(te) and r["n_adversarial"] == len(te)  # only_fooled=False
         assert 0 <= r["auroc"] <= 1 and 0 <= r["tpr_at_fpr"] <= 1
@@ -235,7 +228,7 @@ def test_demo_detection_appends_a_section_and_writes_figures(tmp_path, tiny):
     clf, x, perts = tiny
     interps = {"cam": juap.create_interpreter("cam", clf), "gradcam": juap.create_interpreter("gradcam", clf)}
     (tmp_path / "results.md").write_text("# juap demo results\n")
-    out = detection.demo_detection(
+    out = detect.demo_detection(
         tmp_path,
         interps,
         {"UAP": perts["A"], "GUAP": perts["B"], "R-JUAP-cam": perts["B"] * 0.5},
@@ -253,7 +246,7 @@ def test_demo_detection_appends_a_section_and_writes_figures(tmp_path, tiny):
 
 # -- juap detect end to end --------------------------------------------------------------------------
 def test_cli_detect_writes_the_table(tmp_path, capsys, tiny):
-    from juap.experiments import save_perturbation
+    from juap.runtime.artifacts import save_perturbation
 
     clf, _, perts = tiny
     clf_path = tmp_path / "clf.safetensors"
@@ -301,12 +294,12 @@ def test_cli_detect_writes_the_table(tmp_path, capsys, tiny):
     assert m["train_images"] + m["test_images"] == m["n_images"] == 48
     assert json.loads((out / "run.json").read_text())["status"] == "complete"
     csv = (out / "detection.csv").read_text().splitlines()
-    assert len(csv) == 1 + 2 * (len(detection.DETECTOR_COLUMNS) + len(detection.NOISE_COLUMNS))
+    assert len(csv) == 1 + 2 * (len(detect.DETECTOR_COLUMNS) + len(detect.NOISE_COLUMNS))
     assert "AUROC" in stdout and "mine" in (out / "detection.md").read_text()
 
 
 def test_cli_detect_refuses_a_perturbation_of_another_size(tmp_path, capsys, tiny):
-    from juap.experiments import save_perturbation
+    from juap.runtime.artifacts import save_perturbation
 
     save_perturbation(tmp_path / "p", torch.zeros(3, 16, 16), attack="uap", norm="linf", eps=10)
     code = main(

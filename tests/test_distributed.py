@@ -1,4 +1,4 @@
-"""Data-parallel runs (juap.distributed): 2 gloo processes on CPU compute what 1 process computes.
+"""Data-parallel runs (juap.runtime.distributed): 2 gloo processes on CPU compute what 1 process computes.
 
 The 2-process side is spawned with ``torch.multiprocessing`` and torchrun's environment variables; the
 1-process side runs the same function in this process. Same global batch and seed on both sides:
@@ -21,8 +21,8 @@ import pytest
 import torch
 
 import juap
-from juap import distributed
 from juap.errors import ConfigError
+from juap.runtime import distributed
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -244,7 +244,7 @@ def test_nccl_without_gpu_is_refused(monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
 def test_cli_nccl_without_gpu_is_a_message(monkeypatch, capsys):
-    from juap.cli import main
+    from juap.commands.cli import main
 
     monkeypatch.setenv("JUAP_DIST_BACKEND", "nccl")
     assert main(["attack", "--no-progress"]) == 2
@@ -253,7 +253,7 @@ def test_cli_nccl_without_gpu_is_a_message(monkeypatch, capsys):
 
 _TEARDOWN = """
 import os, torch
-from juap import distributed
+from juap.runtime import distributed
 assert distributed.init_from_env("gloo")
 model = distributed.wrap_ddp(torch.nn.Linear(4, 2))  # DDP: what kept the group alive before
 model(torch.rand(3, 4)).sum().backward()
@@ -411,10 +411,11 @@ def run_training(out_dir: Path) -> dict:
     for any world size."""
     import signal
 
-    from juap.checkpoint import RunInterrupted
-    from juap.config import TrainConfig
+    from juap.commands.configs import TrainConfig
+    from juap.commands.train_classifier import train_classifier
     from juap.data import InMemoryLoader, make_loader
-    from juap.training import shard_train_loader, train_classifier
+    from juap.runtime.checkpoint import RunInterrupted
+    from juap.runtime.loop import shard_train_loader
 
     torch.set_num_threads(1)
     x, y, test = _train_data()
@@ -509,17 +510,17 @@ def test_batchnorm_models_agree_between_ranks(trained):
 
 
 def test_sync_batchnorm_swap_is_undone(monkeypatch):
-    from juap import training
+    from juap.runtime import loop
 
     clf = _tiny_classifier(bn=True)
     before = {n: type(m) for n, m in clf.named_modules()}
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
-    swapped = training.to_sync_batchnorm(clf, torch.device("cuda"))  # only swaps modules: no GPU needed
+    swapped = loop.to_sync_batchnorm(clf, torch.device("cuda"))  # only swaps modules: no GPU needed
     assert swapped and all(isinstance(getattr(p, c), torch.nn.SyncBatchNorm) for p, c, _ in swapped)
     assert all(getattr(p, c).weight is m.weight for p, c, m in swapped)  # shares the parameters
-    training.restore_batchnorm(swapped)
+    loop.restore_batchnorm(swapped)
     assert {n: type(m) for n, m in clf.named_modules()} == before
-    assert training.to_sync_batchnorm(clf, torch.device("cpu")) == []  # CPU/gloo: plain BatchNorm
+    assert loop.to_sync_batchnorm(clf, torch.device("cpu")) == []  # CPU/gloo: plain BatchNorm
 
 
 def test_cli_train_classifier_and_rts_under_torchrun(tmp_path):

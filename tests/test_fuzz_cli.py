@@ -234,7 +234,7 @@ def perturbation_file(draw, odd: bool) -> tuple:
     meta = draw(st.one_of(st.none(), st.just({"norm": norm, "eps": eps, "attack": "uap"})))
     if kind == "pth":
         return ".pth", lambda p: torch.save({key: n}, p)
-    return ".safetensors", lambda p: juap.io.save_tensors(p, {key: n}, meta)
+    return ".safetensors", lambda p: juap.runtime.io.save_tensors(p, {key: n}, meta)
 
 
 # -- the property --------------------------------------------------------------------------------------

@@ -8,10 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from juap.cli import main
-from juap.config import TrainClassifierConfig, load_config
-from juap.errors import ConfigError, JuapError
-from juap.grid import (
+from juap.commands.cli import main
+from juap.commands.run import (
     ExperimentConfig,
     TableConfig,
     dry_run_experiment,
@@ -22,8 +20,11 @@ from juap.grid import (
     run_grid,
     write_results,
 )
-from juap.rts_training import TrainRTSConfig
-from juap.runs import finish_run
+from juap.commands.train_classifier import TrainClassifierConfig
+from juap.commands.train_rts import TrainRTSConfig
+from juap.errors import ConfigError, JuapError
+from juap.runtime.config import load_config
+from juap.runtime.runs import finish_run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 EXPERIMENTS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.name.startswith(("table", "claims", "pareto")))

@@ -2,16 +2,19 @@
 
 Run with ``pytest -m slow``. Trains (or reuses from $JUAP_CACHE) the demo classifier and an RTS model.
 """
-import dataclasses
 
 import pytest
 import torch
 
 import juap
-from juap.config import TrainClassifierConfig
-from juap.demo import DemoSettings, _cached_rts
-from juap.experiments import cached_demo_classifier
-from juap.sanity import held_out_images_with_boxes, pointing_rates, randomized_copy, rank_correlation
+from juap.commands.demo_models import cached_demo_classifier, cached_demo_rts
+from juap.commands.train_classifier import TrainClassifierConfig
+from juap.interpreters.sanity import (
+    held_out_images_with_boxes,
+    pointing_rates,
+    randomized_copy,
+    rank_correlation,
+)
 
 
 @pytest.mark.slow
@@ -23,7 +26,7 @@ def test_cam_gradcam_rts_point_at_the_object_and_depend_on_training(tmp_path):
     cfg = TrainClassifierConfig()
     clf, splits, metrics, _ = cached_demo_classifier(cfg, cache_dir=cache, progress=False)
     assert metrics["test_accuracy"] >= 0.9
-    rts_path, _, _ = _cached_rts(cfg, dataclasses.replace(DemoSettings(), rts_epochs=2), cache, False)
+    rts_path, _, _ = cached_demo_rts(cfg, epochs=2, seed=0, cache=cache, progress=False)
     x, _, boxes = held_out_images_with_boxes(splits, 300)
     interps = {"cam": juap.create_interpreter("cam", clf), "gradcam": juap.create_interpreter("gradcam", clf),
                "rts": juap.create_interpreter("rts", clf, checkpoint=str(rts_path))}

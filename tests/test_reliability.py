@@ -30,7 +30,10 @@ from PIL import Image
 import juap
 from helpers import CLI_TINY_DATA
 from helpers import run_cli as run
-from juap.checkpoint import (
+from juap.commands.cli import main
+from juap.errors import CheckpointError, NumericalError
+from juap.runtime import io as juap_io
+from juap.runtime.checkpoint import (
     CHECKPOINT_NAME,
     LoopCheckpoints,
     ResumableLoader,
@@ -40,9 +43,7 @@ from juap.checkpoint import (
     save_checkpoint,
     set_rng_states,
 )
-from juap.cli import main
-from juap.errors import CheckpointError, NumericalError
-from juap.io import DiskFullError, load_tensors, read_metadata, write_bytes, write_json
+from juap.runtime.io import DiskFullError, load_tensors, read_metadata, write_bytes, write_json
 
 DATA = CLI_TINY_DATA
 STEPS = 30
@@ -342,8 +343,8 @@ def test_persistent_nan_stops_with_a_clear_error_after_bounded_tries(capsys):
 
 
 def test_nan_in_classifier_training_is_rolled_back():
-    from juap.config import TrainConfig
-    from juap.training import train_classifier
+    from juap.commands.configs import TrainConfig
+    from juap.commands.train_classifier import train_classifier
 
     torch.manual_seed(0)
     clf = juap.create_classifier("small_resnet", num_classes=3, widths=(4, 8, 8))
@@ -374,7 +375,7 @@ def test_stop_signals_restore_the_previous_handlers(tmp_path):
 
 
 def _stop_worker(rank: int, port: int, out_dir: str) -> None:
-    from juap import distributed
+    from juap.runtime import distributed
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))  # fmt: skip
@@ -410,7 +411,7 @@ def test_a_signal_to_one_process_of_a_torchrun_stops_every_rank_at_the_same_step
 # -- atomic artifacts and a full disk ------------------------------------------------------------------
 _READ_ONLY_PROBE = """
 import contextlib, io, json, sys
-from juap.cli import main
+from juap.commands.cli import main
 out = {}
 for name, argv in json.loads(sys.argv[1]).items():
     err = io.StringIO()
@@ -508,7 +509,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
 
 
 def test_any_os_error_writing_an_artifact_is_a_write_error_naming_it(tmp_path, monkeypatch):
-    from juap.io import WriteError
+    from juap.runtime.io import WriteError
 
     def refuse(src, dst):
         raise PermissionError(errno.EACCES, "Permission denied")
@@ -561,7 +562,7 @@ def test_a_real_file_size_limit_mid_write_is_a_message(tmp_path, clf_path):
     script = (
         "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
         "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000)); "
-        "from juap.cli import main; sys.exit(main(sys.argv[1:]))"
+        "from juap.commands.cli import main; sys.exit(main(sys.argv[1:]))"
     )
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
@@ -621,20 +622,20 @@ def _bad_cases(root: Path, clf_path: str, tmp: Path):
     a_file = tmp / "a_file"
     a_file.write_text("x")
     p64, p2d = tmp / "p64.safetensors", tmp / "p2d.safetensors"
-    juap.io.save_tensors(p64, {"perturbation": torch.zeros(3, 64, 64)})
-    juap.io.save_tensors(p2d, {"perturbation": torch.zeros(32, 32)})
+    juap_io.save_tensors(p64, {"perturbation": torch.zeros(3, 64, 64)})
+    juap_io.save_tensors(p2d, {"perturbation": torch.zeros(32, 32)})
     p_nan, p_inf, p48, p48_says_10 = (tmp / f"{n}.safetensors" for n in ("nan", "inf", "p48", "p48_says_10"))
     for path, value in ((p_nan, float("nan")), (p_inf, float("inf"))):
         n = torch.zeros(3, 32, 32)
         n[0, 0, 0] = value
-        juap.io.save_tensors(path, {"perturbation": n})
+        juap_io.save_tensors(path, {"perturbation": n})
     linf48 = torch.full((3, 32, 32), 48 / 255)
-    juap.io.save_tensors(p48, {"perturbation": linf48}, {"attack": "uap", "norm": "linf", "eps": 48})
-    juap.io.save_tensors(p48_says_10, {"perturbation": linf48}, {"attack": "uap", "norm": "linf", "eps": 10})
+    juap_io.save_tensors(p48, {"perturbation": linf48}, {"attack": "uap", "norm": "linf", "eps": 48})
+    juap_io.save_tensors(p48_says_10, {"perturbation": linf48}, {"attack": "uap", "norm": "linf", "eps": 10})
     p_odd_budget = tmp / "odd_budget.safetensors"
-    juap.io.save_tensors(p_odd_budget, {"perturbation": linf48}, {"norm": "linf", "eps": "ten"})
+    juap_io.save_tensors(p_odd_budget, {"perturbation": linf48}, {"norm": "linf", "eps": "ten"})
     bare48 = tmp / "bare48.safetensors"
-    juap.io.save_tensors(bare48, {"perturbation": linf48})
+    juap_io.save_tensors(bare48, {"perturbation": linf48})
     existing = tmp / "existing"
     existing.mkdir()
     (existing / "x").write_text("x")
@@ -750,8 +751,8 @@ def test_evaluate_reports_the_perturbation_own_budget_and_norm(tmp_path, capsys,
     linf48 = torch.full((3, 32, 32), 48 / 255)
     linf48[1] = -20 / 255
     with_budget, bare = tmp_path / "p48.safetensors", tmp_path / "bare.safetensors"
-    juap.io.save_tensors(with_budget, {"perturbation": linf48}, {"attack": "uap", "norm": "linf", "eps": 48})
-    juap.io.save_tensors(bare, {"perturbation": linf48})
+    juap_io.save_tensors(with_budget, {"perturbation": linf48}, {"attack": "uap", "norm": "linf", "eps": 48})
+    juap_io.save_tensors(bare, {"perturbation": linf48})
     l2 = float(linf48.norm() * 255)
     ev = ["evaluate", "--no-progress", *DATA, "--set", f"classifier.weights={clf_path}"]
     runs = {
@@ -781,7 +782,7 @@ def test_evaluate_reports_the_perturbation_own_budget_and_norm(tmp_path, capsys,
 
 def test_a_perturbation_over_its_budget_or_not_finite_is_neither_saved_nor_evaluated(tmp_path):
     from juap.errors import JuapError
-    from juap.experiments import save_perturbation
+    from juap.runtime.artifacts import save_perturbation
 
     over = torch.full((3, 8, 8), 10.5 / 255)
     with pytest.raises(JuapError, match="measures 10.5 in linf, above its budget eps=10: not saved"):

@@ -11,18 +11,13 @@ import torch
 import torch.nn.functional as F
 
 import juap
-from juap.config import ClassifierConfig, DataConfig, load_config
+from juap.commands.configs import ClassifierConfig, DataConfig
+from juap.commands.train_rts import RTSTrainConfig, TrainRTSConfig, pointing_game, run_train_rts, train_rts
 from juap.data import load_splits
 from juap.errors import CheckpointError, ConfigError
 from juap.interpreters import make_surrogate
 from juap.interpreters.rts import RTS, area, blend, fingerprint, gaussian_blur, load_rts, rts_loss, save_rts
-from juap.rts_training import (
-    RTSTrainConfig,
-    TrainRTSConfig,
-    pointing_game,
-    run_train_rts,
-    train_rts,
-)
+from juap.runtime.config import load_config
 
 WIDTHS = (8, 16, 32)
 
@@ -257,7 +252,7 @@ def test_save_load_round_trip_and_refusals(tmp_path, toy_clf):
             p.add_(0.1 * torch.randn_like(p))
         rts.bottleneck[1].running_mean.add_(0.3)
     path = save_rts(rts, tmp_path / "rts.safetensors")
-    tensors, meta = juap.io.load_tensors(path)
+    tensors, meta = juap.runtime.io.load_tensors(path)
     assert not any(k.startswith(("classifier.", "encoder_net.")) for k in tensors)
     assert meta["classifier_arch"] == "small_resnet" and meta["num_classes"] == 2
     assert meta["classifier_fingerprint"] == fingerprint(toy_clf) and meta["image_size"] == 64
@@ -445,8 +440,8 @@ def test_demo_rts_points_at_the_objects(tmp_path):
     at the objects of the embedded data (pointing_top20 >= 0.8; the classifier's CAM gets about 0.9).
 
     Minutes on a CPU (the classifier is reused from $JUAP_CACHE when set)."""
-    from juap.config import TrainClassifierConfig
-    from juap.experiments import cached_demo_classifier
+    from juap.commands.demo_models import cached_demo_classifier
+    from juap.commands.train_classifier import TrainClassifierConfig
 
     clf, splits, _, _ = cached_demo_classifier(TrainClassifierConfig(), progress=False)
     ckpt = juap.save_classifier(clf, tmp_path / "classifier.safetensors", classes=splits.classes)

@@ -10,14 +10,16 @@ import math
 from typing import Callable, Dict, Mapping, Optional
 
 import torch
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import distributed
 from .attacks.base import Attack, PerImageAttack, UniversalAttack, iter_batches
 from .budget import apply_perturbation, perturbation_norm
 from .classifiers.base import Classifier
 from .interpreters.base import Interpreter
 from .metrics import MetricSums
+from .runtime import distributed
+from .runtime.loop import _local_eval_batches, shard_eval_loader
 
 
 def evaluate(
@@ -218,3 +220,32 @@ def _recorded_budget(meta: Mapping[str, object], source: str) -> Optional[Dict]:
 
 def _budget(b: Mapping[str, object]) -> str:
     return f"{_NORM_NAMES.get(str(b['norm']), b['norm'])} eps={float(b['eps']):g}"
+
+
+@torch.no_grad()
+def evaluate_accuracy(
+    clf: Classifier, loader: DataLoader, *, device: torch.device, progress: bool = False
+) -> Dict:
+    """Top-1 accuracy of ``clf`` over ``loader`` (batches ``(x, y, n_skipped)``), as counts and a ratio.
+
+    Under torchrun each rank classifies a disjoint share of a ``DataLoader``'s images (another iterable:
+    its slice of every batch) and the counts are added over the ranks, so every rank returns the counts
+    of the whole loader.
+    """
+    clf.eval()
+    correct = total = skipped = 0
+    world = distributed.world_size()
+    batches = shard_eval_loader(loader)
+    if world > 1 and batches is loader:  # not a DataLoader: this rank's slice of every batch
+        batches = _local_eval_batches(loader)
+    for x, y, n_skip in tqdm(batches, desc="evaluate", disable=not progress, leave=False):
+        skipped += n_skip
+        if len(y) == 0:
+            continue
+        pred = clf(x.to(device)).argmax(1).cpu()
+        correct += int((pred == y).sum())
+        total += len(y)
+    if world > 1:
+        sums = distributed.all_reduce_sums({"correct": correct, "total": total, "skipped": skipped})
+        correct, total, skipped = (int(sums[k]) for k in ("correct", "total", "skipped"))
+    return {"correct": correct, "total": total, "skipped": skipped, "accuracy": correct / max(total, 1)}

@@ -7,9 +7,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .distributed import global_count, global_sum
 from .errors import ConfigError
 from .interpreters.base import normalize_maps
+from .runtime.distributed import global_count, global_sum
 
 OBJECTIVES = ("untargeted", "least_likely", "targeted")
 

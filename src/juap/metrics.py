@@ -11,8 +11,10 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from . import distributed
+from .errors import ConfigError
 from .interpreters.base import normalize_maps
+from .runtime import distributed
+from .runtime.config import check_range
 
 IOU_KS = (10, 20, 30, 40, 50)
 
@@ -158,3 +160,65 @@ class MetricSums:
 
 def mean_over(values: Sequence[float]) -> float:
     return sum(values) / max(len(values), 1)
+
+
+# -- ranking metrics ---------------------------------------------------------------------------------
+def _check_scores(negatives: torch.Tensor, positives: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    neg = torch.as_tensor(negatives, dtype=torch.float64).flatten()
+    pos = torch.as_tensor(positives, dtype=torch.float64).flatten()
+    if len(neg) == 0 or len(pos) == 0:
+        raise ConfigError(
+            f"a ROC needs at least one benign and one adversarial score, got {len(neg)} and {len(pos)} "
+            "(an attack that fools no image leaves no adversarial examples to detect)"
+        )
+    if not (torch.isfinite(neg).all() and torch.isfinite(pos).all()):
+        raise ConfigError("detection scores must be finite; got NaN or infinity")
+    return neg, pos
+
+
+def auroc(negatives: torch.Tensor, positives: torch.Tensor) -> float:
+    """Area under the ROC curve: P(score(adversarial) > score(benign)) + P(equal) / 2.
+
+    Computed as the Mann-Whitney U statistic from average ranks (tied scores share their mean rank), so
+    identical score distributions give exactly 0.5 and perfectly separated ones 1.0.
+
+    Args:
+        negatives: scores of benign inputs (M,).
+        positives: scores of adversarial inputs (P,); higher means "more adversarial".
+
+    Returns:
+        AUROC in [0, 1].
+    """
+    neg, pos = _check_scores(negatives, positives)
+    scores = torch.cat([neg, pos])
+    _, inverse, counts = torch.unique(scores, sorted=True, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()  # 1-based rank of the last element of each tied group
+    avg_rank = ends - (counts.double() - 1) / 2
+    rank_pos = avg_rank[inverse[len(neg) :]].sum()
+    u = rank_pos - len(pos) * (len(pos) + 1) / 2
+    return float(u / (len(pos) * len(neg)))
+
+
+def roc_curve(negatives: torch.Tensor, positives: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """ROC points for thresholds at every distinct score ("adversarial" when score >= threshold).
+
+    Returns:
+        ``(fpr, tpr)``, each (T + 1,) from (0, 0) to (1, 1), non-decreasing; tied scores form one step.
+    """
+    neg, pos = _check_scores(negatives, positives)
+    thresholds = torch.unique(torch.cat([neg, pos])).flip(0)  # descending
+    fpr = (neg[None, :] >= thresholds[:, None]).double().mean(1)
+    tpr = (pos[None, :] >= thresholds[:, None]).double().mean(1)
+    zero = torch.zeros(1, dtype=torch.float64)
+    return torch.cat([zero, fpr]), torch.cat([zero, tpr])
+
+
+def tpr_at_fpr(negatives: torch.Tensor, positives: torch.Tensor, fpr: float = 0.05) -> float:
+    """The largest true-positive rate of a threshold whose false-positive rate is at most ``fpr``.
+
+    Thresholds sit at observed scores (tied scores are flagged together), so the rate is achievable by
+    a real threshold on these scores, never interpolated.
+    """
+    check_range("fpr", fpr, low=0, high=1)
+    f, t = roc_curve(negatives, positives)
+    return float(t[f <= fpr + 1e-12].max())

@@ -14,12 +14,12 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from .._registry import ATTACKS, GENERATORS
 from ..budget import apply_perturbation, scale_to_budget
-from ..config import check_range
 from ..errors import ConfigError
 from ..interpreters.base import Interpreter, normalize_maps
 from ..interpreters.gradcam import GradCAM
 from ..interpreters.smooth_relu import make_surrogate
 from ..losses import OBJECTIVES, attack_classes, check_target, fooling_terms
+from ..runtime.config import check_range
 from .base import PerImageAttack, rebind
 
 

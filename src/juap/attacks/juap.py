@@ -21,18 +21,8 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 import torch
 from tqdm.auto import tqdm
 
-from .. import distributed
 from .._registry import ATTACKS, GENERATORS
 from ..budget import apply_perturbation, scale_to_budget
-from ..checkpoint import (
-    LoopCheckpoints,
-    ResumableLoader,
-    check_finite_parameters,
-    cpu_copy,
-    lower_lr,
-    lr_settings,
-)
-from ..config import check_range
 from ..errors import CheckpointError, ConfigError, NumericalError
 from ..interpreters.base import Interpreter
 from ..interpreters.gradcam import GradCAM
@@ -48,6 +38,16 @@ from ..losses import (
     joint_loss,
     map_distance,
 )
+from ..runtime import distributed
+from ..runtime.checkpoint import (
+    LoopCheckpoints,
+    ResumableLoader,
+    check_finite_parameters,
+    cpu_copy,
+    lower_lr,
+    lr_settings,
+)
+from ..runtime.config import check_range
 from .base import UniversalAttack, cycle_batches, first_images, iter_batches, rebind
 from .fastpaths import FastPaths
 
@@ -101,7 +101,7 @@ class GeneratorUAP(UniversalAttack):
         amp, channels_last, compile: opt-in GPU fast paths of the training step (bf16 autocast, NHWC
             layout, ``torch.compile`` with an eager fallback); see :mod:`juap.attacks.fastpaths`.
 
-    Under ``torchrun`` (:mod:`juap.distributed`) every rank passes the same data; each trains on its
+    Under ``torchrun`` (:mod:`juap.runtime.distributed`) every rank passes the same data; each trains on its
     contiguous slice of every global batch of ``batch_size`` (divisible by the number of ranks), the
     losses are global means (all-reduced sums) and the generator is wrapped in DDP, so the run follows
     the one-process run on the same global batches.
@@ -347,7 +347,7 @@ class GeneratorUAP(UniversalAttack):
         self.best_step, self.best_val = best["step"], best["val"]
         return self.perturbation
 
-    # -- checkpoints (juap.checkpoint) -----------------------------------------------------------------
+    # -- checkpoints (juap.runtime.checkpoint) ----------------------------------------------------------
     def _identity(self) -> Dict[str, Any]:
         """What must match for a checkpoint to be resumed by this attack."""
         return {
@@ -362,7 +362,7 @@ class GeneratorUAP(UniversalAttack):
         }
 
     def _fit_state(self, G, opt, best, step: int, source) -> Dict[str, Any]:
-        from ..checkpoint import rng_states
+        from ..runtime.checkpoint import rng_states
 
         return {
             "step": step,
@@ -408,7 +408,7 @@ class GeneratorUAP(UniversalAttack):
 
     def _restore_position(self, state, batches, source, start: int, ckpt, G, opt) -> None:
         """On resume: replay a tensor's batches and restore the RNG states; else remember step 0."""
-        from ..checkpoint import set_rng_states
+        from ..runtime.checkpoint import set_rng_states
 
         if state is None:
             ckpt.remember(self._fit_state(G, opt, None, 0, source))

@@ -16,9 +16,9 @@ from tqdm.auto import tqdm
 
 from .._registry import ATTACKS
 from ..budget import apply_perturbation, project
-from ..config import check_range
 from ..errors import CheckpointError, ConfigError
 from ..losses import check_target
+from ..runtime.config import check_range
 from .base import UniversalAttack, iter_batches
 
 
@@ -108,7 +108,7 @@ class SGDUAP(UniversalAttack):
         (else the last). Checkpoints after every epoch in ``checkpoint_dir`` (``checkpoint_every`` is
         accepted for a uniform interface); ``resume`` continues after the last finished epoch.
         ``callback(step, perturbation)`` is called after every step (``perturbation()`` returns v)."""
-        from ..checkpoint import LoopCheckpoints, rng_states, set_rng_states
+        from ..runtime.checkpoint import LoopCheckpoints, rng_states, set_rng_states
 
         ckpt = LoopCheckpoints(checkpoint_dir, every=1, kind=self.name, resume=resume)
         gen = getattr(data, "generator", None)  # a seeded loader's order depends on its generator's state

@@ -127,7 +127,7 @@ class UAP(UniversalAttack):
             resume: continue after the last finished pass in ``checkpoint_dir`` (the same v as an
                 uninterrupted run's, bitwise on CPU with the same data and settings).
         """
-        from ..checkpoint import LoopCheckpoints, rng_states, set_rng_states
+        from ..runtime.checkpoint import LoopCheckpoints, rng_states, set_rng_states
 
         benign = None  # f(x) of every image of a tensor, computed once
         if isinstance(data, torch.Tensor):

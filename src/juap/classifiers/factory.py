@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from .._registry import CLASSIFIERS
 from ..errors import CheckpointError, ConfigError, WeightsUnavailableError
-from ..io import load_tensors, read_metadata, save_tensors
+from ..runtime.io import load_tensors, read_metadata, save_tensors
 from .base import (
     IMAGENET_MEAN,
     IMAGENET_STD,

@@ -7,16 +7,9 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import DataConfig
+from ..commands.configs import DataConfig
 from ..errors import DataError
-from .folder import (
-    ImageFolderDataset,
-    ScanReport,
-    collate_skip,
-    eval_transform,
-    scan_folder,
-    train_transform,
-)
+from .folder import ImageFolderDataset, ScanReport, collate_skip, eval_transform, scan_folder, train_transform
 from .splits import load_split, save_split, split_indices
 
 # Class folders the named data sets must have (ImageNet: whatever its 1000 synsets are).
@@ -241,7 +234,7 @@ class InMemoryLoader:
     For small data sets (the embedded one): decoding every image once instead of every epoch, and a
     batched random crop (reflect-padded by 1/8) + horizontal flip instead of per-image PIL transforms.
 
-    With ``shard=True`` under torchrun (:mod:`juap.distributed`) every rank draws the same global batch
+    With ``shard=True`` under torchrun (:mod:`~juap.runtime.distributed`) every rank draws the same batch
     (order and augmentation from the shared ``seed``) and yields only its contiguous slice of it, so W
     processes see exactly the batches one process sees, split W ways; ``len()`` stays the number of
     global batches. Alone (one process) ``shard`` changes nothing.
@@ -275,7 +268,7 @@ class InMemoryLoader:
         import torch
         import torch.nn.functional as F
 
-        from .. import distributed
+        from ..runtime import distributed
 
         n = len(self.x)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)

@@ -9,7 +9,7 @@ from typing import Dict, List, Sequence
 import torch
 
 from ..errors import ConfigError
-from ..io import write_json
+from ..runtime.io import write_json
 
 
 def split_indices(n: int, *, fractions: Sequence[float], seed: int) -> List[List[int]]:

@@ -12,7 +12,7 @@ optionally a named torchvision ResNet with pretrained weights (never a random on
 classifier are frozen: their parameters do not require grad and stay in eval mode even in
 ``rts.train()``, but gradients w.r.t. the input flow through the whole model (the attack needs them).
 
-The model is trained per classifier with :func:`rts_loss` (eq 12) by :func:`juap.rts_training.train_rts`
+The model is trained per classifier with :func:`rts_loss` (eq 12) by :func:`juap.commands.train_rts.train_rts`
 (``juap train-rts``); :func:`save_rts` / :func:`load_rts` store only the trainable part (bottleneck,
 embedding, decoder) with a fingerprint of the classifier's (and encoder's) weights, so a checkpoint is
 refused for any other classifier. ``juap.create_interpreter("rts", clf)`` without ``checkpoint=`` gives
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from .._registry import INTERPRETERS
 from ..classifiers.base import Classifier
 from ..errors import CheckpointError, ConfigError
-from ..io import load_tensors, read_metadata, save_tensors
+from ..runtime.io import load_tensors, read_metadata, save_tensors
 from .base import Classes, Interpreter, check_options, resolve_classes
 
 RTS_FORMAT = "juap.rts"

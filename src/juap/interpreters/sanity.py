@@ -11,9 +11,9 @@ from typing import Dict, Mapping, Optional
 
 import torch
 
-from .classifiers.base import Classifier
-from .interpreters.base import Interpreter, normalize_maps, upsample_maps
-from .rts_training import _test_boxes, pointing_game
+from ..classifiers.base import Classifier
+from ..commands.train_rts import _test_boxes, pointing_game
+from .base import Interpreter, normalize_maps, upsample_maps
 
 
 def held_out_images_with_boxes(splits, max_images: Optional[int] = None):

@@ -20,13 +20,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from . import distributed
-from .classifiers import Classifier
-from .config import ClassifierConfig, DataConfig, check_range, to_dict
-from .errors import CheckpointError, ConfigError, DataError
-from .interpreters.base import upsample_maps
-from .interpreters.rts import ENCODERS, RTS, rts_loss, save_rts
-from .runs import finish_run
+from ..classifiers import Classifier
+from ..errors import CheckpointError, ConfigError, DataError
+from ..interpreters.base import upsample_maps
+from ..interpreters.rts import ENCODERS, RTS, rts_loss, save_rts
+from ..runtime import distributed
+from ..runtime.config import check_range, to_dict
+from ..runtime.runs import finish_run
+from .configs import ClassifierConfig, DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -198,8 +199,8 @@ def train_rts(
         max_rollbacks: NaN/Inf losses rolled back to the last good state with the lr halved before a
             NumericalError.
 
-    Under torchrun (:mod:`juap.distributed`) the masking model trains as DistributedDataParallel, each
-    rank on its share of every global batch (:func:`~juap.training.shard_train_loader`; the batch size
+    Under torchrun (:mod:`juap.runtime.distributed`) the masking model trains as DistributedDataParallel, each
+    rank on its share of every global batch (:func:`~juap.runtime.loop.shard_train_loader`; the batch size
     must divide by the number of processes) with its own fake-label draws; the schedule counts global
     steps, the loss history is sums and counts added over the ranks, the time bound stops every rank at
     the same step, rank 0 alone writes checkpoints. The masking model's BatchNorm layers normalise with
@@ -209,15 +210,9 @@ def train_rts(
         Metrics: ``train_loss`` (loss parts, mean over the last epoch), ``first_loss`` (first epoch),
         ``train_seconds``, ``steps``, ``epochs_done``, ``stopped_early`` (time bound reached).
     """
-    from .checkpoint import (
-        cpu_copy,
-        lower_lr,
-        lr_settings,
-        rng_states,
-        set_rng_states,
-    )
-    from .errors import NumericalError
-    from .training import (
+    from ..errors import NumericalError
+    from ..runtime.checkpoint import cpu_copy, lower_lr, lr_settings, rng_states, set_rng_states
+    from ..runtime.loop import (
         any_rank,
         broadcast_buffers,
         gather_rank_states,
@@ -365,7 +360,7 @@ def train_rts(
 def _trainable_names(rts: RTS) -> set:
     """State-dict names of the masking model's own tensors (parameters and buffers), not the frozen
     classifier's or encoder's."""
-    from .interpreters.rts import _FROZEN_PREFIXES
+    from ..interpreters.rts import _FROZEN_PREFIXES
 
     return {n for n in rts.state_dict() if not n.startswith(_FROZEN_PREFIXES)}
 
@@ -479,8 +474,8 @@ def load_explained_classifier(cfg: ClassifierConfig, *, classes: Sequence[str]) 
         CheckpointError: missing or unreadable file, another architecture than ``cfg.name``, or a class
             count / class names different from the data's.
     """
-    from .experiments import build_classifier
-    from .io import read_metadata
+    from ..runtime.io import read_metadata
+    from ._build import build_classifier
 
     weights = str(cfg.weights)
     path = Path(weights)
@@ -530,8 +525,8 @@ def run_train_rts(
         The metrics: training loss parts, test loss parts, ``mean_mask_area``, ``pointing_top20`` (data
         with object boxes, e.g. the synthetic set; else ``None``), timings.
     """
-    from .data import data_summary, load_splits, make_loader, require_classes, save_split
-    from .training import resolve_device
+    from ..data import data_summary, load_splits, make_loader, require_classes, save_split
+    from ..runtime.distributed import resolve_device
 
     run_dir = Path(run_dir)
     torch.manual_seed(cfg.seed)  # the same on every rank: the same initial masking model
@@ -597,7 +592,7 @@ def run_train_rts(
 
 def _test_boxes(splits: Any) -> Dict[int, Sequence[int]] | None:
     """Object boxes of the test images, by test index (``None`` if the data set has none)."""
-    from .data.synthetic import load_boxes
+    from ..data.synthetic import load_boxes
 
     try:
         boxes = load_boxes(splits.root)

@@ -26,7 +26,7 @@ from typing import Dict, Iterable, Iterator, Mapping, Optional, Tuple, TypeVar
 import torch
 import torch.distributed as dist
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -374,3 +374,18 @@ def check_same_across_ranks(module: torch.nn.Module, what: str) -> None:
             f"the {what} differs between the torchrun ranks: load the same weights on every rank (a "
             "checkpoint), or seed torch identically on every rank before building it"
         )
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``"auto"`` picks CUDA when available, else CPU; an unavailable device is a clear error."""
+    from ..errors import ConfigError
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device = {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device = {device!r} was asked but no CUDA GPU is available; use device=cpu")
+    return dev

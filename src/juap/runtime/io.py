@@ -21,7 +21,7 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from .errors import CheckpointError, JuapError
+from ..errors import CheckpointError, JuapError
 
 PathLike = str | os.PathLike
 
@@ -121,9 +121,13 @@ def write_error(e: OSError, path: PathLike, *, doing: str = "write", fix: str | 
         why = f"{_file_in_the_way(path)} is a file, not a folder"
     else:
         why = _WHY.get(e.errno, "{error}").format(where=_nearest_folder(path), error=e.strerror or e)
-    fix = _FIX.get(e.errno) or fix or (
-        "Make the folder writable (or choose another --out), then run the command again (with --resume "
-        "to continue from the last checkpoint)"
+    fix = (
+        _FIX.get(e.errno)
+        or fix
+        or (
+            "Make the folder writable (or choose another --out), then run the command again (with --resume "
+            "to continue from the last checkpoint)"
+        )
     )
     return WriteError(f"could not {doing} {path}: {why} ({e.strerror or e}); nothing was written. {fix}")
 

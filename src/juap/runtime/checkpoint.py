@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional
 import numpy as np
 import torch
 
-from .errors import CheckpointError, NumericalError
+from ..errors import CheckpointError, NumericalError
 from .io import PathLike, load_tensors, save_tensors
 
 log = logging.getLogger(__name__)
@@ -318,7 +318,7 @@ class LoopCheckpoints:
         write: bool = True,
     ) -> None:
         if every < 1:
-            from .errors import ConfigError
+            from ..errors import ConfigError
 
             raise ConfigError(f"checkpoint_every = {every} is out of range; use a positive number of steps")
         self.path = Path(directory) / CHECKPOINT_NAME if directory is not None else None

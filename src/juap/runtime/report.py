@@ -9,7 +9,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from .interpreters.base import normalize_maps, upsample_maps
+from ..interpreters.base import normalize_maps, upsample_maps
 from .io import atomic_path, write_text
 
 CSV_COLUMNS = ("method", "generator", "interpreter", "norm", "fooling_ratio", "l1", "iou")

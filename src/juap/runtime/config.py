@@ -1,21 +1,20 @@
-"""Typed, validated configuration: frozen dataclasses loaded from YAML with ``--set`` overrides.
-
-Errors name the field, the bad value and the allowed values, and suggest the nearest key for a typo.
-"""
+"""Config parsing: YAML and --set overrides into frozen dataclasses, with messages that name the field."""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
+import json
 import math
 import types
 import typing
 from pathlib import Path
-from typing import Any, Dict, Literal, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
+from typing import Any, Dict, Literal, Mapping, Sequence, Tuple, Type, TypeVar, Union
 
 import yaml
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 T = TypeVar("T")
 
@@ -33,78 +32,6 @@ def check_range(
         raise ConfigError(
             f"{where} = {value!r} is out of range; it must be {' and '.join(x for x in (lo, hi) if x)}"
         )
-
-
-# -- sections ----------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """Where images come from and how they are split (the paper's seeded random subsets)."""
-
-    name: Literal["synthetic", "folder", "imagenet", "chestxray", "intel"] = "synthetic"
-    root: str | None = None
-    image_size: int = 64
-    train_fraction: float = 0.8
-    test_fraction: float = 0.2
-    split_seed: int = 0
-    num_images: int = 3000  # synthetic only
-    num_classes: int = 6  # synthetic only
-    synthetic_seed: int = 0  # synthetic only
-    num_workers: int = 0
-    in_memory: Optional[bool] = None  # decode the training images once (default: for the synthetic set)
-
-    def __post_init__(self) -> None:
-        check_range("data.image_size", self.image_size, low=16)
-        check_range("data.train_fraction", self.train_fraction, low=0, high=1, low_open=True)
-        check_range("data.test_fraction", self.test_fraction, low=0, high=1, low_open=True)
-        if self.train_fraction + self.test_fraction > 1 + 1e-9:
-            raise ConfigError(
-                f"data.train_fraction + data.test_fraction = {self.train_fraction + self.test_fraction} "
-                "must be at most 1 (the subsets are disjoint)"
-            )
-        check_range("data.num_images", self.num_images, low=12)
-        check_range("data.num_workers", self.num_workers, low=0)
-        if self.name != "synthetic" and not self.root:
-            raise ConfigError(f"data.root is required for data.name = {self.name!r} (the folder of images)")
-
-
-@dataclasses.dataclass(frozen=True)
-class ClassifierConfig:
-    """A registered classifier and its weights (enum name, local checkpoint path, or none)."""
-
-    name: str = "small_resnet"
-    weights: str | None = None
-    num_classes: int | None = None
-    reset_head: bool = False
-    options: Dict[str, Any] = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Classifier training (``juap train-classifier``)."""
-
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.0
-
-    def __post_init__(self) -> None:
-        check_range("train.epochs", self.epochs, low=1)
-        check_range("train.batch_size", self.batch_size, low=1)
-        check_range("train.lr", self.lr, low=0, low_open=True)
-        check_range("train.momentum", self.momentum, low=0, high=1)
-        check_range("train.weight_decay", self.weight_decay, low=0)
-        check_range("train.label_smoothing", self.label_smoothing, low=0, high=1)
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainClassifierConfig:
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    classifier: ClassifierConfig = dataclasses.field(default_factory=ClassifierConfig)
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    seed: int = 0
-    device: str = "auto"
 
 
 # -- loading -----------------------------------------------------------------------------------------
@@ -237,56 +164,6 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
-@dataclasses.dataclass(frozen=True)
-class InterpreterConfig:
-    """The interpreter an attack keeps unchanged (``name: null`` for none, e.g. GUAP, UAP, PGD)."""
-
-    name: Optional[str] = None
-    checkpoint: Optional[str] = None  # RTS: the model trained by `juap train-rts`
-    options: Dict[str, Any] = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass(frozen=True)
-class AttackConfig:
-    """A registered attack, its budget (eps in 0-255 units) and its hyperparameters (``params``)."""
-
-    name: str = "juap"
-    norm: Literal["linf", "l2"] = "linf"
-    eps: float = 10.0
-    params: Dict[str, Any] = dataclasses.field(default_factory=dict)
-    val_fraction: float = 0.1  # of the train split, held out to pick the best perturbation
-
-    def __post_init__(self) -> None:
-        check_range("attack.eps", self.eps, low=0, low_open=True)
-        check_range("attack.val_fraction", self.val_fraction, low=0, high=0.5)
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalConfig:
-    """What ``juap attack`` / ``juap evaluate`` measure on the test split."""
-
-    interpreters: Tuple[str, ...] = ("cam", "gradcam")
-    rts_checkpoint: Optional[str] = None  # adds "rts" to the table when given
-    batch_size: int = 64
-    max_images: Optional[int] = None
-
-    def __post_init__(self) -> None:
-        check_range("evaluate.batch_size", self.batch_size, low=1)
-
-
-def attack_split_data() -> DataConfig:
-    """The paper's attack protocol: seeded, disjoint 20% train and 20% test subsets of the data."""
-    return DataConfig(train_fraction=0.2, test_fraction=0.2)
-
-
-@dataclasses.dataclass(frozen=True)
-class AttackRunConfig:
-    """``juap attack`` and ``juap evaluate``."""
-
-    data: DataConfig = dataclasses.field(default_factory=attack_split_data)
-    classifier: ClassifierConfig = dataclasses.field(default_factory=ClassifierConfig)
-    interpreter: InterpreterConfig = dataclasses.field(default_factory=InterpreterConfig)
-    attack: AttackConfig = dataclasses.field(default_factory=AttackConfig)
-    evaluate: EvalConfig = dataclasses.field(default_factory=EvalConfig)
-    seed: int = 0
-    device: str = "auto"
+def config_hash(obj: Any) -> str:
+    """A short, stable hash of a JSON-able config: names cache entries and grid cells."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]

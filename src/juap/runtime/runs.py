@@ -9,17 +9,10 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict
 
+from ..errors import ConfigError
 from . import distributed
 from .checkpoint import CHECKPOINT_NAME
-from .errors import ConfigError
-from .io import (
-    DiskFullError,
-    WriteError,
-    remove_stale_temporaries,
-    write_error,
-    write_json,
-    write_yaml,
-)
+from .io import DiskFullError, WriteError, remove_stale_temporaries, write_error, write_json, write_yaml
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +98,7 @@ def _first_missing(path: Path) -> Path | None:
     return missing
 
 
-def finish_run(
-    path: Path, *, config: Dict[str, Any], metrics: Dict[str, Any], complete: bool = True
-) -> None:
+def finish_run(path: Path, *, config: Dict[str, Any], metrics: Dict[str, Any], complete: bool = True) -> None:
     """Write ``config.yaml`` and ``metrics.json``, then mark the run ``complete`` (or ``partial``: a grid
     with cells left, e.g. one shard of several) in ``run.json``. Only rank 0 writes under torchrun."""
     if not distributed.is_main():

@@ -10,7 +10,7 @@ import time
 import warnings
 from typing import Callable, Dict, List
 
-from .errors import JuapError
+from ..errors import JuapError
 
 
 def _add_common(
@@ -45,8 +45,8 @@ def _open_run(args: argparse.Namespace, cls: type, command: str):
     no --config/--set is given) and refuses a config other than the one the run started with."""
     from pathlib import Path
 
-    from .config import load_config, to_dict
-    from .runs import check_config, new_run_dir
+    from ..runtime.config import load_config, to_dict
+    from ..runtime.runs import check_config, new_run_dir
 
     resume = _resume_options(args)["resume"]  # checked before the run folder is made
     source = args.config
@@ -61,7 +61,7 @@ def _open_run(args: argparse.Namespace, cls: type, command: str):
 
 
 def _resume_options(args: argparse.Namespace) -> dict:
-    from .errors import ConfigError
+    from ..errors import ConfigError
 
     every = getattr(args, "checkpoint_every", None)  # commands without --resume have neither option
     if every is not None and every < 1:
@@ -70,9 +70,8 @@ def _resume_options(args: argparse.Namespace) -> dict:
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> int:
-    from .config import TrainClassifierConfig
-    from .experiments import run_train_classifier
-    from .runs import failed_on_error
+    from ..runtime.runs import failed_on_error
+    from .train_classifier import TrainClassifierConfig, run_train_classifier
 
     cfg, run_dir = _open_run(args, TrainClassifierConfig, "train-classifier")
     print(
@@ -90,9 +89,10 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .config import TrainClassifierConfig, apply_overrides, from_dict, load_config, to_dict
+    from ..runtime.config import apply_overrides, from_dict, load_config, to_dict
+    from ..runtime.runs import failed_on_error, finish_run, new_run_dir
     from .demo import DemoSettings, run_demo
-    from .runs import failed_on_error, finish_run, new_run_dir
+    from .train_classifier import TrainClassifierConfig
 
     t0 = time.perf_counter()
     demo_over = [o for o in args.overrides if o.startswith("demo.")]
@@ -131,8 +131,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train_rts(args: argparse.Namespace) -> int:
-    from .rts_training import TrainRTSConfig, run_train_rts
-    from .runs import failed_on_error
+    from ..runtime.runs import failed_on_error
+    from .train_rts import TrainRTSConfig, run_train_rts
 
     cfg, run_dir = _open_run(args, TrainRTSConfig, "train-rts")
     print(
@@ -181,9 +181,8 @@ def _print_attack_metrics(m: dict) -> None:
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
-    from .config import AttackRunConfig
-    from .experiments import run_attack
-    from .runs import failed_on_error
+    from ..runtime.runs import failed_on_error
+    from .attack import AttackRunConfig, run_attack
 
     cfg, run_dir = _open_run(args, AttackRunConfig, "attack")
     what = cfg.attack.name + (f" against {cfg.interpreter.name}" if cfg.interpreter.name else "")
@@ -199,9 +198,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .config import AttackRunConfig
-    from .experiments import run_evaluate
-    from .runs import failed_on_error
+    from ..runtime.runs import failed_on_error
+    from .attack import AttackRunConfig
+    from .evaluate import run_evaluate
 
     cfg, run_dir = _open_run(args, AttackRunConfig, "evaluate")
     print(f"Evaluating {args.perturbation} on {cfg.classifier.name}; run folder: {run_dir}")
@@ -220,7 +219,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _budget_given(args: argparse.Namespace) -> bool:
     """Whether --config or --set names attack.eps or attack.norm (not merely their defaults)."""
-    from .config import apply_overrides, read_yaml_mapping
+    from ..runtime.config import apply_overrides, read_yaml_mapping
 
     raw = apply_overrides(read_yaml_mapping(args.config) if args.config else {}, args.overrides)
     attack = raw.get("attack") if isinstance(raw.get("attack"), dict) else {}
@@ -231,9 +230,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
-    from . import distributed
-    from .grid import dry_run_experiment, load_experiment, parse_shard, plan, run_grid, write_results
-    from .runs import failed_on_error, finish_run, open_grid_dir
+    from ..runtime import distributed
+    from ..runtime.runs import failed_on_error, finish_run, open_grid_dir
+    from .run import dry_run_experiment, load_experiment, parse_shard, plan, run_grid, write_results
 
     say: Callable = print if distributed.is_main() else lambda *a, **k: None  # under torchrun: rank 0 alone
     exp = load_experiment(args.experiment, args.overrides)
@@ -273,7 +272,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             say=say,
         )
         write_results(exp, run_dir, res)
-    from .config import to_dict
+    from ..runtime.config import to_dict
 
     summary = {k: v for k, v in res.items() if k != "rows"}
     done = res["complete"] == res["cells"]
@@ -286,8 +285,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    from .detection import DetectConfig, run_detect
-    from .runs import failed_on_error
+    from ..runtime.runs import failed_on_error
+    from .detect import DetectConfig, run_detect
 
     cfg, run_dir = _open_run(args, DetectConfig, "detect")
     print(f"Detecting {len(args.perturbation)} perturbation(s) from their maps; run folder: {run_dir}")
@@ -325,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the default experiment on the embedded synthetic data",
         description="Train (once, cached) the demo classifier and RTS model on the embedded data, run UAP, "
         "GUAP, R-JUAP and U-JUAP against CAM, Grad-CAM and RTS and JAP vs PGD, and write tables and "
-        "figures. Sizes: --set demo.steps=..., --set demo.eps=... (see juap.demo.DemoSettings).",
+        "figures. Sizes: --set demo.steps=..., --set demo.eps=... (see juap.commands.demo.DemoSettings).",
     )
     _add_common(p)
     p.add_argument("--cache-dir", metavar="DIR", help="cache folder (default: $JUAP_CACHE or ~/.cache/juap)")
@@ -387,7 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--shard", metavar="I/N", help="run only every N-th cell, starting at the I-th (1 <= I <= N)"
     )
     p.add_argument(
-        "--merge", action="append", default=[], metavar="DIR",
+        "--merge",
+        action="append",
+        default=[],
+        metavar="DIR",
         help="also take finished cells from another run folder of this experiment (repeatable)",
     )
     p.add_argument("--dry-run", action="store_true", help="run every cell one step on tiny data, then stop")
@@ -450,7 +452,7 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, old)
 
 
-# Commands that run data-parallel under torchrun (juap.distributed); the others refuse a multi-process launch.
+# Commands that run data-parallel under torchrun (juap.runtime.distributed); the others refuse it.
 DATA_PARALLEL = ("attack", "evaluate", "run", "train-classifier", "train-rts")
 
 
@@ -460,7 +462,7 @@ def _run_command(args: argparse.Namespace) -> int:
     import contextlib
     import os
 
-    from . import distributed
+    from ..runtime import distributed
 
     distributed.init_from_env()
     done = False

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -23,13 +22,15 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch.utils.data import Subset
 
-from . import create_attack
-from .config import TrainClassifierConfig, to_dict
-from .data.synthetic import default_cache_dir
-from .evaluation import evaluate
-from .experiments import build_interpreter, cached_demo_classifier, config_hash, demo_classifier_path
-from .io import load_tensors, save_tensors, write_json, write_text
-from .report import bar_chart, figure_grid, markdown_table, write_csv
+from .. import create_attack
+from ..data.synthetic import default_cache_dir
+from ..evaluation import evaluate
+from ..runtime.config import config_hash, to_dict
+from ..runtime.io import load_tensors, save_tensors, write_json, write_text
+from ..runtime.report import bar_chart, figure_grid, markdown_table, write_csv
+from ._build import build_interpreter
+from .demo_models import RTS_EPOCHS, cached_demo_classifier, cached_demo_rts
+from .train_classifier import TrainClassifierConfig
 
 INTERPRETERS = ("cam", "gradcam", "rts")
 METHOD_LABELS = {
@@ -73,7 +74,7 @@ class DemoSettings:
     sgd_epochs: int = 10
     jap_images: int = 30
     jap_steps: int = 40
-    rts_epochs: int = 2
+    rts_epochs: int = RTS_EPOCHS
     seed: int = 0
 
     def juap_recipe(self, interpreter: str) -> Dict[str, Any]:
@@ -107,7 +108,9 @@ def run_demo(
     )
 
     say("[2/5] RTS saliency model for this classifier (trained once, then cached) ...")
-    rts_path, rts_metrics, rts_cached = _cached_rts(ccfg, settings, cache, progress)
+    rts_path, rts_metrics, rts_cached = cached_demo_rts(
+        ccfg, epochs=settings.rts_epochs, seed=settings.seed, cache=cache, progress=progress
+    )
     how = "loaded from cache" if rts_cached else f"trained in {rts_metrics.get('train_seconds', 0):.0f} s"
     point = rts_metrics.get("pointing_top20") or 0.0
     say(f"      {how}; pointing game (top-20% of the mask on the object) {point:.1%}")
@@ -130,7 +133,7 @@ def run_demo(
         f"[3/5] Universal attacks at {settings.norm} eps={settings.eps:g} (0-255 units), "
         f"{n_tr} training / {n_te} test images; cells already in the cache are reused ..."
     )
-    from . import __version__
+    from .. import __version__
 
     key_base = {  # a cached cell is reused only for the same models, settings and juap version
         "juap": __version__,
@@ -198,7 +201,7 @@ def run_demo(
     _write_outputs(
         run_dir, results, claims, jap_rows, perturbations, clf, interps, x_test, splits.classes, settings
     )
-    from .detection import demo_detection  # appends the Detection section to results.md
+    from .detect import demo_detection  # appends the Detection section to results.md
 
     detection = demo_detection(
         run_dir, interps, perturbations, x_test, class_names=splits.classes, seed=settings.seed, say=say
@@ -301,37 +304,6 @@ def _cached_cell(cache: Path, key: Dict[str, Any], fit: Callable):
     return n_hat, info, False
 
 
-def _cached_rts(ccfg: TrainClassifierConfig, s: DemoSettings, cache: Path, progress: bool):
-    from .rts_training import RTSTrainConfig, TrainRTSConfig, run_train_rts
-
-    key = config_hash({"classifier": to_dict(ccfg), "rts_epochs": s.rts_epochs})
-    folder = cache / "demo" / f"rts-{key}"
-    ckpt = folder / "rts.safetensors"
-    if ckpt.is_file() and (folder / "metrics.json").is_file():
-        return ckpt, json.loads((folder / "metrics.json").read_text()), True
-    clf_ckpt = demo_classifier_path(ccfg, cache)
-    cfg = TrainRTSConfig(
-        data=ccfg.data,
-        classifier=dataclasses.replace(ccfg.classifier, weights=str(clf_ckpt)),
-        train=RTSTrainConfig(epochs=s.rts_epochs),
-        seed=s.seed,
-        device=ccfg.device,
-    )
-    import shutil
-    import tempfile
-
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    # A private temporary folder: two runs training at once (e.g. two shards) never clobber each other.
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", suffix=".tmp", dir=folder.parent))
-    metrics = run_train_rts(cfg, tmp, progress=progress)
-    try:
-        tmp.rename(folder)
-    except OSError:  # another run finished first: keep its model
-        shutil.rmtree(tmp, ignore_errors=True)
-        return ckpt, json.loads((folder / "metrics.json").read_text()), True
-    return ckpt, metrics, False
-
-
 def _jap_vs_pgd(clf, interps, x, y, s: DemoSettings, progress: bool) -> List[Dict[str, Any]]:
     rows = []
     pgd = create_attack("pgd", classifier=clf, norm=s.norm, eps=s.eps, steps=10, seed=s.seed)
@@ -373,8 +345,8 @@ def _jap_vs_pgd(clf, interps, x, y, s: DemoSettings, progress: bool) -> List[Dic
 def _write_outputs(
     run_dir: Path, results, claims, jap_rows, perturbations, clf, interps, x_test, classes, s
 ) -> None:
-    from .budget import apply_perturbation
-    from .experiments import save_perturbation
+    from ..budget import apply_perturbation
+    from ..runtime.artifacts import save_perturbation
 
     # results.csv: one row per method x interpreter (JUAP: the perturbation trained against that interpreter)
     main_rows = [r for r in results if r["trained_against"] in ("-", r["interpreter"])]

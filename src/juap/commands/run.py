@@ -15,7 +15,6 @@ into one table (same ``--out``, or ``--merge`` of several folders).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import json
 import logging
@@ -24,22 +23,19 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
 
-from . import distributed
-from .config import (
+from ..errors import ConfigError
+from ..runtime import distributed
+from ..runtime.config import apply_overrides, check_range, config_hash, from_dict, read_yaml_mapping, to_dict
+from .attack import AttackRunConfig
+from .configs import (
     AttackConfig,
-    AttackRunConfig,
     ClassifierConfig,
     DataConfig,
     EvalConfig,
     InterpreterConfig,
-    apply_overrides,
     attack_split_data,
-    check_range,
-    from_dict,
-    read_yaml_mapping,
-    to_dict,
 )
-from .errors import ConfigError
+from .demo_models import demo_models
 
 log = logging.getLogger(__name__)
 
@@ -199,8 +195,8 @@ class Cell:
 
 def plan(exp: ExperimentConfig) -> List[Cell]:
     """Every cell of the grid, in a stable order; unknown names fail here with the known ones listed."""
-    from . import ATTACKS, CLASSIFIERS, GENERATORS, INTERPRETERS, __version__
-    from .experiments import attack_param_names, takes_interpreter
+    from .. import ATTACKS, CLASSIFIERS, GENERATORS, INTERPRETERS, __version__
+    from ._build import attack_param_names, takes_interpreter
 
     g = exp.grid
     for name in g.generators:
@@ -312,8 +308,6 @@ def _slug(s: str) -> str:
 
 
 def _hash(obj: Any) -> str:
-    from .experiments import config_hash
-
     return config_hash(obj)[:10]
 
 
@@ -373,28 +367,6 @@ def cell_config(
     )
 
 
-def demo_models(*, cache_dir=None, need_rts: bool = True, progress: bool = True) -> Tuple[str, Optional[str]]:
-    """Paths of the cached demo classifier and its RTS model (trained on first use, as ``juap demo`` does)."""
-    from .data.synthetic import default_cache_dir
-
-    return _demo_models(Path(cache_dir) if cache_dir else default_cache_dir(), need_rts, progress)
-
-
-@functools.cache  # once per process and cache folder: every cell of a grid asks again
-def _demo_models(cache: Path, need_rts: bool, progress: bool) -> Tuple[str, Optional[str]]:
-    from .config import TrainClassifierConfig
-    from .demo import DemoSettings, _cached_rts
-    from .experiments import cached_demo_classifier, demo_classifier_path
-
-    ccfg = TrainClassifierConfig()
-    rts = None
-    with distributed.main_first():  # under torchrun rank 0 trains and caches them, then the others load
-        cached_demo_classifier(ccfg, cache_dir=cache, progress=progress and distributed.is_main())
-        if need_rts:
-            rts, _, _ = _cached_rts(ccfg, DemoSettings(), cache, progress and distributed.is_main())
-    return str(demo_classifier_path(ccfg, cache)), (str(rts) if rts else None)
-
-
 def cell_status(cell_dir: Path) -> Optional[str]:
     run = cell_dir / "run.json"
     if not run.is_file():
@@ -422,9 +394,9 @@ def run_grid(
     Returns:
         ``{"cells": N, "complete": k, "ran": r, "rows": [...]}``.
     """
-    from .checkpoint import CHECKPOINT_NAME
-    from .experiments import run_attack
-    from .runs import failed_on_error, new_run_dir, reopen_run_dir
+    from ..runtime.checkpoint import CHECKPOINT_NAME
+    from ..runtime.runs import failed_on_error, new_run_dir, reopen_run_dir
+    from .attack import run_attack
 
     run_cell = run_cell or (lambda cfg, d, resume=False: run_attack(cfg, d, progress=progress, resume=resume))
     cells = plan(exp)
@@ -591,7 +563,7 @@ def write_results(exp: ExperimentConfig, run_dir: Path, result: Dict[str, Any]) 
     """``results.md`` (the configured tables), ``results.csv`` / ``transfer.csv``, ``discrepancy.png``.
 
     Under torchrun only rank 0 writes them."""
-    from .report import bar_chart, markdown_table, write_csv
+    from ..runtime.report import bar_chart, markdown_table, write_csv
 
     if not distributed.is_main():
         return
@@ -637,7 +609,7 @@ def write_results(exp: ExperimentConfig, run_dir: Path, result: Dict[str, Any]) 
                 ylabel="map L1 (lower: maps kept)",
                 title=f"{exp.name}: map discrepancy per interpreter (Fig. 5 style)",
             )
-    from .io import write_text
+    from ..runtime.io import write_text
 
     write_text(run_dir / "results.md", "\n".join(md))
 
@@ -671,8 +643,8 @@ def dry_run_experiment(exp: ExperimentConfig, work_dir: Path) -> ExperimentConfi
     every cell builds and runs end to end before hours are spent on the real one."""
     import torch
 
-    from .classifiers import create_classifier
-    from .interpreters.rts import RTS, save_rts
+    from ..classifiers import create_classifier
+    from ..interpreters.rts import RTS, save_rts
 
     data = DataConfig(name="synthetic", image_size=32, num_images=36, train_fraction=0.5, test_fraction=0.5)
     classifiers = []
@@ -684,7 +656,7 @@ def dry_run_experiment(exp: ExperimentConfig, work_dir: Path) -> ExperimentConfi
             rts_path = str(work_dir / f"rts-{_slug(c.label or c.name)}.safetensors")
             save_rts(RTS(clf, image_size=data.image_size), rts_path)
             ckpt = work_dir / f"classifier-{_slug(c.label or c.name)}.safetensors"
-            from .classifiers import save_classifier
+            from ..classifiers import save_classifier
 
             save_classifier(clf, ckpt)
             weights = str(ckpt)
@@ -695,8 +667,8 @@ def dry_run_experiment(exp: ExperimentConfig, work_dir: Path) -> ExperimentConfi
                 c, weights=weights, num_classes=None, reset_head=False, rts_checkpoint=rts_path
             )
         )
-    from . import ATTACKS
-    from .experiments import attack_param_names
+    from .. import ATTACKS
+    from ._build import attack_param_names
 
     params = {}
     for name in set(exp.grid.attacks) | set(exp.attack_params):

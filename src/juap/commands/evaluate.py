@@ -1,0 +1,67 @@
+"""`juap evaluate`: measure a saved perturbation on a data split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+
+from ..data import (
+    CountSkipped,
+    data_summary,
+    make_loader,
+)
+from ..runtime.artifacts import load_perturbation
+from ..runtime.config import to_dict
+from ..runtime.distributed import resolve_device
+from ..runtime.runs import finish_run
+from ._build import _check_classes, attack_data, build_classifier, eval_interpreters
+from .attack import summarize
+
+
+def run_evaluate(
+    cfg, perturbation: str, run_dir: Path, *, progress: bool = True, budget_given: bool = False
+) -> Dict[str, Any]:
+    """``juap evaluate``: measure a saved perturbation on the test split with every interpreter.
+
+    The budget in metrics.json is the one the file records (a config budget that differs is an error);
+    ``budget_given`` says the config set ``attack.eps``/``attack.norm`` (for files that record none).
+    """
+    from ..errors import ConfigError
+    from ..evaluation import evaluate, perturbation_budget
+    from ..runtime.io import read_metadata
+
+    torch.manual_seed(cfg.seed)  # a classifier without weights is the same random one on every rank
+    device = resolve_device(cfg.device)
+    n_hat = load_perturbation(perturbation)
+    meta = read_metadata(perturbation)
+    given = {"norm": cfg.attack.norm, "eps": cfg.attack.eps} if budget_given else None
+    budget = perturbation_budget(n_hat, file_budget=meta, config_budget=given, source=str(perturbation))
+    splits, _, _, test = attack_data(cfg, progress=progress)
+    size = cfg.data.image_size
+    if tuple(n_hat.shape[1:]) != (size, size):
+        raise ConfigError(
+            f"the perturbation is {n_hat.shape[1]}x{n_hat.shape[2]} but the data is resized to "
+            f"{size}x{size}: set data.image_size={n_hat.shape[1]} or use a perturbation "
+            "made for this size"
+        )
+    clf = build_classifier(cfg.classifier, num_classes=splits.num_classes).to(device)
+    _check_classes(clf, splits)
+    interps = {n: i.to(device) for n, i in eval_interpreters(cfg, clf).items()}
+    test_loader = CountSkipped(make_loader(test, batch_size=cfg.evaluate.batch_size))
+    ev = evaluate(
+        clf,
+        n_hat,
+        test_loader,
+        interpreters=interps,
+        target=cfg.attack.params.get("target"),
+        device=device,
+        progress=progress,
+    )
+    metrics = summarize(cfg, ev, perturbation_file=str(perturbation))
+    made_by = {k: meta.get(k) for k in ("attack", "generator", "objective")}  # the file's, not the config's
+    metrics.update(made_by, **budget)
+    metrics["data_summary"] = {**data_summary(splits, test=test), "test_skipped_images": test_loader.skipped}
+    finish_run(run_dir, config=to_dict(cfg), metrics=metrics)
+    return metrics

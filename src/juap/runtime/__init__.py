@@ -1,0 +1,1 @@
+"""Plumbing for running loops safely: checkpoints, run folders, artifacts, configs, torchrun."""

@@ -1,0 +1,64 @@
+"""Perturbation files: saved with their budget, loaded with checks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from . import distributed
+
+
+def save_perturbation(stem: Path, n_hat: torch.Tensor, *, attack: str, norm: str, eps: float) -> None:
+    """Write ``<stem>.safetensors`` (key ``perturbation``, (3, H, W), [0, 1] units) and an amplified PNG.
+
+    Under torchrun only rank 0 writes.
+    """
+    if not distributed.is_main():
+        return
+    from PIL import Image
+
+    from ..budget import perturbation_norm
+    from ..errors import JuapError
+    from ..evaluation import check_finite, within_budget
+    from .io import atomic_path, save_tensors
+
+    stem = Path(stem)
+    n_hat = n_hat.detach().cpu().float()
+    check_finite(n_hat, f"the {attack} perturbation")
+    measured = float(perturbation_norm(n_hat.double(), norm))
+    if not within_budget(measured, eps):  # never write a budget the perturbation exceeds
+        raise JuapError(
+            f"the {attack} perturbation measures {measured:.6g} in {norm}, above its budget eps={eps:g}: "
+            f"not saved to {stem}.safetensors (a projection bug; please report it)"
+        )
+    meta = {
+        "format": "juap.perturbation",
+        "attack": attack,
+        "norm": norm,
+        "eps": eps,
+        "shape": list(n_hat.shape),
+        "measured_norm": measured,
+    }
+    save_tensors(stem.with_suffix(".safetensors"), {"perturbation": n_hat}, meta)
+    amp = n_hat / n_hat.abs().max().clamp_min(1e-12) * 0.5 + 0.5  # amplified: 0 -> grey
+    arr = (amp.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    with atomic_path(stem.with_suffix(".png")) as tmp:
+        Image.fromarray(arr).save(tmp, format="PNG")
+
+
+def load_perturbation(path: str | os.PathLike) -> torch.Tensor:
+    """Read ``perturbation.safetensors`` (a (3, H, W) tensor in [0, 1] pixel units)."""
+    from ..errors import CheckpointError
+    from ..evaluation import check_finite
+    from .io import load_tensors
+
+    tensors, _ = load_tensors(path)
+    if "perturbation" not in tensors:
+        raise CheckpointError(f"{path} holds no 'perturbation' tensor (keys: {sorted(tensors)})")
+    n = tensors["perturbation"]
+    if n.dim() != 3 or n.shape[0] != 3:
+        raise CheckpointError(f"{path}: the perturbation must have shape (3, H, W), got {tuple(n.shape)}")
+    check_finite(n, f"the perturbation in {path}")
+    return n.float()
