@@ -1,11 +1,11 @@
 """The paper's claims, measured on the embedded data: each claim, its figures (mean +- sd over seeds), and
 "holds" or "does not hold".
 
-Runs the scaled-down experiments of ``configs/embedded/`` with the library's grid runner: the headline
-grid (``claims.yaml``: UAP, SGD-UAP, GUAP, R-JUAP and U-JUAP against CAM, Grad-CAM and RTS at L_inf 10,
-L_inf 24 and L_2 1370) once per seed, and Tables IV and VI and the Pareto front (lambda sweep and the
-constrained mode) with the first seed. Cells are kept in ``--out``, so an interrupted run continues
-where it stopped and a second run only re-reads the results. Then it checks:
+Runs the scaled-down experiments of ``embedded/`` (``juap configs``) with the library's grid runner:
+the headline grid (``claims.yaml``: UAP, SGD-UAP, GUAP, R-JUAP and U-JUAP against CAM, Grad-CAM and
+RTS at L_inf 10, L_inf 24 and L_2 1370) once per seed, and Tables IV and VI and the Pareto front
+(lambda sweep and the constrained mode) with the first seed. Cells are kept in ``--out``, so an
+interrupted run continues where it stopped and a second run only re-reads the results. Then it checks:
 
 0. The baselines are at full strength: GUAP and SGD-UAP fool >= 0.7 at L_inf 10.
 1. UAP, SGD-UAP and GUAP change the maps (low IoU, high L1) under every interpreter.
@@ -34,9 +34,10 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Sequence
 
 from juap.commands.run import collect_rows, load_experiment, main_rows, plan, run_grid, write_results
+from juap.commands.shipped import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs" / "embedded"
+CONFIGS = CONFIG_DIR / "embedded"
 EXPERIMENTS = {
     "headline": "claims.yaml",
     "table4": "table4_jap_pgd.yaml",

@@ -1,4 +1,4 @@
-"""``juap run``: grid expansion, resumability, shards, tables, and every experiment file in configs/."""
+"""``juap run``: grid expansion, resumability, shards, tables, and every shipped experiment file."""
 
 from __future__ import annotations
 
@@ -20,13 +20,14 @@ from juap.commands.run import (
     run_grid,
     write_results,
 )
+from juap.commands.shipped import CONFIG_DIR
 from juap.commands.train_classifier import TrainClassifierConfig
 from juap.commands.train_rts import TrainRTSConfig
 from juap.errors import ConfigError, JuapError
 from juap.runtime.config import load_config
 from juap.runtime.runs import finish_run
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = CONFIG_DIR
 EXPERIMENTS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.name.startswith(("table", "claims", "pareto")))
 
 
@@ -300,12 +301,12 @@ def _plain(exp: ExperimentConfig) -> dict:
     return json.loads(json.dumps(d))
 
 
-# -- every experiment file shipped in configs/ --------------------------------------------------------
+# -- every shipped experiment file (juap/configs/) -----------------------------------------------------
 def test_configs_cover_every_table_for_every_data_set():
     names = {(p.parent.name, p.stem.split("_")[0]) for p in EXPERIMENTS}
     for ds in ("embedded", "imagenet", "chestxray", "intel"):
         for table in ("table2", "table3", "table4", "table5", "table6"):
-            assert (ds, table) in names, f"configs/{ds}/{table}_*.yaml is missing"
+            assert (ds, table) in names, f"{ds}/{table}_*.yaml is missing"
 
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS.rglob("*.yaml") if p.name.startswith("train_")], ids=str)

@@ -10,7 +10,7 @@ import time
 import warnings
 from typing import Callable, Dict, List
 
-from ..errors import JuapError
+from ..errors import ConfigError, JuapError
 
 
 def _add_common(
@@ -125,7 +125,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("  discrepancy.png map L1 per method and interpreter (Fig. 5 style)")
     print("  fig1.png, roc.png, detection.csv  how well the maps reveal each perturbation (Fig. 1, ROC)")
     print("  metrics.json, perturbations/*.safetensors|png")
-    print("Run it again to reuse the cached models and cells; `juap run configs/embedded/...` for the tables")
+    print("Run it again to reuse the cached models and cells; `juap run embedded/...` for the tables")
     print("of the paper one by one.")
     return 0
 
@@ -301,6 +301,28 @@ def cmd_detect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_configs(args: argparse.Namespace) -> int:
+    from .shipped import CONFIG_DIR, copy_configs, list_configs
+
+    if args.name is None:
+        if args.out:
+            raise ConfigError("--out needs a NAME to copy (or `all`); `juap configs` lists the names")
+        print(f"Experiment and training files shipped with juap ({CONFIG_DIR}):")
+        for name in list_configs():
+            print(f"  {name}")
+        print("Run one by name (`juap run embedded/claims.yaml`, `--config intel/rts_resnet18.yaml`) or copy")
+        print("it out to edit: `juap configs NAME --out DIR` (NAME `all` copies every file).")
+        return 0
+    if not args.out:
+        raise ConfigError(f"give --out DIR to copy {args.name!r} into")
+    written = copy_configs(args.name, args.out)
+    for path in written:
+        print(f"Wrote {path}")
+    if not written:
+        print(f"{args.out} already holds identical copies; nothing written")
+    return 0
+
+
 COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
     "attack": cmd_attack,
     "evaluate": cmd_evaluate,
@@ -309,6 +331,7 @@ COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
     "train-rts": cmd_train_rts,
     "detect": cmd_detect,
     "run": cmd_run,
+    "configs": cmd_configs,
 }
 
 
@@ -380,7 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
         "x objectives x classifiers x variants), run every cell not finished yet into OUT/cells/, and "
         "write results.md, results.csv and transfer.csv. Run it again to continue an interrupted grid.",
     )
-    p.add_argument("experiment", metavar="EXPERIMENT.yaml", help="experiment file (see configs/)")
+    p.add_argument(
+        "experiment",
+        metavar="EXPERIMENT.yaml",
+        help="experiment file, or the name of a shipped one (`juap configs` lists them)",
+    )
     _add_common(p, config=False)
     p.add_argument(
         "--shard", metavar="I/N", help="run only every N-th cell, starting at the I-th (1 <= I <= N)"
@@ -395,7 +422,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="run every cell one step on tiny data, then stop")
     p.add_argument("--list", action="store_true", help="list the cells and stop")
     p.add_argument("--cache-dir", metavar="DIR", help="cache folder (default: $JUAP_CACHE or ~/.cache/juap)")
+    p = sub.add_parser(
+        "configs",
+        help="list the shipped experiment and training files, or copy one out",
+        description="Without NAME: list the experiment and training files shipped with juap (any command "
+        "takes such a name where it takes a YAML file that does not exist). With NAME and --out DIR: copy "
+        "that file and the base files it extends into DIR (NAME `all`: every file); never overwrites.",
+    )
+    p.add_argument("name", nargs="?", metavar="NAME", help="a shipped file (embedded/claims.yaml) or all")
+    p.add_argument("--out", "-o", metavar="DIR", help="folder to copy into")
     return parser
+
+
+def _resolve_shipped(args: argparse.Namespace) -> None:
+    """A --config or experiment path that does not exist may name a shipped file (``juap configs``)."""
+    from .shipped import resolve_config
+
+    for key in ("config", "experiment"):
+        if getattr(args, key, None):
+            setattr(args, key, str(resolve_config(getattr(args, key))))
 
 
 def main(argv: List[str] | None = None) -> int:
@@ -412,6 +457,7 @@ def main(argv: List[str] | None = None) -> int:
         return 2
     try:
         with _sigterm_as_interrupt():
+            _resolve_shipped(args)
             return _run_command(args)
     except JuapError as e:
         if args.verbose:
