@@ -33,6 +33,7 @@ def evaluate(
     device: Optional[torch.device] = None,
     progress: bool = False,
     return_sums: bool = False,
+    per_class: bool = False,
 ) -> Dict:
     """Fooling ratio, accuracies and, per interpreter, L1 and top-k IoU of the maps (eqs 18-20).
 
@@ -44,6 +45,12 @@ def evaluate(
         interpreters: ``{name: interpreter}`` (or one interpreter) whose maps are compared: a transfer
             table comes from passing every interpreter, not only the one the attack was trained with.
         target: the target class of a targeted attack (for the target success rate).
+        per_class: also report where the fooled images go and how each class fares, classes being the
+            *benign predictions* (not the labels): ``transitions`` (K x K counts, rows the benign and
+            columns the adversarial prediction; they sum to ``n_images``), ``dominant_label`` and
+            ``dominant_label_share`` (of the fooled images), and ``per_class`` lists indexed by class
+            (``n_images``, ``n_fooled``, ``fooling_ratio``; per interpreter ``l1`` and ``iou``). Off by
+            default: an attack's validation calls this function every few steps.
 
     Under torchrun every rank passes the same ``data``; each computes its contiguous slice of every batch
     and the sums and counts are all-reduced, so every rank returns the metrics of the whole data (each
@@ -58,7 +65,7 @@ def evaluate(
     if isinstance(interpreters, Interpreter):
         interpreters = {getattr(interpreters, "name", type(interpreters).__name__.lower()): interpreters}
     interpreters = dict(interpreters or {})
-    perturb = _perturb_fn(attack, device)
+    perturb = perturb_fn(attack, device)
     preds, per_interp = MetricSums(), {name: MetricSums() for name in interpreters}
     batches = iter_batches(data, batch_size=batch_size, device=device)
     progress = progress and distributed.is_main()
@@ -78,14 +85,21 @@ def evaluate(
             else:
                 benign_logits, adv_logits = classifier(x), classifier(x_hat)
             preds.update_predictions(benign_logits, adv_logits, y, target)
-            fooled = benign_logits.argmax(1) != adv_logits.argmax(1)
+            benign_pred = benign_logits.argmax(1)
+            fooled = benign_pred != adv_logits.argmax(1)
+            by_class = {}
+            if per_class:
+                preds.update_classes(benign_logits, adv_logits)
+                by_class = {"classes": benign_pred, "num_classes": benign_logits.shape[1]}
             for name, interp in interpreters.items():
                 if name in maps:
                     bm, am = maps[name]
                 else:
-                    bm = interp(x, benign_logits.argmax(1))
+                    bm = interp(x, benign_pred)
                     am = interp(x_hat, adv_logits.argmax(1))
-                per_interp[name].update_maps(bm, am, seed=i, part=(start, n_global), fooled=fooled)
+                per_interp[name].update_maps(
+                    bm, am, seed=i, part=(start, n_global), fooled=fooled, **by_class
+                )
     for sums in (preds, *per_interp.values()):
         sums.all_reduce()
     out = preds.summary()
@@ -99,7 +113,8 @@ def evaluate(
     return out
 
 
-def _perturb_fn(attack, device):
+def perturb_fn(attack, device):
+    """``f(x, y) -> x_adv`` for a perturbation tensor, a fitted universal attack or a per-image attack."""
     if isinstance(attack, torch.Tensor):
         check_finite(attack)
         n_hat = attack.to(device)

@@ -83,6 +83,22 @@ class MetricSums:
             self.add("hit_target_of_not_target", ((pa == target) & (pb != target)).sum())
 
     @torch.no_grad()
+    def update_classes(self, benign_logits: torch.Tensor, adv_logits: torch.Tensor) -> None:
+        """Per-class counts of one batch: images per benign predicted class, and the benign -> adversarial
+        transitions of the predictions (only the pairs that occur are stored, so K = 1000 stays small).
+
+        Classes are the *benign predictions* (what the classifier says of the clean image), not the labels.
+        """
+        k = benign_logits.shape[1]
+        pb, pa = benign_logits.argmax(1).cpu(), adv_logits.argmax(1).cpu()
+        counts = torch.bincount(pb, minlength=k)
+        for c in range(k):  # every class, zeros included: the number of classes survives the sums
+            self.add(f"class_n/{c}", counts[c])
+        pairs, n = torch.unique(pb * k + pa, return_counts=True)
+        for p, m in zip(pairs.tolist(), n.tolist(), strict=True):
+            self.add(f"transition/{p // k}/{p % k}", m)
+
+    @torch.no_grad()
     def update_maps(
         self,
         benign_maps: torch.Tensor,
@@ -91,6 +107,8 @@ class MetricSums:
         seed: int = 0,
         part: Optional[Tuple[int, int]] = None,
         fooled: Optional[torch.Tensor] = None,
+        classes: Optional[torch.Tensor] = None,
+        num_classes: Optional[int] = None,
     ) -> None:
         """L1 (eq 19) and top-k IoU (eq 20) of one batch of maps, and the random-map IoU floor.
 
@@ -103,6 +121,8 @@ class MetricSums:
                 summed apart (``l1_fooled``, ``iou_fooled``): an image that is not fooled keeps its
                 class, so its map mostly stays, and the mean over all images rises as the fooling ratio
                 falls. The fooled-only figures separate keeping the maps from fooling fewer images.
+            classes: long (N,), the benign predicted class of each image, with ``num_classes``: L1 and IoU
+                are also summed per class (``per_class`` in the summary).
         """
         benign_maps, adv_maps = benign_maps.float(), adv_maps.float()
         self.add("n_maps", len(benign_maps))
@@ -123,6 +143,18 @@ class MetricSums:
             self.add("n_maps_fooled", f.sum())
             self.add("l1_fooled", l1[f].sum())
             self.add("iou_fooled", iou.mean(0)[f].sum())
+        if classes is not None:
+            k = int(num_classes) if num_classes is not None else int(classes.max()) + 1
+            c = classes.to(l1.device).long()
+            n_c = torch.bincount(c, minlength=k)
+            l1_c = torch.zeros(k, dtype=torch.float64, device=l1.device).index_add_(0, c, l1.double())
+            iou_c = torch.zeros(k, dtype=torch.float64, device=l1.device).index_add_(
+                0, c, iou.mean(0).double()
+            )
+            for j in range(k):
+                self.add(f"class_n_maps/{j}", n_c[j])
+                self.add(f"class_l1/{j}", l1_c[j])
+                self.add(f"class_iou/{j}", iou_c[j])
 
     def summary(self) -> Dict[str, float]:
         """Ratios: fooling_ratio, clean/adv accuracy, target success, l1, iou (mean over k) and per k."""
@@ -155,6 +187,48 @@ class MetricSums:
             out["n_fooled"] = int(nf)
             out["l1_fooled"] = s["l1_fooled"] / nf if nf else None
             out["iou_fooled"] = s["iou_fooled"] / nf if nf else None
+        out.update(self._class_summary())
+        return out
+
+    def _class_summary(self) -> Dict:
+        """The per-class figures, when :meth:`update_classes` or ``update_maps(classes=...)`` filled them.
+
+        ``transitions[b][a]``: images predicted ``b`` when benign and ``a`` when perturbed (rows sum to the
+        images per benign class, the whole matrix to ``n_images``); ``dominant_label``: the adversarial
+        class most fooled images land in (lowest index on a tie; None when none is fooled) and
+        ``dominant_label_share`` its share of the fooled images; ``per_class``: lists indexed by benign
+        predicted class, None for a class no image was predicted as.
+        """
+        s = self.sums
+        out: Dict = {}
+        k = sum(1 for key in s if key.startswith("class_n/"))
+        if k:
+            t = [[int(s.get(f"transition/{b}/{a}", 0)) for a in range(k)] for b in range(k)]
+            n_b = [int(s[f"class_n/{b}"]) for b in range(k)]
+            fooled_b = [n_b[b] - t[b][b] for b in range(k)]
+            into = [sum(t[b][a] for b in range(k) if b != a) for a in range(k)]  # fooled images landing in a
+            total = sum(into)
+            top = max(range(k), key=lambda a: (into[a], -a))
+            out["num_classes"] = k
+            out["transitions"] = t
+            out["dominant_label"] = top if total else None
+            out["dominant_label_share"] = into[top] / total if total else None
+            out["per_class"] = {
+                "n_images": n_b,
+                "n_fooled": fooled_b,
+                "fooling_ratio": [f / n if n else None for f, n in zip(fooled_b, n_b, strict=True)],
+                "n_fooled_into": into,
+            }
+        k = sum(1 for key in s if key.startswith("class_n_maps/"))
+        if k:
+            n_c = [int(s[f"class_n_maps/{c}"]) for c in range(k)]
+            out.setdefault("per_class", {}).update(
+                {
+                    "n_images": n_c,
+                    "l1": [s[f"class_l1/{c}"] / n if n else None for c, n in enumerate(n_c)],
+                    "iou": [s[f"class_iou/{c}"] / n if n else None for c, n in enumerate(n_c)],
+                }
+            )
         return out
 
 

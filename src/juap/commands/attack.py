@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -118,9 +118,17 @@ def run_attack(
     target = cfg.attack.params.get("target")
     test_loader = CountSkipped(make_loader(test, batch_size=cfg.evaluate.batch_size))
     ev = evaluate(
-        clf, attack, test_loader, interpreters=interps, target=target, device=device, progress=progress
+        clf,
+        attack,
+        test_loader,
+        interpreters=interps,
+        target=target,
+        device=device,
+        progress=progress,
+        per_class=True,
     )
-    metrics = summarize(cfg, ev, fit_seconds=fit_seconds, **fit_info)
+    write_insight(run_dir, cfg, ev, clf, attack, test, interps, class_names=splits.classes, device=device)
+    metrics = summarize(cfg, ev, fit_seconds=fit_seconds, class_names=splits.classes, **fit_info)
     metrics["data_summary"] = {
         **data_summary(splits, train=train, val=val, test=test),
         "test_skipped_images": test_loader.skipped,  # unreadable at decode time
@@ -158,6 +166,13 @@ def summarize(cfg, ev: Dict[str, Any], **extra: Any) -> Dict[str, Any]:
     for key in ("n_images", "fooling_ratio", "clean_accuracy", "adversarial_accuracy", "target_success_rate"):
         if key in ev:
             out[key] = ev[key]
+    # where the fooled images go (classes are benign predictions; per interpreter figures in "transfer")
+    for key in ("dominant_label", "dominant_label_share", "num_classes", "transitions", "per_class"):
+        if key in ev:
+            out[key] = ev[key]
+    names = extra.get("class_names")
+    if names and ev.get("dominant_label") is not None:
+        out["dominant_label_name"] = names[ev["dominant_label"]]
     if main and main in ev["interpreters"]:
         m = ev["interpreters"][main]
         out.update(
@@ -172,3 +187,169 @@ def summarize(cfg, ev: Dict[str, Any], **extra: Any) -> Dict[str, Any]:
     out["transfer"] = ev["interpreters"]
     out.update({k: v for k, v in extra.items() if v is not None})
     return out
+
+
+# -- what a run shows: transitions.csv and maps.png ----------------------------------------------------
+FIGURE_POOL = 128  # maps.png picks its images among the first this many test images
+
+
+def write_insight(
+    run_dir: Path,
+    cfg,
+    ev: Dict[str, Any],
+    clf,
+    attack,
+    test,
+    interps: Dict[str, Any],
+    *,
+    class_names: Optional[Sequence[str]] = None,
+    device: Optional[torch.device] = None,
+) -> None:
+    """``transitions.csv`` (from ``ev``, an evaluation with ``per_class=True``) and ``maps.png``: benign vs
+    adversarial images and maps of ``cfg.evaluate.figure_count`` test images picked by
+    ``cfg.evaluate.figure_images``. Under torchrun only rank 0 writes (and draws)."""
+    from ..runtime.report import map_panels, transitions_csv
+
+    if not distributed.is_main():
+        return
+    if "transitions" in ev:
+        transitions_csv(run_dir / "transitions.csv", ev["transitions"], class_names)
+    if not interps or cfg.evaluate.figure_count == 0:
+        return
+    main = cfg.interpreter.name if cfg.interpreter.name in interps else next(iter(interps))
+    loader = make_loader(test, batch_size=cfg.evaluate.batch_size)
+    rows, how = map_rows(
+        clf,
+        attack,
+        loader,
+        interps,
+        main=main,
+        select=cfg.evaluate.figure_images,
+        count=cfg.evaluate.figure_count,
+        seed=cfg.seed,
+        class_names=class_names,
+        device=device,
+    )
+    map_panels(run_dir / "maps.png", rows, title=f"benign vs adversarial maps: {how}")
+
+
+@torch.no_grad()
+def map_rows(
+    clf,
+    attack,
+    data,
+    interps: Dict[str, Any],
+    *,
+    main: str,
+    select: str = "fooled",
+    count: int = 4,
+    seed: int = 0,
+    class_names: Optional[Sequence[str]] = None,
+    device: Optional[torch.device] = None,
+    pool: int = FIGURE_POOL,
+) -> Tuple[List[Dict[str, Any]], str]:
+    """Rows for :func:`~juap.runtime.report.map_panels`, one per picked image: the benign and adversarial
+    images, then per interpreter the benign map (of the benign prediction) and the adversarial map (of
+    the adversarial prediction). Images are picked among the first ``pool`` of ``data`` (see
+    :func:`pick_images`); map change is the L1 (eq 19) of the ``main`` interpreter.
+
+    Returns:
+        ``(rows, how)``, ``how`` a caption saying how the images were picked.
+    """
+    from ..attacks.base import iter_batches
+    from ..evaluation import perturb_fn
+    from ..metrics import l1_distance
+
+    check_selection(select)
+    device = device or next(clf.parameters()).device
+    perturb = perturb_fn(attack, device)
+    xs, xas, fooled, change = [], [], [], []
+    for x, y in iter_batches(data, batch_size=pool, device=device):
+        with torch.enable_grad():  # a per-image attack (PGD, JAP) needs gradients
+            x_hat = perturb(x, y).detach()
+        lb, mb = interps[main].explain(x)
+        la, ma = interps[main].explain(x_hat)
+        xs.append(x.cpu())
+        xas.append(x_hat.cpu())
+        fooled.append((lb.argmax(1) != la.argmax(1)).cpu())
+        change.append(l1_distance(ma, mb).cpu())
+        if sum(len(b) for b in xs) >= pool:
+            break
+    x, x_hat = torch.cat(xs)[:pool], torch.cat(xas)[:pool]
+    fooled, change = torch.cat(fooled)[:pool], torch.cat(change)[:pool]
+    picks, how = pick_images(fooled, change, select, count, seed, measure=f"{main} L1")
+    name = (lambda c: class_names[c]) if class_names else str
+    rows = []
+    for i, why in picks:
+        xi, xa = x[i : i + 1].to(device), x_hat[i : i + 1].to(device)
+        panels: List[Tuple] = []
+        for iname, interp in interps.items():
+            lb, mb = interp.explain(xi)
+            la, ma = interp.explain(xa)
+            if not panels:
+                panels += [
+                    (x[i], None, f"benign: {name(int(lb.argmax(1)))}"),
+                    (x_hat[i], None, f"adversarial: {name(int(la.argmax(1)))}"),
+                ]
+            panels += [
+                (x[i], mb[0].cpu(), f"{iname} benign"),
+                (x_hat[i], ma[0].cpu(), f"{iname} adversarial"),
+            ]
+        rows.append({"label": f"image {i + 1}{why}", "panels": panels})
+    return rows, how
+
+
+FIGURE_SELECTIONS = ("fooled", "map_change", "random")
+
+
+def pick_images(
+    fooled: torch.Tensor,
+    change: torch.Tensor,
+    select: str,
+    count: int,
+    seed: int = 0,
+    *,
+    measure: str = "map L1",
+) -> Tuple[List[Tuple[int, str]], str]:
+    """Which images a map figure shows, and why.
+
+    Args:
+        fooled: bool (N,), whether the perturbation changed each image's prediction.
+        change: (N,), how much each image's map changed (e.g. L1, eq 19), named ``measure``.
+        select: ``fooled`` (the first fooled images; the first images when none is), ``map_change`` (half
+            with the largest change, half with the smallest) or ``random`` (seeded).
+        count: how many images (at most N).
+
+    Returns:
+        ``([(index, note for the row label), ...], caption of the whole selection)``.
+
+    Raises:
+        ConfigError: ``select`` is none of :data:`FIGURE_SELECTIONS`.
+    """
+    check_selection(select)
+    n = len(fooled)
+    count = min(count, n)
+    if select == "fooled":
+        idx = torch.nonzero(fooled).flatten().tolist()[:count]
+        if not idx:
+            return [(i, "") for i in range(count)], f"no image of the first {n} fooled: the first {count}"
+        return [(i, ", fooled") for i in idx], f"the first {len(idx)} fooled of the first {n} test images"
+    if select == "map_change":
+        order = torch.argsort(change, descending=True, stable=True).tolist()
+        top = order[: (count + 1) // 2]
+        low = [i for i in order[::-1] if i not in top][: count // 2]
+        picks = [(i, f", {measure} {float(change[i]):.2f}") for i in top + low]
+        return picks, f"largest and smallest change ({measure}) of {n} test images"
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:count].sort().values  # random
+    return [(int(i), "") for i in idx], f"{count} random test images (seed {seed})"
+
+
+def check_selection(select: str) -> None:
+    """Raise ConfigError unless ``select`` is one of :data:`FIGURE_SELECTIONS`."""
+    from ..errors import ConfigError
+
+    if select not in FIGURE_SELECTIONS:
+        raise ConfigError(
+            f"evaluate.figure_images = {select!r} is not allowed. Allowed values: "
+            f"{', '.join(FIGURE_SELECTIONS)}"
+        )

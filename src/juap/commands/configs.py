@@ -104,9 +104,14 @@ class EvalConfig:
     rts_checkpoint: Optional[str] = None  # adds "rts" to the table when given
     batch_size: int = 64
     max_images: Optional[int] = None
+    # maps.png: which test images it shows (fooled: the first fooled ones; map_change: those whose map
+    # changed most and least; random: seeded by `seed`), and how many (0: no figure)
+    figure_images: Literal["fooled", "map_change", "random"] = "fooled"
+    figure_count: int = 4
 
     def __post_init__(self) -> None:
         check_range("evaluate.batch_size", self.batch_size, low=1)
+        check_range("evaluate.figure_count", self.figure_count, low=0)
 
 
 def attack_split_data() -> DataConfig:

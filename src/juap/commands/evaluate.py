@@ -17,7 +17,7 @@ from ..runtime.config import to_dict
 from ..runtime.distributed import resolve_device
 from ..runtime.runs import finish_run
 from ._build import _check_classes, attack_data, build_classifier, eval_interpreters
-from .attack import summarize
+from .attack import summarize, write_insight
 
 
 def run_evaluate(
@@ -58,8 +58,10 @@ def run_evaluate(
         target=cfg.attack.params.get("target"),
         device=device,
         progress=progress,
+        per_class=True,
     )
-    metrics = summarize(cfg, ev, perturbation_file=str(perturbation))
+    write_insight(run_dir, cfg, ev, clf, n_hat, test, interps, class_names=splits.classes, device=device)
+    metrics = summarize(cfg, ev, perturbation_file=str(perturbation), class_names=splits.classes)
     made_by = {k: meta.get(k) for k in ("attack", "generator", "objective")}  # the file's, not the config's
     metrics.update(made_by, **budget)
     metrics["data_summary"] = {**data_summary(splits, test=test), "test_skipped_images": test_loader.skipped}

@@ -11,7 +11,12 @@ from . import distributed
 
 
 def save_perturbation(stem: Path, n_hat: torch.Tensor, *, attack: str, norm: str, eps: float) -> None:
-    """Write ``<stem>.safetensors`` (key ``perturbation``, (3, H, W), [0, 1] units) and an amplified PNG.
+    """Write ``<stem>.safetensors`` (key ``perturbation``, (3, H, W), [0, 1] units) and two pictures.
+
+    ``<stem>.png`` is the raw perturbation, ``0.5 + n_hat``: what is added to an image, around mid-grey at
+    its true scale (a small budget looks nearly flat). ``<stem>_amplified.png`` is the same amplified to
+    the full range, as the UAP papers show it: :func:`amplify`, symmetric around 0.5 (0 stays grey, the
+    largest ``|n_hat|`` of any channel reaches 0 or 1, signs and the ratios between channels kept).
 
     Under torchrun only rank 0 writes.
     """
@@ -42,10 +47,22 @@ def save_perturbation(stem: Path, n_hat: torch.Tensor, *, attack: str, norm: str
         "measured_norm": measured,
     }
     save_tensors(stem.with_suffix(".safetensors"), {"perturbation": n_hat}, meta)
-    amp = n_hat / n_hat.abs().max().clamp_min(1e-12) * 0.5 + 0.5  # amplified: 0 -> grey
-    arr = (amp.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-    with atomic_path(stem.with_suffix(".png")) as tmp:
-        Image.fromarray(arr).save(tmp, format="PNG")
+    for path, picture in (
+        (stem.with_suffix(".png"), n_hat + 0.5),
+        (stem.with_name(stem.name + "_amplified.png"), amplify(n_hat)),
+    ):
+        arr = (picture.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+        with atomic_path(path) as tmp:
+            Image.fromarray(arr).save(tmp, format="PNG")
+
+
+def amplify(n_hat: torch.Tensor) -> torch.Tensor:
+    """A perturbation (3, H, W) scaled to the full range symmetrically around 0.5: ``0.5 + 0.5 * n / max|n|``.
+
+    Zero stays mid-grey and the sign of every value is kept (brighter: added, darker: removed); the
+    largest absolute value over all channels reaches 0 or 1. A zero perturbation stays grey.
+    """
+    return n_hat / n_hat.abs().max().clamp_min(1e-12) * 0.5 + 0.5
 
 
 def load_perturbation(path: str | os.PathLike) -> torch.Tensor:

@@ -195,6 +195,65 @@ def map_panels(path: str | os.PathLike, rows: Sequence[Mapping], *, title: str =
     _save(fig, path, dpi=120, title=title)
 
 
+def transitions_csv(
+    path: str | os.PathLike, transitions: Sequence[Sequence[int]], class_names: Optional[Sequence[str]] = None
+) -> None:
+    """``transitions.csv``: a row per benign predicted class, a column per adversarial predicted class,
+    image counts in the cells (the diagonal: images not fooled); classes by name when known, else index.
+    """
+    names = list(class_names) if class_names else [str(c) for c in range(len(transitions))]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["benign\\adversarial", *names])
+    for name, row in zip(names, transitions, strict=True):
+        w.writerow([name, *(int(v) for v in row)])
+    write_text(path, buf.getvalue())
+
+
+def transition_heatmaps(
+    path: str | os.PathLike,
+    matrices: Mapping[str, Sequence[Sequence[int]]],
+    *,
+    class_names: Optional[Sequence[str]] = None,
+    title: str = "",
+) -> None:
+    """Where the fooled images go: one heat map per perturbation of its benign -> adversarial predictions.
+
+    Colour is the share of each benign class's images (row-normalised, so a small class reads like a
+    large one); each cell is labelled with its count. The diagonal holds the images not fooled.
+
+    Args:
+        matrices: ``{label: K x K counts}``, rows the benign and columns the adversarial prediction.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(matrices)
+    k = len(next(iter(matrices.values()))) if matrices else 0
+    names = list(class_names) if class_names else [str(c) for c in range(k)]
+    side = 1.2 + 0.42 * k
+    fig, axes = plt.subplots(
+        1, max(len(labels), 1), figsize=(side * max(len(labels), 1), side), squeeze=False
+    )
+    for ax, label in zip(axes[0], labels, strict=False):
+        counts = torch.tensor(matrices[label], dtype=torch.float64)  # (K, K)
+        share = counts / counts.sum(1, keepdim=True).clamp_min(1)
+        ax.imshow(share.numpy(), cmap="magma", vmin=0, vmax=1)
+        for b in range(k):
+            for a in range(k):
+                colour = "black" if share[b, a] > 0.6 else "white"
+                ax.text(a, b, f"{int(counts[b, a])}", ha="center", va="center", fontsize=6, color=colour)
+        ax.set_xticks(range(k), names, rotation=90, fontsize=6)
+        ax.set_yticks(range(k), names, fontsize=6)
+        ax.set_xlabel("adversarial prediction", fontsize=7)
+        ax.set_ylabel("benign prediction", fontsize=7)
+        fooled = counts.sum() - counts.diag().sum()
+        ax.set_title(f"{label} ({int(fooled)} of {int(counts.sum())} fooled)", fontsize=7)
+    _save(fig, path, dpi=130, title=title)
+
+
 def _save(fig, path: str | os.PathLike, *, dpi: int, title: str = "") -> None:
     """Title, tight layout, an atomic PNG write, and the figure closed."""
     import matplotlib.pyplot as plt
