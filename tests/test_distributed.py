@@ -557,3 +557,41 @@ def test_cli_train_classifier_and_rts_under_torchrun(tmp_path):
     assert m["steps"] == 3 and len(m["loss_history"]) == 1  # 24 train images / global batch 8
     assert (rts_out / "rts.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clf", "rts"]
+
+
+# -- per-class figures (issue 16): where the fooled images go, under torchrun ------------------------
+def per_class_evaluation(out_dir=None) -> dict:
+    """``evaluate(per_class=True)`` of a strong perturbation on 40 images in uneven batches (11, 13, 16):
+    the ranks' slices differ in size and in the classes they see."""
+    torch.set_num_threads(1)
+    x_train, x_val, x_test, _ = _data()
+    x = torch.cat([x_train, x_val, x_test])
+    clf, gradcam, cam = _models()
+    strong = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)) - 0.5  # fools some images
+    batches = [x[:11], x[11:24], x[24:]]
+    return juap.evaluate(clf, strong, batches, interpreters={"gradcam": gradcam, "cam": cam}, per_class=True)
+
+
+def test_per_class_figures_equal_one_process(tmp_path):
+    multi = _run_ranks(per_class_evaluation, tmp_path)
+    single = per_class_evaluation()
+    assert sum(map(sum, single["transitions"])) == single["n_images"] == 40
+    assert 0 < single["fooling_ratio"] < 1 and single["dominant_label"] is not None
+    assert sum(1 for n in single["per_class"]["n_images"] if n) >= 2  # more than one class to split
+    for m in multi:
+        assert m["transitions"] == single["transitions"]  # counts: exactly equal
+        assert (m["num_classes"], m["dominant_label"]) == (single["num_classes"], single["dominant_label"])
+        assert m["dominant_label_share"] == pytest.approx(single["dominant_label_share"], abs=METRIC_TOL)
+        pairs = [(m["per_class"], single["per_class"])]
+        pairs += [
+            (m["interpreters"][n]["per_class"], ev["per_class"]) for n, ev in single["interpreters"].items()
+        ]
+        for got, ref in pairs:
+            assert got.keys() == ref.keys()
+            for key, values in ref.items():  # lists by class; None: a class no image was predicted as
+                assert len(got[key]) == len(values), key
+                same = [
+                    g is None if r is None else g == pytest.approx(r, rel=METRIC_TOL, abs=METRIC_TOL)
+                    for g, r in zip(got[key], values, strict=True)
+                ]
+                assert all(same), key
