@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -262,6 +263,43 @@ def test_cli_attack_writes_transitions_pictures_and_map_figure(tmp_path, capsys,
     assert m2["transitions"] == m["transitions"]
     assert (ev / "transitions.csv").read_text() == (out / "transitions.csv").read_text()
     assert (ev / "maps.png").is_file()
+
+
+def test_grid_tables_pivot_per_class_figures():
+    from juap.commands.run import ExperimentConfig, GridConfig, TableConfig, cell_rows, pivot, plan
+
+    cell = plan(ExperimentConfig(grid=GridConfig(attacks=("guap",), interpreters=("cam",))))[0]
+    per_interp = {
+        "l1": 0.2,
+        "iou": 0.5,
+        "per_class": {"n_images": [3, 1], "l1": [0.1, 0.5], "iou": [0.6, 0.2]},
+    }
+    m = {
+        "fooling_ratio": 0.5,
+        "class_names": ["circle", "cross"],
+        "num_classes": 2,
+        "dominant_label": 1,
+        "dominant_label_name": "cross",
+        "dominant_label_share": 1.0,
+        "per_class": {"n_images": [3, 1], "fooling_ratio": [2 / 3, 0.0]},
+        "transfer": {"cam": per_interp, "gradcam": per_interp},
+    }
+    folder = Path("cell")
+    rows = cell_rows(cell, m, folder)
+    assert rows[0]["fooling_ratio[circle]"] == pytest.approx(2 / 3) and rows[0]["iou[cross]"] == 0.2
+    assert rows[0]["dominant_label"] == "cross" and rows[0]["folder"] == str(folder)
+    header, body = pivot(rows, TableConfig(rows=("variant",), values=("fooling_ratio[*]", "dominant_label")))
+    assert header == ["variant", "fooling_ratio[circle]", "fooling_ratio[cross]", "dominant_label"]
+    assert body == [[cell.variant, pytest.approx(2 / 3), 0.0, "cross"]]
+    header, body = pivot(rows, TableConfig(rows=("variant",), columns=("interpreter",), values=("iou[*]",)))
+    assert header == [
+        "variant",
+        "cam iou[circle]",
+        "cam iou[cross]",
+        "gradcam iou[circle]",
+        "gradcam iou[cross]",
+    ]
+    assert body == [[cell.variant, 0.6, 0.2, 0.6, 0.2]]
 
 
 def test_cli_refuses_an_unknown_figure_selection(tmp_path, capsys):

@@ -494,6 +494,11 @@ def cell_rows(cell: Cell, m: Mapping[str, Any], folder: Path) -> List[Dict[str, 
         "cell": cell.id,
         "folder": str(folder),
     }
+    # per class (the benign prediction), by name when the cell knows them: fooling_ratio[circle], ...
+    names = m.get("class_names") or [str(c) for c in range(m.get("num_classes") or 0)]
+    label = {"dominant_label": m.get("dominant_label_name", m.get("dominant_label"))}
+    common.update(label, dominant_label_share=m.get("dominant_label_share"))
+    common.update(_by_class(m.get("per_class"), ("fooling_ratio", "n_images"), names))
     out = []
     for iname, t in (m.get("transfer") or {}).items():
         out.append(
@@ -505,9 +510,17 @@ def cell_rows(cell: Cell, m: Mapping[str, Any], folder: Path) -> List[Dict[str, 
                 "random_iou": t.get("random_iou"),
                 "l1_fooled": t.get("l1_fooled"),
                 "iou_fooled": t.get("iou_fooled"),
+                **_by_class(t.get("per_class"), ("l1", "iou"), names),
             }
         )
     return out or [{**common, "interpreter": "-", "l1": None, "iou": None, "random_iou": None}]
+
+
+def _by_class(per_class: Optional[Mapping[str, Sequence]], keys: Sequence[str], names: Sequence[str]) -> Dict:
+    """``{"fooling_ratio[circle]": 0.8, ...}`` from metrics.json's ``per_class`` lists (indexed by class)."""
+    if not per_class:
+        return {}
+    return {f"{k}[{n}]": v for k in keys for n, v in zip(names, per_class.get(k) or (), strict=False)}
 
 
 def main_rows(rows: Sequence[Mapping[str, Any]]) -> List[Mapping[str, Any]]:
@@ -518,8 +531,21 @@ def main_rows(rows: Sequence[Mapping[str, Any]]) -> List[Mapping[str, Any]]:
 
 def pivot(rows: Sequence[Mapping[str, Any]], table: TableConfig) -> Tuple[List[str], List[List[Any]]]:
     """Rows x columns of one table; the first row wins where several fill a cell (e.g. GUAP's fooling
-    ratio, identical for every interpreter)."""
+    ratio, identical for every interpreter).
+
+    A value ``name[*]`` stands for every per-class value of that name the rows hold, in class order:
+    ``fooling_ratio[*]`` gives ``fooling_ratio[circle]``, ``fooling_ratio[cross]``, ... (classes are the
+    benign predictions; also ``n_images[*]``, and per interpreter ``l1[*]``, ``iou[*]``).
+    """
     keep = [r for r in rows if all(_matches(r.get(k), v) for k, v in table.where.items())]
+    values: List[str] = []
+    for v in table.values:
+        if v.endswith("[*]"):
+            found = dict.fromkeys(k for r in keep for k in r if k.startswith(v[:-2]) and k.endswith("]"))
+            values += list(found)
+        else:
+            values.append(v)
+    table = dataclasses.replace(table, values=tuple(values))
     row_keys: List[Tuple] = []
     col_keys: List[Tuple] = []
     cells: Dict[Tuple[Tuple, Tuple], Mapping[str, Any]] = {}
