@@ -26,7 +26,7 @@ from juap.commands.attack import FIGURE_SELECTIONS, pick_images
 from juap.errors import ConfigError
 from juap.metrics import MetricSums, iou_topk, l1_distance
 from juap.runtime.artifacts import amplify, save_perturbation
-from juap.runtime.report import transition_heatmaps, transitions_csv
+from juap.runtime.report import transition_heatmaps, transition_section, transitions_csv
 
 EPS = 64  # 0-255 units: a random sign pattern this strong fools part of the texture classifier's images
 
@@ -141,6 +141,19 @@ def test_transitions_csv_and_heat_map(tmp_path):
     assert _csv(tmp_path / "u.csv")[0][1:] == ["0", "1", "2"]
     transition_heatmaps(tmp_path / "t.png", {"GUAP": t, "R-JUAP (CAM)": t}, class_names=["a", "b", "c"])
     assert _size(tmp_path / "t.png")[0] > 100
+
+
+def test_results_section_reports_the_dominant_label_of_the_evaluation(evaluated, tmp_path):
+    *_, ev = evaluated
+    md = transition_section(
+        tmp_path, {"noise": ev["transitions"], "none": torch.eye(3).long().tolist()}, "abc"
+    )
+    assert (tmp_path / "transitions.png").is_file() and "![transitions](transitions.png)" in md
+    noise = next(line for line in md.splitlines() if line.startswith("| noise |"))
+    cells = [c.strip() for c in noise.strip("|").split("|")]
+    assert cells[1] == f"{ev['fooling_ratio']:.3f}" and cells[2] == "abc"[ev["dominant_label"]]
+    assert cells[3] == f"{ev['dominant_label_share']:.3f}"
+    assert "| none | 0.000 | - | - | - |" in md  # nothing fooled: no dominant label
 
 
 # -- perturbation pictures ---------------------------------------------------------------------------

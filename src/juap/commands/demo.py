@@ -425,6 +425,13 @@ def _write_outputs(
         ),
         "\n![figure](figure.png)\n\n![discrepancy](discrepancy.png)\n",
     ]
+    from ..runtime.report import transition_section  # where the fooled images go: GUAP vs R-JUAP (CAM)
+
+    moved = {
+        label: evaluate(clf, perturbations[tag], x_test, per_class=True)["transitions"]
+        for label, tag in (("GUAP", "GUAP"), ("R-JUAP (CAM)", "R-JUAP-cam"))
+    }
+    md.append(transition_section(run_dir, moved, classes))
     write_text(run_dir / "results.md", "\n".join(md))
 
     for tag, n in perturbations.items():

@@ -254,6 +254,65 @@ def transition_heatmaps(
     _save(fig, path, dpi=130, title=title)
 
 
+def transition_section(
+    run_dir: str | os.PathLike,
+    matrices: Mapping[str, Sequence[Sequence[int]]],
+    class_names: Optional[Sequence[str]] = None,
+    *,
+    figure: str = "transitions.png",
+) -> str:
+    """A results.md section on where the fooled images go: draws ``run_dir/figure`` (one heat map per
+    perturbation, :func:`transition_heatmaps`) and returns the Markdown (per perturbation: the fooling
+    ratio, the dominant adversarial label and its share of the fooled images, the class fooled most).
+
+    Args:
+        matrices: ``{label: K x K counts}`` (``evaluate(..., per_class=True)["transitions"]``).
+    """
+    from pathlib import Path
+
+    name = (lambda c: class_names[c]) if class_names else str
+    transition_heatmaps(
+        Path(run_dir) / figure,
+        matrices,
+        class_names=class_names,
+        title="benign -> adversarial predictions (colour: share of the benign class)",
+    )
+    rows = []
+    for label, t in matrices.items():
+        t = torch.tensor(t, dtype=torch.long)  # (K, K)
+        n_b, kept = t.sum(1), t.diag()
+        into = t.sum(0) - kept  # fooled images landing in each class
+        fooled = int(into.sum())
+        top = int(into.argmax())  # lowest index on a tie, as evaluate()
+        fr_b = (n_b - kept).double() / n_b.clamp_min(1)
+        fr_b[n_b == 0] = -1.0  # a class no image was predicted as is neither most nor least fooled
+        most = int(fr_b.argmax())
+        rows.append(
+            [
+                label,
+                fooled / max(int(t.sum()), 1),
+                name(top) if fooled else None,
+                int(into[top]) / fooled if fooled else None,
+                f"{name(most)} ({float(fr_b[most]):.2f})" if fooled else None,
+            ]
+        )
+    header = [
+        "perturbation",
+        "fooling ratio",
+        "dominant label",
+        "its share of the fooled",
+        "most fooled class",
+    ]
+    return (
+        "\n## Where the fooled images go\n\nRows: the class the classifier predicts for the benign image; "
+        "columns: the class it predicts once perturbed (the diagonal: images not fooled). A universal "
+        "perturbation that sends most fooled images to one class has a *dominant label*. Classes here are "
+        "the benign predictions, not the labels.\n\n"
+        + markdown_table(header, rows)
+        + f"\n\n![transitions]({figure})\n"
+    )
+
+
 def _save(fig, path: str | os.PathLike, *, dpi: int, title: str = "") -> None:
     """Title, tight layout, an atomic PNG write, and the figure closed."""
     import matplotlib.pyplot as plt
