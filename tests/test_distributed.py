@@ -415,7 +415,7 @@ def run_training(out_dir: Path) -> dict:
     from juap.commands.train_classifier import train_classifier
     from juap.data import InMemoryLoader, make_loader
     from juap.runtime.checkpoint import RunInterrupted
-    from juap.runtime.loop import shard_train_loader
+    from juap.runtime.loop import Checkpointing, shard_train_loader
 
     torch.set_num_threads(1)
     x, y, test = _train_data()
@@ -441,12 +441,14 @@ def run_training(out_dir: Path) -> dict:
 
     hook = clf.register_forward_pre_hook(stop_at_5)
     try:
-        train_classifier(clf, loader(), None, cfg, device=cpu, progress=False, checkpoint_dir=ck)
+        train_classifier(clf, loader(), None, cfg, device=cpu, progress=False, checkpoint=Checkpointing(ck))
     except RunInterrupted as e:
         res["stopped_at"] = e.step
     hook.remove()
     clf = _tiny_classifier()
-    train_classifier(clf, loader(), None, cfg, device=cpu, progress=False, checkpoint_dir=ck, resume=True)
+    train_classifier(
+        clf, loader(), None, cfg, device=cpu, progress=False, checkpoint=Checkpointing(ck, resume=True)
+    )
     res["resumed"] = {k: v.clone() for k, v in clf.state_dict().items()}
 
     # a DataLoader is shared out by a DistributedSampler: disjoint shares of each epoch

@@ -9,6 +9,7 @@ import torch
 import juap
 from helpers import texture_classifier, textures
 from juap.errors import ConfigError
+from juap.runtime.loop import Checkpointing
 
 GEN = {"ngf": 8, "n_blocks": 2}
 FAST = dict(norm="linf", eps=16, generator_options=GEN, steps=80, batch_size=32, lr=1e-2, eval_every=10)
@@ -76,10 +77,12 @@ def test_constrained_run_resumes_exactly(setup, tmp_path):
     kw = dict(FAST, classifier=clf, interpreter=cam, lam=0.5, fr_margin=0.1, warmup=20, steps=60)
     whole = juap.create_attack("juap", **kw).fit(x_train, val_data=x_test[:32], progress=False)
     juap.create_attack("juap", **{**kw, "steps": 40}).fit(
-        x_train, val_data=x_test[:32], progress=False, checkpoint_dir=tmp_path, checkpoint_every=10
+        x_train, val_data=x_test[:32], progress=False, checkpoint=Checkpointing(tmp_path, every=10)
     )
     resumed = juap.create_attack("juap", **kw)
-    n_hat = resumed.fit(x_train, val_data=x_test[:32], progress=False, checkpoint_dir=tmp_path, resume=True)
+    n_hat = resumed.fit(
+        x_train, val_data=x_test[:32], progress=False, checkpoint=Checkpointing(tmp_path, resume=True)
+    )
     assert torch.equal(n_hat, whole)
 
 

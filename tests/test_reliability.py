@@ -44,6 +44,7 @@ from juap.runtime.checkpoint import (
     set_rng_states,
 )
 from juap.runtime.io import DiskFullError, load_tensors, read_metadata, write_bytes, write_json
+from juap.runtime.loop import Checkpointing
 
 DATA = CLI_TINY_DATA
 STEPS = 30
@@ -323,7 +324,7 @@ def test_nan_loss_rolls_back_lowers_the_lr_and_finishes(tmp_path):
     attack = juap.create_attack(
         "guap", classifier=clf, norm="linf", eps=16, steps=10, batch_size=8, eval_every=3, generator=flaky
     )
-    n_hat = attack.fit(x, progress=False, checkpoint_dir=tmp_path, checkpoint_every=2)
+    n_hat = attack.fit(x, progress=False, checkpoint=Checkpointing(tmp_path, every=2))
     rolled = [h for h in attack.history if "rolled_back_to" in h]
     assert len(rolled) == 1 and rolled[0]["rolled_back_to"] == 4 and "loss became nan" in rolled[0]["error"]
     assert torch.isfinite(n_hat).all() and n_hat.abs().max() <= 16 / 255 + 1e-6
@@ -339,7 +340,7 @@ def test_persistent_nan_stops_with_a_clear_error_after_bounded_tries(capsys):
         "guap", classifier=clf, norm="linf", eps=16, steps=20, batch_size=8, generator=flaky
     )
     with pytest.raises(NumericalError, match=r"gave up after 3 roll-back\(s\)"):
-        attack.fit(x, progress=False, checkpoint_every=2)
+        attack.fit(x, progress=False, checkpoint=Checkpointing(every=2))
 
 
 def test_nan_in_classifier_training_is_rolled_back():
@@ -356,7 +357,8 @@ def test_nan_in_classifier_training_is_rolled_back():
         dataset = range(48)
 
     cfg = TrainConfig(epochs=1, lr=0.05)
-    m = train_classifier(clf, Loader(batches), None, cfg, device=torch.device("cpu"), checkpoint_every=2)
+    cpu = torch.device("cpu")
+    m = train_classifier(clf, Loader(batches), None, cfg, device=cpu, checkpoint=Checkpointing(every=2))
     assert math.isfinite(m["train_accuracy"])
     assert all(torch.isfinite(p).all() for p in clf.parameters())
 

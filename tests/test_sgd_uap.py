@@ -11,6 +11,7 @@ import juap
 from helpers import art_classifier, texture_classifier, textures
 from juap.attacks.sgd_uap import SGDUAP
 from juap.budget import perturbation_norm
+from juap.runtime.loop import Checkpointing
 
 BUDGETS = {"linf": 10.0, "l2": 600.0}  # at 32x32: L_2 600 has the per-pixel RMS of L_inf ~11
 
@@ -127,10 +128,10 @@ def test_resume_after_an_epoch_is_exact(setup, tmp_path):
     clf, x_train, _ = setup
     kw = {"classifier": clf, "norm": "l2", "eps": 600, "seed": 4}
     whole = SGDUAP(epochs=3, **kw).fit(x_train, progress=False)
-    SGDUAP(epochs=1, **kw).fit(x_train, progress=False, checkpoint_dir=tmp_path)
+    SGDUAP(epochs=1, **kw).fit(x_train, progress=False, checkpoint=Checkpointing(tmp_path))
     assert (tmp_path / "checkpoint.safetensors").is_file()
     resumed = SGDUAP(epochs=3, **kw)
-    v = resumed.fit(x_train, progress=False, checkpoint_dir=tmp_path, resume=True)
+    v = resumed.fit(x_train, progress=False, checkpoint=Checkpointing(tmp_path, resume=True))
     assert torch.equal(v, whole) and [h["epoch"] for h in resumed.history] == [1, 2, 3]
 
 

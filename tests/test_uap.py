@@ -10,6 +10,7 @@ import juap
 from helpers import art_classifier, texture_classifier
 from juap.attacks.uap import UAP
 from juap.budget import perturbation_norm, project
+from juap.runtime.loop import Checkpointing
 
 BUDGETS = {"linf": 10.0, "l2": 600.0}  # at 32x32: L_2 600 has the per-pixel RMS of L_inf ~11
 
@@ -185,16 +186,16 @@ def test_resume_after_a_pass_gives_the_uninterrupted_perturbation(setup, tmp_pat
         whole = UAP(max_passes=3, **kw).fit(data(), progress=False)
         d = tmp_path / name
         first = UAP(max_passes=1, **kw)
-        first.fit(data(), progress=False, checkpoint_dir=d)
+        first.fit(data(), progress=False, checkpoint=Checkpointing(d))
         assert (d / "checkpoint.safetensors").is_file()
         resumed = _CountingUAP(max_passes=3, **kw)
-        v = resumed.fit(data(), progress=False, checkpoint_dir=d, resume=True)
+        v = resumed.fit(data(), progress=False, checkpoint=Checkpointing(d, resume=True))
         assert torch.equal(v, whole), name
         assert [h["pass"] for h in resumed.history] == [1, 2, 3]
         assert resumed.passes_run == 2  # pass 1 came from the checkpoint, not run again
     with pytest.raises(juap.JuapError, match="eps"):
         UAP(max_passes=3, **{**kw, "eps": 12}).fit(
-            x, progress=False, checkpoint_dir=tmp_path / "tensor", resume=True
+            x, progress=False, checkpoint=Checkpointing(tmp_path / "tensor", resume=True)
         )
 
 
@@ -203,6 +204,6 @@ class _CountingUAP(UAP):
 
     passes_run = 0
 
-    def _fooling_rate(self, data, v, benign):
+    def fooling_rate(self, data, v, benign=None):
         self.passes_run += 1
-        return super()._fooling_rate(data, v, benign)
+        return super().fooling_rate(data, v, benign)

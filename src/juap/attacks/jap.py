@@ -13,13 +13,12 @@ import torch
 from torch.func import functional_call, stack_module_state, vmap
 
 from .._registry import ATTACKS, GENERATORS
+from .._validate import Param, check_range
 from ..budget import apply_perturbation, scale_to_budget
 from ..errors import ConfigError
 from ..interpreters.base import Interpreter, normalize_maps
-from ..interpreters.gradcam import GradCAM
 from ..interpreters.smooth_relu import make_surrogate
 from ..losses import OBJECTIVES, attack_classes, check_target, fooling_terms
-from ..runtime.config import check_range
 from .base import PerImageAttack, rebind
 
 
@@ -43,6 +42,22 @@ class JAP(PerImageAttack):
     """
 
     name = "jap"
+    label = "JAP"
+    takes_interpreter = True
+    hyperparams = {
+        "generator": Param(str, "resnet"),
+        "generator_options": Param(dict, None, optional=True),
+        "objective": Param(str, "untargeted", choices=OBJECTIVES),
+        "target": Param(int, None, low=0, optional=True),
+        "lam": Param(float, 1.0, low=0),
+        "delta": Param(float, -0.8, optional=True),
+        "steps": Param(int, 100, low=1),
+        "lr": Param(float, 1e-2, low=0, low_open=True),
+        "betas": Param(tuple, (0.5, 0.999), length=2, items=float, low=0, high=1),
+        "surrogate": Param((bool, str), "auto", choices=("auto", True, False)),
+        "tau": Param(float, 1e-4, low=0, low_open=True),
+        "seed": Param(int, 0),
+    }
 
     def __init__(
         self,
@@ -79,7 +94,9 @@ class JAP(PerImageAttack):
         self.generator_options = dict(generator_options or {"ngf": 8, "n_blocks": 2})
         self.objective, self.target, self.lam, self.delta = objective, target, float(lam), delta
         self.steps, self.lr, self.betas = int(steps), float(lr), tuple(betas)
-        self.use_surrogate = isinstance(interpreter, GradCAM) if surrogate == "auto" else bool(surrogate)
+        self.history: list = []  # one row per Adam step of every batch attacked (history.csv)
+        auto = interpreter is not None and interpreter.needs_surrogate
+        self.use_surrogate = auto if surrogate == "auto" else bool(surrogate)
         self.tau, self.seed = tau, int(seed)
 
     def __call__(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -109,7 +126,8 @@ class JAP(PerImageAttack):
             benign_maps = interp(x, benign_logits.argmax(1)) if interp is not None else None
         best = x.clone()
         best_score = torch.full((n,), -float("inf"), device=self.device)
-        for _ in range(self.steps):
+        first = len(self.history) and self.history[-1]["step"]  # steps go on from the previous batch
+        for s in range(1, self.steps + 1):
             g = run(params, buffers, noise)[:, 0]  # (N, 3, H, W)
             n_hat = scale_to_budget(g, norm=self.norm, eps=self.eps)  # eq 17, per image
             x_hat = apply_perturbation(x, n_hat)
@@ -127,6 +145,16 @@ class JAP(PerImageAttack):
                 better = score > best_score
                 best[better] = x_hat.detach()[better]
                 best_score = torch.where(better, score, best_score)
+                fooled = (adv_logits.argmax(1) != benign_logits.argmax(1)).float().mean().item()
+                kept = (best_score > 0).float().mean().item()  # images with a fooling candidate kept
+            self.history.append(
+                {
+                    "step": first + s,
+                    "loss": loss_i.mean().item(),
+                    "batch_fooling_ratio": fooled,
+                    "kept_fooled": kept,
+                }
+            )
         return best
 
     def _per_image_loss(self, logits, classes, maps, benign_maps) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """JUAP (Algorithm 1) and its classifier-only special case GUAP.
 
-Paper: "Joint universal adversarial perturbations" (see ``shared/paper``), eqs 6, 7-9, 13, 16.
-A generator G maps a fixed noise n ~ U(0, 1) (drawn once from the seed, SPEC §3) to an image-shaped
+Paper: "Joint universal adversarial perturbations", eqs 6, 7-9, 13, 16 and Algorithm 1.
+A generator G maps a fixed noise n ~ U(0, 1) (drawn once from the seed) to an image-shaped
 tensor; eq 6 scales it into the budget; Adam trains G on
 
     L = max{L_fool(f~(x_hat)), delta} + lambda * ||I~(x_hat) - I(x)||_2          (eq 16)
@@ -19,13 +19,13 @@ import math
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
-from tqdm.auto import tqdm
 
 from .._registry import ATTACKS, GENERATORS
+from .._validate import Param, check_range
 from ..budget import apply_perturbation, scale_to_budget
 from ..errors import CheckpointError, ConfigError, NumericalError
+from ..evaluation import evaluate
 from ..interpreters.base import Interpreter
-from ..interpreters.gradcam import GradCAM
 from ..interpreters.smooth_relu import make_surrogate
 from ..losses import (
     FOOL_FORMS,
@@ -35,19 +35,16 @@ from ..losses import (
     check_target,
     feature_distance,
     fooling_loss,
+    fooling_terms,
     joint_loss,
     map_distance,
 )
 from ..runtime import distributed
 from ..runtime.checkpoint import (
-    LoopCheckpoints,
     ResumableLoader,
     check_finite_parameters,
-    cpu_copy,
-    lower_lr,
-    lr_settings,
 )
-from ..runtime.config import check_range
+from ..runtime.loop import Checkpointing, TrainLoop
 from .base import UniversalAttack, cycle_batches, first_images, iter_batches, rebind
 from .fastpaths import FastPaths
 
@@ -85,13 +82,14 @@ class GeneratorUAP(UniversalAttack):
             training batches' ratio that the dual ascent follows) minus this margin. Needs ``warmup``.
         dual_lr: the step of the dual ascent on log lambda.
         steps: Adam steps; batch_size: images per step; lr, betas: Adam's (2e-4, (0.5, 0.999)).
-        surrogate: use the smoothed-ReLU surrogate (eq 15) for gradients; ``"auto"``: only for Grad-CAM.
+        surrogate: use the smoothed-ReLU surrogate (eq 15) for gradients; ``"auto"``: when the interpreter
+            declares ``needs_surrogate`` (Grad-CAM).
         tau: eq 15's constant.
-        rts_feature_weight: weight of ``||e(x_hat) - e(x)||_2`` when the interpreter has an encoder (RTS).
-            The paper adds the term unweighted with a separate encoder; juap's RTS encodes with the
-            classifier's own feature map, whose distances are ~40x the map distance (60 vs 1.6 for a
-            GUAP perturbation on the demo), so weight 1 forbids fooling altogether (fooling ratio 0).
-            The default 0.02 puts the two terms on the same scale.
+        rts_feature_weight: weight of ``||e(x_hat) - e(x)||_2`` when the interpreter has an encoder
+            (``interpreter.encode``, RTS). The paper adds the term unweighted with a separate encoder;
+            juap's RTS encodes with the classifier's own feature map, whose distances are much larger
+            than the map distance, so weight 1 forbids fooling altogether; the default 0.02 puts the two
+            terms on the same scale (README, "What the embedded data shows").
         seed: fixes the generator's initialisation, its input noise and the data order.
         eval_every: validation period in steps (and once at the end).
         selection: ``"fooling_ratio"``, ``"joint"`` (fooling ratio x (1 + IoU)), ``"constrained"`` (the
@@ -113,6 +111,36 @@ class GeneratorUAP(UniversalAttack):
     """
 
     name = "generator_uap"
+    label = "GUAP"
+    takes_interpreter = True
+    artifacts = ("perturbation", "generator")
+    hyperparams = {
+        "generator": Param((str, torch.nn.Module), "resnet", doc="registered generator name or a module"),
+        "generator_options": Param(dict, None, optional=True),
+        "objective": Param(str, "least_likely", choices=OBJECTIVES),
+        "target": Param(int, None, low=0, optional=True),
+        "fool_loss": Param(str, "log_mean", choices=FOOL_FORMS),
+        "hinge": Param(str, "batch", choices=HINGES),
+        "lam": Param(float, 0.0, low=0),
+        "delta": Param(float, -0.8, optional=True),
+        "warmup": Param(int, 0, low=0),
+        "fr_target": Param(float, None, low=0, high=1, low_open=True, optional=True),
+        "fr_margin": Param(float, None, low=0, high=1, optional=True),
+        "dual_lr": Param(float, 0.05, low=0, low_open=True),
+        "steps": Param(int, 500, low=1),
+        "batch_size": Param(int, 30, low=1),
+        "lr": Param(float, 2e-4, low=0, low_open=True),
+        "betas": Param(tuple, (0.5, 0.999), length=2, items=float, low=0, high=1),
+        "surrogate": Param((bool, str), "auto", choices=("auto", True, False)),
+        "tau": Param(float, 1e-4, low=0, low_open=True),
+        "rts_feature_weight": Param(float, 0.02, low=0),
+        "seed": Param(int, 0),
+        "eval_every": Param(int, 50, low=1),
+        "selection": Param(str, "auto", choices=("auto", "fooling_ratio", "joint", "constrained", "last")),
+        "amp": Param(bool, False),
+        "channels_last": Param(bool, False),
+        "compile": Param(bool, False),
+    }
 
     def __init__(
         self,
@@ -191,10 +219,10 @@ class GeneratorUAP(UniversalAttack):
             raise ConfigError("selection = 'constrained' needs fr_target or fr_margin")
         if interpreter is not None and not isinstance(interpreter, Interpreter):
             raise ConfigError(f"interpreter must be a juap Interpreter, got {type(interpreter).__name__}")
-        if type(interpreter).__name__ == "RTS" and getattr(interpreter, "checkpoint", None) is None:
+        if interpreter is not None and interpreter.requires_checkpoint and interpreter.checkpoint is None:
             raise ConfigError(
-                "the RTS interpreter is untrained: train it with `juap train-rts` and pass "
-                "create_interpreter('rts', classifier, checkpoint=PATH)"
+                f"the {interpreter.label} interpreter is untrained: train it (`juap train-rts` for RTS) "
+                f"and pass create_interpreter(..., checkpoint=PATH)"
             )
         if isinstance(generator, str):
             GENERATORS.get(generator)  # unknown names fail now, listing the known ones
@@ -215,7 +243,8 @@ class GeneratorUAP(UniversalAttack):
             float(lr),
             tuple(betas),
         )
-        self.use_surrogate = isinstance(interpreter, GradCAM) if surrogate == "auto" else bool(surrogate)
+        auto = interpreter is not None and interpreter.needs_surrogate
+        self.use_surrogate = auto if surrogate == "auto" else bool(surrogate)
         self.tau = tau
         self.rts_feature_weight = float(rts_feature_weight)
         self.seed = int(seed)
@@ -229,45 +258,42 @@ class GeneratorUAP(UniversalAttack):
         self.generator: Optional[torch.nn.Module] = None
         self.noise: Optional[torch.Tensor] = None
 
-    # -- the loop ------------------------------------------------------------------------------------
+    # -- the loop (juap.runtime.loop) -------------------------------------------------------------------
     def fit(
         self,
         data,
         *,
         val_data=None,
         progress: bool = True,
-        checkpoint_dir=None,
-        checkpoint_every: Optional[int] = None,
-        resume: bool = False,
-        max_rollbacks: int = 3,
+        checkpoint: Optional[Checkpointing] = None,
         callback: Optional[Callable[[int, Callable[[], torch.Tensor]], None]] = None,
+        log=None,
     ) -> torch.Tensor:
         """Train the generator on ``data``; keep the best perturbation on ``val_data`` (default: ``data``).
 
         Args:
             data: training images: a loader of ``(x, y, ...)`` batches or a tensor (N, 3, H, W) in [0, 1].
             val_data: held-out images for choosing the best perturbation.
-            checkpoint_dir: folder for ``checkpoint.safetensors`` (generator, Adam, data position, RNG
-                states, step, best so far, history), written every ``checkpoint_every`` steps (default
-                ``eval_every``), at the end, and on SIGINT/SIGTERM (then :class:`RunInterrupted`).
-            resume: continue from the checkpoint in ``checkpoint_dir``; the result is the same as an
-                uninterrupted run's (bitwise on CPU with the same data and settings).
-            max_rollbacks: NaN/Inf faults rolled back to the last good state with the lr halved before
-                a NumericalError.
+            checkpoint: where and how often (default ``eval_every`` steps) to save the generator, Adam, the
+                data position, RNG states, the best so far and the history, and whether to resume from
+                there (the result is then the same as an uninterrupted run's, bitwise on CPU).
             callback: called after every step as ``callback(step, perturbation)``, where
                 ``perturbation()`` returns the current n_hat (3, H, W); an exception it raises stops
                 the fit (benchmarks time attacks this way).
+            log: receives every history row (see :class:`~juap.runtime.history.RunLog`).
 
         Returns:
-            n_hat (3, H, W), with ``||n_hat||_p <= zeta``.
+            n_hat (3, H, W), with ``||n_hat||_p <= zeta``. ``self.history`` holds one row per step: loss,
+            its parts, batch fooling ratio, lambda, and ``val`` (fooling ratio, L1, IoU) at validations.
         """
         dev = self.device
         distributed.check_divisible(self.batch_size)
         distributed.check_same_across_ranks(self.classifier, "classifier under attack")
-        progress = progress and distributed.is_main()
         x0 = first_images(data, dev)
-        shape = (1,) + tuple(x0.shape[1:])
-        self.noise = torch.rand(shape, generator=torch.Generator().manual_seed(self.seed)).to(dev)
+        self.noise = torch.rand(
+            (1,) + tuple(x0.shape[1:]), generator=torch.Generator().manual_seed(self.seed)
+        )
+        self.noise = self.noise.to(dev)
         torch.manual_seed(self.seed)
         G = self._make_generator().to(dev).train()
         opt = torch.optim.Adam(G.parameters(), lr=self.lr, betas=self.betas)
@@ -275,77 +301,98 @@ class GeneratorUAP(UniversalAttack):
         if self.interpreter is not None and self.use_surrogate:
             train_interp = rebind(self.interpreter, make_surrogate(self.classifier, tau=self.tau))
         fast = FastPaths(**self.fast_options, device=dev)
-        G_fwd, train_interp = fast.prepare(distributed.wrap_ddp(G), train_interp, self.classifier)
-        best: Optional[Dict[str, Any]] = None
-        self.history = []
+        g_fwd, i_fwd = fast.prepare(distributed.wrap_ddp(G), train_interp, self.classifier)
+        fwd = {"G": g_fwd, "interp": i_fwd}  # swapped for compiled versions after the first step
+        loop = TrainLoop(
+            self.name,
+            self.steps,
+            checkpoint=checkpoint,
+            default_every=self.eval_every,
+            log=log,
+            progress=progress,
+        )
         self.dual = {"lam": self.lam, "fr_ema": None, "target": self.fr_target, "guap_fooling_ratio": None}
-        ckpt = LoopCheckpoints(
-            checkpoint_dir,
-            every=checkpoint_every or self.eval_every,
-            kind=self.name,
-            resume=resume,
-            max_rollbacks=max_rollbacks,
-            write=distributed.is_main(),
-        )
-        state = ckpt.resume_state()
-        start, best = self._load_fit_state(state, G, opt) if state is not None else (0, None)
-        source = self._data_source(data, state)
-        batches = distributed.local_batches(  # this rank's slice of each global batch
-            cycle_batches(source, batch_size=self.batch_size, device=dev, seed=self.seed), skip_small=True
-        )
-        self._restore_position(state, batches, source, start, ckpt, G, opt)
-        bar = tqdm(
-            range(start + 1, self.steps + 1),
-            initial=start,
-            total=self.steps,
-            desc=self.name,
-            disable=not progress,
-            dynamic_ncols=True,
-        )
-        for step in ckpt.steps(bar):  # SIGINT/SIGTERM: a checkpoint at the next step boundary
+        run = {
+            "best": None,
+            "source": data if isinstance(data, torch.Tensor) else ResumableLoader(data, roll_over=True),
+        }
+
+        def load(state):
+            run["best"] = self._load_fit_state(state, G, opt)
+            if isinstance(run["source"], ResumableLoader):
+                run["source"] = ResumableLoader(data, state["data"], roll_over=True)
+
+        def restore(good):  # a NaN/Inf roll-back: the generator and Adam only; the data moves on
+            G.load_state_dict(good["generator"])
+            opt.load_state_dict(good["optimizer"])
+
+        def snapshot():
+            return self._fit_state(G, opt, run["best"], run["source"])
+
+        def step(i: int):
             x = fast.images(next(batches)[0])
-            try:
-                with fast.autocast():
-                    lam = self.lam_at(step)
-                    (loss, parts), G_fwd, train_interp = fast.first_step(
-                        lambda g, ti, x=x, lam=lam: self._step(g, opt, x, ti, lam=lam), G_fwd, train_interp
-                    )
-                if step % self.eval_every == 0 or ckpt.due(step, last=step == self.steps):
-                    check_finite_parameters(G, f"{self.name} generator at step {step}")
-            except NumericalError as e:  # back to the last good state, lower lr; bounded tries
-                self._roll_back(ckpt, e, G, opt, step)
-                continue
-            self.history.append({"step": step, "loss": loss, **parts})
-            if self.interpreter is not None:
-                self.history[-1]["lam"] = lam
-            self._dual_step(step, parts["batch_fooling_ratio"])
-            if step == self.warmup and self.fr_margin is not None:  # GUAP's ratio, as the dual sees it
+            lam = self.lam_at(i)
+            with fast.autocast():
+                (loss, parts), fwd["G"], fwd["interp"] = fast.first_step(
+                    lambda g, ti: self._step(g, opt, x, ti, lam=lam), fwd["G"], fwd["interp"]
+                )
+            last = i == self.steps
+            if i % self.eval_every == 0 or loop.ckpt.due(i, last=last):
+                check_finite_parameters(G, f"{self.name} generator at step {i}")
+            row = {"loss": loss, **parts, **({"lam": lam} if self.interpreter is not None else {})}
+            self._dual_step(i, parts["batch_fooling_ratio"])
+            if i == self.warmup and self.fr_margin is not None:  # GUAP's ratio, as the dual sees it
                 self.dual["guap_fooling_ratio"] = self.dual["fr_ema"]
                 self.dual["target"] = max(self.dual["fr_ema"] - self.fr_margin, 0.0)
-            bar.set_postfix(loss=f"{loss:.3f}", fr=f"{parts['batch_fooling_ratio']:.2f}")
-            if step % self.eval_every == 0 or step == self.steps or step == self.warmup:
+            if i % self.eval_every == 0 or last or i == self.warmup:
                 n_hat = self.current_perturbation(G)
-                val = self.validate(n_hat, val_data if val_data is not None else data)
-                self.history[-1]["val"] = val
-                score = self._score(val)
-                in_warmup = step <= self.warmup and step != self.steps  # GUAP's perturbation, not JUAP's
-                if not in_warmup and (best is None or score >= best["score"] or self.selection == "last"):
-                    best = {
-                        "score": score,
-                        "step": step,
-                        "n_hat": n_hat,
-                        "state": copy.deepcopy(G.state_dict()),
-                        "val": val,
-                    }
-            state_now = lambda b=best, s=step: self._fit_state(G, opt, b, s, source)  # noqa: E731
-            ckpt.step_end(step, state_now, last=step == self.steps)
-            if callback is not None:
-                callback(step, lambda G=G: self.current_perturbation(G))
+                row["val"] = self.validate(n_hat, val_data if val_data is not None else data)
+                self._keep_best(run, i, n_hat, row["val"], G)
+                loop.record(i, row, images={"perturbation": n_hat})
+                return None
+            return row
+
+        # the batches start where the checkpoint left off: resume first, then build them
+        start = loop.start(snapshot, load)
+        batches = distributed.local_batches(  # this rank's slice of each global batch
+            cycle_batches(run["source"], batch_size=self.batch_size, device=dev, seed=self.seed),
+            skip_small=True,
+        )
+        if start and not isinstance(run["source"], ResumableLoader):
+            for _ in range(start):  # a tensor's order depends only on the seed and the position
+                next(batches)
+        loop.run(
+            step,
+            snapshot=snapshot,
+            load=load,
+            restore=restore,
+            optimizer=opt,
+            after=None if callback is None else (lambda i: callback(i, lambda: self.current_perturbation(G))),
+            start=start,
+        )
+        self.history = loop.history
+        best = run["best"]
         G.load_state_dict(best["state"])
         self.generator = G.eval()
         self.perturbation = best["n_hat"]
         self.best_step, self.best_val = best["step"], best["val"]
         return self.perturbation
+
+    def _keep_best(
+        self, run: Dict[str, Any], step: int, n_hat: torch.Tensor, val: Dict[str, float], G
+    ) -> None:
+        """Keep this validation's perturbation when it scores at least as well as the best so far."""
+        in_warmup = step <= self.warmup and step != self.steps  # GUAP's perturbation, not JUAP's
+        best = run["best"]
+        if not in_warmup and (best is None or self._score(val) >= best["score"] or self.selection == "last"):
+            state = copy.deepcopy(G.state_dict())
+            run["best"] = {
+                "score": self._score(val),
+                "step": step,
+                "n_hat": n_hat,
+                "state": state,
+                "val": val,
+            }
 
     # -- checkpoints (juap.runtime.checkpoint) ----------------------------------------------------------
     def _identity(self) -> Dict[str, Any]:
@@ -361,22 +408,17 @@ class GeneratorUAP(UniversalAttack):
             "shape": list(self.noise.shape),
         }
 
-    def _fit_state(self, G, opt, best, step: int, source) -> Dict[str, Any]:
-        from ..runtime.checkpoint import rng_states
-
+    def _fit_state(self, G, opt, best, source) -> Dict[str, Any]:
         return {
-            "step": step,
             "identity": self._identity(),
             "generator": G.state_dict(),
             "optimizer": opt.state_dict(),
             "best": best,
-            "history": self.history,
             "dual": dict(self.dual),
             "data": source.position() if isinstance(source, ResumableLoader) else None,
-            "rng": rng_states(),
         }
 
-    def _load_fit_state(self, state, G, opt) -> Tuple[int, Optional[Dict[str, Any]]]:
+    def _load_fit_state(self, state, G, opt) -> Optional[Dict[str, Any]]:
         mine, saved = self._identity(), state.get("identity", {})
         diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
         if diff:
@@ -385,46 +427,14 @@ class GeneratorUAP(UniversalAttack):
                 + "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
                 + ". Resume with the same config, or start a new run folder"
             )
-        if int(state["step"]) > self.steps:
-            raise CheckpointError(f"the checkpoint is at step {state['step']}, beyond steps = {self.steps}")
         try:
             G.load_state_dict(state["generator"])
             opt.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"the checkpoint does not fit this generator: {e}") from None
-        self.history = list(state["history"])
         self.dual = dict(state.get("dual") or self.dual)
         best = state["best"]
-        if best is not None:
-            best = {**best, "n_hat": best["n_hat"].to(self.device)}
-        return int(state["step"]), best
-
-    @staticmethod
-    def _data_source(data, state):
-        """A loader that can report and restore its position (a tensor's order needs only the step)."""
-        if isinstance(data, torch.Tensor):
-            return data
-        return ResumableLoader(data, state["data"] if state else None, roll_over=True)
-
-    def _restore_position(self, state, batches, source, start: int, ckpt, G, opt) -> None:
-        """On resume: replay a tensor's batches and restore the RNG states; else remember step 0."""
-        from ..runtime.checkpoint import set_rng_states
-
-        if state is None:
-            ckpt.remember(self._fit_state(G, opt, None, 0, source))
-            return
-        if not isinstance(source, ResumableLoader):
-            for _ in range(start):  # a tensor's order depends only on the seed and the position
-                next(batches)
-        set_rng_states(state["rng"])
-
-    def _roll_back(self, ckpt, error, G, opt, step: int) -> None:
-        lrs = lr_settings(opt)
-        good = ckpt.roll_back(error)  # NumericalError when the tries are used up
-        G.load_state_dict(good["generator"])
-        opt.load_state_dict(cpu_copy(good["optimizer"]))
-        lower_lr(opt, lrs, ckpt.lr_factor)
-        self.history.append({"step": step, "rolled_back_to": good["step"], "error": str(error)})
+        return None if best is None else {**best, "n_hat": best["n_hat"].to(self.device)}
 
     def lam_at(self, step: int) -> float:
         """lambda at ``step`` (1-based): 0 during the warm-up, then the fixed or the adapted value."""
@@ -487,14 +497,30 @@ class GeneratorUAP(UniversalAttack):
         opt.step()
         parts["fool_loss"] = fool.item()
         fooled = (adv_logits.argmax(1) != benign_logits.argmax(1)).sum()
-        fooled, n = distributed.global_count(torch.stack([fooled, fooled.new_tensor(len(x))])).tolist()
-        parts["batch_fooling_ratio"] = fooled / n  # over the global batch
+        at_hinge = self._at_hinge(adv_logits.detach(), classes, fool.detach())
+        fooled, hinged, n = distributed.global_count(
+            torch.stack([fooled, at_hinge, fooled.new_tensor(len(x))])
+        )
+        parts["batch_fooling_ratio"] = fooled.item() / n.item()  # over the global batch
+        if self.delta is not None:  # the images whose fooling term reached delta: they no longer pull
+            parts["at_hinge"] = hinged.item() / n.item()
         return loss.item(), parts
+
+    def _at_hinge(self, adv_logits: torch.Tensor, classes: torch.Tensor, fool: torch.Tensor) -> torch.Tensor:
+        """How many of this rank's images are at eq 16's hinge (all or none with the batch hinge)."""
+        if self.delta is None:
+            return torch.zeros((), dtype=torch.long, device=adv_logits.device)
+        if self.hinge == "batch":
+            return (fool <= self.delta).long() * len(classes)
+        form = (
+            "mean_log" if self.fool_loss == "log_mean" else self.fool_loss
+        )  # the image hinge clamps log CE_i
+        terms = fooling_terms(adv_logits, classes, objective=self.objective, form=form)
+        return (terms <= self.delta).sum()
 
     @staticmethod
     def _encode(interp, x: torch.Tensor) -> Optional[torch.Tensor]:
-        encode = getattr(interp, "encode", None)
-        return encode(x) if callable(encode) else None
+        return interp.encode(x)  # None unless the interpreter has an encoder (RTS)
 
     def _make_generator(self) -> torch.nn.Module:
         if isinstance(self.generator_spec, torch.nn.Module):
@@ -511,8 +537,6 @@ class GeneratorUAP(UniversalAttack):
 
     def validate(self, n_hat: torch.Tensor, data, max_batches: int = 8) -> Dict[str, float]:
         """Fooling ratio (and L1/IoU of the unmodified interpreter) of ``n_hat`` on a few batches."""
-        from ..evaluation import evaluate
-
         batches = list(
             itertools.islice(iter_batches(data, batch_size=self.batch_size, device=self.device), max_batches)
         )
@@ -559,6 +583,9 @@ class JUAP(GeneratorUAP):
     """
 
     name = "juap"
+    label = "JUAP"
+    generator_in_label = "prefix"  # R-JUAP, U-JUAP
+    hyperparams = {**GeneratorUAP.hyperparams, "lam": Param(float, 0.05, low=0)}
 
     def __init__(self, *, interpreter: Interpreter, lam: float = 0.05, **kw) -> None:
         if interpreter is None:
@@ -574,7 +601,14 @@ class GUAP(GeneratorUAP):
     eqs 7-9 in the paper's form instead."""
 
     name = "guap"
-    fixed_params = ("interpreter", "lam")  # inherited from the JUAP loop, not settable here
+    label = "GUAP"
+    takes_interpreter = False
+    hyperparams = {
+        **{k: p for k, p in GeneratorUAP.hyperparams.items() if k != "lam"},  # no map term
+        "objective": Param(str, "untargeted", choices=OBJECTIVES),
+        "fool_loss": Param(str, "mean_log1p", choices=FOOL_FORMS),
+        "delta": Param(float, None, optional=True),
+    }
 
     def __init__(
         self,
@@ -597,8 +631,15 @@ class GUAPTargeted(GUAP):
     """GUAP-C_t: GUAP with the targeted objective (eq 9, the log of the batch-mean CE) towards ``target``."""
 
     name = "guap_ct"
-    fixed_params = ("interpreter", "lam", "objective")
+    label = "GUAP-Ct"
+    generator_in_label = "none"
+    hyperparams = {
+        **{k: p for k, p in GUAP.hyperparams.items() if k != "objective"},  # always eq 9
+        "target": Param(int, low=0),
+        "fool_loss": Param(str, "log_mean", choices=FOOL_FORMS),
+    }
 
     def __init__(self, *, target: int, fool_loss: str = "log_mean", **kw) -> None:
-        kw.pop("objective", None)
+        if kw.pop("objective", "targeted") != "targeted":
+            raise ConfigError("guap_ct is GUAP with the targeted objective (eq 9); use guap for the others")
         super().__init__(objective="targeted", target=target, fool_loss=fool_loss, **kw)

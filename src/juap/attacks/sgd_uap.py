@@ -8,17 +8,17 @@ on the same model is undertrained, not a finding.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .._registry import ATTACKS
+from .._validate import Param, check_params
 from ..budget import apply_perturbation, project
 from ..errors import CheckpointError, ConfigError
 from ..losses import check_target
-from ..runtime.config import check_range
+from ..runtime.loop import Checkpointing, TrainLoop
 from .base import UniversalAttack, iter_batches
 
 
@@ -61,6 +61,17 @@ class SGDUAP(UniversalAttack):
     """
 
     name = "sgd_uap"
+    label = "SGD-UAP"
+    hyperparams = {
+        "epochs": Param(int, 10, low=1),
+        "batch_size": Param(int, 32, low=1),
+        "step_size": Param(float, 0.1, low=0, low_open=True),
+        "decay": Param(float, 0.8, low=0, high=1, low_open=True),
+        "beta": Param(float, 12.0, low=0, low_open=True),
+        "objective": Param(str, "untargeted", choices=("untargeted", "targeted")),
+        "target": Param(int, None, low=0, optional=True),
+        "seed": Param(int, 0, optional=True),
+    }
     objectives = ("untargeted", "targeted")  # the grid crosses only these
 
     def __init__(
@@ -77,17 +88,11 @@ class SGDUAP(UniversalAttack):
         **kw,
     ) -> None:
         super().__init__(**kw)
-        check_range("epochs", epochs, low=1)
-        check_range("batch_size", batch_size, low=1)
-        check_range("step_size", step_size, low=0, low_open=True)
-        check_range("decay", decay, low=0, high=1, low_open=True)
-        check_range("beta", beta, low=0, low_open=True)
-        if objective not in ("untargeted", "targeted"):
-            raise ConfigError(f"sgd_uap: objective = {objective!r}; allowed values: untargeted, targeted")
+        given = dict(epochs=epochs, batch_size=batch_size, step_size=step_size, decay=decay, beta=beta)
+        given.update(objective=objective, target=target, seed=seed)
+        check_params(self.name, self.hyperparams, given)
         if objective == "targeted":
             check_target(target, self.classifier.num_classes)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ConfigError(f"sgd_uap: seed must be an integer or None, got {seed!r}")
         self.epochs, self.batch_size = int(epochs), int(batch_size)
         self.step_size, self.decay, self.beta = float(step_size), float(decay), float(beta)
         self.objective, self.target, self.seed = objective, target, seed
@@ -99,63 +104,56 @@ class SGDUAP(UniversalAttack):
         *,
         val_data=None,
         progress: bool = True,
-        checkpoint_dir=None,
-        checkpoint_every: Optional[int] = None,
-        resume: bool = False,
+        checkpoint: Optional[Checkpointing] = None,
         callback: Optional[Callable[[int, Callable[[], torch.Tensor]], None]] = None,
+        log=None,
     ) -> torch.Tensor:
         """Learn v from ``data``; with ``val_data`` keep the epoch's v with the highest fooling ratio there
-        (else the last). Checkpoints after every epoch in ``checkpoint_dir`` (``checkpoint_every`` is
-        accepted for a uniform interface); ``resume`` continues after the last finished epoch.
-        ``callback(step, perturbation)`` is called after every step (``perturbation()`` returns v)."""
-        from ..runtime.checkpoint import LoopCheckpoints, rng_states, set_rng_states
-
-        ckpt = LoopCheckpoints(checkpoint_dir, every=1, kind=self.name, resume=resume)
+        (else the last). ``checkpoint``: save after every epoch (and resume after the last finished one).
+        ``callback(step, perturbation)`` is called after every step (``perturbation()`` returns v);
+        ``log`` receives one history row per epoch."""
         gen = getattr(data, "generator", None)  # a seeded loader's order depends on its generator's state
         gen = gen if isinstance(gen, torch.Generator) else None
         identity = {"norm": self.norm, "eps": self.eps, "seed": self.seed, "batch_size": self.batch_size}
-        v, best, start, steps, self.history = None, None, 0, 0, []
-        state = ckpt.resume_state()
-        if state is not None:
-            diff = {
-                k: (state["identity"].get(k), x) for k, x in identity.items() if state["identity"].get(k) != x
-            }
+        run: Dict[str, Any] = {"v": None, "best": None, "steps": 0}
+        loop = TrainLoop(
+            self.name, self.epochs, checkpoint=checkpoint, log=log, progress=progress, unit="epoch"
+        )
+
+        def load(state):
+            saved = state["identity"]
+            diff = {k: (saved.get(k), x) for k, x in identity.items() if saved.get(k) != x}
             if diff:
                 raise CheckpointError(
                     "the sgd_uap checkpoint was written with other settings, so it cannot be resumed: "
                     + "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
                 )
-            v, start, self.history = state["v"].to(self.device), int(state["step"]), list(state["history"])
-            best = state["best"]
+            run.update(v=state["v"].to(self.device), best=state["best"], steps=int(state.get("steps", 0)))
             if gen is not None and state.get("loader") is not None:
                 gen.set_state(state["loader"])
-            set_rng_states(state["rng"])
-        bar = tqdm(
-            range(start, self.epochs), initial=start, total=self.epochs, desc=self.name, disable=not progress
-        )
-        with ckpt.stop_signals():
-            for epoch in bar:
-                v, loss, steps = self._epoch(data, v, epoch, callback, steps)
-                record = {"epoch": epoch + 1, "loss": loss}
-                if val_data is not None:
-                    record["val_fooling_ratio"] = self.fooling_ratio(val_data, v)
-                    if best is None or record["val_fooling_ratio"] > best["fooling_ratio"]:
-                        best = {"epoch": epoch + 1, "fooling_ratio": record["val_fooling_ratio"], "v": v}
-                    bar.set_postfix(val_fr=f"{record['val_fooling_ratio']:.3f}")
-                self.history.append(record)
-                ckpt.step_end(
-                    epoch + 1,
-                    lambda v=v, b=best, e=epoch + 1: {
-                        "step": e,
-                        "identity": identity,
-                        "v": v,
-                        "best": b,
-                        "history": self.history,
-                        "loader": gen.get_state() if gen is not None else None,
-                        "rng": rng_states(),
-                    },
-                    last=epoch + 1 == self.epochs,
-                )
+
+        def snapshot():
+            loader = gen.get_state() if gen is not None else None
+            return {
+                "identity": identity,
+                "v": run["v"],
+                "best": run["best"],
+                "steps": run["steps"],
+                "loader": loader,
+            }
+
+        def epoch(e: int):
+            run["v"], loss, run["steps"] = self._epoch(data, run["v"], e - 1, callback, run["steps"])
+            row = {"loss": loss}
+            if val_data is not None:
+                row["val_fooling_ratio"] = self.fooling_ratio(val_data, run["v"])
+                if run["best"] is None or row["val_fooling_ratio"] > run["best"]["fooling_ratio"]:
+                    run["best"] = {"epoch": e, "fooling_ratio": row["val_fooling_ratio"], "v": run["v"]}
+            loop.record(e, row, images={"perturbation": run["v"]})
+
+        loop.run(epoch, snapshot=snapshot, load=load)
+        self.history = loop.history
+        v, best = run["v"], run["best"]
         if best is not None:
             v, self.best_epoch = best["v"].to(self.device), best["epoch"]
         else:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .._registry import ATTACKS
+from .._validate import Param, check_params
 from ..budget import apply_perturbation, project
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
+from ..runtime.loop import Checkpointing, TrainLoop
 from ._folding import folded_copy
 from .base import UniversalAttack, iter_batches
 
@@ -51,8 +53,8 @@ class UAP(UniversalAttack):
         batch_size: images per DeepFool batch.
         fast: run DeepFool on a copy of the classifier whose eval-mode BatchNorms are folded into the
             preceding convolutions (and, on a CPU, stored channels-last): the same function up to float
-            rounding (checked on the first batch, else the classifier itself is used), 1.5-1.8x faster
-            per DeepFool step on the demo model. The fooling rates are computed with the classifier.
+            rounding (checked on the first batch, else the classifier itself is used), and faster per
+            DeepFool step (README, "Performance"). The fooling rates are computed with the classifier.
         seed: shuffles an image tensor with ``seed + pass`` in every pass; ``None`` keeps its order. A
             loader keeps its own order.
         device: where to compute; default: the classifier's device.
@@ -70,6 +72,17 @@ class UAP(UniversalAttack):
     """
 
     name = "uap"
+    label = "UAP"
+    hyperparams = {
+        "max_passes": Param(int, 10, low=1),
+        "target_fooling_rate": Param(float, 0.8, low=0, high=1, low_open=True),
+        "overshoot": Param(float, 0.02, low=0),
+        "deepfool_steps": Param(int, 10, low=1),
+        "nb_grads": Param(int, 10, low=2),
+        "batch_size": Param(int, 8, low=1),
+        "fast": Param(bool, True),
+        "seed": Param(int, 0, optional=True),
+    }
 
     def __init__(
         self,
@@ -85,20 +98,10 @@ class UAP(UniversalAttack):
         **kw,
     ) -> None:
         super().__init__(**kw)
-        for field, value, low in (
-            ("max_passes", max_passes, 1),
-            ("deepfool_steps", deepfool_steps, 1),
-            ("batch_size", batch_size, 1),
-            ("nb_grads", nb_grads, 2),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"uap: {field} must be an integer >= {low}, got {value!r}")
-        if not _is_number(target_fooling_rate) or not 0 < target_fooling_rate <= 1:
-            raise ConfigError(f"uap: target_fooling_rate must be in (0, 1], got {target_fooling_rate!r}")
-        if not _is_number(overshoot) or overshoot < 0:
-            raise ConfigError(f"uap: overshoot must be a non-negative number, got {overshoot!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ConfigError(f"uap: seed must be an integer or None, got {seed!r}")
+        given = dict(max_passes=max_passes, target_fooling_rate=target_fooling_rate, overshoot=overshoot)
+        given.update(deepfool_steps=deepfool_steps, nb_grads=nb_grads, batch_size=batch_size)
+        given.update(fast=fast, seed=seed)
+        check_params(self.name, self.hyperparams, given)
         if self.classifier.num_classes < 2:
             raise ConfigError("uap: the classifier must have at least 2 classes")
         self.max_passes, self.target_fooling_rate = max_passes, float(target_fooling_rate)
@@ -112,51 +115,68 @@ class UAP(UniversalAttack):
         self,
         data,
         *,
+        val_data=None,
         progress: bool = True,
-        checkpoint_dir=None,
-        checkpoint_every: Optional[int] = None,
-        resume: bool = False,
+        checkpoint: Optional[Checkpointing] = None,
+        callback: Optional[Callable[[int, Callable[[], torch.Tensor]], None]] = None,
+        log=None,
     ) -> torch.Tensor:
         """Learn v from ``data``; sets ``perturbation``, ``fooling_rate_``, ``converged_`` and ``history``.
 
         Args:
-            checkpoint_dir: folder for ``checkpoint.safetensors``, written after every pass (v, the pass
-                count, the history, the data order and RNG states); SIGINT/SIGTERM stop at the end of
-                the current pass with a checkpoint (a second signal stops at once).
-            checkpoint_every: accepted for a uniform interface; UAP checkpoints once per pass.
-            resume: continue after the last finished pass in ``checkpoint_dir`` (the same v as an
+            val_data: not used: UAP stops when its fooling rate on ``data`` reaches the target.
+            checkpoint: save after every pass (v, the pass count, the history, the data order and RNG
+                states); SIGINT/SIGTERM stop at the end of the current pass with a checkpoint (a second
+                signal stops at once); resume continues after the last finished pass (the same v as an
                 uninterrupted run's, bitwise on CPU with the same data and settings).
+            callback: called after every pass as ``callback(pass, perturbation)``.
+            log: receives one history row per pass.
         """
-        from ..runtime.checkpoint import LoopCheckpoints, rng_states, set_rng_states
-
         benign = None  # f(x) of every image of a tensor, computed once
         if isinstance(data, torch.Tensor):
             batches = iter_batches(data, batch_size=4 * self.batch_size, device=self.device)
             benign = torch.cat([self._predict(x) for x, _ in batches])
-        v: Optional[torch.Tensor] = None
-        self.history, fooling_rate, passes = [], 0.0, 0
-        ckpt = LoopCheckpoints(checkpoint_dir, every=1, kind=self.name, resume=resume)
         gen = getattr(data, "generator", None)  # a seeded loader's order depends on its generator's state
         gen = gen if isinstance(gen, torch.Generator) else None
-        state = ckpt.resume_state()
-        if state is not None:
+        identity = {"norm": self.norm, "eps": self.eps, "seed": self.seed, "batch_size": self.batch_size}
+        run: Dict[str, Any] = {"v": None, "fooling_rate": 0.0}
+        loop = TrainLoop(
+            self.name, self.max_passes, checkpoint=checkpoint, log=log, progress=False, unit="pass"
+        )
+
+        def load(state):
             self._check_resume(state)
-            v, passes = state["v"].to(self.device), int(state["step"])
-            self.history, fooling_rate = list(state["history"]), float(state["fooling_rate"])
+            run.update(v=state["v"].to(self.device), fooling_rate=float(state["fooling_rate"]))
             if gen is not None and state.get("loader") is not None:
                 gen.set_state(state["loader"])
-            set_rng_states(state["rng"])
-        with ckpt.stop_signals():
-            v, fooling_rate, passes = self._passes(
-                data, benign, v, fooling_rate, passes, progress, ckpt, gen, rng_states
+            loop.finished = run["fooling_rate"] >= self.target_fooling_rate
+
+        def snapshot():
+            loader = gen.get_state() if gen is not None else None
+            return {
+                "identity": identity,
+                "v": run["v"],
+                "fooling_rate": run["fooling_rate"],
+                "loader": loader,
+            }
+
+        def one_pass(p: int):
+            run["v"], run["fooling_rate"], updates = self._pass(data, benign, run["v"], p, progress)
+            loop.finished = run["fooling_rate"] >= self.target_fooling_rate
+            loop.record(
+                p, {"fooling_rate": run["fooling_rate"], "updates": updates}, {"perturbation": run["v"]}
             )
-        self.perturbation, self.fooling_rate_, self._net = v, fooling_rate, None
-        self.converged_ = fooling_rate >= self.target_fooling_rate
+
+        after = None if callback is None else (lambda p: callback(p, lambda: run["v"]))
+        start = loop.start(snapshot, load)
+        if not loop.finished:
+            loop.run(one_pass, snapshot=snapshot, load=load, after=after, start=start)
+        self.history = loop.history
+        self.perturbation, self.fooling_rate_, self._net = run["v"], run["fooling_rate"], None
+        self.converged_ = run["fooling_rate"] >= self.target_fooling_rate
         return self.perturbation
 
     def _check_resume(self, state) -> None:
-        from ..errors import CheckpointError
-
         mine = {"norm": self.norm, "eps": self.eps, "seed": self.seed, "batch_size": self.batch_size}
         diff = {k: (state["identity"].get(k), v) for k, v in mine.items() if state["identity"].get(k) != v}
         if diff:
@@ -165,64 +185,50 @@ class UAP(UniversalAttack):
                 + "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
             )
 
-    def _passes(self, data, benign, v, fooling_rate, passes, progress, ckpt, gen, rng_states):
-        """Algorithm 1 of Moosavi-Dezfooli et al.: DeepFool steps folded into v, pass after pass."""
-        identity = {"norm": self.norm, "eps": self.eps, "seed": self.seed, "batch_size": self.batch_size}
-        while fooling_rate < self.target_fooling_rate and passes < self.max_passes:
-            seen = fooled = updates = 0
-            bar = tqdm(
-                total=_num_images(data),
-                desc=f"{self.name} pass {passes + 1}",
-                unit="img",
-                disable=not progress,
-                leave=False,
-                dynamic_ncols=True,
-            )
-            shuffle = None if self.seed is None else self.seed + passes
-            for x, fx in self._batches(data, benign, self.batch_size, shuffle):
-                if self._net is None:
-                    self._net = folded_copy(self.classifier, x) if self.fast else self.classifier
-                v = torch.zeros_like(x[0]) if v is None else v  # (3, H, W)
-                x_v = apply_perturbation(x, v)  # (B, 3, H, W)
-                todo = self._predict(x_v) == fx if v.any() else torch.ones_like(fx, dtype=torch.bool)
-                if todo.any():  # the images not fooled yet
-                    dr, ok = self._deepfool(x_v[todo], fx[todo])
-                    for d in dr[ok]:  # fold each image's step into v, in data order
-                        v = project(v + d, norm=self.norm, eps=self.eps)
-                    updates += int(ok.sum())
-                seen, fooled = seen + len(x), fooled + int((~todo).sum())
-                bar.set_postfix(fooled=f"{fooled / seen:.3f}", updates=updates)
-                bar.update(len(x))
-            if v is None:
-                bar.close()
-                self._net = None
-                raise ConfigError("uap: the data is empty: no images to learn a perturbation from")
-            passes += 1
-            fooling_rate = self._fooling_rate(data, v, benign)
-            bar.set_postfix(fooling_rate=f"{fooling_rate:.3f}", updates=updates)
+    def _pass(self, data, benign, v, p: int, progress: bool):
+        """Pass ``p`` of Algorithm 1 of Moosavi-Dezfooli et al.: DeepFool steps folded into v.
+
+        Returns:
+            (v, the fooling rate of v on ``data``, the number of images whose step was folded in).
+        """
+        seen = fooled = updates = 0
+        bar = tqdm(
+            total=_num_images(data),
+            desc=f"{self.name} pass {p}",
+            unit="img",
+            disable=not progress,
+            leave=False,
+            dynamic_ncols=True,
+        )
+        shuffle = None if self.seed is None else self.seed + p - 1
+        for x, fx in self._batches(data, benign, self.batch_size, shuffle):
+            if self._net is None:
+                self._net = folded_copy(self.classifier, x) if self.fast else self.classifier
+            v = torch.zeros_like(x[0]) if v is None else v  # (3, H, W)
+            x_v = apply_perturbation(x, v)  # (B, 3, H, W)
+            todo = self._predict(x_v) == fx if v.any() else torch.ones_like(fx, dtype=torch.bool)
+            if todo.any():  # the images not fooled yet
+                dr, ok = self._deepfool(x_v[todo], fx[todo])
+                for d in dr[ok]:  # fold each image's step into v, in data order
+                    v = project(v + d, norm=self.norm, eps=self.eps)
+                updates += int(ok.sum())
+            seen, fooled = seen + len(x), fooled + int((~todo).sum())
+            bar.set_postfix(fooled=f"{fooled / seen:.3f}", updates=updates)
+            bar.update(len(x))
+        if v is None:
             bar.close()
-            self.history.append({"pass": passes, "fooling_rate": fooling_rate, "updates": updates})
-            done = fooling_rate >= self.target_fooling_rate or passes >= self.max_passes
-            ckpt.step_end(  # after every pass; raises RunInterrupted on a pending stop signal
-                passes,
-                lambda v=v, fr=fooling_rate, p=passes: {
-                    "step": p,
-                    "identity": identity,
-                    "v": v,
-                    "fooling_rate": fr,
-                    "history": self.history,
-                    "loader": gen.get_state() if gen is not None else None,
-                    "rng": rng_states(),
-                },
-                last=done,
-            )
-        return v, fooling_rate, passes
+            self._net = None
+            raise ConfigError("uap: the data is empty: no images to learn a perturbation from")
+        fooling_rate = self.fooling_rate(data, v, benign)
+        bar.set_postfix(fooling_rate=f"{fooling_rate:.3f}", updates=updates)
+        bar.close()
+        return v, fooling_rate, updates
 
-    def fooling_rate(self, data, v: torch.Tensor) -> float:
-        """ART's ``fooling_rate`` of v (3, H, W) on ``data``: the share with f(clamp(x + v, 0, 1)) != f(x)."""
-        return self._fooling_rate(data, v, None)
+    def fooling_rate(self, data, v: torch.Tensor, benign: Optional[torch.Tensor] = None) -> float:
+        """ART's ``fooling_rate`` of v (3, H, W) on ``data``: the share with f(clamp(x + v, 0, 1)) != f(x).
 
-    def _fooling_rate(self, data, v: torch.Tensor, benign: Optional[torch.Tensor]) -> float:
+        ``benign``: f(x) of every image of a tensor ``data``, when already known.
+        """
         n = fooled = 0
         for x, fx in self._batches(data, benign, 4 * self.batch_size, None):
             n, fooled = (
@@ -307,10 +313,6 @@ def _num_images(data) -> Optional[int]:
         return len(data if isinstance(data, torch.Tensor) else data.dataset)
     except (AttributeError, TypeError):
         return None
-
-
-def _is_number(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 ATTACKS.register("uap")(UAP)

@@ -19,6 +19,8 @@ from ..runtime import distributed
 from ..runtime.artifacts import save_perturbation
 from ..runtime.config import to_dict
 from ..runtime.distributed import resolve_device
+from ..runtime.history import RunLog
+from ..runtime.loop import Checkpointing
 from ..runtime.runs import finish_run
 from ._build import (
     _check_classes,
@@ -34,6 +36,7 @@ from .configs import (
     DataConfig,
     EvalConfig,
     InterpreterConfig,
+    LogConfig,
     attack_split_data,
 )
 
@@ -47,6 +50,7 @@ class AttackRunConfig:
     interpreter: InterpreterConfig = dataclasses.field(default_factory=InterpreterConfig)
     attack: AttackConfig = dataclasses.field(default_factory=AttackConfig)
     evaluate: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
     seed: int = 0
     device: str = "auto"
 
@@ -55,6 +59,10 @@ def run_attack(
     cfg, run_dir: Path, *, progress: bool = True, resume: bool = False, checkpoint_every: Optional[int] = None
 ) -> Dict[str, Any]:
     """``juap attack``: fit on the train split, evaluate on the test split, save the artifacts.
+
+    The run folder gets ``perturbation.safetensors`` with ``perturbation.png`` (raw) and
+    ``perturbation_amplified.png``, ``metrics.json`` (with the class transitions and per-class figures),
+    ``transitions.csv`` and ``maps.png`` (see :func:`write_insight`).
 
     An attack whose ``fit`` checkpoints (JUAP, GUAP) writes ``checkpoint.safetensors`` into ``run_dir``
     every ``checkpoint_every`` steps (default: its ``eval_every``); ``resume`` continues from it.
@@ -85,10 +93,14 @@ def run_attack(
         )  # fixed-size steps
         train_loader = make_loader(train, batch_size=batch, shuffle=True, seed=cfg.seed, drop_last=drop_last)
         val_loader = make_loader(val, batch_size=batch) if val is not None else None
-        fit_kwargs = {"val_data": val_loader} if "val_data" in _fit_params(attack) else {}
-        if "checkpoint_dir" in _fit_params(attack):
-            fit_kwargs.update(checkpoint_dir=run_dir, checkpoint_every=checkpoint_every, resume=resume)
-        n_hat = attack.fit(train_loader, progress=progress, **fit_kwargs)
+        checkpoint = Checkpointing(run_dir, every=checkpoint_every, resume=resume)
+        log = RunLog(run_dir, tensorboard=cfg.log.tensorboard, title=f"juap attack {cfg.attack.name}")
+        n_hat = attack.fit(
+            train_loader, val_data=val_loader, progress=progress, checkpoint=checkpoint, log=log
+        )
+        if distributed.is_main():
+            selected = getattr(attack, "best_step", None) or getattr(attack, "best_epoch", None)
+            log.finish(selected=selected, hinge=getattr(attack, "delta", None))
         save_perturbation(
             run_dir / "perturbation", n_hat, attack=cfg.attack.name, norm=cfg.attack.norm, eps=cfg.attack.eps
         )
@@ -127,6 +139,11 @@ def run_attack(
         progress=progress,
         per_class=True,
     )
+    if not isinstance(attack, UniversalAttack) and getattr(attack, "history", None) and distributed.is_main():
+        log = RunLog(run_dir, tensorboard=cfg.log.tensorboard, title=f"juap attack {cfg.attack.name}")
+        for row in attack.history:  # a per-image attack's steps over the test batches (rank 0's share)
+            log(row)
+        log.finish(hinge=getattr(attack, "delta", None))
     write_insight(run_dir, cfg, ev, clf, attack, test, interps, class_names=splits.classes, device=device)
     metrics = summarize(cfg, ev, fit_seconds=fit_seconds, class_names=splits.classes, **fit_info)
     metrics["data_summary"] = {
@@ -135,12 +152,6 @@ def run_attack(
     }
     finish_run(run_dir, config=to_dict(cfg), metrics=metrics)
     return metrics
-
-
-def _fit_params(attack) -> set:
-    import inspect
-
-    return set(inspect.signature(attack.fit).parameters)
 
 
 def summarize(cfg, ev: Dict[str, Any], **extra: Any) -> Dict[str, Any]:

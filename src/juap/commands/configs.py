@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, Literal, Optional, Tuple
 
+from .._validate import check_range
 from ..errors import ConfigError
-from ..runtime.config import check_range
 
 
 # -- sections ----------------------------------------------------------------------------------------
@@ -94,6 +94,13 @@ class AttackConfig:
     def __post_init__(self) -> None:
         check_range("attack.eps", self.eps, low=0, low_open=True)
         check_range("attack.val_fraction", self.val_fraction, low=0, high=0.5)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    """What a training command logs besides ``history.csv`` and ``curves.png`` (always written)."""
+
+    tensorboard: bool = False  # TensorBoard events in RUN/tensorboard/ (pip install "juap[tensorboard]")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,7 +34,7 @@ RTS_EPOCHS = 2  # the demo's RTS model: enough on the embedded data (pointing ga
 def demo_classifier_path(cfg: TrainClassifierConfig, cache_dir: str | os.PathLike | None = None) -> Path:
     """Where :func:`cached_demo_classifier` keeps the classifier trained with ``cfg``."""
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    return cache / "demo" / f"classifier-{cfg.classifier.name}-{config_hash(to_dict(cfg))}.safetensors"
+    return cache / "demo" / f"classifier-{cfg.classifier.name}-{config_hash(_model_key(cfg))}.safetensors"
 
 
 def cached_demo_classifier(
@@ -66,7 +66,7 @@ def cached_demo_rts(
     ccfg: TrainClassifierConfig, *, epochs: int, seed: int, cache: Path, progress: bool = True
 ) -> Tuple[Path, Dict[str, Any], bool]:
     """Train the demo classifier's RTS model once and reuse it; returns (checkpoint, metrics, was_cached)."""
-    key = config_hash({"classifier": to_dict(ccfg), "rts_epochs": epochs})
+    key = config_hash({"classifier": _model_key(ccfg), "rts_epochs": epochs})
     folder = cache / "demo" / f"rts-{key}"
     ckpt = folder / "rts.safetensors"
     if ckpt.is_file() and (folder / "metrics.json").is_file():
@@ -107,3 +107,8 @@ def _demo_models(cache: Path, need_rts: bool, progress: bool) -> Tuple[str, Opti
                 ccfg, epochs=RTS_EPOCHS, seed=0, cache=cache, progress=progress and distributed.is_main()
             )
     return str(demo_classifier_path(ccfg, cache)), (str(rts) if rts else None)
+
+
+def _model_key(cfg: TrainClassifierConfig) -> Dict[str, Any]:
+    """What a cached model depends on: the config without what only changes the logging."""
+    return {k: v for k, v in to_dict(cfg).items() if k != "log"}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -11,7 +10,6 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from ..classifiers import Classifier, save_classifier
 from ..data import (
@@ -26,15 +24,18 @@ from ..data import (
     save_split,
     to_tensors,
 )
+from ..errors import CheckpointError, ConfigError, NumericalError
 from ..evaluation import evaluate_accuracy
 from ..runtime import distributed
+from ..runtime.checkpoint import ResumableLoader
 from ..runtime.config import to_dict
 from ..runtime.distributed import resolve_device
+from ..runtime.history import RunLog
 from ..runtime.loop import (
+    Checkpointing,
+    TrainLoop,
     any_rank,
     broadcast_buffers,
-    gather_rank_states,
-    open_loop_checkpoints,
     restore_batchnorm,
     set_epoch,
     shard_train_loader,
@@ -42,7 +43,7 @@ from ..runtime.loop import (
 )
 from ..runtime.runs import finish_run
 from ._build import build_classifier
-from .configs import ClassifierConfig, DataConfig, TrainConfig
+from .configs import ClassifierConfig, DataConfig, LogConfig, TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,7 @@ class TrainClassifierConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     classifier: ClassifierConfig = dataclasses.field(default_factory=ClassifierConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
     seed: int = 0
     device: str = "auto"
 
@@ -76,16 +78,20 @@ def run_train_classifier(
         save_split(run_dir / "split.json", splits.split)
     clf = build_classifier(cfg.classifier, num_classes=splits.num_classes)
     if clf.num_classes != splits.num_classes:
-        from ..errors import ConfigError
-
         raise ConfigError(
             f"the classifier has {clf.num_classes} classes but the data has {splits.num_classes} "
             f"({splits.classes}); set classifier.num_classes={splits.num_classes} and "
             "classifier.reset_head=true to fine-tune a new head"
         )
-    ckpt = {"checkpoint_dir": run_dir, "checkpoint_every": checkpoint_every, "resume": resume}
-    metrics = _train_and_measure(clf, splits, cfg, device=device, progress=progress, **ckpt)
+    checkpoint = Checkpointing(run_dir, checkpoint_every, resume)
+    log = RunLog(
+        run_dir, tensorboard=cfg.log.tensorboard, title=f"juap train-classifier {cfg.classifier.name}"
+    )
+    metrics = _train_and_measure(
+        clf, splits, cfg, device=device, progress=progress, checkpoint=checkpoint, log=log
+    )
     if distributed.is_main():
+        log.finish()
         save_classifier(clf, run_dir / "classifier.safetensors", classes=splits.classes)
     metrics.update(
         classifier=cfg.classifier.name, classes=splits.classes, data=cfg.data.name, data_root=splits.root
@@ -102,7 +108,8 @@ def _train_and_measure(
     *,
     device: torch.device,
     progress: bool,
-    **checkpoints: Any,
+    checkpoint: Optional[Checkpointing] = None,
+    log: Any = None,
 ) -> Dict[str, Any]:
     in_memory = cfg.data.in_memory if cfg.data.in_memory is not None else cfg.data.name == "synthetic"
     if distributed.world_size() > 1:  # the model is built: per-rank RNG from here (augmentation, dropout)
@@ -124,14 +131,19 @@ def _train_and_measure(
         )
     test_loader = make_loader(splits.test, batch_size=256, num_workers=cfg.data.num_workers)
     return train_classifier(
-        clf, train_loader, test_loader, cfg.train, device=device, progress=progress, **checkpoints
+        clf,
+        train_loader,
+        test_loader,
+        cfg.train,
+        device=device,
+        progress=progress,
+        checkpoint=checkpoint,
+        log=log,
     )
 
 
 def _load_training_state(state: Dict, clf: Classifier, opt, sched) -> None:
     """Load a train-classifier checkpoint; one of another architecture or class count is refused."""
-    from ..errors import CheckpointError
-
     if state.get("arch") != clf.arch or state.get("num_classes") != clf.num_classes:
         raise CheckpointError(
             f"the checkpoint is of classifier {state.get('arch')!r} with {state.get('num_classes')} classes, "
@@ -153,10 +165,8 @@ def train_classifier(
     *,
     device: torch.device,
     progress: bool = True,
-    checkpoint_dir: str | os.PathLike | None = None,
-    checkpoint_every: int | None = None,
-    resume: bool = False,
-    max_rollbacks: int = 3,
+    checkpoint: Optional[Checkpointing] = None,
+    log: Any = None,
 ) -> Dict:
     """Train ``clf`` in place with SGD (Nesterov momentum, cosine schedule), then measure test accuracy.
 
@@ -165,12 +175,12 @@ def train_classifier(
         train_loader: augmented training batches ``(x, y, n_skipped)``.
         test_loader: held-out batches for the final top-1 accuracy (Table I), or None.
         cfg: epochs, batch size, learning rate and regularisation.
-        checkpoint_dir: folder for ``checkpoint.safetensors`` (weights, optimiser, schedule, data
-            position, RNG states), written every ``checkpoint_every`` steps (default: every epoch or 200
-            steps, whichever is sooner), at the end and on SIGINT/SIGTERM.
-        resume: continue from the checkpoint in ``checkpoint_dir`` (the same result as one run).
-        max_rollbacks: NaN/Inf losses rolled back to the last good state with the lr halved before a
-            NumericalError.
+        checkpoint: where and how often (default: every epoch or 200 steps, whichever is sooner) to save
+            the weights, optimiser, schedule, data position and RNG states, and whether to resume (the
+            same result as one run); NaN/Inf losses are rolled back to the last good state with the lr
+            halved, up to ``checkpoint.max_rollbacks`` times.
+        log: receives one history row per step (loss, running accuracy, lr), e.g. a
+            :class:`~juap.runtime.history.RunLog`.
 
     Under torchrun (:mod:`juap.runtime.distributed`) the model trains as DistributedDataParallel, each rank on
     its share of every global batch of ``cfg.batch_size`` images (:func:`shard_train_loader`; the batch
@@ -182,8 +192,6 @@ def train_classifier(
     Returns:
         Metrics: ``test_accuracy``, ``train_accuracy`` (last epoch, on augmented data), timings, counts.
     """
-    from ..errors import NumericalError
-    from ..runtime.checkpoint import cpu_copy, lower_lr, lr_settings, rng_states, set_rng_states
 
     world = distributed.world_size()
     progress = progress and distributed.is_main()
@@ -206,78 +214,90 @@ def train_classifier(
     )
     steps = cfg.epochs * max(1, len(train_loader))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.15)
-    ckpt, state, loader = open_loop_checkpoints(
-        train_loader,
-        checkpoint_dir=checkpoint_dir,
-        checkpoint_every=checkpoint_every,
-        kind="train-classifier",
-        resume=resume,
-        max_rollbacks=max_rollbacks,
+    loop = TrainLoop(
+        "train-classifier",
+        steps,
+        checkpoint=checkpoint,
+        default_every=min(200, max(1, len(train_loader))),  # one epoch or 200 steps
+        per_rank=("correct", "seen", "skipped", "data", "rng"),
+        log=log,
+        progress=progress,
     )
     c = {"step": 0, "epoch": 0, "correct": 0, "seen": 0, "skipped": 0, "seconds": 0.0}
-    per_rank = ("correct", "seen", "skipped", "data", "rng")
+    run = {"loader": ResumableLoader(train_loader)}
 
     def snapshot() -> Dict:
-        s = {
-            **c,
-            "arch": clf.arch,
-            "num_classes": clf.num_classes,
+        model_state = {
             "model": clf.state_dict(),
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
-            "data": loader.position(),
-            "rng": rng_states(),
         }
-        ranks = gather_rank_states({k: s[k] for k in per_rank})  # None in one process
-        return s if ranks is None else {**s, "ranks": ranks}
+        return {
+            **c,
+            "arch": clf.arch,
+            "num_classes": clf.num_classes,
+            **model_state,
+            "data": run["loader"].position(),
+        }
 
-    if state is not None:
+    def load(state: Dict) -> None:
         _load_training_state(state, clf, opt, sched)
         c.update({k: state[k] for k in c})
-        set_rng_states(state["rng"])
-    else:
-        ckpt.remember(snapshot())
+        run["loader"] = ResumableLoader(train_loader, state["data"])
+
+    def batches():  # (epoch, batch) from where the checkpoint left off
+        for epoch in range(c["epoch"], cfg.epochs):
+            clf.train()
+            if epoch != c["epoch"]:
+                c.update(epoch=epoch, correct=0, seen=0)
+            set_epoch(train_loader, epoch)
+            for batch in run["loader"]:
+                yield epoch, batch
+
+    def step(i: int):
+        item = next(it, None)
+        if item is None:  # no (more) batches: a train split smaller than one batch
+            loop.finished = True
+            return None
+        epoch, (x, y, n_skip) = item
+        c["step"], c["skipped"] = i, c["skipped"] + n_skip
+        c["seconds"] = time.perf_counter() - t0
+        if any_rank(len(y) == 0):  # under torchrun all ranks skip alike
+            sched.step()
+            return None
+        x, y = x.to(device), y.to(device)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+        if any_rank(not bool(torch.isfinite(loss))):
+            raise NumericalError(f"train-classifier: the loss became {loss.item()}")
+        lr = opt.param_groups[0]["lr"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        c["correct"] += int((logits.argmax(1) == y).sum())
+        c["seen"] += len(y)
+        c["seconds"] = time.perf_counter() - t0
+        return {
+            "epoch": epoch + 1,
+            "loss": loss.item(),
+            "accuracy": c["correct"] / max(c["seen"], 1),
+            "lr": lr,
+        }
+
+    start = loop.start(snapshot, load)
     model = distributed.wrap_ddp(clf)  # broadcasts rank 0's parameters and buffers; clf itself alone
     t0 = time.perf_counter() - c["seconds"]
-    bar = tqdm(
-        total=steps, initial=c["step"], desc="train-classifier", disable=not progress, dynamic_ncols=True
+    it = batches()
+    loop.run(
+        step,
+        snapshot=snapshot,
+        load=load,
+        restore=lambda good: _load_training_state(good, clf, opt, sched),
+        optimizer=opt,
+        scheduler=sched,
+        start=start,
     )
-    for epoch in ckpt.steps(range(c["epoch"], cfg.epochs)):
-        clf.train()
-        if epoch != c["epoch"]:
-            c.update(epoch=epoch, correct=0, seen=0)
-        set_epoch(train_loader, epoch)
-        for x, y, n_skip in loader:
-            c["step"] += 1
-            c["skipped"] += n_skip
-            if any_rank(len(y) == 0):  # under torchrun all ranks skip alike
-                bar.update(1)
-                sched.step()
-                continue
-            x, y = x.to(device), y.to(device)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-            if any_rank(not bool(torch.isfinite(loss))):
-                lrs = lr_settings(opt, sched)
-                good = ckpt.roll_back(NumericalError(f"train-classifier: the loss became {loss.item()}"))
-                _load_training_state(cpu_copy(good), clf, opt, sched)
-                lower_lr(opt, lrs, ckpt.lr_factor, sched)
-                continue
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            c["correct"] += int((logits.argmax(1) == y).sum())
-            c["seen"] += len(y)
-            bar.set_postfix(
-                epoch=f"{epoch + 1}/{cfg.epochs}",
-                loss=f"{loss.item():.3f}",
-                acc=f"{c['correct'] / max(c['seen'], 1):.3f}",
-            )
-            bar.update(1)
-            c["seconds"] = time.perf_counter() - t0
-            ckpt.step_end(c["step"], snapshot, last=c["step"] == steps)
-    bar.close()
     restore_batchnorm(swapped)
     broadcast_buffers(clf)  # under torchrun: rank 0's BatchNorm statistics everywhere
     correct, seen, skipped = c["correct"], c["seen"], c["skipped"]

@@ -14,22 +14,32 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, Literal, Sequence
+from typing import Any, Dict, Literal, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..classifiers import Classifier
-from ..errors import CheckpointError, ConfigError, DataError
+from ..errors import CheckpointError, ConfigError, DataError, NumericalError
 from ..interpreters.base import upsample_maps
 from ..interpreters.rts import ENCODERS, RTS, rts_loss, save_rts
 from ..runtime import distributed
+from ..runtime.checkpoint import ResumableLoader
 from ..runtime.config import check_range, to_dict
+from ..runtime.history import RunLog
+from ..runtime.loop import (
+    Checkpointing,
+    TrainLoop,
+    any_rank,
+    broadcast_buffers,
+    set_epoch,
+    shard_train_loader,
+)
 from ..runtime.runs import finish_run
-from .configs import ClassifierConfig, DataConfig
+from .configs import ClassifierConfig, DataConfig, LogConfig
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 LOSS_PARTS = ("total", "preserve", "destroy", "area", "tv")
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
@@ -116,6 +126,7 @@ class TrainRTSConfig:
     classifier: ClassifierConfig = dataclasses.field(default_factory=ClassifierConfig)
     rts: RTSModelConfig = dataclasses.field(default_factory=RTSModelConfig)
     train: RTSTrainConfig = dataclasses.field(default_factory=RTSTrainConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
     seed: int = 0
     device: str = "auto"
 
@@ -178,10 +189,8 @@ def train_rts(
     *,
     device: torch.device,
     progress: bool = True,
-    checkpoint_dir: str | os.PathLike | None = None,
-    checkpoint_every: int | None = None,
-    resume: bool = False,
-    max_rollbacks: int = 3,
+    checkpoint: Optional[Checkpointing] = None,
+    log: Any = None,
 ) -> Dict[str, Any]:
     """Train the masking model in place with Adam on eq 12; the classifier and encoder stay frozen.
 
@@ -192,12 +201,12 @@ def train_rts(
         cfg: epochs, learning rate, eq-12 weights, fake-label share and time bound.
         device: where to train.
         progress: show a tqdm bar with the live loss.
-        checkpoint_dir: folder for ``checkpoint.safetensors`` (masking model, Adam, schedule, data
-            position, RNG states, loss history), written every ``checkpoint_every`` steps (default: every
-            epoch or 200 steps, whichever is sooner), at the end and on SIGINT/SIGTERM.
-        resume: continue from the checkpoint in ``checkpoint_dir``.
-        max_rollbacks: NaN/Inf losses rolled back to the last good state with the lr halved before a
-            NumericalError.
+        checkpoint: where and how often (default: every epoch or 200 steps, whichever is sooner) to save
+            the masking model, Adam, schedule, data position, RNG states and loss history, and whether to
+            resume; NaN/Inf losses are rolled back to the last good state with the lr halved, up to
+            ``checkpoint.max_rollbacks`` times.
+        log: receives one history row per step (the eq-12 loss parts and the lr), e.g. a
+            :class:`~juap.runtime.history.RunLog`.
 
     Under torchrun (:mod:`juap.runtime.distributed`) the masking model trains as DistributedDataParallel, each
     rank on its share of every global batch (:func:`~juap.runtime.loop.shard_train_loader`; the batch size
@@ -210,61 +219,53 @@ def train_rts(
         Metrics: ``train_loss`` (loss parts, mean over the last epoch), ``first_loss`` (first epoch),
         ``train_seconds``, ``steps``, ``epochs_done``, ``stopped_early`` (time bound reached).
     """
-    from ..errors import NumericalError
-    from ..runtime.checkpoint import cpu_copy, lower_lr, lr_settings, rng_states, set_rng_states
-    from ..runtime.loop import (
-        any_rank,
-        broadcast_buffers,
-        gather_rank_states,
-        open_loop_checkpoints,
-        set_epoch,
-        shard_train_loader,
-    )
-
     world = distributed.world_size()
-    progress = progress and distributed.is_main()
     if world > 1:
         distributed.check_divisible(cfg.batch_size, "train.batch_size")
     train_loader = shard_train_loader(train_loader)
     rts.to(device).train()
-    params = rts.trainable_parameters()
-    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_total = cfg.epochs * max(1, len(train_loader))
+    opt = torch.optim.Adam(rts.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per_epoch = max(1, len(train_loader))
+    steps_total = cfg.epochs * per_epoch
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps_total, eta_min=cfg.lr * 0.05)
     gen = torch.Generator().manual_seed(int(torch.initial_seed()) % (2**31))
     kwargs = cfg.loss_kwargs()
-    ckpt, state, loader = open_loop_checkpoints(
-        train_loader,
-        checkpoint_dir=checkpoint_dir,
-        checkpoint_every=checkpoint_every,
-        kind="train-rts",
-        resume=resume,
-        max_rollbacks=max_rollbacks,
+    loop = TrainLoop(
+        "train-rts",
+        steps_total,
+        checkpoint=checkpoint,
+        default_every=min(200, per_epoch),  # one epoch or 200 steps
+        per_rank=("seen", "sums", "fake_labels", "data", "rng"),
+        log=log,
+        progress=progress,
     )
-    c: Dict[str, Any] = {"steps": 0, "epoch": 0, "epochs_done": 0, "seen": 0, "seconds": 0.0}
+    # steps: optimiser steps taken (a skipped empty batch or a rolled-back one takes none)
+    c: Dict[str, Any] = {
+        "steps": 0,
+        "epoch": 0,
+        "epochs_done": 0,
+        "seen": 0,
+        "seconds": 0.0,
+        "stopped": False,
+    }
     sums = {k: 0.0 for k in LOSS_PARTS}
-    history: list[Dict[str, float]] = []
+    epochs: list[Dict[str, float]] = []  # the loss parts per epoch: means over the ranks' images
     trained = _trainable_names(rts)
-
-    per_rank = ("seen", "sums", "fake_labels", "data", "rng")
+    run = {"loader": ResumableLoader(train_loader)}
 
     def snapshot() -> Dict[str, Any]:
-        s = {
+        return {
             **c,
-            "step": c["steps"],
             "sums": sums,
-            "history": history,
+            "epochs": epochs,
             "model": {k: v for k, v in rts.state_dict().items() if k in trained},
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
             "fake_labels": gen.get_state(),
-            "data": loader.position(),
-            "rng": rng_states(),
+            "data": run["loader"].position(),
         }
-        ranks = gather_rank_states({k: s[k] for k in per_rank})  # None in one process
-        return s if ranks is None else {**s, "ranks": ranks}
 
-    def load(s: Dict[str, Any]) -> None:
+    def restore(s: Dict[str, Any]) -> None:  # the weights, Adam, schedule and fake-label draws
         try:
             rts.load_state_dict(s["model"], strict=False)
             opt.load_state_dict(s["optimizer"])
@@ -273,37 +274,50 @@ def train_rts(
             raise CheckpointError(f"the checkpoint does not fit this RTS model: {e}") from None
         gen.set_state(s["fake_labels"])
 
-    if state is not None:
-        if set(state["model"]) != set(trained):
+    def load(s: Dict[str, Any]) -> None:
+        if set(s["model"]) != set(trained):
             raise CheckpointError(
                 "the checkpoint is of another RTS model (other layers); resume with the same config"
             )
-        load(state)
-        c.update({k: state[k] for k in c})
-        sums.update(state["sums"])
-        history[:] = state["history"]
-        set_rng_states(state["rng"])
-    else:
-        ckpt.remember(snapshot())
-    model = distributed.wrap_ddp(rts)  # averages the masking model's gradients; rts itself alone
-    t0 = time.perf_counter() - c["seconds"]
-    deadline = time.perf_counter() + 60.0 * cfg.max_minutes - c["seconds"]
-    bar = tqdm(
-        total=steps_total, initial=c["steps"], desc="train-rts", disable=not progress, dynamic_ncols=True
-    )
-    stopped = False
-    for epoch in ckpt.steps(range(c["epoch"], cfg.epochs)):
-        if epoch != c["epoch"]:
-            c.update(epoch=epoch, seen=0)
-            sums.update({k: 0.0 for k in LOSS_PARTS})
-        set_epoch(train_loader, epoch)
-        for x, y, _n_skip in loader:
-            if any_rank(time.perf_counter() > deadline):  # under torchrun every rank stops at this step
-                stopped = True
-                break
-            if any_rank(len(y) == 0):
-                bar.update(1)
-                continue
+        restore(s)
+        c.update({k: s[k] for k in c})
+        sums.update(s["sums"])
+        epochs[:] = s["epochs"]
+        run["loader"] = ResumableLoader(train_loader, s["data"])
+
+    def batches():  # (epoch, batch) from where the checkpoint left off
+        for epoch in range(c["epoch"], cfg.epochs):
+            if epoch != c["epoch"]:
+                c.update(epoch=epoch, seen=0)
+                sums.update({k: 0.0 for k in LOSS_PARTS})
+            set_epoch(train_loader, epoch)
+            for batch in run["loader"]:
+                yield epoch, batch
+
+    def end_epoch(epoch: int) -> None:
+        epoch_sums = distributed.all_reduce_sums({**sums, "_seen": c["seen"]})  # over the ranks
+        if epoch_sums["_seen"]:
+            epochs.append({k: epoch_sums[k] / epoch_sums["_seen"] for k in LOSS_PARTS})
+        c["epochs_done"] += 0 if c["stopped"] else 1
+
+    def step(i: int):
+        item = next(it, None)
+        if item is None:  # no (more) batches: a train split smaller than one batch
+            loop.finished = True
+            return None
+        epoch, (x, y, _n_skip) = item
+        c["seconds"] = time.perf_counter() - t0
+        if any_rank(time.perf_counter() > deadline):  # under torchrun every rank stops at this step
+            c["stopped"], loop.finished = True, True
+            logger.warning(
+                "train-rts stopped after %.1f minutes (train.max_minutes) in epoch %d",
+                cfg.max_minutes,
+                epoch + 1,
+            )
+            end_epoch(epoch)
+            return None
+        row = None
+        if not any_rank(len(y) == 0):
             x, y = x.to(device), y.to(device)
             if cfg.target == "predicted":
                 with torch.no_grad():
@@ -312,10 +326,8 @@ def train_rts(
             masks = model(x, classes)  # (N, H/4, W/4)
             loss, parts = rts_loss(rts.classifier, x, masks, classes, real=real, **kwargs)
             if any_rank(not bool(torch.isfinite(loss))):
-                lrs = lr_settings(opt, sched)
-                load(cpu_copy(ckpt.roll_back(NumericalError(f"train-rts: the loss became {loss.item()}"))))
-                lower_lr(opt, lrs, ckpt.lr_factor, sched)
-                continue
+                raise NumericalError(f"train-rts: the loss became {loss.item()}")
+            lr = opt.param_groups[0]["lr"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -324,36 +336,28 @@ def train_rts(
             for k in LOSS_PARTS:
                 sums[k] += float(parts[k]) * len(y)
             c["seen"] += len(y)
-            bar.set_postfix(
-                epoch=f"{epoch + 1}/{cfg.epochs}",
-                loss=f"{float(parts['total']):.3f}",
-                area=f"{float(parts['area']):.3f}",
-            )
-            bar.update(1)
             c["seconds"] = time.perf_counter() - t0
-            ckpt.step_end(c["steps"], snapshot, last=c["steps"] == steps_total)
-        epoch_sums = distributed.all_reduce_sums({**sums, "_seen": c["seen"]})  # over the ranks
-        if epoch_sums["_seen"]:
-            history.append({k: epoch_sums[k] / epoch_sums["_seen"] for k in LOSS_PARTS})
-        if stopped:
-            log.warning(
-                "train-rts stopped after %.1f minutes (train.max_minutes) in epoch %d",
-                cfg.max_minutes,
-                epoch + 1,
-            )
-            break
-        c["epochs_done"] += 1
-    bar.close()
+            row = {"epoch": epoch + 1, **{k: float(parts[k]) for k in LOSS_PARTS}, "lr": lr}
+        if i % per_epoch == 0:  # the epoch's last batch
+            end_epoch(epoch)
+        return row
+
+    start = loop.start(snapshot, load)
+    model = distributed.wrap_ddp(rts)  # averages the masking model's gradients; rts itself alone
+    t0 = time.perf_counter() - c["seconds"]
+    deadline = time.perf_counter() + 60.0 * cfg.max_minutes - c["seconds"]
+    it = batches()
+    loop.run(step, snapshot=snapshot, load=load, restore=restore, optimizer=opt, scheduler=sched, start=start)
     broadcast_buffers(rts)  # under torchrun: rank 0's BatchNorm statistics everywhere
     rts.eval()
     return {
-        "train_loss": history[-1] if history else {},
-        "first_loss": history[0] if history else {},
-        "loss_history": [h["total"] for h in history],
+        "train_loss": epochs[-1] if epochs else {},
+        "first_loss": epochs[0] if epochs else {},
+        "loss_history": [h["total"] for h in epochs],
         "train_seconds": round(time.perf_counter() - t0, 2),
         "steps": c["steps"],
         "epochs_done": c["epochs_done"],
-        "stopped_early": stopped,
+        "stopped_early": c["stopped"],
     }
 
 
@@ -554,16 +558,18 @@ def run_train_rts(
         seed=cfg.seed,
         drop_last=len(splits.train) > cfg.train.batch_size,
     )
+    run_log = RunLog(run_dir, tensorboard=cfg.log.tensorboard, title="juap train-rts")
     metrics = train_rts(
         rts,
         loader,
         cfg.train,
         device=device,
         progress=progress,
-        checkpoint_dir=run_dir,
-        checkpoint_every=checkpoint_every,
-        resume=resume,
+        checkpoint=Checkpointing(run_dir, checkpoint_every, resume),
+        log=run_log,
     )
+    if distributed.is_main():
+        run_log.finish()
     boxes = _test_boxes(splits) if cfg.data.name == "synthetic" else None
     ev = evaluate_rts(
         rts, splits.test, device=device, boxes=boxes, loss_kwargs=cfg.train.loss_kwargs(), progress=progress
@@ -597,7 +603,7 @@ def _test_boxes(splits: Any) -> Dict[int, Sequence[int]] | None:
     try:
         boxes = load_boxes(splits.root)
     except DataError as e:
-        log.warning("no pointing game: %s", e)
+        logger.warning("no pointing game: %s", e)
         return None
     root = Path(splits.root).resolve()
     out = {}

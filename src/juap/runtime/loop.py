@@ -1,13 +1,218 @@
-"""The training-loop plumbing shared by every trainer: sharding, DDP, per-rank state, checkpoints."""
+"""The one training-loop engine every trainer runs in, and the sharding/DDP plumbing around it.
+
+A trainer (the generator attacks, SGD-UAP, UAP, ``train-classifier``, ``train-rts``) provides three small
+functions and the engine does the rest:
+
+- ``step(step) -> row``: one step (or epoch); the row of scalars it returns goes into the history;
+  a :class:`~juap.errors.NumericalError` it raises rolls the loop back;
+- ``snapshot() -> state`` and ``load(state)``: everything needed to continue after this step (weights,
+  optimiser, data position, best so far), and putting it back on resume;
+- ``restore(state)`` (optional): what a NaN/Inf roll-back reloads (by default ``load``).
+
+The engine owns resume, the checkpoint cadence, NaN/Inf roll-back with a lower learning rate,
+SIGINT/SIGTERM (a checkpoint at the next step boundary), the progress bar, the RNG states, the per-rank
+part of the state under torchrun, and the history: every row is kept in ``loop.history`` (and in the
+checkpoint, so a resumed run continues it) and handed to an optional ``log`` such as
+:class:`~juap.runtime.history.RunLog`, which writes ``history.csv``, ``curves.png`` and TensorBoard events.
+"""
 
 from __future__ import annotations
 
-from typing import Dict
+import dataclasses
+import os
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from tqdm.auto import tqdm
 
+from ..errors import CheckpointError, ConfigError, NumericalError
 from . import distributed
+from .checkpoint import (
+    LoopCheckpoints,
+    ResumableLoader,
+    cpu_copy,
+    lower_lr,
+    lr_settings,
+    rng_states,
+    set_rng_states,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpointing:
+    """Where and how often a training loop saves itself, and whether it continues from there.
+
+    Args:
+        directory: folder for ``checkpoint.safetensors``; None keeps the last good state in memory only.
+        every: save every this many steps (None: the loop's own default, e.g. its validation cadence),
+            and always at the last step and on SIGINT/SIGTERM.
+        resume: continue from the checkpoint in ``directory`` when there is one.
+        max_rollbacks: NaN/Inf faults rolled back (with the learning rate halved) before giving up.
+    """
+
+    directory: Optional[str | os.PathLike] = None
+    every: Optional[int] = None
+    resume: bool = False
+    max_rollbacks: int = 3
+
+
+class TrainLoop:
+    """One training loop of ``total`` steps (see the module docstring).
+
+    Args:
+        kind: what the loop is (``"juap"``, ``"train-classifier"``, ...): the progress bar's label and the
+            checkpoint's kind, checked on resume.
+        total: the number of steps (or epochs, with ``unit="epoch"``).
+        checkpoint: where and how often to save; None: in memory only, every ``default_every`` steps.
+        default_every: the cadence when ``checkpoint.every`` is None.
+        per_rank: state keys that differ between the ranks under torchrun (data position, RNG states,
+            running counts): gathered into the checkpoint, and each rank gets its own back on resume.
+        log: called as ``log(row, images)`` for every history row (rank 0 only), and ``log.restore(rows)``
+            on resume; see :class:`~juap.runtime.history.RunLog`.
+        progress: show a progress bar (rank 0 only).
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        total: int,
+        *,
+        checkpoint: Optional[Checkpointing] = None,
+        default_every: int = 1,
+        per_rank: Sequence[str] = (),
+        log: Any = None,
+        progress: bool = True,
+        unit: str = "step",
+    ) -> None:
+        c = checkpoint or Checkpointing()
+        self.kind, self.total, self.unit, self.per_rank = kind, int(total), unit, tuple(per_rank)
+        self.ckpt = LoopCheckpoints(
+            c.directory,
+            every=default_every if c.every is None else c.every,
+            kind=kind,
+            resume=c.resume,
+            max_rollbacks=c.max_rollbacks,
+            write=distributed.is_main(),
+        )
+        self.log = log if distributed.is_main() else None
+        self.progress = progress and distributed.is_main()
+        self.history: list = []
+        self.bar = None
+        self.finished = False  # a step sets it to end the loop after that step
+
+    # -- the loop --------------------------------------------------------------------------------------
+    def run(
+        self,
+        step: Callable[[int], Optional[Mapping[str, Any]]],
+        *,
+        snapshot: Callable[[], Dict[str, Any]],
+        load: Callable[[Dict[str, Any]], None],
+        restore: Optional[Callable[[Dict[str, Any]], None]] = None,
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        scheduler: Any = None,
+        after: Optional[Callable[[int], None]] = None,
+        start: Optional[int] = None,
+    ) -> int:
+        """Run (or continue) the loop; returns the step it started after (0 for a fresh run).
+
+        ``after(step)`` runs once the step's checkpoint (if due) is written: callbacks go there.
+        ``start``: the result of an earlier :meth:`start` (a trainer that must know the resumed position
+        before it builds its batches calls it first); None calls it here.
+        """
+        start = self.start(snapshot, load) if start is None else start
+        try:
+            for i in self.steps(start):
+                try:
+                    row = step(i)
+                except NumericalError as e:  # back to the last good state with a lower lr; bounded tries
+                    self.roll_back(e, restore or load, optimizer, scheduler, step=i)
+                    continue
+                if row is not None:
+                    self.record(i, row)
+                last = i == self.total or self.finished
+                self.ckpt.step_end(i, lambda i=i: self._snapshot(snapshot, i), last=last)
+                if after is not None:
+                    after(i)
+                if self.finished:  # a trainer that converged early (UAP at its target fooling rate)
+                    break
+        finally:  # also when stopped by a signal: the log's files hold what the checkpoint holds
+            self.close()
+            if self.log is not None:
+                self.log.flush()
+        return start
+
+    def start(self, snapshot: Callable[[], Dict[str, Any]], load: Callable[[Dict[str, Any]], None]) -> int:
+        """Load the checkpoint when resuming (returns its step) or remember the state before step 1 (0)."""
+        if self.ckpt.resume:  # under torchrun: rank 0's last write is done before any rank reads
+            distributed.barrier()
+        state = self.ckpt.resume_state()
+        if state is None:
+            self.ckpt.remember(self._snapshot(snapshot, 0))
+            return 0
+        if self.per_rank:
+            mine = this_rank_state(state, self.kind)
+            state = {**state, **mine} if mine is not None else state
+        if int(state["step"]) > self.total:
+            raise CheckpointError(
+                f"the {self.kind} checkpoint is at {self.unit} {state['step']}, beyond the {self.total} of "
+                "this run: resume with the same config, or start a new run folder"
+            )
+        self.history = list(state.get("history") or [])
+        load(state)
+        set_rng_states(state["rng"])
+        if self.log is not None:
+            self.log.restore(self.history)
+        return int(state["step"])
+
+    def steps(self, start: int) -> Iterator[int]:
+        """Steps ``start + 1 .. total`` with a progress bar and SIGINT/SIGTERM turned into a checkpoint."""
+        self.bar = tqdm(
+            range(start + 1, self.total + 1),
+            initial=start,
+            total=self.total,
+            desc=self.kind,
+            unit=self.unit,
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
+        yield from self.ckpt.steps(self.bar)
+
+    def record(
+        self, step: int, row: Mapping[str, Any], images: Optional[Mapping[str, torch.Tensor]] = None
+    ) -> None:
+        """Add a history row (``step`` first) and show its main figures on the progress bar."""
+        row = {self.unit: step, **row}
+        self.history.append(row)
+        if self.log is not None:
+            self.log(row, images or {})
+        if self.bar is not None:
+            shown = {k: v for k, v in row.items() if k in _SHOWN and isinstance(v, (int, float))}
+            self.bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()}, refresh=False)
+
+    def roll_back(self, error, restore, optimizer=None, scheduler=None, *, step: int) -> None:
+        """A NaN/Inf fault: reload the last good state, multiply the lr by ``lr_factor``, note it."""
+        lrs = lr_settings(optimizer, scheduler) if optimizer is not None else None
+        good = self.ckpt.roll_back(error)  # NumericalError when the tries are used up
+        restore(cpu_copy(good))
+        if optimizer is not None:
+            lower_lr(optimizer, lrs, self.ckpt.lr_factor, scheduler)
+        self.history.append({self.unit: step, "rolled_back_to": good["step"], "error": str(error)})
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def _snapshot(self, snapshot: Callable[[], Dict[str, Any]], step: int) -> Dict[str, Any]:
+        state = {**snapshot(), "step": step, "history": self.history, "rng": rng_states()}
+        if self.per_rank:
+            ranks = gather_rank_states({k: state[k] for k in self.per_rank})  # None in one process
+            if ranks is not None:
+                state["ranks"] = ranks
+        return state
+
+
+_SHOWN = ("loss", "batch_fooling_ratio", "val_fooling_ratio", "val_iou", "accuracy", "lam")
 
 
 def any_rank(flag: bool) -> bool:
@@ -31,10 +236,7 @@ def shard_train_loader(loader):
     """
     import copy
 
-    from torch.utils.data import DistributedSampler, RandomSampler
-
     from ..data import InMemoryLoader
-    from ..errors import ConfigError
 
     w = distributed.world_size()
     if w == 1:
@@ -72,8 +274,6 @@ def shard_train_loader(loader):
 
 def set_epoch(loader, epoch: int) -> None:
     """Tell a ``DistributedSampler`` (of a :func:`shard_train_loader` loader) which epoch starts."""
-    from torch.utils.data import DistributedSampler
-
     sampler = getattr(loader, "sampler", None)
     if isinstance(sampler, DistributedSampler):
         sampler.set_epoch(epoch)
@@ -118,8 +318,6 @@ def gather_rank_states(state: Dict) -> list | None:
     """Every rank's ``state`` (a list, rank order) for a checkpoint; None alone."""
     if distributed.world_size() == 1:
         return None
-    from .checkpoint import cpu_copy
-
     out: list = [None] * distributed.world_size()
     torch.distributed.all_gather_object(out, cpu_copy(state))
     return out
@@ -131,8 +329,6 @@ def this_rank_state(state: Dict, kind: str) -> Dict | None:
     Raises:
         CheckpointError: the checkpoint was written by another number of processes.
     """
-    from ..errors import CheckpointError
-
     ranks = state.get("ranks")
     saved = len(ranks) if ranks else 1
     if saved != distributed.world_size():
@@ -159,8 +355,6 @@ def open_loop_checkpoints(
     Returns:
         ``(ckpt, state or None, loader)``.
     """
-    from .checkpoint import LoopCheckpoints, ResumableLoader
-
     ckpt = LoopCheckpoints(
         checkpoint_dir,
         every=checkpoint_every or min(200, max(1, len(train_loader))),
