@@ -27,6 +27,7 @@ def run_evaluate(
 
     The budget in metrics.json is the one the file records (a config budget that differs is an error);
     ``budget_given`` says the config set ``attack.eps``/``attack.norm`` (for files that record none).
+    Like ``juap attack`` it writes ``transitions.csv`` and ``maps.png`` beside ``metrics.json``.
     """
     from ..errors import ConfigError
     from ..evaluation import evaluate, perturbation_budget
