@@ -2,6 +2,7 @@
 
 from . import attacks, generators, interpreters  # noqa: F401
 from ._registry import ATTACKS, CLASSIFIERS, GENERATORS, INTERPRETERS
+from .attacks.base import COMMON_ARGS
 from .classifiers import Classifier, create_classifier, load_classifier, save_classifier
 from .errors import CheckpointError, ConfigError, DataError, JuapError, WeightsUnavailableError
 from .evaluation import evaluate
@@ -30,13 +31,17 @@ def list_generators() -> list[str]:
 
 
 def create_interpreter(name: str, classifier: Classifier, **kwargs):
-    """Build a registered interpreter (CAM, Grad-CAM, RTS) for ``classifier``."""
-    return INTERPRETERS.create(name, classifier, **kwargs)
+    """Build a registered interpreter (CAM, Grad-CAM, RTS) for ``classifier``; options are checked by the
+    class's ``create`` (e.g. ``layer=`` for Grad-CAM, ``checkpoint=`` for RTS)."""
+    return INTERPRETERS.get(name).create(classifier, **kwargs)
 
 
 def create_attack(name: str, **kwargs):
-    """Build a registered attack with keyword-only hyperparameters."""
-    return ATTACKS.create(name, **kwargs)
+    """Build a registered attack with keyword-only hyperparameters, checked against the class's declared
+    ``hyperparams`` first (an unknown name or a bad value is a ConfigError naming it)."""
+    cls = ATTACKS.get(name)
+    cls.check_hyperparams({k: v for k, v in kwargs.items() if k not in COMMON_ARGS})
+    return cls(**kwargs)
 
 
 def create_generator(name: str, **kwargs):

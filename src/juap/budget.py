@@ -11,6 +11,7 @@ import warnings
 
 import torch
 
+from ._validate import check_int
 from .errors import ConfigError
 
 BUDGET_NORMS = ("linf", "l2")
@@ -171,8 +172,7 @@ def l2_budget_for_size(eps_224: float, height: int, width: int, channels: int = 
     """
     check_budget("l2", eps_224)
     for field, value in (("height", height), ("width", width), ("channels", channels)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{field} must be a positive integer, got {value!r}")
+        check_int(field, value, low=1)
     return float(eps_224) * math.sqrt(channels * height * width / _D_224)
 
 

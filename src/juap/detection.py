@@ -7,10 +7,11 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from ._validate import check_range
+from .budget import apply_perturbation
 from .errors import ConfigError
 from .interpreters.base import normalize_maps
 from .metrics import IOU_KS, iou_topk, l1_distance
-from .runtime.config import check_range
 
 INSPECTORS = ("inspector L1", "inspector 1-IoU")
 
@@ -216,8 +217,6 @@ def explain_all(
     Returns:
         ``(logits (N, C), maps (N, h, w))`` on the CPU.
     """
-    from .budget import apply_perturbation
-
     device = next(interpreter.classifier.parameters()).device
     logits, maps = [], []
     for i in range(0, len(x), batch_size):

@@ -1,25 +1,29 @@
 """``juap.evaluate``: metrics of a perturbation or attack, with the unmodified classifier and interpreters.
 
-SPEC §3: the benign map explains f(x); the adversarial map explains the class predicted for x_hat
-(what an inspector sees). Figures are streamed as sums and counts (:class:`~juap.metrics.MetricSums`).
+As in the paper's eqs 18-20: the benign map explains f(x); the adversarial map explains the class
+predicted for x_hat (what an inspector sees). Figures are streamed as sums and counts
+(:class:`~juap.metrics.MetricSums`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Mapping, Optional
+from typing import TYPE_CHECKING, Callable, Dict, Mapping, Optional
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .attacks.base import Attack, PerImageAttack, UniversalAttack, iter_batches
 from .budget import apply_perturbation, perturbation_norm
 from .classifiers.base import Classifier
+from .data.batches import iter_batches  # not from juap.attacks, which imports this module
 from .interpreters.base import Interpreter
 from .metrics import MetricSums
 from .runtime import distributed
 from .runtime.loop import _local_eval_batches, shard_eval_loader
+
+if TYPE_CHECKING:
+    from .attacks.base import Attack
 
 
 def evaluate(
@@ -104,7 +108,7 @@ def evaluate(
         sums.all_reduce()
     out = preds.summary()
     out["interpreters"] = {name: s.summary() for name, s in per_interp.items()}
-    if isinstance(attack, torch.Tensor) or isinstance(attack, UniversalAttack):
+    if isinstance(attack, torch.Tensor) or getattr(attack, "universal", False):
         n = attack if isinstance(attack, torch.Tensor) else attack.perturbation
         out["perturbation_linf"] = float(perturbation_norm(n.double(), "linf"))  # float64: no overflow
         out["perturbation_l2"] = float(perturbation_norm(n.double(), "l2"))
@@ -119,9 +123,9 @@ def perturb_fn(attack, device):
         check_finite(attack)
         n_hat = attack.to(device)
         return lambda x, y: apply_perturbation(x, n_hat)
-    if isinstance(attack, UniversalAttack):
+    if getattr(attack, "universal", False):  # a fitted UniversalAttack
         return lambda x, y: attack.perturb(x)
-    if isinstance(attack, PerImageAttack) or callable(attack):
+    if callable(attack):  # a PerImageAttack or any f(x, y)
         return attack
     raise TypeError(f"cannot evaluate {type(attack).__name__}: pass a perturbation tensor or an attack")
 

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ._validate import is_int
 from .errors import ConfigError
 from .interpreters.base import normalize_maps
 from .runtime.distributed import global_count, global_sum
@@ -34,7 +35,7 @@ def attack_classes(
 
 
 def check_target(target: Optional[int], num_classes: int) -> None:
-    if target is None or isinstance(target, bool) or not isinstance(target, int):
+    if not is_int(target):
         raise ConfigError(f"the targeted objective needs an integer target class, got {target!r}")
     if not 0 <= target < num_classes:
         raise ConfigError(

@@ -1,4 +1,4 @@
-"""Evaluation metrics (eqs 18-20, SPEC §3), streamed over a loader as sums and counts.
+"""Evaluation metrics (the paper's eqs 18-20), streamed over a loader as sums and counts.
 
 Every figure is a ratio of sums kept in :class:`MetricSums`, so shards and ranks combine exactly
 (never an average of averages).
@@ -7,14 +7,14 @@ Every figure is a ratio of sums kept in :class:`MetricSums`, so shards and ranks
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
+from ._validate import check_range
 from .errors import ConfigError
 from .interpreters.base import normalize_maps
 from .runtime import distributed
-from .runtime.config import check_range
 
 IOU_KS = (10, 20, 30, 40, 50)
 
@@ -230,10 +230,6 @@ class MetricSums:
                 }
             )
         return out
-
-
-def mean_over(values: Sequence[float]) -> float:
-    return sum(values) / max(len(values), 1)
 
 
 # -- ranking metrics ---------------------------------------------------------------------------------

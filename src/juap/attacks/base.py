@@ -3,36 +3,54 @@
 A universal attack learns one perturbation from data: ``attack.fit(data) -> n_hat`` (3, H, W) in
 [0, 1] pixel units, then ``attack.perturb(x)`` applies it. A per-image attack is called directly:
 ``attack(x, y) -> x_adv``. Budgets are given in the paper's 0-255 units (``eps``) and converted
-once (SPEC §3); images are in [0, 1], and no attack knows about mean/std.
+once (the paper's eq 6 works in [0, 1] units); images are in [0, 1], and no attack knows about mean/std.
+
+Each attack class declares what orchestration needs to know about it, so that no command names a
+concrete attack: ``label`` (its name in tables), ``takes_interpreter``, ``hyperparams`` (the typed,
+checked :class:`~juap._validate.Param` of every keyword argument besides classifier, norm, eps,
+interpreter and device) and ``artifacts`` (what a run saves of it: ``"perturbation"``, ``"generator"``).
 """
 
 from __future__ import annotations
 
 import copy
-import itertools
-from typing import Iterator, Optional, Tuple
+from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
+from .._validate import Param, check_params
 from ..budget import apply_perturbation, check_budget, eps_to_unit
 from ..classifiers.base import Classifier
+from ..data.batches import check_images as _check_images  # noqa: F401  (re-exported for the attacks)
+from ..data.batches import cycle_batches, first_images, iter_batches  # noqa: F401
 from ..errors import ConfigError
 from ..interpreters.base import Interpreter
+
+COMMON_ARGS = ("classifier", "norm", "eps", "interpreter", "device")
+"""The arguments every attack constructor shares, outside ``hyperparams`` (``interpreter`` only where
+``takes_interpreter``)."""
 
 
 class Attack:
     """Common state of every attack: the classifier under attack and the budget.
 
     Args:
-        classifier: the :class:`~juap.classifiers.Classifier` to fool (kept in eval mode, never modified).
+        classifier: the :class:`~juap.classifiers.Classifier` to fool. Its weights are never changed, but
+            it is put in eval mode and its parameters stop requiring gradients (in place: the attack only
+            needs gradients w.r.t. images).
         norm: ``"linf"`` or ``"l2"``.
         eps: the budget zeta in 0-255 pixel units (e.g. 10 for L_inf, 2000 for L_2 at 224x224).
         device: where to compute; default: the classifier's device.
     """
 
-    name = "attack"
-    universal = False
+    name: ClassVar[str] = "attack"
+    label: ClassVar[str] = "attack"  # the name in tables and figures, e.g. "SGD-UAP"
+    universal: ClassVar[bool] = False
+    takes_interpreter: ClassVar[bool] = False  # whether an interpreter is passed (and crossed by grids)
+    hyperparams: ClassVar[Mapping[str, Param]] = {}  # every keyword argument but the common ones
+    artifacts: ClassVar[Tuple[str, ...]] = ()  # what a run saves: "perturbation", "generator"
+    generator_in_label: ClassVar[str] = "suffix"  # several generators: "R-JUAP" (prefix), "GUAP-resnet"
 
     def __init__(
         self,
@@ -55,6 +73,17 @@ class Attack:
         self.eps = float(eps)
         self.device = torch.device(device) if device is not None else _module_device(classifier)
 
+    @classmethod
+    def check_hyperparams(cls, params: Mapping[str, Any]) -> None:
+        """Raise a ConfigError unless ``params`` are declared in ``hyperparams`` and fit their declarations
+        (a required one, e.g. GUAP-C_t's ``target``, must be given)."""
+        check_params(f"attack {cls.name!r}", cls.hyperparams, params)
+
+    @classmethod
+    def defaults(cls) -> Dict[str, Any]:
+        """The declared defaults (required hyperparameters left out)."""
+        return {k: p.default for k, p in cls.hyperparams.items() if not p.required}
+
     @property
     def zeta(self) -> float:
         """The budget in [0, 1] pixel units."""
@@ -68,6 +97,7 @@ class UniversalAttack(Attack):
     """An attack that learns one image-agnostic perturbation (:meth:`fit`)."""
 
     universal = True
+    artifacts = ("perturbation",)
 
     def __init__(self, **kw) -> None:
         super().__init__(**kw)
@@ -94,63 +124,6 @@ class PerImageAttack(Attack):
 
     def __call__(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         raise NotImplementedError
-
-
-# -- data helpers ------------------------------------------------------------------------------------
-def iter_batches(
-    data, *, batch_size: int, device: torch.device, shuffle_seed: Optional[int] = None
-) -> Iterator[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
-    """One pass over ``data`` as ``(x, y)`` on ``device``; ``y`` is None for a bare image tensor.
-
-    ``data`` is a tensor of images (N, 3, H, W) or an iterable of batches ``(x, y, ...)``/``x``;
-    empty batches (every image unreadable) are skipped.
-    """
-    if isinstance(data, torch.Tensor):
-        _check_images(data)
-        n = len(data)
-        order = (
-            torch.randperm(n, generator=torch.Generator().manual_seed(shuffle_seed))
-            if shuffle_seed is not None
-            else torch.arange(n)
-        )
-        for i in range(0, n, batch_size):
-            yield data[order[i : i + batch_size]].to(device), None
-        return
-    for batch in data:
-        x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
-        if x.numel() == 0:
-            continue
-        _check_images(x)
-        nb = x.is_pinned()  # pinned batches (make_loader on a GPU machine) copy asynchronously
-        yield x.to(device, non_blocking=nb), (y.to(device, non_blocking=nb) if y is not None else None)
-
-
-def cycle_batches(data, *, batch_size: int, device: torch.device, seed: int = 0):
-    """Endless batches for step-based training (reshuffled tensors each pass; loaders re-iterated)."""
-    for epoch in itertools.count():
-        seed_e = seed + epoch if isinstance(data, torch.Tensor) else None
-        got = False
-        for x, y in iter_batches(data, batch_size=batch_size, device=device, shuffle_seed=seed_e):
-            got = True
-            yield x, y
-        if not got:
-            raise ConfigError("the training data is empty: no images to learn a perturbation from")
-
-
-def first_images(data, device: torch.device) -> torch.Tensor:
-    for x, _ in iter_batches(data, batch_size=1, device=device):
-        return x
-    raise ConfigError("the data is empty: no images")
-
-
-def _check_images(x: torch.Tensor) -> None:
-    if x.dim() != 4 or x.shape[1] != 3:
-        raise ConfigError(f"images must have shape (N, 3, H, W), got {tuple(x.shape)}")
-    if x.is_floating_point() and x.numel() and (x.min() < 0 or x.max() > 1):
-        raise ConfigError(
-            "images must be in [0, 1] (juap normalises inside the classifier); got values "
-            f"in [{float(x.min()):.3g}, {float(x.max()):.3g}]"
-        )
 
 
 def rebind(interpreter: Interpreter, classifier: Classifier) -> Interpreter:

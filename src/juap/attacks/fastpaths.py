@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 
 from ..errors import ConfigError
+from .base import rebind
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,6 @@ class FastPaths:
         """
         if not (self.channels_last or self.compile) or train_interp is None:
             return self._prepare_generator(G), train_interp
-        from .base import rebind
-
         if train_interp.classifier is classifier:
             train_interp = rebind(train_interp, copy.deepcopy(classifier))
         clf = train_interp.classifier

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from .._registry import ATTACKS
+from .._validate import Param, check_params
 from ..budget import project
 from ..errors import ConfigError
 from ._folding import FoldedCache
@@ -41,7 +41,7 @@ class PGD(PerImageAttack):
         random_start: start from a random point of the ball (default True).
         target: class C_t for a targeted attack (minimise its CE); ``None`` (default) is untargeted.
         use_labels: untargeted, maximise the CE of the labels ``y`` when they are passed (as torchattacks);
-            ``False`` (default, SPEC §3's C_x) uses the benign prediction f(x).
+            ``False`` (default, the paper's C_x) uses the benign prediction f(x).
         seed: seed of a private generator for the random start; ``None`` uses torch's global RNG.
         fast: take the gradients on a copy of the classifier whose eval-mode BatchNorms are folded into
             the preceding convolutions (channels-last on a CPU; see ``juap.attacks._folding``): the same
@@ -61,6 +61,16 @@ class PGD(PerImageAttack):
     """
 
     name = "pgd"
+    label = "PGD"
+    hyperparams = {
+        "steps": Param(int, 10, low=1),
+        "step_size": Param(float, None, low=0, low_open=True, doc="0-255 units; default 2.5 eps / steps"),
+        "random_start": Param(bool, True),
+        "target": Param(int, None, low=0, optional=True),
+        "use_labels": Param(bool, False),
+        "seed": Param(int, None, optional=True),
+        "fast": Param(bool, True),
+    }
 
     def __init__(
         self,
@@ -75,19 +85,13 @@ class PGD(PerImageAttack):
         **kw,
     ) -> None:
         super().__init__(**kw)
-        if not _is_int(steps) or steps < 1:
-            raise ConfigError(f"pgd: steps must be a positive integer, got {steps!r}")
+        given = dict(steps=steps, step_size=step_size, random_start=random_start, target=target)
+        given.update(use_labels=use_labels, seed=seed, fast=fast)
+        check_params(self.name, self.hyperparams, given)
         step_size = 2.5 * self.eps / steps if step_size is None else step_size
-        if not _is_number(step_size) or step_size <= 0:
-            raise ConfigError(f"pgd: step_size must be a positive number (0-255 units), got {step_size!r}")
-        for field, value in (("random_start", random_start), ("use_labels", use_labels), ("fast", fast)):
-            if not isinstance(value, bool):
-                raise ConfigError(f"pgd: {field} must be True or False, got {value!r}")
         n = self.classifier.num_classes
-        if target is not None and not (_is_int(target) and 0 <= target < n):
+        if target is not None and target >= n:
             raise ConfigError(f"pgd: target must be a class index in [0, {n}) or None, got {target!r}")
-        if seed is not None and not _is_int(seed):
-            raise ConfigError(f"pgd: seed must be an integer or None, got {seed!r}")
         self.steps, self.step_size, self.random_start = steps, float(step_size), random_start
         self.target, self.use_labels, self.seed = target, use_labels, seed
         self.fast, self._folded = fast, FoldedCache()
@@ -99,7 +103,7 @@ class PGD(PerImageAttack):
             y, sign = torch.full((len(x),), self.target, dtype=torch.long, device=self.device), -1.0
         elif y is None or not self.use_labels:
             with torch.no_grad():
-                y, sign = self.classifier(x).argmax(1), 1.0  # C_x = f(x) (SPEC §3)
+                y, sign = self.classifier(x).argmax(1), 1.0  # C_x = f(x), the benign prediction
         else:
             if y.shape != (len(x),):
                 raise ConfigError(f"pgd: labels must have shape ({len(x)},), got {tuple(y.shape)}")
@@ -129,14 +133,6 @@ class PGD(PerImageAttack):
             norms = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
             delta *= torch.zeros_like(norms).uniform_(0, 1, generator=gen) / norms * self.zeta
         return (x + delta).clamp_(0.0, 1.0)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 ATTACKS.register("pgd")(PGD)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
+from torch.utils.data import Subset
 
+from .._registry import ATTACKS, INTERPRETERS
+from ..attacks.base import COMMON_ARGS
 from ..classifiers import Classifier, create_classifier, load_classifier
-from ..data import (
-    DataSplits,
-    load_splits,
-)
+from ..data import DataSplits, load_splits
+from ..errors import CheckpointError, ConfigError
+from ..interpreters.base import Interpreter
 from ..runtime import distributed
 from .configs import ClassifierConfig
 
@@ -31,108 +34,79 @@ def build_classifier(cfg: ClassifierConfig, *, num_classes: int | None = None) -
             cfg.name, num_classes=n, weights=cfg.weights, reset_head=cfg.reset_head, **cfg.options
         )
     except TypeError as e:  # an option this architecture does not take, e.g. widths for resnet18
-        from ..errors import ConfigError
-
         why = str(e).split("() ", 1)[-1]  # "build() got an unexpected keyword argument 'widths'"
         raise ConfigError(f"classifier {cfg.name!r} {why} (check classifier.options)") from None
 
 
-# -- attacks -----------------------------------------------------------------------------------------
+# -- attacks ---------------------------------------------------------------------------------------------
 def build_interpreter(
     name: Optional[str],
     classifier: Classifier,
     *,
     checkpoint: Optional[str] = None,
     options: Optional[Dict[str, Any]] = None,
-):
-    """A registered interpreter; ``rts`` needs the checkpoint written by ``juap train-rts``."""
-    from .. import create_interpreter
-    from ..errors import ConfigError
-
+) -> Optional[Interpreter]:
+    """A registered interpreter; one that declares ``requires_checkpoint`` (RTS) needs its trained file."""
     if name is None:
         return None
+    cls = INTERPRETERS.get(name)
     opts = dict(options or {})
-    if name == "rts":
+    if cls.requires_checkpoint:
         if not checkpoint:
             raise ConfigError(
-                "the rts interpreter needs a trained model: set interpreter.checkpoint (or "
-                "evaluate.rts_checkpoint) to the rts.safetensors written by `juap train-rts`"
+                f"the {name} interpreter needs a trained model: set interpreter.checkpoint (or "
+                f"evaluate.{name}_checkpoint) to the {name}.safetensors written by `juap train-{name}`"
             )
         opts["checkpoint"] = checkpoint
     elif checkpoint:
-        raise ConfigError(f"interpreter {name!r} takes no checkpoint (only rts does)")
-    return create_interpreter(name, classifier, **opts)
+        raise ConfigError(f"interpreter {name!r} takes no checkpoint (it is not a learned model)")
+    return cls.create(classifier, **opts)
 
 
 def attack_param_names(cls: type) -> set:
-    """Keyword arguments accepted by an attack class, gathered along its constructors' MRO."""
-    import inspect
-
-    names: set = set()
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        for p in inspect.signature(init).parameters.values():
-            if p.kind == p.KEYWORD_ONLY:
-                names.add(p.name)
-    return names - set(getattr(cls, "fixed_params", ()))
-
-
-def takes_interpreter(cls: type) -> bool:
-    """Whether an attack class uses an interpreter (JUAP, JAP), judged by its own constructor: GUAP
-    inherits the argument from the JUAP loop but drops it."""
-    import inspect
-
-    return "interpreter" in inspect.signature(cls.__init__).parameters
+    """The keyword arguments an attack class accepts: its declared ``hyperparams`` and the common ones."""
+    common = set(COMMON_ARGS) - ({"interpreter"} if not cls.takes_interpreter else set())
+    return set(cls.hyperparams) | common
 
 
 def build_attack(cfg, classifier: Classifier, interpreter, *, device=None):
-    """The attack a config names, with its ``params`` checked against the attack's arguments."""
-    import difflib
-
-    from .._registry import ATTACKS
-    from ..errors import ConfigError
-
+    """The attack a config names, with its ``params`` checked against the attack's declared hyperparams."""
     cls = ATTACKS.get(cfg.name)
-    allowed = attack_param_names(cls) - {"classifier", "norm", "eps", "interpreter", "device"}
-    for key in cfg.params:
-        if key not in allowed:
-            close = difflib.get_close_matches(key, sorted(allowed), n=1)
-            hint = f" Did you mean 'attack.params.{close[0]}'?" if close else ""
-            raise ConfigError(
-                f"unknown config key 'attack.params.{key}' for attack {cfg.name!r}.{hint} "
-                f"Known: {', '.join(sorted(allowed))}"
-            )
+    try:
+        cls.check_hyperparams(cfg.params)
+    except ConfigError as e:  # the same message, with the config's key
+        raise ConfigError(str(e).replace(f"attack {cfg.name!r}.", "attack.params.")) from None
     kwargs = dict(cfg.params, classifier=classifier, norm=cfg.norm, eps=cfg.eps, device=device)
-    if takes_interpreter(cls):
+    if cls.takes_interpreter:
         kwargs["interpreter"] = interpreter
     elif interpreter is not None:
         raise ConfigError(
             f"attack {cfg.name!r} uses no interpreter; set interpreter.name: null "
             "(the maps are still measured for every interpreter in evaluate.interpreters)"
         )
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # a missing required argument, e.g. guap_ct without a target
-        raise ConfigError(f"attack {cfg.name!r}: {e}") from None
+    return cls(**kwargs)
+
+
+def learned_checkpoints(evaluate, interpreter=None) -> Dict[str, str]:
+    """The trained file of each learned interpreter a config gives: ``evaluate.rts_checkpoint`` (the
+    configs' one key named after an interpreter: RTS in the transfer table) and ``interpreter.checkpoint``
+    for the attacked interpreter."""
+    out = {"rts": evaluate.rts_checkpoint} if evaluate.rts_checkpoint else {}
+    if interpreter is not None and interpreter.name and interpreter.checkpoint:
+        out.setdefault(interpreter.name, interpreter.checkpoint)
+    return out
 
 
 def eval_interpreters(cfg, classifier: Classifier) -> Dict[str, Any]:
-    """Every interpreter of the transfer table (``evaluate.interpreters`` and RTS when a model is given)."""
-    names = list(cfg.evaluate.interpreters)
-    rts_ckpt = cfg.evaluate.rts_checkpoint or (
-        cfg.interpreter.checkpoint if cfg.interpreter.name == "rts" else None
-    )
-    if rts_ckpt and "rts" not in names:
-        names.append("rts")
-    if cfg.interpreter.name and cfg.interpreter.name not in names:
-        names.append(cfg.interpreter.name)
+    """Every interpreter of the transfer table: ``evaluate.interpreters``, the attacked one, and each
+    learned interpreter whose trained file is given."""
+    ckpts = learned_checkpoints(cfg.evaluate, cfg.interpreter)
+    names = list(dict.fromkeys([*cfg.evaluate.interpreters, *ckpts, *filter(None, [cfg.interpreter.name])]))
     return {
         n: build_interpreter(
             n,
             classifier,
-            checkpoint=rts_ckpt if n == "rts" else None,
+            checkpoint=ckpts.get(n) if INTERPRETERS.get(n).requires_checkpoint else None,
             options=cfg.interpreter.options if n == cfg.interpreter.name else None,
         )
         for n in names
@@ -141,15 +115,11 @@ def eval_interpreters(cfg, classifier: Classifier) -> Dict[str, Any]:
 
 def attack_data(cfg, *, progress: bool):
     """Splits for an attack: train (minus a held-out validation part) and test."""
-    from torch.utils.data import Subset
-
     with distributed.main_first():  # under torchrun, rank 0 fills the data cache, then the others read it
         splits = load_splits(cfg.data, progress=progress)
     n_train = len(splits.train)
     n_val = max(1, int(round(cfg.attack.val_fraction * n_train))) if cfg.attack.val_fraction > 0 else 0
     if n_val >= n_train:  # a train split of one image: it is trained on, none is held out
-        import warnings
-
         warnings.warn(f"the train split holds {n_train} image(s): none held out for validation", stacklevel=2)
         n_val = 0
     # Split indices are sorted (hence grouped by class folder): hold out a seeded random part.
@@ -164,8 +134,6 @@ def attack_data(cfg, *, progress: bool):
 
 
 def _check_classes(clf: Classifier, splits: DataSplits) -> None:
-    from ..errors import CheckpointError
-
     if clf.num_classes != splits.num_classes:
         raise CheckpointError(
             f"the classifier has {clf.num_classes} classes but the data set has {splits.num_classes} "

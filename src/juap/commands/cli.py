@@ -5,12 +5,28 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
+import signal
 import sys
+import tempfile
+import threading
 import time
 import warnings
+from pathlib import Path
 from typing import Callable, Dict, List
 
 from ..errors import ConfigError, JuapError
+from ..runtime import distributed
+from ..runtime.config import apply_overrides, from_dict, load_config, read_yaml_mapping, to_dict
+from ..runtime.runs import check_config, failed_on_error, finish_run, new_run_dir, open_grid_dir
+from .attack import AttackRunConfig, run_attack
+from .demo import DemoSettings, run_demo
+from .detect import DetectConfig, run_detect
+from .evaluate import run_evaluate
+from .run import dry_run_experiment, load_experiment, parse_shard, plan, run_grid, write_results
+from .shipped import CONFIG_DIR, copy_configs, list_configs, resolve_config
+from .train_classifier import TrainClassifierConfig, run_train_classifier
+from .train_rts import TrainRTSConfig, run_train_rts
 
 
 def _add_common(
@@ -43,11 +59,6 @@ def _add_common(
 def _open_run(args: argparse.Namespace, cls: type, command: str):
     """Load the config and open the run folder; ``--resume`` reopens it (reusing its ``config.yaml`` when
     no --config/--set is given) and refuses a config other than the one the run started with."""
-    from pathlib import Path
-
-    from ..runtime.config import load_config, to_dict
-    from ..runtime.runs import check_config, new_run_dir
-
     resume = _resume_options(args)["resume"]  # checked before the run folder is made
     source = args.config
     if resume and args.out and not args.config and not args.overrides:
@@ -61,8 +72,6 @@ def _open_run(args: argparse.Namespace, cls: type, command: str):
 
 
 def _resume_options(args: argparse.Namespace) -> dict:
-    from ..errors import ConfigError
-
     every = getattr(args, "checkpoint_every", None)  # commands without --resume have neither option
     if every is not None and every < 1:
         raise ConfigError(f"--checkpoint-every {every} is out of range; give a number of steps >= 1")
@@ -70,9 +79,6 @@ def _resume_options(args: argparse.Namespace) -> dict:
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> int:
-    from ..runtime.runs import failed_on_error
-    from .train_classifier import TrainClassifierConfig, run_train_classifier
-
     cfg, run_dir = _open_run(args, TrainClassifierConfig, "train-classifier")
     print(
         f"Training {cfg.classifier.name} on {cfg.data.name} data ({cfg.train.epochs} epochs); "
@@ -89,11 +95,6 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ..runtime.config import apply_overrides, from_dict, load_config, to_dict
-    from ..runtime.runs import failed_on_error, finish_run, new_run_dir
-    from .demo import DemoSettings, run_demo
-    from .train_classifier import TrainClassifierConfig
-
     t0 = time.perf_counter()
     demo_over = [o for o in args.overrides if o.startswith("demo.")]
     cfg = load_config(TrainClassifierConfig, args.config, [o for o in args.overrides if o not in demo_over])
@@ -131,9 +132,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train_rts(args: argparse.Namespace) -> int:
-    from ..runtime.runs import failed_on_error
-    from .train_rts import TrainRTSConfig, run_train_rts
-
     cfg, run_dir = _open_run(args, TrainRTSConfig, "train-rts")
     print(
         f"Training the RTS saliency model for {cfg.classifier.weights} ({cfg.train.epochs} epochs); "
@@ -181,9 +179,6 @@ def _print_attack_metrics(m: dict) -> None:
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
-    from ..runtime.runs import failed_on_error
-    from .attack import AttackRunConfig, run_attack
-
     cfg, run_dir = _open_run(args, AttackRunConfig, "attack")
     what = cfg.attack.name + (f" against {cfg.interpreter.name}" if cfg.interpreter.name else "")
     print(f"Running {what} on {cfg.classifier.name}; run folder: {run_dir}")
@@ -198,10 +193,6 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from ..runtime.runs import failed_on_error
-    from .attack import AttackRunConfig
-    from .evaluate import run_evaluate
-
     cfg, run_dir = _open_run(args, AttackRunConfig, "evaluate")
     print(f"Evaluating {args.perturbation} on {cfg.classifier.name}; run folder: {run_dir}")
     with failed_on_error(run_dir):
@@ -219,21 +210,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _budget_given(args: argparse.Namespace) -> bool:
     """Whether --config or --set names attack.eps or attack.norm (not merely their defaults)."""
-    from ..runtime.config import apply_overrides, read_yaml_mapping
-
     raw = apply_overrides(read_yaml_mapping(args.config) if args.config else {}, args.overrides)
     attack = raw.get("attack") if isinstance(raw.get("attack"), dict) else {}
     return "eps" in attack or "norm" in attack
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import tempfile
-    from pathlib import Path
-
-    from ..runtime import distributed
-    from ..runtime.runs import failed_on_error, finish_run, open_grid_dir
-    from .run import dry_run_experiment, load_experiment, parse_shard, plan, run_grid, write_results
-
     say: Callable = print if distributed.is_main() else lambda *a, **k: None  # under torchrun: rank 0 alone
     exp = load_experiment(args.experiment, args.overrides)
     shard = parse_shard(args.shard)
@@ -272,8 +254,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             say=say,
         )
         write_results(exp, run_dir, res)
-    from ..runtime.config import to_dict
-
     summary = {k: v for k, v in res.items() if k != "rows"}
     done = res["complete"] == res["cells"]
     finish_run(run_dir, config=to_dict(exp), metrics={**summary, "rows": res["rows"]}, complete=done)
@@ -285,9 +265,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    from ..runtime.runs import failed_on_error
-    from .detect import DetectConfig, run_detect
-
     cfg, run_dir = _open_run(args, DetectConfig, "detect")
     print(f"Detecting {len(args.perturbation)} perturbation(s) from their maps; run folder: {run_dir}")
     with failed_on_error(run_dir):
@@ -302,8 +279,6 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
 
 def cmd_configs(args: argparse.Namespace) -> int:
-    from .shipped import CONFIG_DIR, copy_configs, list_configs
-
     if args.name is None:
         if args.out:
             raise ConfigError("--out needs a NAME to copy (or `all`); `juap configs` lists the names")
@@ -436,8 +411,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _resolve_shipped(args: argparse.Namespace) -> None:
     """A --config or experiment path that does not exist may name a shipped file (``juap configs``)."""
-    from .shipped import resolve_config
-
     for key in ("config", "experiment"):
         if getattr(args, key, None):
             setattr(args, key, str(resolve_config(getattr(args, key))))
@@ -481,9 +454,6 @@ def main(argv: List[str] | None = None) -> int:
 @contextlib.contextmanager
 def _sigterm_as_interrupt():
     """SIGTERM (e.g. a scheduler's stop) behaves like Ctrl-C: a clean exit with a message, not a kill."""
-    import signal
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -505,11 +475,6 @@ DATA_PARALLEL = ("attack", "evaluate", "run", "train-classifier", "train-rts")
 def _run_command(args: argparse.Namespace) -> int:
     """Run one command, joining torchrun's process group when launched by it: then only rank 0 prints,
     shows progress bars and writes files; every rank reports its own errors."""
-    import contextlib
-    import os
-
-    from ..runtime import distributed
-
     distributed.init_from_env()
     done = False
     try:

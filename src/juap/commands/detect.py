@@ -9,6 +9,9 @@ from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequen
 
 import torch
 
+from .._validate import check_range
+from ..budget import apply_perturbation
+from ..data import load_splits, save_split, to_tensors
 from ..detection import (
     FEATURE_SETS,
     INSPECTORS,
@@ -21,7 +24,13 @@ from ..detection import (
 )
 from ..errors import ConfigError
 from ..metrics import auroc, roc_curve, tpr_at_fpr
-from ..runtime.config import check_range, to_dict
+from ..runtime.artifacts import load_perturbation
+from ..runtime.config import to_dict
+from ..runtime.distributed import resolve_device
+from ..runtime.io import load_tensors, write_text
+from ..runtime.report import map_panels, markdown_table, roc_grid, write_csv
+from ..runtime.runs import finish_run
+from ._build import _check_classes, build_classifier, build_interpreter, learned_checkpoints
 from .configs import ClassifierConfig, DataConfig, EvalConfig, attack_split_data
 
 
@@ -207,8 +216,6 @@ NOISE_COLUMNS = ("detector (map) noise", "detector (map+conf) noise")
 
 def detection_markdown(rows: Sequence[Mapping[str, Any]], *, fpr: float = 0.05) -> str:
     """Two Markdown tables (AUROC; TPR at ``fpr`` false positives), one row per interpreter x attack."""
-    from ..runtime.report import markdown_table
-
     keys: List[Tuple[str, str]] = []
     for r in rows:
         if (r["interpreter"], r["attack"]) not in keys:
@@ -263,9 +270,6 @@ def write_detection_outputs(
     run_dir: Path, results: Mapping[str, Mapping[str, Any]], *, fpr: float, prefix: str = ""
 ) -> Tuple[List[Dict[str, Any]], str]:
     """Write ``detection.csv``, ``detection.md`` and ``roc.png``; return (rows, markdown tables)."""
-    from ..runtime.io import write_text
-    from ..runtime.report import roc_grid, write_csv
-
     rows = [r for res in results.values() for r in res["rows"]]
     write_csv(
         run_dir / f"{prefix}detection.csv",
@@ -316,8 +320,6 @@ def fig1_rows(
     map of each perturbation (``perturbations[interpreter][label]``), each on its own input, captioned
     with the predicted class.
     """
-    from ..budget import apply_perturbation
-
     name = (lambda c: class_names[c]) if class_names else str
     rows = []
     for j in range(len(x)):
@@ -353,9 +355,6 @@ def parse_perturbation_specs(specs: Sequence[str]) -> List[Tuple[Optional[str], 
 
 def load_named_perturbations(specs: Sequence[str]) -> Dict[str, torch.Tensor]:
     """Load perturbation files; a name comes from ``NAME=FILE`` or the file's ``attack`` metadata."""
-    from ..runtime.artifacts import load_perturbation
-    from ..runtime.io import load_tensors
-
     if not specs:
         raise ConfigError("juap detect needs at least one --perturbation FILE (or NAME=FILE)")
     out: Dict[str, torch.Tensor] = {}
@@ -385,12 +384,6 @@ def run_detect(
     Writes ``detection.csv``, ``detection.md``, ``roc.png``, ``fig1.png``, ``config.yaml`` and
     ``metrics.json`` into ``run_dir``; returns the metrics.
     """
-    from ..data import load_splits, save_split, to_tensors
-    from ..runtime.distributed import resolve_device
-    from ..runtime.report import map_panels
-    from ..runtime.runs import finish_run
-    from ._build import _check_classes, build_classifier, build_interpreter
-
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
@@ -406,15 +399,9 @@ def run_detect(
     save_split(run_dir / "split.json", splits.split)
     clf = build_classifier(cfg.classifier, num_classes=splits.num_classes).to(device).eval()
     _check_classes(clf, splits)
-    names = list(dict.fromkeys(cfg.evaluate.interpreters))
-    if cfg.evaluate.rts_checkpoint and "rts" not in names:
-        names.append("rts")
-    interps = {
-        n: build_interpreter(n, clf, checkpoint=cfg.evaluate.rts_checkpoint if n == "rts" else None).to(
-            device
-        )
-        for n in names
-    }
+    ckpts = learned_checkpoints(cfg.evaluate)
+    names = list(dict.fromkeys([*cfg.evaluate.interpreters, *ckpts]))
+    interps = {n: build_interpreter(n, clf, checkpoint=ckpts.get(n)).to(device) for n in names}
     if not interps:
         raise ConfigError("no interpreter to inspect with: set evaluate.interpreters (e.g. [cam, gradcam])")
     x, _, _ = to_tensors(splits.test)
@@ -472,9 +459,6 @@ def demo_detection(
     Appends the section to ``results.md`` and writes ``detection.csv``, ``detection.md``, ``roc.png`` and
     ``fig1.png``. Returns ``{"rows": [...], "seconds": ...}`` for ``metrics.json``.
     """
-    from ..runtime.io import write_text
-    from ..runtime.report import map_panels
-
     t0 = time.perf_counter()
     per_interp: Dict[str, Dict[str, torch.Tensor]] = {}
     for iname in interpreters:

@@ -39,17 +39,7 @@ from .demo_models import demo_models
 
 log = logging.getLogger(__name__)
 
-INTERPRETER_LABELS = {"cam": "CAM", "gradcam": "GradCAM", "rts": "RTS"}
 OBJECTIVE_LABELS = {"untargeted": "CE", "least_likely": "Cmin", "targeted": "Ct"}
-ATTACK_LABELS = {
-    "uap": "UAP",
-    "guap": "GUAP",
-    "guap_ct": "GUAP-Ct",
-    "pgd": "PGD",
-    "jap": "JAP",
-    "juap": "JUAP",
-    "sgd_uap": "SGD-UAP",
-}
 GENERATOR_PREFIX = {"resnet": "R", "unet": "U"}
 DEMO = "demo"  # classifier.weights / rts_checkpoint: the cached demo models of `juap demo`
 
@@ -196,7 +186,7 @@ class Cell:
 def plan(exp: ExperimentConfig) -> List[Cell]:
     """Every cell of the grid, in a stable order; unknown names fail here with the known ones listed."""
     from .. import ATTACKS, CLASSIFIERS, GENERATORS, INTERPRETERS, __version__
-    from ._build import attack_param_names, takes_interpreter
+    from ._build import attack_param_names
 
     g = exp.grid
     for name in g.generators:
@@ -230,7 +220,7 @@ def plan(exp: ExperimentConfig) -> List[Cell]:
         # An axis applies to the attacks that take it, unless attack_params fixes the value.
         axes = itertools.product(
             g.generators if _free("generator", accepts, base) else (None,),
-            g.interpreters if takes_interpreter(ATTACKS.get(attack)) else (None,),
+            g.interpreters if ATTACKS.get(attack).takes_interpreter else (None,),
             _objectives(ATTACKS.get(attack), g) if _free("objective", accepts, base) else (None,),
             [v for v in g.variants if set(v) <= accepts] or [{}],
         )
@@ -290,12 +280,15 @@ def _free(name: str, accepts: set, fixed: Mapping[str, Any]) -> bool:
 
 def _labels(attack, gen, interp, obj, setting, g: GridConfig) -> Tuple[str, str]:
     """The paper's names: method ``R-JUAP``, variant ``R-JUAP-CAM`` (plus objective / setting suffixes)."""
-    method = ATTACK_LABELS.get(attack, attack.upper())
-    if attack == "juap" and gen is not None:
+    from .. import ATTACKS, INTERPRETERS
+
+    cls = ATTACKS.get(attack)
+    method = cls.label
+    if cls.generator_in_label == "prefix" and gen is not None:
         method = f"{GENERATOR_PREFIX.get(gen, gen)}-{method}"
-    elif gen is not None and len(g.generators) > 1 and attack != "guap_ct":
+    elif gen is not None and len(g.generators) > 1 and cls.generator_in_label == "suffix":
         method = f"{method}-{gen}"
-    variant = method if interp is None else f"{method}-{INTERPRETER_LABELS.get(interp, interp)}"
+    variant = method if interp is None else f"{method}-{INTERPRETERS.get(interp).label}"
     if obj is not None and len(g.objectives) > 1:
         variant += f"-{OBJECTIVE_LABELS[obj]}"
     if setting and len(g.variants) > 1:

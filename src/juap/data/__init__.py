@@ -5,12 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Sequence, Tuple
 
-from torch.utils.data import DataLoader, Dataset
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..commands.configs import DataConfig
 from ..errors import DataError
+from ..runtime import distributed
 from .folder import ImageFolderDataset, ScanReport, collate_skip, eval_transform, scan_folder, train_transform
 from .splits import load_split, save_split, split_indices
+from .synthetic import synthetic_root
 
 # Class folders the named data sets must have (ImageNet: whatever its 1000 synsets are).
 KNOWN_CLASSES: Dict[str, Tuple[str, ...] | None] = {
@@ -60,8 +64,6 @@ class DataSplits:
 def data_root(cfg: DataConfig, *, progress: bool = False) -> str:
     """The folder of images for ``cfg``; the synthetic set is generated into the cache on first use."""
     if cfg.name == "synthetic":
-        from .synthetic import synthetic_root
-
         root = cfg.root or None
         return str(
             synthetic_root(
@@ -77,7 +79,7 @@ def data_root(cfg: DataConfig, *, progress: bool = False) -> str:
 
 
 def load_splits(cfg: DataConfig, *, augment_train: bool = False, progress: bool = False) -> DataSplits:
-    """Scan the data folder and draw the seeded train/test subsets (SPEC: random 20% subsets by default)."""
+    """Scan the data folder and draw the seeded train/test subsets (by default the paper's random 20%)."""
     root = data_root(cfg, progress=progress)
     base = ImageFolderDataset(root, image_size=cfg.image_size, classes=KNOWN_CLASSES[cfg.name])
     present = [c for c, n in base.report.per_class.items() if n]
@@ -114,8 +116,6 @@ MIN_CLASSES = 2  # one class: nothing to classify, and every accuracy or fooling
 
 def class_counts(ds: Dataset, classes: Sequence[str]) -> Dict[str, int]:
     """Images per class of a :class:`SplitView` or an :class:`ImageFolderDataset` (through any Subset)."""
-    from torch.utils.data import Subset
-
     indices: Sequence[int] = range(len(ds))
     while isinstance(ds, Subset):  # Subset(Subset(view, a), b): indices into the view below
         indices = [ds.indices[i] for i in indices]
@@ -189,8 +189,6 @@ def make_loader(
     With a CUDA GPU the batches come in pinned memory, so copies to the GPU can overlap compute
     (``data.num_workers`` decodes in parallel); without one, plain memory.
     """
-    import torch
-
     g = torch.Generator().manual_seed(seed)
     return DataLoader(
         ds,
@@ -252,8 +250,6 @@ class InMemoryLoader:
         drop_last: bool = False,
         shard: bool = False,
     ) -> None:
-        import torch
-
         self.x, self.y = x, y
         self.batch_size, self.shuffle, self.augment, self.drop_last = batch_size, shuffle, augment, drop_last
         self.shard = shard
@@ -265,11 +261,6 @@ class InMemoryLoader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self):
-        import torch
-        import torch.nn.functional as F
-
-        from ..runtime import distributed
-
         n = len(self.x)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         for b in range(len(self)):
@@ -299,8 +290,6 @@ class InMemoryLoader:
 
 def to_tensors(ds, *, batch_size: int = 256):
     """Decode a whole (small) data set once: ``(x (N, 3, H, W), y (N,), n_skipped)``."""
-    import torch
-
     xs, ys, skipped = [], [], 0
     for x, y, s in make_loader(ds, batch_size=batch_size):
         xs.append(x)

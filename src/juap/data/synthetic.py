@@ -34,6 +34,7 @@ from typing import Any, Dict, Iterable, List, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
 
@@ -364,10 +365,6 @@ def _make_tmp(root: Path) -> Path:
 
 def _progress(items: Iterable[int], total: int, enabled: bool) -> Iterable[int]:
     if not enabled:
-        return items
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # progress is cosmetic
         return items
     return tqdm(items, total=total, desc="synthetic data", unit="img")
 

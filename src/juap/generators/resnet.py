@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from .._registry import GENERATORS
+from .._validate import check_int, check_number
 from ..errors import ConfigError
 
 NORMS = ("batch", "instance", "none")
@@ -45,8 +46,7 @@ def norm_layer(norm: str) -> Callable[[int], nn.Module]:
 
 
 def _check_positive_int(field: str, value: object, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"generator {field} must be an integer >= {minimum}, got {value!r}")
+    check_int(f"generator {field}", value, low=minimum)
 
 
 class ImageGenerator(nn.Module):
@@ -103,8 +103,7 @@ class ImageGenerator(nn.Module):
 
     def init_weights(self, std: float) -> None:
         """CycleGAN's ``normal`` init: conv weights N(0, std), norm scales N(1, std), biases 0."""
-        if isinstance(std, bool) or not isinstance(std, (int, float)) or not 0.0 < std < float("inf"):
-            raise ConfigError(f"generator init_std must be a positive number, got {std!r}")
+        check_number("generator init_std", std, low=0.0, low_open=True)
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
                 nn.init.normal_(m.weight, 0.0, std)

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from .._registry import GENERATORS
+from .._validate import check_number
 from ..errors import ConfigError
 from .resnet import ImageGenerator, _check_positive_int, norm_layer
 
@@ -58,7 +59,7 @@ class UNetGenerator(ImageGenerator):
     ) -> None:
         super().__init__(name="unet", in_channels=in_channels, out_channels=out_channels)
         _check_positive_int("ngf", ngf)
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        if check_number("generator dropout", dropout, low=0.0) >= 1.0:
             raise ConfigError(f"generator dropout must be a probability in [0, 1), got {dropout!r}")
         make_norm = norm_layer(norm)
         bias = norm == "none"

@@ -1,6 +1,6 @@
 """Interpreters: CAM (eq 10), Grad-CAM (eq 11), the map helpers, and the smoothed ReLU (eq 15).
 
-Importing this package registers ``"cam"`` and ``"gradcam"`` for :func:`juap.create_interpreter`.
+Importing this package registers ``"cam"``, ``"gradcam"`` and ``"rts"`` for :func:`juap.create_interpreter`.
 """
 from .base import Interpreter, normalize_maps, resolve_classes, upsample_maps
 from .cam import CAM

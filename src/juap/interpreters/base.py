@@ -4,11 +4,19 @@ An :class:`Interpreter` is an ``nn.Module`` called as ``interp(x, classes) -> ma
 (N, 3, H, W) and the classes to explain (N,) give maps (N, h, w) at the interpreter's native
 resolution, differentiable w.r.t. the images. :meth:`Interpreter.explain` returns the logits and the
 maps of one forward pass, which is what an attack needs for x_hat (its prediction and the map of that
-prediction). Maps are compared after :func:`normalize_maps` (SPEC section 3).
+prediction). Maps are compared after :func:`normalize_maps` (eqs 13 and 19 on min-max normalised maps).
+
+An interpreter class declares what an attack and the commands need to know about it, so that none of
+them names a concrete interpreter: ``needs_surrogate`` (its maps are built from gradients, so the attack
+differentiates them through the smoothed-ReLU surrogate of eq 15), ``requires_checkpoint`` (a learned
+model that means nothing untrained, e.g. RTS) and :meth:`Interpreter.encode` (the encoder features of
+the paper's extra RTS term; ``None`` by default).
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+import os
+from pathlib import Path
+from typing import ClassVar, Iterable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -27,9 +35,26 @@ class Interpreter(nn.Module):
     interpreter's ``state_dict`` contains it). Subclasses whose maps do not need the logits (e.g. a
     learned saliency model) may also override :meth:`forward` to skip the classifier.
 
+    A new interpreter is one subclass registered by name (``@INTERPRETERS.register("cam")``); options
+    given to :func:`juap.create_interpreter` go to :meth:`create`, which checks them against
+    ``option_names``.
+
     Args:
         classifier: the :class:`~juap.classifiers.Classifier` whose decisions are explained.
     """
+
+    name: ClassVar[str] = "interpreter"
+    label: ClassVar[str] = "interpreter"  # the name in tables and figures, e.g. "GradCAM"
+    option_names: ClassVar[Tuple[str, ...]] = ()  # keyword options that create() accepts
+    needs_surrogate: ClassVar[bool] = False  # maps from gradients: attack through the surrogate (eq 15)
+    requires_checkpoint: ClassVar[bool] = False  # a learned model: create() needs checkpoint=PATH
+    checkpoint: Optional[str] = None  # the trained weights' file, for a learned model
+
+    @classmethod
+    def create(cls, classifier: Classifier, **options) -> Interpreter:
+        """The interpreter for ``classifier``; unknown options are a ConfigError naming the allowed ones."""
+        check_options(cls.name, options, cls.option_names)
+        return cls(classifier, **options)
 
     def __init__(self, classifier: Classifier) -> None:
         super().__init__()
@@ -64,6 +89,16 @@ class Interpreter(nn.Module):
             ``(logits, maps)``: (N, C) and (N, h, w).
         """
         raise NotImplementedError
+
+    def encode(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Encoder features e(x) (N, K, h, w) for the attack's ``||e(x_hat) - e(x)||_2`` term; ``None`` when
+        the interpreter has no encoder of its own (CAM, Grad-CAM)."""
+        return None
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the trained weights of a learned interpreter (``requires_checkpoint``) for
+        ``create(classifier, checkpoint=path)``; the others have nothing to save."""
+        raise NotImplementedError(f"interpreter {self.name!r} is not a learned model: it has nothing to save")
 
     def extra_repr(self) -> str:
         return f"classifier={self.classifier.arch!r}"

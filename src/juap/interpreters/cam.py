@@ -9,14 +9,14 @@ from __future__ import annotations
 import torch
 
 from .._registry import INTERPRETERS
-from ..classifiers.base import Classifier
-from .base import Classes, Interpreter, check_options, resolve_classes
+from .base import Classes, Interpreter, resolve_classes
 
 
+@INTERPRETERS.register("cam")
 class CAM(Interpreter):
     """Class activation map, eq 10: ``M_c(i, j) = sum_k w_{c,k} A_k(i, j)``.
 
-    ``A`` is ``classifier.forward_features(x)`` (the last conv map after its activation, SPEC section 3)
+    ``A`` is ``classifier.forward_features(x)`` (the last conv map after its activation)
     and ``w = classifier.fc.weight``. The raw map is returned: no ReLU, no normalisation, no bias.
 
     Args:
@@ -27,6 +27,9 @@ class CAM(Interpreter):
         >>> logits, maps = cam.explain(x)          # (N, C), (N, h, w) for the predicted classes
     """
 
+    name = "cam"
+    label = "CAM"
+
     def explain(self, x: torch.Tensor, classes: Classes = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward: logits (N, C) and CAM maps (N, h, w) of ``classes`` (``None``: the predicted ones)."""
         feats = self.classifier.forward_features(x)  # (N, K, h, w)
@@ -36,8 +39,3 @@ class CAM(Interpreter):
         maps = torch.einsum("nk,nkhw->nhw", weights, feats)
         return logits, maps
 
-
-@INTERPRETERS.register("cam")
-def _create_cam(classifier: Classifier, **options) -> CAM:
-    check_options("cam", options, ())
-    return CAM(classifier)

@@ -17,13 +17,14 @@ import torch.nn.functional as F
 from .._registry import INTERPRETERS
 from ..classifiers.base import Classifier
 from ..errors import ConfigError
-from .base import Classes, Interpreter, check_options, resolve_classes
+from .base import Classes, Interpreter, resolve_classes
 
 
+@INTERPRETERS.register("gradcam")
 class GradCAM(Interpreter):
     """Grad-CAM, eq 11: ``ReLU(sum_k alpha_k A_k)`` with ``alpha_k`` the spatial mean of ``d y_c / d A_k``.
 
-    At the default layer (the classifier's CAM layer, SPEC section 3) ``A`` is
+    At the default layer (the classifier's CAM layer) ``A`` is
     ``classifier.forward_features(x)`` and the logits are ``classifier.forward_head(A)``: one forward,
     no hooks, and the gradient only goes back through the head. At another layer ``A`` is captured by a
     forward hook that is always removed.
@@ -41,6 +42,11 @@ class GradCAM(Interpreter):
         >>> gc = juap.create_interpreter("gradcam", surrogate, layer="layer3")
         >>> logits, maps = gc.explain(x_hat)   # maps of the predicted classes, (N, h, w)
     """
+
+    name = "gradcam"
+    label = "GradCAM"
+    option_names = ("layer",)
+    needs_surrogate = True  # eq 11 differentiates the classifier: its ReLUs need eq 15 to pass a gradient
 
     def __init__(self, classifier: Classifier, *, layer: str | None = None) -> None:
         super().__init__(classifier)
@@ -148,8 +154,3 @@ def _check_layer(classifier: Classifier, layer: str) -> None:
             f"Top-level layers: {top} (nested ones are dotted, e.g. 'layer3.1'; None means the CAM layer)"
         ) from None
 
-
-@INTERPRETERS.register("gradcam")
-def _create_gradcam(classifier: Classifier, **options) -> GradCAM:
-    check_options("gradcam", options, ("layer",))
-    return GradCAM(classifier, **options)

@@ -32,7 +32,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._registry import INTERPRETERS
+from .._validate import check_int
 from ..classifiers.base import Classifier
+from ..classifiers.factory import create_classifier
 from ..errors import CheckpointError, ConfigError
 from ..runtime.io import load_tensors, read_metadata, save_tensors
 from .base import Classes, Interpreter, check_options, resolve_classes
@@ -58,6 +60,7 @@ class _UpBlock(nn.Module):
         return F.relu(self.bn(self.conv(z)))
 
 
+@INTERPRETERS.register("rts")
 class RTS(Interpreter):
     """Real-time saliency masking model (Dabkowski & Gal 2017), the interpreter of eq 12 / eq 14.
 
@@ -87,6 +90,20 @@ class RTS(Interpreter):
         >>> feats = rts.encode(x)                # (N, K, h, w) encoder features e(x)
     """
 
+    name = "rts"
+    label = "RTS"
+    option_names = ("encoder", "encoder_weights", "width", "image_size")
+    requires_checkpoint = True  # an untrained masking model explains nothing
+
+    @classmethod
+    def create(cls, classifier: Classifier, **options) -> RTS:
+        """``create_interpreter("rts", clf, checkpoint=path)`` loads a trained model; without, untrained."""
+        checkpoint = options.pop("checkpoint", None)
+        if checkpoint is not None:
+            check_options("rts", options, ("encoder_weights",))
+            return load_rts(checkpoint, classifier, **options)
+        return super().create(classifier, **options)
+
     def __init__(
         self,
         classifier: Classifier,
@@ -99,8 +116,7 @@ class RTS(Interpreter):
         super().__init__(classifier)
         if encoder not in ENCODERS:
             raise ConfigError(f"RTS encoder {encoder!r} is not supported; allowed: {', '.join(ENCODERS)}")
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise ConfigError(f"RTS width must be a positive integer, got {width!r}")
+        check_int("RTS width", width, low=1)
         self.encoder_name = encoder
         self.encoder_weights = None if encoder_weights is None else str(encoder_weights)
         self.width = width
@@ -192,6 +208,10 @@ class RTS(Interpreter):
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters an optimiser should update (everything but the frozen classifier and encoder)."""
         return [p for n, p in self.named_parameters() if not n.startswith(_FROZEN_PREFIXES)]
+
+    def save(self, path: str | os.PathLike, **metadata: Any) -> Path:
+        """:func:`save_rts` this model: ``create_interpreter("rts", clf, checkpoint=path)`` reads it."""
+        return save_rts(self, path, **metadata)
 
     def extra_repr(self) -> str:
         return (
@@ -424,17 +444,6 @@ def load_rts(
     return rts.to(device).eval()
 
 
-@INTERPRETERS.register("rts")
-def _create_rts(classifier: Classifier, **options) -> RTS:
-    """``create_interpreter("rts", clf, checkpoint=path)`` loads a trained model; without it, untrained."""
-    checkpoint = options.pop("checkpoint", None)
-    if checkpoint is not None:
-        check_options("rts", options, ("encoder_weights",))
-        return load_rts(checkpoint, classifier, **options)
-    check_options("rts", options, ("encoder", "encoder_weights", "width", "image_size"))
-    return RTS(classifier, **options)
-
-
 # -- helpers ------------------------------------------------------------------------------------
 
 
@@ -452,8 +461,6 @@ def _build_encoder(name: str, weights: str | os.PathLike | None) -> Classifier |
             "checkpoint path): a randomly initialised encoder explains nothing. Or use "
             "encoder='classifier' (the default) to reuse the classifier's own trained features"
         )
-    from ..classifiers import create_classifier
-
     return create_classifier(name, weights=str(weights))
 
 

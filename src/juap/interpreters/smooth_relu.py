@@ -12,7 +12,7 @@ discontinuous at 0 (a(0^-) = 1, a(0) = 0, as written in the paper), and its deri
 ``tau / (s^2 + tau)^(3/2)`` is positive everywhere, which gives the non-zero second derivatives.
 
 The surrogate is for the attack's gradients only: every reported metric uses the unmodified classifier
-(SPEC section 3, "the surrogate is not the judge").
+(the surrogate is not the judge; README, "Decisions the paper leaves open").
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ class _SmoothReLUFunction(torch.autograd.Function):
         (s,) = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiable ops, so double backward works
             return grad * relu_derivative(s, ctx.tau), None
-        a = s.square().add_(ctx.tau).rsqrt_().mul_(s)  # same a(s), in place (3x faster): no graph to keep
+        a = s.square().add_(ctx.tau).rsqrt_().mul_(s)  # same a(s), in place (faster): no graph to keep
         return a.add_(s.lt(0)).mul_(grad), None
 
 

@@ -14,24 +14,10 @@ from typing import Any, Dict, Literal, Mapping, Sequence, Tuple, Type, TypeVar, 
 
 import yaml
 
+from .._validate import check_int, check_range, is_int  # noqa: F401  (check_range: re-exported)
 from ..errors import ConfigError
 
 T = TypeVar("T")
-
-
-def check_range(
-    where: str, value: float, *, low: float | None = None, high: float | None = None, low_open: bool = False
-) -> None:
-    """Raise ConfigError unless ``value`` lies in the given range."""
-    bad = (low is not None and (value <= low if low_open else value < low)) or (
-        high is not None and value > high
-    )
-    if bad or (isinstance(value, float) and not math.isfinite(value)):
-        lo = "" if low is None else (f"> {low}" if low_open else f">= {low}")
-        hi = "" if high is None else f"<= {high}"
-        raise ConfigError(
-            f"{where} = {value!r} is out of range; it must be {' and '.join(x for x in (lo, hi) if x)}"
-        )
 
 
 # -- loading -----------------------------------------------------------------------------------------
@@ -139,11 +125,9 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where} must be true or false, got {value!r}")
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
-        return value
+        return check_int(where, value)
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not (is_int(value) or isinstance(value, float)):
             raise ConfigError(f"{where} must be a number, got {value!r}")
         if math.isnan(value):
             raise ConfigError(f"{where} must be a number, got NaN")
