@@ -210,6 +210,20 @@ def test_pick_images_by_each_selection():
     assert FIGURE_SELECTIONS == ("fooled", "map_change", "random")
 
 
+def test_map_rows_show_the_picked_images_under_every_interpreter(evaluated):
+    from juap.commands.attack import map_rows
+
+    clf, cam, x, n, ev = evaluated
+    interps = {"cam": cam, "gradcam": juap.create_interpreter("gradcam", clf)}
+    rows, how = map_rows(clf, n, [x[:20], x[20:]], interps, main="cam", select="fooled", count=3, pool=40)
+    assert len(rows) == 3 and "fooled" in how
+    assert [len(r["panels"]) for r in rows] == [6, 6, 6]  # benign, adversarial, then 2 maps per interpreter
+    assert all(r["panels"][2][1] is not None and r["panels"][0][1] is None for r in rows)
+    captions = [r["panels"][0][2] != r["panels"][1][2].replace("adversarial", "benign") for r in rows]
+    assert all(captions)  # fooled: the adversarial prediction differs from the benign one
+    assert map_rows(clf, n, [], interps, main="cam") == ([], "no test images")
+
+
 # -- the command line --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def clf_path(tmp_path_factory):

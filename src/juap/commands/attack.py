@@ -241,7 +241,8 @@ def write_insight(
         class_names=class_names,
         device=device,
     )
-    map_panels(run_dir / "maps.png", rows, title=f"benign vs adversarial maps: {how}")
+    if rows:
+        map_panels(run_dir / "maps.png", rows, title=f"benign vs adversarial maps: {how}")
 
 
 @torch.no_grad()
@@ -286,6 +287,8 @@ def map_rows(
         change.append(l1_distance(ma, mb).cpu())
         if sum(len(b) for b in xs) >= pool:
             break
+    if not xs:
+        return [], "no test images"
     x, x_hat = torch.cat(xs)[:pool], torch.cat(xas)[:pool]
     fooled, change = torch.cat(fooled)[:pool], torch.cat(change)[:pool]
     picks, how = pick_images(fooled, change, select, count, seed, measure=f"{main} L1")
