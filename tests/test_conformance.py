@@ -213,6 +213,25 @@ def test_an_attack_without_an_interpreter_refuses_one(tiny):
                 juap.create_attack(name, classifier=clf, interpreter=cam, **tiny_params(cls))
 
 
+@pytest.mark.parametrize("name", juap.list_attacks())
+def test_an_undeclared_hyperparameter_is_refused_not_dropped(name, tiny):
+    """A hyperparameter another attack declares (GUAP has no ``lam``, GUAP-C_t no ``objective``) is an
+    error for the constructor itself, not silently ignored."""
+    clf, _ = tiny
+    cls = ATTACKS.get(name)
+    others = {}
+    for other in juap.list_attacks():
+        for key, p in ATTACKS.get(other).hyperparams.items():
+            meaningful = not p.required and p.default not in (None, 0, 0.0, False)
+            if key not in cls.hyperparams and key not in COMMON_ARGS and meaningful:
+                others.setdefault(key, p.default)
+    plain = next(i for i in juap.list_interpreters() if not INTERPRETERS.get(i).requires_checkpoint)
+    extra = {"interpreter": juap.create_interpreter(plain, clf)} if cls.takes_interpreter else {}
+    for key, value in others.items():
+        with pytest.raises((juap.ConfigError, TypeError), match=key):
+            cls(classifier=clf, **tiny_params(cls), **extra, **{key: value})
+
+
 def test_an_untrained_learned_interpreter_is_refused(tiny):
     clf, _ = tiny
     for iname in juap.list_interpreters():
