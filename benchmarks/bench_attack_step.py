@@ -31,13 +31,13 @@ GOALS = {"cam": 1.5, "gradcam": 1.5, "rts": 2.5}
 def step_fn(attack, x: torch.Tensor) -> Callable[[], None]:
     """One training step of a generator attack (its ``_step``) on ``x``, as ``fit`` runs it."""
     torch.manual_seed(0)
-    G = attack._make_generator().train()
+    G = attack.make_generator().train()
     attack.noise = torch.rand((1,) + tuple(x.shape[1:]), generator=torch.Generator().manual_seed(0))
     opt = torch.optim.Adam(G.parameters(), lr=attack.lr, betas=attack.betas)
     interp = attack.interpreter
     if interp is not None and attack.use_surrogate:
         interp = rebind(interp, make_surrogate(attack.classifier))
-    return lambda: attack._step(G, opt, x, interp)
+    return lambda: attack.train_step(G, opt, x, interp)
 
 
 def plain_fn(clf, x: torch.Tensor) -> Callable[[], None]:

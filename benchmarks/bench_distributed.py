@@ -79,7 +79,7 @@ def time_steps(cfg: Dict[str, Any]) -> Dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     x_all = torch.rand(cfg["batch"] * 4, 3, size, size, generator=g)
     attack.noise = torch.rand(1, 3, size, size, generator=g).to(dev)
-    G = attack._make_generator().to(dev).train()
+    G = attack.make_generator().to(dev).train()
     opt = torch.optim.Adam(G.parameters(), lr=attack.lr, betas=attack.betas)
     fast = FastPaths(device=dev)
     G_fwd, interp = fast.prepare(distributed.wrap_ddp(G), cam, clf)
@@ -88,13 +88,13 @@ def time_steps(cfg: Dict[str, Any]) -> Dict[str, Any]:
         for i in range(0, len(x_all), cfg["batch"])
     ]
     for i in range(cfg["warmup"]):
-        attack._step(G_fwd, opt, batches[i % len(batches)], interp)
+        attack.train_step(G_fwd, opt, batches[i % len(batches)], interp)
     distributed.barrier()
     if dev.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for i in range(cfg["steps"]):
-        attack._step(G_fwd, opt, batches[i % len(batches)], interp)
+        attack.train_step(G_fwd, opt, batches[i % len(batches)], interp)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     distributed.barrier()

@@ -63,7 +63,7 @@ def time_variant(
     )
     attack.noise = torch.rand((1,) + tuple(x.shape[1:]), generator=torch.Generator().manual_seed(0)).to(dev)
     torch.manual_seed(0)
-    G = attack._make_generator().to(dev).train()
+    G = attack.make_generator().to(dev).train()
     opt = torch.optim.Adam(G.parameters(), lr=attack.lr, betas=attack.betas)
     interp = rebind(gradcam, make_surrogate(clf, tau=attack.tau))
     fast = FastPaths(**options, device=dev)
@@ -75,7 +75,8 @@ def time_variant(
         t0 = time.perf_counter()
         for _ in range(warmup):
             with fast.autocast():
-                _, G_fwd, interp = fast.first_step(lambda g, ti: attack._step(g, opt, xs, ti), G_fwd, interp)
+                step = lambda g, ti: attack.train_step(g, opt, xs, ti)  # noqa: E731
+                _, G_fwd, interp = fast.first_step(step, G_fwd, interp)
         _sync(dev)
         warm = time.perf_counter() - t0
     if any("compile" in str(w.message) for w in caught):
@@ -83,7 +84,7 @@ def time_variant(
     t0 = time.perf_counter()
     for _ in range(steps):
         with fast.autocast():
-            attack._step(G_fwd, opt, xs, interp)
+            attack.train_step(G_fwd, opt, xs, interp)
     _sync(dev)
     wall = time.perf_counter() - t0
     out = {

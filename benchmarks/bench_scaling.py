@@ -74,14 +74,14 @@ def child(spec: Dict[str, Any]) -> Dict[str, Any]:
         )
 
     def steps(attack, x: torch.Tensor, n: int) -> List[float]:
-        G = attack._make_generator().train()
+        G = attack.make_generator().train()
         attack.noise = torch.rand((1, *x.shape[1:]), generator=torch.Generator().manual_seed(0))
         opt = torch.optim.Adam(G.parameters(), lr=attack.lr, betas=attack.betas)
         surrogate = rebind(interp, make_surrogate(clf))
         times = []
         for _ in range(n):
             t0 = time.process_time()
-            attack._step(G, opt, x, surrogate)
+            attack.train_step(G, opt, x, surrogate)
             times.append(time.process_time() - t0)
         return times
 

@@ -118,8 +118,7 @@ def _held_out_rate(clf, x_test: torch.Tensor) -> Callable[[torch.Tensor], float]
 
 # -- the methods: each runs until the race stops it ------------------------------------------------------
 def run_uap(race: Race, clf, x: torch.Tensor, eps: float, seed: int) -> None:
-    import juap.attacks.uap as uap_mod
-
+    """Measured through UAP's public hooks: ``callback`` after every batch, ``log`` at every pass's end."""
     attack = juap.create_attack(
         "uap",
         classifier=clf,
@@ -133,28 +132,19 @@ def run_uap(race: Race, clf, x: torch.Tensor, eps: float, seed: int) -> None:
         batch_size=8,
         seed=seed,
     )
-    state = {"v": torch.zeros(x.shape[1:])}
-    project, fooling_rate = uap_mod.project, attack._fooling_rate
+    state: Dict[str, Any] = {"v": lambda: torch.zeros(x.shape[1:])}
 
-    def project_hook(v, **kw):
-        state["v"] = out = project(v, **kw)
-        race.tick(lambda: state["v"])
-        return out
+    def tick(batches: int, v) -> None:
+        state["v"] = v
+        race.tick(v)
 
-    def pass_end(*a, **kw):
-        out = fooling_rate(*a, **kw)
-        race.mark_pass(lambda: state["v"])
-        return out
-
-    uap_mod.project, attack._fooling_rate = project_hook, pass_end
-    try:
-        race.start()
-        attack.fit(x, progress=False)
-    finally:
-        uap_mod.project = project
+    race.start()
+    attack.fit(x, progress=False, callback=tick, log=lambda row, images=None: race.mark_pass(state["v"]))
 
 
 def run_art(race: Race, clf, x: torch.Tensor, eps: float, seed: int, attacker: str) -> None:
+    """ART's UniversalPerturbation has no callback: its projection and its estimator's predict are wrapped
+    (ART's, not juap's) to see v after every update and at the end of every pass."""
     import art.attacks.evasion.universal_perturbation as art_mod
     from art.attacks.evasion import UniversalPerturbation
 

@@ -49,10 +49,10 @@ def test_gradients_reach_every_generator_parameter(model):
     attack = juap.create_attack(
         "juap", classifier=clf, interpreter=cam, norm="linf", eps=10, **dict(FAST, steps=1, eval_every=1)
     )
-    G = attack._make_generator().train()
+    G = attack.make_generator().train()
     attack.noise = torch.rand(1, 3, 32, 32)
     opt = torch.optim.SGD(G.parameters(), lr=0.0)
-    attack._step(G, opt, x[:8], attack.interpreter)
+    attack.train_step(G, opt, x[:8], attack.interpreter)
     missing = [n for n, p in G.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing, f"no gradient reached {missing}"
 

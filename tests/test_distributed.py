@@ -89,10 +89,10 @@ def run_experiment() -> dict:
     att = _attack(clf, gradcam)
     att.noise = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(7))
     torch.manual_seed(5)
-    G = att._make_generator().train()
+    G = att.make_generator().train()
     opt = torch.optim.SGD(G.parameters(), lr=0.0)
     surrogate = rebind(gradcam, make_surrogate(clf, tau=att.tau))
-    loss, parts = att._step(
+    loss, parts = att.train_step(
         distributed.wrap_ddp(G), opt, distributed.local_slice(x_train[:GLOBAL_BATCH]), surrogate
     )
     grads = torch.cat([p.grad.flatten() for p in G.parameters()])

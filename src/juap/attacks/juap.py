@@ -295,7 +295,7 @@ class GeneratorUAP(UniversalAttack):
         )
         self.noise = self.noise.to(dev)
         torch.manual_seed(self.seed)
-        G = self._make_generator().to(dev).train()
+        G = self.make_generator().to(dev).train()
         opt = torch.optim.Adam(G.parameters(), lr=self.lr, betas=self.betas)
         train_interp = self.interpreter
         if self.interpreter is not None and self.use_surrogate:
@@ -334,7 +334,7 @@ class GeneratorUAP(UniversalAttack):
             lam = self.lam_at(i)
             with fast.autocast():
                 (loss, parts), fwd["G"], fwd["interp"] = fast.first_step(
-                    lambda g, ti: self._step(g, opt, x, ti, lam=lam), fwd["G"], fwd["interp"]
+                    lambda g, ti: self.train_step(g, opt, x, ti, lam=lam), fwd["G"], fwd["interp"]
                 )
             last = i == self.steps
             if i % self.eval_every == 0 or loop.ckpt.due(i, last=last):
@@ -449,9 +449,28 @@ class GeneratorUAP(UniversalAttack):
         log_lam = math.log(d["lam"]) + self.dual_lr * (d["fr_ema"] - d["target"]) / _FR_SCALE
         d["lam"] = math.exp(min(max(log_lam, math.log(_LAM_RANGE[0])), math.log(_LAM_RANGE[1])))
 
-    def _step(
+    def train_step(
         self, G, opt, x: torch.Tensor, train_interp, *, lam: Optional[float] = None
     ) -> Tuple[float, Dict[str, float]]:
+        """One step of Algorithm 1: eq 16 on the batch ``x`` (N, 3, H, W), then one Adam step on ``G``.
+
+        The public step that :meth:`fit` runs in the loop engine; benchmarks time it directly.
+
+        Args:
+            G: the generator (from :meth:`make_generator`); ``opt``: its optimiser.
+            train_interp: the interpreter whose maps enter eq 13 (the smoothed-ReLU surrogate's during
+                :meth:`fit`); ignored by GUAP.
+            lam: lambda of eq 16 (default ``self.lam``).
+
+        Returns:
+            (loss, parts): the loss and its parts (``fool_loss``, ``map_loss``, ``batch_fooling_ratio``,
+            ``at_hinge``, ...) as floats.
+        """
+        if self.noise is None:  # outside fit: the fixed input n ~ U(0, 1), drawn from the seed as fit does
+            self.noise = torch.rand(
+                (1,) + tuple(x.shape[1:]), generator=torch.Generator().manual_seed(self.seed)
+            )
+            self.noise = self.noise.to(x.device)
         lam = self.lam if lam is None else lam
         clf = self.classifier
         with torch.no_grad():  # benign side: the unmodified models, one forward pass
@@ -522,7 +541,8 @@ class GeneratorUAP(UniversalAttack):
     def _encode(interp, x: torch.Tensor) -> Optional[torch.Tensor]:
         return interp.encode(x)  # None unless the interpreter has an encoder (RTS)
 
-    def _make_generator(self) -> torch.nn.Module:
+    def make_generator(self) -> torch.nn.Module:
+        """A fresh, untrained generator as this attack's ``generator`` and ``generator_options`` name it."""
         if isinstance(self.generator_spec, torch.nn.Module):
             return copy.deepcopy(self.generator_spec)
         return GENERATORS.create(self.generator_spec, **self.generator_options)

@@ -129,7 +129,9 @@ class UAP(UniversalAttack):
                 states); SIGINT/SIGTERM stop at the end of the current pass with a checkpoint (a second
                 signal stops at once); resume continues after the last finished pass (the same v as an
                 uninterrupted run's, bitwise on CPU with the same data and settings).
-            callback: called after every pass as ``callback(pass, perturbation)``.
+            callback: called after every batch as ``callback(batches, perturbation)``, with the number of
+                batches so far and ``perturbation()`` returning the current v; an exception it raises
+                stops the fit (benchmarks time attacks this way).
             log: receives one history row per pass.
         """
         benign = None  # f(x) of every image of a tensor, computed once
@@ -139,7 +141,7 @@ class UAP(UniversalAttack):
         gen = getattr(data, "generator", None)  # a seeded loader's order depends on its generator's state
         gen = gen if isinstance(gen, torch.Generator) else None
         identity = {"norm": self.norm, "eps": self.eps, "seed": self.seed, "batch_size": self.batch_size}
-        run: Dict[str, Any] = {"v": None, "fooling_rate": 0.0}
+        run: Dict[str, Any] = {"v": None, "fooling_rate": 0.0, "batches": 0}
         loop = TrainLoop(
             self.name, self.max_passes, checkpoint=checkpoint, log=log, progress=False, unit="pass"
         )
@@ -161,16 +163,20 @@ class UAP(UniversalAttack):
             }
 
         def one_pass(p: int):
-            run["v"], run["fooling_rate"], updates = self._pass(data, benign, run["v"], p, progress)
+            run["v"], run["fooling_rate"], updates = self._pass(data, benign, run["v"], p, progress, tick)
             loop.finished = run["fooling_rate"] >= self.target_fooling_rate
             loop.record(
                 p, {"fooling_rate": run["fooling_rate"], "updates": updates}, {"perturbation": run["v"]}
             )
 
-        after = None if callback is None else (lambda p: callback(p, lambda: run["v"]))
+        def tick(v: torch.Tensor) -> None:
+            run["batches"] += 1
+            if callback is not None:
+                callback(run["batches"], lambda: v)
+
         start = loop.start(snapshot, load)
         if not loop.finished:
-            loop.run(one_pass, snapshot=snapshot, load=load, after=after, start=start)
+            loop.run(one_pass, snapshot=snapshot, load=load, start=start)
         self.history = loop.history
         self.perturbation, self.fooling_rate_, self._net = run["v"], run["fooling_rate"], None
         self.converged_ = run["fooling_rate"] >= self.target_fooling_rate
@@ -185,7 +191,7 @@ class UAP(UniversalAttack):
                 + "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
             )
 
-    def _pass(self, data, benign, v, p: int, progress: bool):
+    def _pass(self, data, benign, v, p: int, progress: bool, tick: Callable[[torch.Tensor], None]):
         """Pass ``p`` of Algorithm 1 of Moosavi-Dezfooli et al.: DeepFool steps folded into v.
 
         Returns:
@@ -215,6 +221,7 @@ class UAP(UniversalAttack):
             seen, fooled = seen + len(x), fooled + int((~todo).sum())
             bar.set_postfix(fooled=f"{fooled / seen:.3f}", updates=updates)
             bar.update(len(x))
+            tick(v)
         if v is None:
             bar.close()
             self._net = None

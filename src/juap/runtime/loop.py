@@ -68,8 +68,9 @@ class TrainLoop:
         default_every: the cadence when ``checkpoint.every`` is None.
         per_rank: state keys that differ between the ranks under torchrun (data position, RNG states,
             running counts): gathered into the checkpoint, and each rank gets its own back on resume.
-        log: called as ``log(row, images)`` for every history row (rank 0 only), and ``log.restore(rows)``
-            on resume; see :class:`~juap.runtime.history.RunLog`.
+        log: called as ``log(row, images)`` for every history row (rank 0 only); when it has them,
+            ``log.restore(rows)`` on resume and ``log.flush()`` when the loop ends or is stopped; see
+            :class:`~juap.runtime.history.RunLog`.
         progress: show a progress bar (rank 0 only).
     """
 
@@ -138,7 +139,7 @@ class TrainLoop:
                     break
         finally:  # also when stopped by a signal: the log's files hold what the checkpoint holds
             self.close()
-            if self.log is not None:
+            if hasattr(self.log, "flush"):  # a plain function as ``log`` has nothing to flush
                 self.log.flush()
         return start
 
@@ -161,7 +162,7 @@ class TrainLoop:
         self.history = list(state.get("history") or [])
         load(state)
         set_rng_states(state["rng"])
-        if self.log is not None:
+        if hasattr(self.log, "restore"):
             self.log.restore(self.history)
         return int(state["step"])
 
