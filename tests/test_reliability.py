@@ -701,7 +701,7 @@ def _bad_cases(root: Path, clf_path: str, tmp: Path):
         ),
         "a generator that is not a name": (
             [*att, "--set", "attack.name=guap", "--set", "attack.params={steps: 1, generator: 3}"],
-            "unknown generator 3. Known generators:",
+            "attack.params.generator must be str or Module, got 3",
         ),
         "misspelt attack parameter": (
             [*att, "--set", "attack.params={stpes: 2}"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -72,6 +73,14 @@ def attack_param_names(cls: type) -> set:
 def build_attack(cfg, classifier: Classifier, interpreter, *, device=None):
     """The attack a config names, with its ``params`` checked against the attack's declared hyperparams."""
     cls = ATTACKS.get(cfg.name)
+    for key in cfg.params:
+        if key not in cls.hyperparams:
+            close = difflib.get_close_matches(key, sorted(cls.hyperparams), n=1)
+            hint = f" Did you mean 'attack.params.{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"unknown config key 'attack.params.{key}' for attack {cfg.name!r}.{hint} "
+                f"Known: {', '.join(sorted(cls.hyperparams))}"
+            )
     try:
         cls.check_hyperparams(cfg.params)
     except ConfigError as e:  # the same message, with the config's key
