@@ -268,7 +268,7 @@ def map_rows(
     Returns:
         ``(rows, how)``, ``how`` a caption saying how the images were picked.
     """
-    from ..attacks.base import iter_batches
+    from ..data.batches import iter_batches
     from ..evaluation import perturb_fn
     from ..metrics import l1_distance
 
