@@ -27,17 +27,16 @@ from ..data import (
 from ..errors import CheckpointError, ConfigError, NumericalError
 from ..evaluation import evaluate_accuracy
 from ..runtime import distributed
-from ..runtime.checkpoint import ResumableLoader
 from ..runtime.config import to_dict
 from ..runtime.distributed import resolve_device
 from ..runtime.history import RunLog
 from ..runtime.loop import (
     Checkpointing,
+    EpochBatches,
     TrainLoop,
     any_rank,
     broadcast_buffers,
     restore_batchnorm,
-    set_epoch,
     shard_train_loader,
     to_sync_batchnorm,
 )
@@ -157,6 +156,78 @@ def _load_training_state(state: Dict, clf: Classifier, opt, sched) -> None:
         raise CheckpointError(f"the checkpoint does not fit this classifier: {e}") from None
 
 
+class _ClassifierTrainer:
+    """``train-classifier`` for the loop engine: SGD with Nesterov momentum on a one-cycle schedule."""
+
+    def __init__(self, clf: Classifier, loader, cfg: TrainConfig, device: torch.device) -> None:
+        self.clf, self.cfg, self.device = clf, cfg, device
+        decay = [p for p in clf.parameters() if p.ndim > 1]  # no weight decay on biases and BatchNorm
+        other = [p for p in clf.parameters() if p.ndim <= 1]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
+        self.opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+        total = cfg.epochs * max(1, len(loader))
+        self.sched = torch.optim.lr_scheduler.OneCycleLR(
+            self.opt, max_lr=cfg.lr, total_steps=total, pct_start=0.15
+        )
+        self.batches = EpochBatches(loader, cfg.epochs, on_epoch=self._new_epoch)
+        # running counts: the accuracy is the last epoch's; seconds survive a resume
+        self.c = {"correct": 0, "seen": 0, "skipped": 0, "seconds": 0.0}
+
+    def _new_epoch(self, epoch: int) -> None:
+        self.c.update(correct=0, seen=0)
+        self.clf.train()
+
+    def begin(self, loop: TrainLoop) -> None:
+        self.loop = loop
+        self.model = distributed.wrap_ddp(self.clf)  # broadcasts rank 0's parameters and buffers
+        self.t0 = time.perf_counter() - self.c["seconds"]
+
+    def snapshot(self) -> Dict[str, Any]:
+        return {
+            **self.c,
+            "arch": self.clf.arch,
+            "num_classes": self.clf.num_classes,
+            "model": self.clf.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "data": self.batches.position(),
+        }
+
+    def restore(self, state: Dict[str, Any]) -> None:
+        _load_training_state(state, self.clf, self.opt, self.sched)
+
+    def load(self, state: Dict[str, Any]) -> None:
+        self.restore(state)
+        self.c.update({k: state[k] for k in self.c})
+        self.batches.restore(state["data"])
+
+    def step(self, i: int) -> Optional[Dict[str, float]]:
+        item = self.batches.next()
+        if item is None:  # no (more) batches: a train split smaller than one batch
+            self.loop.finished = True
+            return None
+        epoch, (x, y, n_skip) = item
+        self.c["skipped"] += n_skip
+        self.c["seconds"] = time.perf_counter() - self.t0
+        if any_rank(len(y) == 0):  # under torchrun all ranks skip alike
+            self.sched.step()
+            return None
+        x, y = x.to(self.device), y.to(self.device)
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
+        if any_rank(not bool(torch.isfinite(loss))):
+            raise NumericalError(f"train-classifier: the loss became {loss.item()}")
+        lr = self.opt.param_groups[0]["lr"]
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        self.c["correct"] += int((logits.argmax(1) == y).sum())
+        self.c["seen"] += len(y)
+        accuracy = self.c["correct"] / max(self.c["seen"], 1)
+        return {"epoch": epoch + 1, "loss": loss.item(), "accuracy": accuracy, "lr": lr}
+
+
 def train_classifier(
     clf: Classifier,
     train_loader: DataLoader,
@@ -193,129 +264,50 @@ def train_classifier(
         Metrics: ``test_accuracy``, ``train_accuracy`` (last epoch, on augmented data), timings, counts.
     """
 
-    world = distributed.world_size()
     progress = progress and distributed.is_main()
-    if world > 1:
+    if distributed.world_size() > 1:
         distributed.check_divisible(cfg.batch_size, "train.batch_size")
-    full_loader = train_loader
-    train_loader = shard_train_loader(train_loader)
+    sharded = shard_train_loader(train_loader)
     clf.to(device).train()
     swapped = to_sync_batchnorm(clf, device)
-    params_decay = [p for n, p in clf.named_parameters() if p.ndim > 1]
-    params_other = [p for n, p in clf.named_parameters() if p.ndim <= 1]
-    opt = torch.optim.SGD(
-        [
-            {"params": params_decay, "weight_decay": cfg.weight_decay},
-            {"params": params_other, "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        nesterov=cfg.momentum > 0,
-    )
-    steps = cfg.epochs * max(1, len(train_loader))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.15)
+    trainer = _ClassifierTrainer(clf, sharded, cfg, device)
+    per_epoch = max(1, len(sharded))
     loop = TrainLoop(
         "train-classifier",
-        steps,
+        cfg.epochs * per_epoch,
         checkpoint=checkpoint,
-        default_every=min(200, max(1, len(train_loader))),  # one epoch or 200 steps
+        default_every=min(200, per_epoch),  # one epoch or 200 steps
         per_rank=("correct", "seen", "skipped", "data", "rng"),
         log=log,
         progress=progress,
     )
-    c = {"step": 0, "epoch": 0, "correct": 0, "seen": 0, "skipped": 0, "seconds": 0.0}
-    run = {"loader": ResumableLoader(train_loader)}
-
-    def snapshot() -> Dict:
-        model_state = {
-            "model": clf.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-        }
-        return {
-            **c,
-            "arch": clf.arch,
-            "num_classes": clf.num_classes,
-            **model_state,
-            "data": run["loader"].position(),
-        }
-
-    def load(state: Dict) -> None:
-        _load_training_state(state, clf, opt, sched)
-        c.update({k: state[k] for k in c})
-        run["loader"] = ResumableLoader(train_loader, state["data"])
-
-    def batches():  # (epoch, batch) from where the checkpoint left off
-        for epoch in range(c["epoch"], cfg.epochs):
-            clf.train()
-            if epoch != c["epoch"]:
-                c.update(epoch=epoch, correct=0, seen=0)
-            set_epoch(train_loader, epoch)
-            for batch in run["loader"]:
-                yield epoch, batch
-
-    def step(i: int):
-        item = next(it, None)
-        if item is None:  # no (more) batches: a train split smaller than one batch
-            loop.finished = True
-            return None
-        epoch, (x, y, n_skip) = item
-        c["step"], c["skipped"] = i, c["skipped"] + n_skip
-        c["seconds"] = time.perf_counter() - t0
-        if any_rank(len(y) == 0):  # under torchrun all ranks skip alike
-            sched.step()
-            return None
-        x, y = x.to(device), y.to(device)
-        logits = model(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-        if any_rank(not bool(torch.isfinite(loss))):
-            raise NumericalError(f"train-classifier: the loss became {loss.item()}")
-        lr = opt.param_groups[0]["lr"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        c["correct"] += int((logits.argmax(1) == y).sum())
-        c["seen"] += len(y)
-        c["seconds"] = time.perf_counter() - t0
-        return {
-            "epoch": epoch + 1,
-            "loss": loss.item(),
-            "accuracy": c["correct"] / max(c["seen"], 1),
-            "lr": lr,
-        }
-
-    start = loop.start(snapshot, load)
-    model = distributed.wrap_ddp(clf)  # broadcasts rank 0's parameters and buffers; clf itself alone
-    t0 = time.perf_counter() - c["seconds"]
-    it = batches()
+    start = loop.start(trainer.snapshot, trainer.load)
+    trainer.begin(loop)  # DDP wrap (after loading: rank 0's weights go to every rank) and the clock
     loop.run(
-        step,
-        snapshot=snapshot,
-        load=load,
-        restore=lambda good: _load_training_state(good, clf, opt, sched),
-        optimizer=opt,
-        scheduler=sched,
+        trainer.step,
+        snapshot=trainer.snapshot,
+        load=trainer.load,
+        restore=trainer.restore,
+        optimizer=trainer.opt,
+        scheduler=trainer.sched,
         start=start,
     )
     restore_batchnorm(swapped)
     broadcast_buffers(clf)  # under torchrun: rank 0's BatchNorm statistics everywhere
-    correct, seen, skipped = c["correct"], c["seen"], c["skipped"]
-    if world > 1:  # sums and counts over the ranks
-        sums = distributed.all_reduce_sums({"correct": correct, "seen": seen, "skipped": skipped})
-        correct, seen, skipped = (int(sums[k]) for k in ("correct", "seen", "skipped"))
-    train_time = time.perf_counter() - t0
+    sums = distributed.all_reduce_sums({k: trainer.c[k] for k in ("correct", "seen", "skipped")})  # ranks
     metrics: Dict = {
-        "train_accuracy": correct / max(seen, 1),
-        "train_seconds": round(train_time, 2),
+        "train_accuracy": sums["correct"] / max(sums["seen"], 1),
+        "train_seconds": round(time.perf_counter() - trainer.t0, 2),
         "epochs": cfg.epochs,
-        "train_images": len(full_loader.dataset),
-        "skipped_images": skipped,
+        "train_images": len(train_loader.dataset),
+        "skipped_images": int(sums["skipped"]),
     }
     if test_loader is not None:
         ev = evaluate_accuracy(clf, test_loader, device=device, progress=progress)
         metrics.update(
-            test_accuracy=ev["accuracy"], test_images=ev["total"], skipped_images=skipped + ev["skipped"]
+            test_accuracy=ev["accuracy"],
+            test_images=ev["total"],
+            skipped_images=metrics["skipped_images"] + ev["skipped"],
         )
     clf.eval()
     return metrics

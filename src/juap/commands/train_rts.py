@@ -14,7 +14,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, Literal, Optional, Sequence
+from typing import Any, Dict, List, Literal, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -25,15 +25,14 @@ from ..errors import CheckpointError, ConfigError, DataError, NumericalError
 from ..interpreters.base import upsample_maps
 from ..interpreters.rts import ENCODERS, RTS, rts_loss, save_rts
 from ..runtime import distributed
-from ..runtime.checkpoint import ResumableLoader
 from ..runtime.config import check_range, to_dict
 from ..runtime.history import RunLog
 from ..runtime.loop import (
     Checkpointing,
+    EpochBatches,
     TrainLoop,
     any_rank,
     broadcast_buffers,
-    set_epoch,
     shard_train_loader,
 )
 from ..runtime.runs import finish_run
@@ -219,146 +218,146 @@ def train_rts(
         Metrics: ``train_loss`` (loss parts, mean over the last epoch), ``first_loss`` (first epoch),
         ``train_seconds``, ``steps``, ``epochs_done``, ``stopped_early`` (time bound reached).
     """
-    world = distributed.world_size()
-    if world > 1:
+    if distributed.world_size() > 1:
         distributed.check_divisible(cfg.batch_size, "train.batch_size")
-    train_loader = shard_train_loader(train_loader)
+    sharded = shard_train_loader(train_loader)
     rts.to(device).train()
-    opt = torch.optim.Adam(rts.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    per_epoch = max(1, len(train_loader))
-    steps_total = cfg.epochs * per_epoch
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps_total, eta_min=cfg.lr * 0.05)
-    gen = torch.Generator().manual_seed(int(torch.initial_seed()) % (2**31))
-    kwargs = cfg.loss_kwargs()
+    trainer = _RTSTrainer(rts, sharded, cfg, device)
+    per_epoch = max(1, len(sharded))
     loop = TrainLoop(
         "train-rts",
-        steps_total,
+        cfg.epochs * per_epoch,
         checkpoint=checkpoint,
         default_every=min(200, per_epoch),  # one epoch or 200 steps
         per_rank=("seen", "sums", "fake_labels", "data", "rng"),
         log=log,
         progress=progress,
     )
-    # steps: optimiser steps taken (a skipped empty batch or a rolled-back one takes none)
-    c: Dict[str, Any] = {
-        "steps": 0,
-        "epoch": 0,
-        "epochs_done": 0,
-        "seen": 0,
-        "seconds": 0.0,
-        "stopped": False,
-    }
-    sums = {k: 0.0 for k in LOSS_PARTS}
-    epochs: list[Dict[str, float]] = []  # the loss parts per epoch: means over the ranks' images
-    trained = _trainable_names(rts)
-    run = {"loader": ResumableLoader(train_loader)}
-
-    def snapshot() -> Dict[str, Any]:
-        return {
-            **c,
-            "sums": sums,
-            "epochs": epochs,
-            "model": {k: v for k, v in rts.state_dict().items() if k in trained},
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "fake_labels": gen.get_state(),
-            "data": run["loader"].position(),
-        }
-
-    def restore(s: Dict[str, Any]) -> None:  # the weights, Adam, schedule and fake-label draws
-        try:
-            rts.load_state_dict(s["model"], strict=False)
-            opt.load_state_dict(s["optimizer"])
-            sched.load_state_dict(s["scheduler"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"the checkpoint does not fit this RTS model: {e}") from None
-        gen.set_state(s["fake_labels"])
-
-    def load(s: Dict[str, Any]) -> None:
-        if set(s["model"]) != set(trained):
-            raise CheckpointError(
-                "the checkpoint is of another RTS model (other layers); resume with the same config"
-            )
-        restore(s)
-        c.update({k: s[k] for k in c})
-        sums.update(s["sums"])
-        epochs[:] = s["epochs"]
-        run["loader"] = ResumableLoader(train_loader, s["data"])
-
-    def batches():  # (epoch, batch) from where the checkpoint left off
-        for epoch in range(c["epoch"], cfg.epochs):
-            if epoch != c["epoch"]:
-                c.update(epoch=epoch, seen=0)
-                sums.update({k: 0.0 for k in LOSS_PARTS})
-            set_epoch(train_loader, epoch)
-            for batch in run["loader"]:
-                yield epoch, batch
-
-    def end_epoch(epoch: int) -> None:
-        epoch_sums = distributed.all_reduce_sums({**sums, "_seen": c["seen"]})  # over the ranks
-        if epoch_sums["_seen"]:
-            epochs.append({k: epoch_sums[k] / epoch_sums["_seen"] for k in LOSS_PARTS})
-        c["epochs_done"] += 0 if c["stopped"] else 1
-
-    def step(i: int):
-        item = next(it, None)
-        if item is None:  # no (more) batches: a train split smaller than one batch
-            loop.finished = True
-            return None
-        epoch, (x, y, _n_skip) = item
-        c["seconds"] = time.perf_counter() - t0
-        if any_rank(time.perf_counter() > deadline):  # under torchrun every rank stops at this step
-            c["stopped"], loop.finished = True, True
-            logger.warning(
-                "train-rts stopped after %.1f minutes (train.max_minutes) in epoch %d",
-                cfg.max_minutes,
-                epoch + 1,
-            )
-            end_epoch(epoch)
-            return None
-        row = None
-        if not any_rank(len(y) == 0):
-            x, y = x.to(device), y.to(device)
-            if cfg.target == "predicted":
-                with torch.no_grad():
-                    y = rts.classifier(x).argmax(1)
-            classes, real = _with_fake_labels(y, rts.classifier.num_classes, cfg.fake_label_prob, gen)
-            masks = model(x, classes)  # (N, H/4, W/4)
-            loss, parts = rts_loss(rts.classifier, x, masks, classes, real=real, **kwargs)
-            if any_rank(not bool(torch.isfinite(loss))):
-                raise NumericalError(f"train-rts: the loss became {loss.item()}")
-            lr = opt.param_groups[0]["lr"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            c["steps"] += 1
-            for k in LOSS_PARTS:
-                sums[k] += float(parts[k]) * len(y)
-            c["seen"] += len(y)
-            c["seconds"] = time.perf_counter() - t0
-            row = {"epoch": epoch + 1, **{k: float(parts[k]) for k in LOSS_PARTS}, "lr": lr}
-        if i % per_epoch == 0:  # the epoch's last batch
-            end_epoch(epoch)
-        return row
-
-    start = loop.start(snapshot, load)
-    model = distributed.wrap_ddp(rts)  # averages the masking model's gradients; rts itself alone
-    t0 = time.perf_counter() - c["seconds"]
-    deadline = time.perf_counter() + 60.0 * cfg.max_minutes - c["seconds"]
-    it = batches()
-    loop.run(step, snapshot=snapshot, load=load, restore=restore, optimizer=opt, scheduler=sched, start=start)
+    start = loop.start(trainer.snapshot, trainer.load)
+    trainer.begin(loop)  # DDP wrap, the clock and the time bound
+    loop.run(
+        trainer.step,
+        snapshot=trainer.snapshot,
+        load=trainer.load,
+        restore=trainer.restore,
+        optimizer=trainer.opt,
+        scheduler=trainer.sched,
+        start=start,
+    )
     broadcast_buffers(rts)  # under torchrun: rank 0's BatchNorm statistics everywhere
     rts.eval()
+    epochs, c = trainer.epochs, trainer.c
     return {
         "train_loss": epochs[-1] if epochs else {},
         "first_loss": epochs[0] if epochs else {},
         "loss_history": [h["total"] for h in epochs],
-        "train_seconds": round(time.perf_counter() - t0, 2),
+        "train_seconds": round(time.perf_counter() - trainer.t0, 2),
         "steps": c["steps"],
         "epochs_done": c["epochs_done"],
         "stopped_early": c["stopped"],
     }
+
+
+class _RTSTrainer:
+    """``train-rts`` for the loop engine: Adam on eq 12, the classifier and the encoder frozen."""
+
+    def __init__(self, rts: RTS, loader, cfg: RTSTrainConfig, device: torch.device) -> None:
+        self.rts, self.cfg, self.device = rts, cfg, device
+        self.opt = torch.optim.Adam(rts.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.per_epoch = max(1, len(loader))
+        total = cfg.epochs * self.per_epoch
+        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=total, eta_min=cfg.lr * 0.05)
+        self.gen = torch.Generator().manual_seed(int(torch.initial_seed()) % (2**31))  # fake labels
+        self.batches = EpochBatches(loader, cfg.epochs)
+        self.trained = _trainable_names(rts)
+        # steps: optimiser steps taken (a skipped empty batch or a rolled-back one takes none)
+        self.c: Dict[str, Any] = {"steps": 0, "epochs_done": 0, "seen": 0, "seconds": 0.0, "stopped": False}
+        self.sums = {k: 0.0 for k in LOSS_PARTS}  # this epoch's, weighted by images
+        self.epochs: List[Dict[str, float]] = []  # the loss parts per epoch: means over every rank's images
+
+    def begin(self, loop: TrainLoop) -> None:
+        self.loop = loop
+        self.model = distributed.wrap_ddp(self.rts)  # averages the masking model's gradients
+        self.t0 = time.perf_counter() - self.c["seconds"]
+        self.deadline = time.perf_counter() + 60.0 * self.cfg.max_minutes - self.c["seconds"]
+
+    def snapshot(self) -> Dict[str, Any]:
+        return {
+            **self.c,
+            "sums": self.sums,
+            "epochs": self.epochs,
+            "model": {k: v for k, v in self.rts.state_dict().items() if k in self.trained},
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "fake_labels": self.gen.get_state(),
+            "data": self.batches.position(),
+        }
+
+    def restore(self, s: Dict[str, Any]) -> None:  # a roll-back: weights, Adam, schedule, fake labels
+        try:
+            self.rts.load_state_dict(s["model"], strict=False)
+            self.opt.load_state_dict(s["optimizer"])
+            self.sched.load_state_dict(s["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"the checkpoint does not fit this RTS model: {e}") from None
+        self.gen.set_state(s["fake_labels"])
+
+    def load(self, s: Dict[str, Any]) -> None:
+        if set(s["model"]) != set(self.trained):
+            raise CheckpointError(
+                "the checkpoint is of another RTS model (other layers); resume with the same config"
+            )
+        self.restore(s)
+        self.c.update({k: s[k] for k in self.c})
+        self.sums.update(s["sums"])
+        self.epochs[:] = s["epochs"]
+        self.batches.restore(s["data"])
+
+    def end_epoch(self, epoch: int) -> None:
+        sums = distributed.all_reduce_sums({**self.sums, "_seen": self.c["seen"]})  # over the ranks
+        if sums["_seen"]:
+            self.epochs.append({k: sums[k] / sums["_seen"] for k in LOSS_PARTS})
+        self.c["epochs_done"] += 0 if self.c["stopped"] else 1
+        self.c["seen"] = 0
+        self.sums.update({k: 0.0 for k in LOSS_PARTS})
+
+    def step(self, i: int) -> Optional[Dict[str, float]]:
+        item = self.batches.next()
+        if item is None:  # no (more) batches
+            self.loop.finished = True
+            return None
+        epoch, (x, y, _n_skip) = item
+        self.c["seconds"] = time.perf_counter() - self.t0
+        if any_rank(time.perf_counter() > self.deadline):  # under torchrun every rank stops at this step
+            self.c["stopped"] = self.loop.finished = True
+            logger.warning("train-rts stopped after %.1f minutes (train.max_minutes)", self.cfg.max_minutes)
+            self.end_epoch(epoch)
+            return None
+        row = None if any_rank(len(y) == 0) else self._train(epoch, x.to(self.device), y.to(self.device))
+        if i % self.per_epoch == 0:  # the epoch's last batch
+            self.end_epoch(epoch)
+        return row
+
+    def _train(self, epoch: int, x: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
+        clf, cfg = self.rts.classifier, self.cfg
+        if cfg.target == "predicted":
+            with torch.no_grad():
+                y = clf(x).argmax(1)
+        classes, real = _with_fake_labels(y, clf.num_classes, cfg.fake_label_prob, self.gen)
+        masks = self.model(x, classes)  # (N, H/4, W/4)
+        loss, parts = rts_loss(clf, x, masks, classes, real=real, **cfg.loss_kwargs())
+        if any_rank(not bool(torch.isfinite(loss))):
+            raise NumericalError(f"train-rts: the loss became {loss.item()}")
+        lr = self.opt.param_groups[0]["lr"]
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        self.c["steps"] += 1
+        for k in LOSS_PARTS:
+            self.sums[k] += float(parts[k]) * len(y)
+        self.c["seen"] += len(y)
+        return {"epoch": epoch + 1, **{k: float(parts[k]) for k in LOSS_PARTS}, "lr": lr}
 
 
 def _trainable_names(rts: RTS) -> set:

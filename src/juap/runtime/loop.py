@@ -213,6 +213,46 @@ class TrainLoop:
         return state
 
 
+class EpochBatches:
+    """``(epoch, batch)`` over ``epochs`` passes of a training loader, resumable mid-epoch.
+
+    For the epoch trainers (``train-classifier``, ``train-rts``), whose loop engine counts global steps:
+    :meth:`next` gives the next batch (None when the data is used up), calls ``on_epoch(epoch)`` when a
+    new epoch starts and tells a ``DistributedSampler`` which epoch it is. :meth:`position` and
+    :meth:`restore` go into the trainer's state.
+    """
+
+    def __init__(self, loader, epochs: int, on_epoch: Optional[Callable[[int], None]] = None) -> None:
+        self.loader, self.epochs, self.on_epoch = loader, int(epochs), on_epoch
+        self.epoch = 0
+        self.source = ResumableLoader(loader)
+        self._it: Optional[Iterator] = None
+
+    def position(self) -> Dict[str, Any]:
+        return {"epoch": self.epoch, "data": self.source.position()}
+
+    def restore(self, position: Mapping[str, Any]) -> None:
+        self.epoch = int(position["epoch"])
+        self.source = ResumableLoader(self.loader, position["data"])
+        self._it = None
+
+    def next(self):
+        """The next ``(epoch, batch)``, or None when every epoch is used up."""
+        if self._it is None:
+            self._it = self._batches()
+        return next(self._it, None)
+
+    def _batches(self):
+        first = self.epoch
+        for epoch in range(first, self.epochs):
+            if epoch != first and self.on_epoch is not None:
+                self.on_epoch(epoch)
+            self.epoch = epoch
+            set_epoch(self.loader, epoch)
+            for batch in self.source:
+                yield epoch, batch
+
+
 _SHOWN = ("loss", "batch_fooling_ratio", "val_fooling_ratio", "val_iou", "accuracy", "lam")
 
 
