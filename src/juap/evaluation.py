@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ._validate import is_number
 from .budget import apply_perturbation, perturbation_norm
 from .classifiers.base import Classifier
 from .data.batches import iter_batches  # not from juap.attacks, which imports this module
@@ -228,7 +229,7 @@ def _recorded_budget(meta: Mapping[str, object], source: str) -> Optional[Dict]:
     if meta.get("eps") is None and meta.get("norm") is None:
         return None
     norm, eps = meta.get("norm"), meta.get("eps")
-    number = isinstance(eps, (int, float)) and not isinstance(eps, bool)
+    number = is_number(eps)
     if not (isinstance(norm, str) and norm in _NORM_NAMES and number and math.isfinite(eps) and eps > 0):
         raise CheckpointError(
             f"{source} records a budget juap cannot read (norm={norm!r}, eps={eps!r}; expected norm linf or "
