@@ -286,24 +286,10 @@ class GeneratorUAP(UniversalAttack):
             n_hat (3, H, W), with ``||n_hat||_p <= zeta``. ``self.history`` holds one row per step: loss,
             its parts, batch fooling ratio, lambda, and ``val`` (fooling ratio, L1, IoU) at validations.
         """
-        dev = self.device
         distributed.check_divisible(self.batch_size)
         distributed.check_same_across_ranks(self.classifier, "classifier under attack")
-        x0 = first_images(data, dev)
-        self.noise = torch.rand(
-            (1,) + tuple(x0.shape[1:]), generator=torch.Generator().manual_seed(self.seed)
-        )
-        self.noise = self.noise.to(dev)
-        torch.manual_seed(self.seed)
-        G = self.make_generator().to(dev).train()
-        opt = torch.optim.Adam(G.parameters(), lr=self.lr, betas=self.betas)
-        train_interp = self.interpreter
-        if self.interpreter is not None and self.use_surrogate:
-            train_interp = rebind(self.interpreter, make_surrogate(self.classifier, tau=self.tau))
-        fast = FastPaths(**self.fast_options, device=dev)
-        g_fwd, i_fwd = fast.prepare(distributed.wrap_ddp(G), train_interp, self.classifier)
-        fwd = {"G": g_fwd, "interp": i_fwd}  # swapped for compiled versions after the first step
-        loop = TrainLoop(
+        run = _GeneratorFit(self, data, val_data)
+        loop = run.loop = TrainLoop(
             self.name,
             self.steps,
             checkpoint=checkpoint,
@@ -311,90 +297,27 @@ class GeneratorUAP(UniversalAttack):
             log=log,
             progress=progress,
         )
-        self.dual = {"lam": self.lam, "fr_ema": None, "target": self.fr_target, "guap_fooling_ratio": None}
-        run = {
-            "best": None,
-            "source": data if isinstance(data, torch.Tensor) else ResumableLoader(data, roll_over=True),
-        }
-
-        def load(state):
-            run["best"] = self._load_fit_state(state, G, opt)
-            if isinstance(run["source"], ResumableLoader):
-                run["source"] = ResumableLoader(data, state["data"], roll_over=True)
-
-        def restore(good):  # a NaN/Inf roll-back: the generator and Adam only; the data moves on
-            G.load_state_dict(good["generator"])
-            opt.load_state_dict(good["optimizer"])
-
-        def snapshot():
-            return self._fit_state(G, opt, run["best"], run["source"])
-
-        def step(i: int):
-            x = fast.images(next(batches)[0])
-            lam = self.lam_at(i)
-            with fast.autocast():
-                (loss, parts), fwd["G"], fwd["interp"] = fast.first_step(
-                    lambda g, ti: self.train_step(g, opt, x, ti, lam=lam), fwd["G"], fwd["interp"]
-                )
-            last = i == self.steps
-            if i % self.eval_every == 0 or loop.ckpt.due(i, last=last):
-                check_finite_parameters(G, f"{self.name} generator at step {i}")
-            row = {"loss": loss, **parts, **({"lam": lam} if self.interpreter is not None else {})}
-            self._dual_step(i, parts["batch_fooling_ratio"])
-            if i == self.warmup and self.fr_margin is not None:  # GUAP's ratio, as the dual sees it
-                self.dual["guap_fooling_ratio"] = self.dual["fr_ema"]
-                self.dual["target"] = max(self.dual["fr_ema"] - self.fr_margin, 0.0)
-            if i % self.eval_every == 0 or last or i == self.warmup:
-                n_hat = self.current_perturbation(G)
-                row["val"] = self.validate(n_hat, val_data if val_data is not None else data)
-                self._keep_best(run, i, n_hat, row["val"], G)
-                loop.record(i, row, images={"perturbation": n_hat})
-                return None
-            return row
-
-        # the batches start where the checkpoint left off: resume first, then build them
-        start = loop.start(snapshot, load)
-        batches = distributed.local_batches(  # this rank's slice of each global batch
-            cycle_batches(run["source"], batch_size=self.batch_size, device=dev, seed=self.seed),
-            skip_small=True,
+        start = loop.start(run.snapshot, run.load)
+        run.begin(start)  # the batches start where the checkpoint left off
+        after = (
+            None if callback is None else (lambda i: callback(i, lambda: self.current_perturbation(run.G)))
         )
-        if start and not isinstance(run["source"], ResumableLoader):
-            for _ in range(start):  # a tensor's order depends only on the seed and the position
-                next(batches)
         loop.run(
-            step,
-            snapshot=snapshot,
-            load=load,
-            restore=restore,
-            optimizer=opt,
-            after=None if callback is None else (lambda i: callback(i, lambda: self.current_perturbation(G))),
+            run.step,
+            snapshot=run.snapshot,
+            load=run.load,
+            restore=run.restore,
+            optimizer=run.opt,
+            after=after,
             start=start,
         )
         self.history = loop.history
-        best = run["best"]
-        G.load_state_dict(best["state"])
-        self.generator = G.eval()
-        self.perturbation = best["n_hat"]
-        self.best_step, self.best_val = best["step"], best["val"]
+        run.G.load_state_dict(run.best["state"])
+        self.generator = run.G.eval()
+        self.perturbation = run.best["n_hat"]
+        self.best_step, self.best_val = run.best["step"], run.best["val"]
         return self.perturbation
 
-    def _keep_best(
-        self, run: Dict[str, Any], step: int, n_hat: torch.Tensor, val: Dict[str, float], G
-    ) -> None:
-        """Keep this validation's perturbation when it scores at least as well as the best so far."""
-        in_warmup = step <= self.warmup and step != self.steps  # GUAP's perturbation, not JUAP's
-        best = run["best"]
-        if not in_warmup and (best is None or self._score(val) >= best["score"] or self.selection == "last"):
-            state = copy.deepcopy(G.state_dict())
-            run["best"] = {
-                "score": self._score(val),
-                "step": step,
-                "n_hat": n_hat,
-                "state": state,
-                "val": val,
-            }
-
-    # -- checkpoints (juap.runtime.checkpoint) ----------------------------------------------------------
     def _identity(self) -> Dict[str, Any]:
         """What must match for a checkpoint to be resumed by this attack."""
         return {
@@ -407,34 +330,6 @@ class GeneratorUAP(UniversalAttack):
             "batch_size": self.batch_size,
             "shape": list(self.noise.shape),
         }
-
-    def _fit_state(self, G, opt, best, source) -> Dict[str, Any]:
-        return {
-            "identity": self._identity(),
-            "generator": G.state_dict(),
-            "optimizer": opt.state_dict(),
-            "best": best,
-            "dual": dict(self.dual),
-            "data": source.position() if isinstance(source, ResumableLoader) else None,
-        }
-
-    def _load_fit_state(self, state, G, opt) -> Optional[Dict[str, Any]]:
-        mine, saved = self._identity(), state.get("identity", {})
-        diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
-        if diff:
-            raise CheckpointError(
-                "the checkpoint was written by another attack setup, so it cannot be resumed: "
-                + "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
-                + ". Resume with the same config, or start a new run folder"
-            )
-        try:
-            G.load_state_dict(state["generator"])
-            opt.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"the checkpoint does not fit this generator: {e}") from None
-        self.dual = dict(state.get("dual") or self.dual)
-        best = state["best"]
-        return None if best is None else {**best, "n_hat": best["n_hat"].to(self.device)}
 
     def lam_at(self, step: int) -> float:
         """lambda at ``step`` (1-based): 0 during the warm-up, then the fixed or the adapted value."""
@@ -588,6 +483,103 @@ class GeneratorUAP(UniversalAttack):
         if self.selection == "fooling_ratio":
             return val.get(key, 0.0)
         return 0.0
+
+
+class _GeneratorFit:
+    """One :meth:`GeneratorUAP.fit` for the loop engine: the generator, Adam, the data and the best so far."""
+
+    def __init__(self, attack: GeneratorUAP, data, val_data) -> None:
+        a, dev = attack, attack.device
+        self.attack, self.data, self.val_data = attack, data, val_data if val_data is not None else data
+        x0 = first_images(data, dev)
+        noise = torch.rand((1,) + tuple(x0.shape[1:]), generator=torch.Generator().manual_seed(a.seed))
+        a.noise = noise.to(dev)  # the fixed input n ~ U(0, 1), kept with the artifact
+        torch.manual_seed(a.seed)
+        self.G = a.make_generator().to(dev).train()
+        self.opt = torch.optim.Adam(self.G.parameters(), lr=a.lr, betas=a.betas)
+        train_interp = a.interpreter
+        if a.interpreter is not None and a.use_surrogate:  # gradients through the smoothed ReLUs (eq 15)
+            train_interp = rebind(a.interpreter, make_surrogate(a.classifier, tau=a.tau))
+        self.fast = FastPaths(**a.fast_options, device=dev)
+        self.fwd = list(self.fast.prepare(distributed.wrap_ddp(self.G), train_interp, a.classifier))
+        a.dual = {"lam": a.lam, "fr_ema": None, "target": a.fr_target, "guap_fooling_ratio": None}
+        self.source = data if isinstance(data, torch.Tensor) else ResumableLoader(data, roll_over=True)
+        self.best: Optional[Dict[str, Any]] = None
+
+    def begin(self, start: int) -> None:
+        a = self.attack
+        batches = cycle_batches(self.source, batch_size=a.batch_size, device=a.device, seed=a.seed)
+        self.batches = distributed.local_batches(batches, skip_small=True)  # this rank's slice of each batch
+        if start and not isinstance(self.source, ResumableLoader):
+            for _ in range(start):  # a tensor's order depends only on the seed and the position
+                next(self.batches)
+
+    def snapshot(self) -> Dict[str, Any]:
+        return {
+            "identity": self.attack._identity(),
+            "generator": self.G.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "best": self.best,
+            "dual": dict(self.attack.dual),
+            "data": self.source.position() if isinstance(self.source, ResumableLoader) else None,
+        }
+
+    def restore(self, state: Dict[str, Any]) -> None:  # a NaN/Inf roll-back: the data moves on
+        try:
+            self.G.load_state_dict(state["generator"])
+            self.opt.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"the checkpoint does not fit this generator: {e}") from None
+
+    def load(self, state: Dict[str, Any]) -> None:
+        a = self.attack
+        mine, saved = a._identity(), state.get("identity", {})
+        diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
+        if diff:
+            raise CheckpointError(
+                "the checkpoint was written by another attack setup, so it cannot be resumed: "
+                + "; ".join(f"{k}: checkpoint {x!r}, now {y!r}" for k, (x, y) in diff.items())
+                + ". Resume with the same config, or start a new run folder"
+            )
+        self.restore(state)
+        a.dual = dict(state.get("dual") or a.dual)
+        best = state["best"]
+        self.best = None if best is None else {**best, "n_hat": best["n_hat"].to(a.device)}
+        if isinstance(self.source, ResumableLoader):
+            self.source = ResumableLoader(self.data, state["data"], roll_over=True)
+
+    def step(self, i: int) -> Optional[Dict[str, Any]]:
+        a, fast = self.attack, self.fast
+        x = fast.images(next(self.batches)[0])
+        lam = a.lam_at(i)
+        with fast.autocast():
+            (loss, parts), *self.fwd = fast.first_step(
+                lambda g, ti: a.train_step(g, self.opt, x, ti, lam=lam), *self.fwd
+            )
+        last = i == a.steps
+        if i % a.eval_every == 0 or self.loop.ckpt.due(i, last=last):
+            check_finite_parameters(self.G, f"{a.name} generator at step {i}")
+        row = {"loss": loss, **parts, **({"lam": lam} if a.interpreter is not None else {})}
+        a._dual_step(i, parts["batch_fooling_ratio"])
+        if i == a.warmup and a.fr_margin is not None:  # GUAP's ratio, as the dual sees it
+            a.dual["guap_fooling_ratio"] = a.dual["fr_ema"]
+            a.dual["target"] = max(a.dual["fr_ema"] - a.fr_margin, 0.0)
+        if not (i % a.eval_every == 0 or last or i == a.warmup):
+            return row
+        n_hat = a.current_perturbation(self.G)
+        row["val"] = a.validate(n_hat, self.val_data)
+        self._keep_best(i, n_hat, row["val"])
+        self.loop.record(i, row, images={"perturbation": n_hat})
+        return None
+
+    def _keep_best(self, step: int, n_hat: torch.Tensor, val: Dict[str, float]) -> None:
+        """Keep this validation's perturbation when it scores at least as well as the best so far."""
+        a, best = self.attack, self.best
+        in_warmup = step <= a.warmup and step != a.steps  # GUAP's perturbation, not JUAP's
+        if in_warmup or not (best is None or a._score(val) >= best["score"] or a.selection == "last"):
+            return
+        state = copy.deepcopy(self.G.state_dict())
+        self.best = {"score": a._score(val), "step": step, "n_hat": n_hat, "state": state, "val": val}
 
 
 @ATTACKS.register("juap")
