@@ -33,7 +33,7 @@ def list_generators() -> list[str]:
 def create_interpreter(name: str, classifier: Classifier, **kwargs):
     """Build a registered interpreter (CAM, Grad-CAM, RTS) for ``classifier``; options are checked by the
     class's ``create`` (e.g. ``layer=`` for Grad-CAM, ``checkpoint=`` for RTS)."""
-    return INTERPRETERS.get(name).create(classifier, **kwargs)
+    return INTERPRETERS.create(name, classifier, **kwargs)
 
 
 def create_attack(name: str, **kwargs):

@@ -18,7 +18,8 @@ class UnknownNameError(JuapError, KeyError):
 
 
 class Registry(Generic[T]):
-    """Maps names to factories, e.g. ``CLASSIFIERS.register("resnet18")(fn)``.
+    """Maps names to classes or factories, e.g. ``CLASSIFIERS.register("resnet18")(fn)`` or
+    ``@INTERPRETERS.register("cam")`` on a class (whose declared capabilities ``get(name)`` then shows).
 
     Args:
         kind: what the registry holds ("classifier", "interpreter", ...), used in messages.
@@ -46,7 +47,10 @@ class Registry(Generic[T]):
         raise UnknownNameError(f"unknown {self.kind} {name!r}.{hint} Known {self.kind}s: {known}")
 
     def create(self, name: str, *args: Any, **kwargs: Any) -> T:
-        return self.get(name)(*args, **kwargs)
+        """Build ``name``: through the entry's ``create`` classmethod when it has one (interpreters check
+        their options there), else by calling the entry (a class or a factory function)."""
+        entry = self.get(name)
+        return getattr(entry, "create", entry)(*args, **kwargs)
 
     def names(self) -> List[str]:
         return sorted(self._entries)
