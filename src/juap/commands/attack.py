@@ -9,17 +9,20 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..attacks.base import UniversalAttack
 from ..data import (
     CountSkipped,
     data_summary,
     make_loader,
     save_split,
 )
+from ..evaluation import evaluate
 from ..runtime import distributed
 from ..runtime.artifacts import save_perturbation
 from ..runtime.config import to_dict
 from ..runtime.distributed import resolve_device
 from ..runtime.history import RunLog
+from ..runtime.io import save_tensors
 from ..runtime.loop import Checkpointing
 from ..runtime.runs import finish_run
 from ._build import (
@@ -67,9 +70,6 @@ def run_attack(
     An attack whose ``fit`` checkpoints (JUAP, GUAP) writes ``checkpoint.safetensors`` into ``run_dir``
     every ``checkpoint_every`` steps (default: its ``eval_every``); ``resume`` continues from it.
     """
-    from ..attacks.base import UniversalAttack
-    from ..evaluation import evaluate
-
     torch.manual_seed(cfg.seed)  # the same on every rank: models built below agree (random weights too)
     device = resolve_device(cfg.device)
     splits, train, val, test = attack_data(cfg, progress=progress)
@@ -84,47 +84,10 @@ def run_attack(
     attack = build_attack(cfg.attack, clf, interp, device=device)
     if distributed.world_size() > 1:  # per-rank RNG from here (per-image random starts differ by rank)
         torch.manual_seed(distributed.rank_seed(cfg.seed))
-    batch = getattr(attack, "batch_size", 30)
     t0 = time.perf_counter()
     fit_info: Dict[str, Any] = {}
     if isinstance(attack, UniversalAttack):
-        drop_last = (
-            getattr(attack, "generator_spec", None) is not None and len(train) > batch
-        )  # fixed-size steps
-        train_loader = make_loader(train, batch_size=batch, shuffle=True, seed=cfg.seed, drop_last=drop_last)
-        val_loader = make_loader(val, batch_size=batch) if val is not None else None
-        checkpoint = Checkpointing(run_dir, every=checkpoint_every, resume=resume)
-        log = RunLog(run_dir, tensorboard=cfg.log.tensorboard, title=f"juap attack {cfg.attack.name}")
-        n_hat = attack.fit(
-            train_loader, val_data=val_loader, progress=progress, checkpoint=checkpoint, log=log
-        )
-        if distributed.is_main():
-            selected = getattr(attack, "best_step", None) or getattr(attack, "best_epoch", None)
-            log.finish(selected=selected, hinge=getattr(attack, "delta", None))
-        save_perturbation(
-            run_dir / "perturbation", n_hat, attack=cfg.attack.name, norm=cfg.attack.norm, eps=cfg.attack.eps
-        )
-        if getattr(attack, "generator", None) is not None and distributed.is_main():
-            from ..runtime.io import save_tensors
-
-            save_tensors(
-                run_dir / "generator.safetensors",
-                {
-                    **{f"generator.{k}": v for k, v in attack.generator.state_dict().items()},
-                    "noise": attack.noise,
-                },
-                {
-                    "format": "juap.generator",
-                    "generator": str(attack.generator_spec),
-                    "generator_options": attack.generator_options,
-                    "norm": cfg.attack.norm,
-                    "eps": cfg.attack.eps,
-                },
-            )
-        fit_info = {
-            "best_step": getattr(attack, "best_step", None),
-            "validation": getattr(attack, "best_val", None),
-        }
+        fit_info = _fit_universal(attack, cfg, train, val, run_dir, progress, resume, checkpoint_every)
     fit_seconds = time.perf_counter() - t0
     interps = {n: i.to(device) for n, i in eval_interpreters(cfg, clf).items()}
     target = cfg.attack.params.get("target")
@@ -152,6 +115,35 @@ def run_attack(
     }
     finish_run(run_dir, config=to_dict(cfg), metrics=metrics)
     return metrics
+
+
+def _fit_universal(
+    attack, cfg, train, val, run_dir: Path, progress: bool, resume: bool, every
+) -> Dict[str, Any]:
+    """Fit a universal attack in the loop engine (checkpoints, history) and save the artifacts it declares."""
+    batch = getattr(attack, "batch_size", 30)
+    drop_last = "generator" in attack.artifacts and len(train) > batch  # a generator's steps: full batches
+    train_loader = make_loader(train, batch_size=batch, shuffle=True, seed=cfg.seed, drop_last=drop_last)
+    val_loader = make_loader(val, batch_size=batch) if val is not None else None
+    log = RunLog(run_dir, tensorboard=cfg.log.tensorboard, title=f"juap attack {cfg.attack.name}")
+    checkpoint = Checkpointing(run_dir, every=every, resume=resume)
+    n_hat = attack.fit(train_loader, val_data=val_loader, progress=progress, checkpoint=checkpoint, log=log)
+    best_step = getattr(attack, "best_step", None) or getattr(attack, "best_epoch", None)
+    if distributed.is_main():
+        log.finish(selected=best_step, hinge=getattr(attack, "delta", None))
+    a = cfg.attack
+    save_perturbation(run_dir / "perturbation", n_hat, attack=a.name, norm=a.norm, eps=a.eps)
+    if "generator" in attack.artifacts and distributed.is_main():
+        generator = {f"generator.{k}": v for k, v in attack.generator.state_dict().items()}
+        meta = {
+            "format": "juap.generator",
+            "generator": str(attack.generator_spec),
+            "norm": a.norm,
+            "eps": a.eps,
+        }
+        meta["generator_options"] = attack.generator_options
+        save_tensors(run_dir / "generator.safetensors", {**generator, "noise": attack.noise}, meta)
+    return {"best_step": getattr(attack, "best_step", None), "validation": getattr(attack, "best_val", None)}
 
 
 def summarize(cfg, ev: Dict[str, Any], **extra: Any) -> Dict[str, Any]:
