@@ -794,7 +794,7 @@ def test_a_perturbation_over_its_budget_or_not_finite_is_neither_saved_nor_evalu
     nan[0, 0, 0] = float("nan")
     with pytest.raises(NumericalError, match="holds 1 NaN"):
         save_perturbation(tmp_path / "q", nan, attack="uap", norm="linf", eps=10)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png", "p.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png", "p.safetensors", "p_amplified.png"]
     clf, x = _toy()
     with pytest.raises(NumericalError, match="holds 1 NaN"):
         juap.evaluate(clf, torch.nn.functional.pad(nan, (4, 4, 4, 4)), x[:4])
