@@ -37,7 +37,7 @@ from ..runtime.loop import (
     any_rank,
     broadcast_buffers,
     restore_batchnorm,
-    shard_train_loader,
+    run_epochs,
     to_sync_batchnorm,
 )
 from ..runtime.runs import finish_run
@@ -265,32 +265,18 @@ def train_classifier(
     """
 
     progress = progress and distributed.is_main()
-    if distributed.world_size() > 1:
-        distributed.check_divisible(cfg.batch_size, "train.batch_size")
-    sharded = shard_train_loader(train_loader)
     clf.to(device).train()
     swapped = to_sync_batchnorm(clf, device)
-    trainer = _ClassifierTrainer(clf, sharded, cfg, device)
-    per_epoch = max(1, len(sharded))
-    loop = TrainLoop(
+    trainer = run_epochs(
         "train-classifier",
-        cfg.epochs * per_epoch,
+        lambda loader: _ClassifierTrainer(clf, loader, cfg, device),
+        train_loader,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
         checkpoint=checkpoint,
-        default_every=min(200, per_epoch),  # one epoch or 200 steps
         per_rank=("correct", "seen", "skipped", "data", "rng"),
         log=log,
         progress=progress,
-    )
-    start = loop.start(trainer.snapshot, trainer.load)
-    trainer.begin(loop)  # DDP wrap (after loading: rank 0's weights go to every rank) and the clock
-    loop.run(
-        trainer.step,
-        snapshot=trainer.snapshot,
-        load=trainer.load,
-        restore=trainer.restore,
-        optimizer=trainer.opt,
-        scheduler=trainer.sched,
-        start=start,
     )
     restore_batchnorm(swapped)
     broadcast_buffers(clf)  # under torchrun: rank 0's BatchNorm statistics everywhere

@@ -33,7 +33,7 @@ from ..runtime.loop import (
     TrainLoop,
     any_rank,
     broadcast_buffers,
-    shard_train_loader,
+    run_epochs,
 )
 from ..runtime.runs import finish_run
 from .configs import ClassifierConfig, DataConfig, LogConfig
@@ -218,31 +218,17 @@ def train_rts(
         Metrics: ``train_loss`` (loss parts, mean over the last epoch), ``first_loss`` (first epoch),
         ``train_seconds``, ``steps``, ``epochs_done``, ``stopped_early`` (time bound reached).
     """
-    if distributed.world_size() > 1:
-        distributed.check_divisible(cfg.batch_size, "train.batch_size")
-    sharded = shard_train_loader(train_loader)
     rts.to(device).train()
-    trainer = _RTSTrainer(rts, sharded, cfg, device)
-    per_epoch = max(1, len(sharded))
-    loop = TrainLoop(
+    trainer = run_epochs(
         "train-rts",
-        cfg.epochs * per_epoch,
+        lambda loader: _RTSTrainer(rts, loader, cfg, device),
+        train_loader,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
         checkpoint=checkpoint,
-        default_every=min(200, per_epoch),  # one epoch or 200 steps
         per_rank=("seen", "sums", "fake_labels", "data", "rng"),
         log=log,
         progress=progress,
-    )
-    start = loop.start(trainer.snapshot, trainer.load)
-    trainer.begin(loop)  # DDP wrap, the clock and the time bound
-    loop.run(
-        trainer.step,
-        snapshot=trainer.snapshot,
-        load=trainer.load,
-        restore=trainer.restore,
-        optimizer=trainer.opt,
-        scheduler=trainer.sched,
-        start=start,
     )
     broadcast_buffers(rts)  # under torchrun: rank 0's BatchNorm statistics everywhere
     rts.eval()

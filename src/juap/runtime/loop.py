@@ -253,6 +253,53 @@ class EpochBatches:
                 yield epoch, batch
 
 
+def run_epochs(
+    kind: str,
+    make_trainer: Callable[[Any], Any],
+    train_loader,
+    *,
+    epochs: int,
+    batch_size: int,
+    checkpoint: Optional[Checkpointing],
+    per_rank: Sequence[str],
+    log: Any = None,
+    progress: bool = True,
+):
+    """Run an epoch trainer (``train-classifier``, ``train-rts``) in the loop engine; returns the trainer.
+
+    ``make_trainer(loader)`` gets this rank's share of ``train_loader`` and returns an object with
+    ``step``, ``snapshot``, ``load``, ``restore``, ``begin(loop)`` (called once resumed, before the first
+    step: the place for the DDP wrap and the clock), ``opt`` and ``sched``. The loop counts global steps
+    (``epochs`` times the batches per epoch) and checkpoints every epoch or 200 steps by default.
+    """
+    if distributed.world_size() > 1:
+        distributed.check_divisible(batch_size, "train.batch_size")
+    sharded = shard_train_loader(train_loader)
+    trainer = make_trainer(sharded)
+    per_epoch = max(1, len(sharded))
+    loop = TrainLoop(
+        kind,
+        epochs * per_epoch,
+        checkpoint=checkpoint,
+        default_every=min(200, per_epoch),
+        per_rank=per_rank,
+        log=log,
+        progress=progress,
+    )
+    start = loop.start(trainer.snapshot, trainer.load)
+    trainer.begin(loop)
+    loop.run(
+        trainer.step,
+        snapshot=trainer.snapshot,
+        load=trainer.load,
+        restore=trainer.restore,
+        optimizer=trainer.opt,
+        scheduler=trainer.sched,
+        start=start,
+    )
+    return trainer
+
+
 _SHOWN = ("loss", "batch_fooling_ratio", "val_fooling_ratio", "val_iou", "accuracy", "lam")
 
 
