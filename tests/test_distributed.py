@@ -348,6 +348,8 @@ def test_cli_attack_under_torchrun_two_processes(tmp_path):
     assert m["n_images"] > 0 and 0 <= m["fooling_ratio"] <= 1
     assert (out / "perturbation.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no other rank wrote a folder
+    history = (out / "history.csv").read_text().splitlines()  # rank 0 alone writes it: one row per step
+    assert [line.split(",")[0] for line in history] == ["step", "1", "2"] and (out / "curves.png").is_file()
 
 
 @pytest.mark.slow  # a second torchrun launch (~15 s); the message itself is checked above
