@@ -183,8 +183,11 @@ class Cell:
         return f"{self.classifier_label} {self.variant} {self.budget.norm} eps={self.budget.eps:g}"
 
 
-def plan(exp: ExperimentConfig) -> List[Cell]:
-    """Every cell of the grid, in a stable order; unknown names fail here with the known ones listed."""
+def plan(exp: ExperimentConfig, *, data_key: Optional[Mapping[str, Any]] = None) -> List[Cell]:
+    """Every cell of the grid, in a stable order; unknown names fail here with the known ones listed.
+
+    ``data_key`` names the images when a caller's ``run_cell`` runs the cells on data of its own rather
+    than ``exp.data`` (e.g. a split it drew itself); it joins every cell's id."""
     from .. import ATTACKS, CLASSIFIERS, GENERATORS, INTERPRETERS, __version__
     from ._build import attack_param_names
 
@@ -249,6 +252,7 @@ def plan(exp: ExperimentConfig) -> List[Cell]:
                 "params": params,
                 "val_fraction": exp.val_fraction,
                 "seed": exp.seed,
+                **({"data_key": dict(data_key)} if data_key is not None else {}),
             }
             slug = _slug(f"{clf.label or clf.name}_{variant}_{budget.norm}{budget.eps:g}")
             cells.append(
@@ -380,9 +384,13 @@ def run_grid(
     progress: bool = True,
     say: Callable[[str], None] = lambda s: None,
     run_cell: Optional[Callable[..., Dict[str, Any]]] = None,
+    data_key: Optional[Mapping[str, Any]] = None,
 ) -> Dict[str, Any]:
     """Run this shard's unfinished cells into ``run_dir/cells``, then write the tables of every finished
     cell found there (and in ``merge`` folders).
+
+    ``run_cell(cfg, cell_dir, resume=False) -> metrics`` runs one cell (default: ``juap attack``); one
+    that runs on images other than ``exp.data`` names them by ``data_key`` (see :func:`plan`).
 
     Returns:
         ``{"cells": N, "complete": k, "ran": r, "rows": [...]}``.
@@ -392,7 +400,7 @@ def run_grid(
     from .attack import run_attack
 
     run_cell = run_cell or (lambda cfg, d, resume=False: run_attack(cfg, d, progress=progress, resume=resume))
-    cells = plan(exp)
+    cells = plan(exp, data_key=data_key)
     i, n = shard
     mine = [c for k, c in enumerate(cells) if k % n == i - 1]
     cells_dir = run_dir / "cells"
