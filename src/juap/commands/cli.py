@@ -20,7 +20,7 @@ from ..runtime import distributed
 from ..runtime.config import apply_overrides, from_dict, load_config, read_yaml_mapping, to_dict
 from ..runtime.runs import check_config, failed_on_error, finish_run, new_run_dir, open_grid_dir
 from .attack import AttackRunConfig, run_attack
-from .demo import DemoSettings, run_demo
+from .demo import DemoSettings, open_demo_dir, run_demo
 from .detect import DetectConfig, run_detect
 from .evaluate import run_evaluate
 from .run import dry_run_experiment, load_experiment, parse_shard, plan, run_grid, write_results
@@ -99,7 +99,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     demo_over = [o for o in args.overrides if o.startswith("demo.")]
     cfg = load_config(TrainClassifierConfig, args.config, [o for o in args.overrides if o not in demo_over])
     settings = from_dict(DemoSettings, apply_overrides({}, demo_over).get("demo", {}), "demo")
-    run_dir = new_run_dir(args.out, command="demo", overwrite=args.overwrite)
+    run_dir = open_demo_dir(args.out, overwrite=args.overwrite)  # a demo folder again: its cells reused
     print(
         "juap demo: the paper's experiment on the embedded synthetic data (6 shape classes on cluttered "
         f"backgrounds, {cfg.data.image_size}x{cfg.data.image_size}); run folder: {run_dir}"
@@ -126,8 +126,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("  discrepancy.png map L1 per method and interpreter (Fig. 5 style)")
     print("  fig1.png, roc.png, detection.csv  how well the maps reveal each perturbation (Fig. 1, ROC)")
     print("  metrics.json, perturbations/*.safetensors|png")
-    print("Run it again to reuse the cached models and cells; `juap run embedded/...` for the tables")
-    print("of the paper one by one.")
+    print(f"Run it again with --out {run_dir} to reuse its finished cells (the models stay cached);")
+    print("`juap run embedded/...` for the tables of the paper one by one.")
     return 0
 
 
@@ -320,9 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo",
         help="run the default experiment on the embedded synthetic data",
-        description="Train (once, cached) the demo classifier and RTS model on the embedded data, run UAP, "
-        "GUAP, R-JUAP and U-JUAP against CAM, Grad-CAM and RTS and JAP vs PGD, and write tables and "
-        "figures. Sizes: --set demo.steps=..., --set demo.eps=... (see juap.commands.demo.DemoSettings).",
+        description="Train (once, cached) the demo classifier and RTS model on the embedded data, run the "
+        "grid of embedded/demo.yaml (UAP, SGD-UAP, GUAP, R-JUAP and U-JUAP against CAM, Grad-CAM and RTS) "
+        "into OUT/cells/, JAP vs PGD and detection, and write tables and figures. Running again with the "
+        "same --out reuses its finished cells. Sizes: --set demo.steps=..., --set demo.eps=..., --set "
+        "demo.seed=1 (see juap.commands.demo.DemoSettings).",
     )
     _add_common(p)
     p.add_argument("--cache-dir", metavar="DIR", help="cache folder (default: $JUAP_CACHE or ~/.cache/juap)")

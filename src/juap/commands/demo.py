@@ -3,50 +3,58 @@
 1. the embedded data set (generated once into the cache);
 2. the demo classifier (trained once, cached);
 3. the RTS saliency model for it (trained once, cached);
-4. UAP, SGD-UAP, GUAP, R-JUAP and U-JUAP (ResNet / U-Net generator) against CAM, Grad-CAM and RTS, and
-   JAP vs PGD on a small subset; every perturbation evaluated against every interpreter (a transfer
-   table); finished cells are cached, so a second run only re-reads them;
+4. the grid of ``configs/embedded/demo.yaml`` (UAP, SGD-UAP, GUAP, R-JUAP and U-JUAP against CAM, Grad-CAM
+   and RTS), run by the grid engine (:func:`juap.commands.run.run_grid`) into ``<out>/cells/`` on the
+   demo's split (:func:`attack_split`), every perturbation evaluated against every interpreter (the
+   transfer table); finished cells are reused when the demo runs again into the same folder;
 5. whether the paper's headline holds (JUAP keeps GUAP's fooling ratio, within 0.05, with an IoU higher
-   by 0.1 and a lower L1), interpreter by interpreter;
+   by 0.1 and a lower L1), interpreter by interpreter; JAP vs PGD on a small subset;
 6. ``results.md`` (Tables II-IV in the paper's shape), ``results.csv``, ``metrics.json``,
-   ``figure.png`` (Fig. 4 style), ``discrepancy.png`` (Fig. 5 style) and ``perturbations/*.png``.
+   ``figure.png`` (Fig. 4 style), ``discrepancy.png`` (Fig. 5 style), ``perturbations/*.png`` and the
+   detection section (:func:`juap.commands.detect.demo_detection`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import inspect
+import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
-from torch.utils.data import Subset
 
 from .. import create_attack
+from ..budget import apply_perturbation
+from ..data import save_split
 from ..data.synthetic import default_cache_dir
+from ..errors import ConfigError
 from ..evaluation import evaluate
-from ..runtime.config import config_hash, to_dict
-from ..runtime.io import load_tensors, save_tensors, write_json, write_text
+from ..runtime.artifacts import load_perturbation, save_perturbation
+from ..runtime.config import to_dict
+from ..runtime.io import remove_stale_temporaries, write_json, write_text
 from ..runtime.report import bar_chart, figure_grid, markdown_table, write_csv
-from ._build import build_interpreter
-from .demo_models import RTS_EPOCHS, cached_demo_classifier, cached_demo_rts
+from ..runtime.runs import finish_run, new_run_dir
+from ._build import build_attack, build_interpreter
+from .attack import summarize
+from .demo_models import RTS_EPOCHS, cached_demo_classifier, cached_demo_rts, demo_classifier_path
+from .detect import demo_detection
+from .run import ExperimentConfig, load_experiment, main_rows, run_grid
 from .train_classifier import TrainClassifierConfig
 
+DEMO_EXPERIMENT = Path(__file__).resolve().parents[1] / "configs" / "embedded" / "demo.yaml"
 INTERPRETERS = ("cam", "gradcam", "rts")
-METHOD_LABELS = {
-    "uap": "UAP",
-    "sgd_uap": "SGD-UAP",
-    "guap": "GUAP",
-    "juap-resnet": "R-JUAP",
-    "juap-unet": "U-JUAP",
-}
-METHODS = tuple(METHOD_LABELS.values())
 FR_GAP, IOU_GAIN = 0.05, 0.10  # the headline: FR >= GUAP's - 0.05, IoU >= GUAP's + 0.10, L1 lower
 
 
 @dataclasses.dataclass(frozen=True)
 class DemoSettings:
     """Sizes and recipe of the demo; the defaults fit a 10-minute first run on a 2-core CPU.
+
+    The fields down to ``sgd_epochs`` are mapped onto the demo's experiment file
+    (:func:`demo_experiment`); the others size the demo's own steps (the split, JAP vs PGD, RTS).
 
     The JUAP recipe (measured with 3 seeds by ``benchmarks/bench_claims.py``; see the README): the
     untargeted objective (eq 7; the least-likely class of eq 8 collapses on 6 classes), GUAP's per-image
@@ -68,10 +76,10 @@ class DemoSettings:
     rts_lam: float = 0.01  # RTS masks move with any perturbation: lambda 0.2 stops all fooling there
     rts_feature_weight: float = 0.0  # the RTS encoder is the classifier's own features (see configs)
     generator_ngf: int = 32
-    attack_train_images: int = 300
-    attack_test_images: int = 300
     uap_passes: int = 2
     sgd_epochs: int = 10
+    attack_train_images: int = 300
+    attack_test_images: int = 300
     jap_images: int = 30
     jap_steps: int = 40
     rts_epochs: int = RTS_EPOCHS
@@ -83,6 +91,115 @@ class DemoSettings:
         if interpreter == "rts":
             recipe.update(lam=self.rts_lam, rts_feature_weight=self.rts_feature_weight)
         return recipe
+
+
+def demo_experiment(
+    s: DemoSettings = DemoSettings(),
+    *,
+    data: Optional[Dict[str, Any]] = None,
+    classifier: Optional[Dict[str, Any]] = None,
+) -> ExperimentConfig:
+    """The demo's grid: ``configs/embedded/demo.yaml`` with ``s`` mapped onto it.
+
+    Args:
+        s: the demo's settings (``--set demo.steps=...``): budget, steps, lr, batch size, the JUAP recipe
+            (RTS's lambda under ``interpreter_params``), generator width, UAP passes, SGD-UAP epochs, seed.
+        data: the ``data`` section (the demo: the classifier's data set, whose held-out images it splits).
+        classifier: the grid's one classifier (the demo: its cached checkpoints), e.g.
+            ``{name, label, weights, rts_checkpoint, options}``.
+    """
+    gen = {
+        "steps": s.steps,
+        "eval_every": max(1, s.steps // 4),
+        "lr": s.lr,
+        "batch_size": s.batch_size,
+        "generator_options": {"ngf": s.generator_ngf},
+    }
+    recipe = {k: v for k, v in s.juap_recipe("cam").items() if k != "objective"}
+    rts = {k: v for k, v in s.juap_recipe("rts").items() if k in ("lam", "rts_feature_weight")}
+    patch: Dict[str, Any] = {
+        "seed": s.seed,
+        "attack_params": {
+            "uap": {"max_passes": s.uap_passes, "batch_size": s.batch_size, "seed": s.seed},
+            "sgd_uap": {"epochs": s.sgd_epochs, "seed": s.seed},
+            "guap": {**gen, "seed": s.seed},
+            "juap": {**gen, **recipe, "seed": s.seed},
+        },
+        "interpreter_params": {"rts": rts},
+        "grid": {"budgets": [{"norm": s.norm, "eps": s.eps}], "objectives": [s.objective]},
+    }
+    if data is not None:
+        patch["data"] = data
+    if classifier is not None:
+        patch["grid"]["classifiers"] = [classifier]
+    try:
+        return load_experiment(DEMO_EXPERIMENT, list(_overrides(patch)))
+    except ConfigError as e:
+        raise ConfigError(f"{e} (the demo settings mapped onto {DEMO_EXPERIMENT.name})") from None
+
+
+def _overrides(patch: Dict[str, Any], prefix: str = ""):
+    """``a.b=value`` strings (values as JSON, which YAML reads) for every leaf of ``patch``."""
+    for k, v in patch.items():
+        if isinstance(v, dict) and v:
+            yield from _overrides(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}={json.dumps(v)}"
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackSplit:
+    """The demo's attack images: a seeded shuffle of the classifier's held-out images, cut in two."""
+
+    x_train: torch.Tensor  # (n_train, 3, H, W) in [0, 1]: the universal attacks learn from these
+    x_test: torch.Tensor  # (n_test, 3, H, W): every figure is measured on these
+    y_test: torch.Tensor  # (n_test,) true classes
+    record: Dict[str, Any]  # how they were drawn and which images they are (``split.json``)
+
+
+def attack_split(held, *, n_train: int = 300, n_test: int = 300, seed: int = 0) -> AttackSplit:
+    """The demo's attack-train / attack-test images (``juap demo`` and ``benchmarks/`` use this).
+
+    Args:
+        held: the classifier's held-out images (``splits.test`` of its data), ``(image, label)`` items.
+        n_train, n_test: how many of each; when together they exceed ``held``, half of it each.
+        seed: the shuffle's seed (``demo.seed``).
+    """
+    if n_train + n_test > len(held):
+        n_train = n_test = len(held) // 2
+    order = torch.randperm(len(held), generator=torch.Generator().manual_seed(seed)).tolist()
+    chosen = order[: n_train + n_test]  # split indices are sorted by class folder: shuffled first
+    items = [held[i] for i in chosen]
+    x = torch.stack([it[0] for it in items])
+    y = torch.tensor([int(it[1]) for it in items])
+    base = getattr(held, "indices", None)  # a SplitView: indices into the data set's files
+    where = [base[i] for i in chosen] if base is not None else chosen
+    record = {
+        "from": "the classifier's held-out (test) split, shuffled",
+        "seed": seed,
+        "attack_train": where[:n_train],
+        "attack_test": where[n_train:],
+    }
+    return AttackSplit(x[:n_train], x[n_train:], y[n_train:], record)
+
+
+def open_demo_dir(out: Optional[str | Path], *, overwrite: bool = False) -> Path:
+    """The demo's run folder: a new one (default ``runs/demo-<time>``), or the demo folder ``out`` reopened,
+    finished or not, so that its finished cells (``cells/``) are reused; ``overwrite`` empties it."""
+    if out is not None and not overwrite:
+        path = Path(out)
+        try:
+            run = json.loads((path / "run.json").read_text())
+        except (OSError, ValueError):
+            run = {}
+        if isinstance(run, dict) and run.get("command") == "demo":
+            remove_stale_temporaries(path)
+            now = datetime.datetime.now().isoformat(timespec="seconds")
+            run.update(status="running", resumed=[*run.get("resumed", []), now])
+            run.pop("error", None)
+            write_json(path / "run.json", run)
+            return path
+    return new_run_dir(out, command="demo", overwrite=overwrite)
 
 
 def run_demo(
@@ -98,6 +215,7 @@ def run_demo(
     t_start = time.perf_counter()
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     ccfg = classifier_cfg or TrainClassifierConfig()
+    demo_experiment(settings)  # a bad setting fails now, before any training
 
     say("[1/5] Embedded data set and demo classifier (trained once, then cached) ...")
     clf, splits, clf_metrics, cached = cached_demo_classifier(ccfg, cache_dir=cache, progress=progress)
@@ -118,66 +236,16 @@ def run_demo(
     interps = {
         n: build_interpreter(n, clf, checkpoint=str(rts_path) if n == "rts" else None) for n in INTERPRETERS
     }
-    # Attack data: the classifier's held-out test images, split into attack-train and attack-test.
-    held = splits.test
-    n_tr, n_te = settings.attack_train_images, settings.attack_test_images
-    if n_tr + n_te > len(held):
-        n_tr = n_te = len(held) // 2
-    order = torch.randperm(len(held), generator=torch.Generator().manual_seed(settings.seed)).tolist()
-    x_train = torch.stack([held[i][0] for i in order[:n_tr]])  # split indices are sorted by class folder
-    test_set = Subset(held, order[n_tr : n_tr + n_te])
-    x_test = torch.stack([test_set[i][0] for i in range(len(test_set))])
-    y_test = torch.tensor([test_set[i][1] for i in range(len(test_set))])
-
+    s = settings
+    split = attack_split(splits.test, n_train=s.attack_train_images, n_test=s.attack_test_images, seed=s.seed)
+    x_test, y_test = split.x_test, split.y_test
     say(
-        f"[3/5] Universal attacks at {settings.norm} eps={settings.eps:g} (0-255 units), "
-        f"{n_tr} training / {n_te} test images; cells already in the cache are reused ..."
+        f"[3/5] Universal attacks at {s.norm} eps={s.eps:g} (0-255 units), {len(split.x_train)} training / "
+        f"{len(x_test)} test images: the grid of {DEMO_EXPERIMENT.name} into {run_dir / 'cells'} ..."
     )
-    from .. import __version__
-
-    key_base = {  # a cached cell is reused only for the same models, settings and juap version
-        "juap": __version__,
-        "classifier": config_hash(to_dict(ccfg)),
-        "rts": rts_path.parent.name,
-        "settings": dataclasses.asdict(settings),
-    }
-    cells = _universal_cells(settings)
-    results: List[Dict[str, Any]] = []
-    perturbations: Dict[str, torch.Tensor] = {}
-    for cell in cells:
-        t0 = time.perf_counter()
-        n_hat, fit_info, hit = _cached_cell(
-            cache,
-            {**key_base, **cell},
-            lambda c=cell: _fit_universal(c, clf, interps, x_train, settings, progress),
-        )
-        ev = evaluate(clf, n_hat, [(x_test, y_test)], interpreters=interps)
-        tag = cell["tag"]
-        perturbations[tag] = n_hat
-        for iname, m in ev["interpreters"].items():
-            results.append(
-                {
-                    "method": METHOD_LABELS[cell["method"]],
-                    "generator": cell.get("generator", "-"),
-                    "trained_against": cell.get("interpreter") or "-",
-                    "interpreter": iname,
-                    "norm": settings.norm,
-                    "fooling_ratio": ev["fooling_ratio"],
-                    "l1": m["l1"],
-                    "iou": m["iou"],
-                    "random_iou": m["random_iou"],
-                    "l1_fooled": m.get("l1_fooled"),
-                    "iou_fooled": m.get("iou_fooled"),
-                    "cell": tag,
-                    "adversarial_accuracy": ev["adversarial_accuracy"],
-                }
-            )
-        fr = ev["fooling_ratio"]
-        line = ", ".join(f"{n} IoU {m['iou']:.2f}" for n, m in ev["interpreters"].items())
-        say(
-            f"      {tag:<22} fooling ratio {fr:.2f}; {line}  "
-            f"({'cached' if hit else '%.0f s' % (time.perf_counter() - t0)})"
-        )
+    models = {"weights": str(demo_classifier_path(ccfg, cache)), "rts_checkpoint": str(rts_path)}
+    exp, grid, perturbations = _universal(run_dir, s, ccfg, models, clf, interps, split, progress, say)
+    results = grid["rows"]
 
     claims = headline_checks(results)
     say(
@@ -187,10 +255,8 @@ def run_demo(
     for c in claims:
         say(f"      [{'holds' if c['holds'] else 'does not hold'}] {c['claim']}: {c['figures']}")
 
-    say(f"[4/5] JAP vs PGD on {settings.jap_images} test images ...")
-    jap_rows = _jap_vs_pgd(
-        clf, interps, x_test[: settings.jap_images], y_test[: settings.jap_images], settings, progress
-    )
+    say(f"[4/5] JAP vs PGD on {s.jap_images} test images ...")
+    jap_rows = _jap_vs_pgd(clf, interps, x_test[: s.jap_images], y_test[: s.jap_images], s, progress)
     for r in jap_rows:
         say(
             f"      {r['method']:<12} vs {r['interpreter']:<8} fooling ratio {r['fooling_ratio']:.2f}, "
@@ -201,16 +267,19 @@ def run_demo(
     _write_outputs(
         run_dir, results, claims, jap_rows, perturbations, clf, interps, x_test, splits.classes, settings
     )
-    from .detect import demo_detection  # appends the Detection section to results.md
-
+    # the Detection section of results.md: UAP, SGD-UAP, GUAP and R-JUAP trained against each interpreter
+    chosen = {m: perturbations[(m, "-")] for m in ("UAP", "SGD-UAP", "GUAP") if (m, "-") in perturbations}
+    chosen.update({f"R-JUAP-{i}": p for (m, i), p in perturbations.items() if m == "R-JUAP"})
     detection = demo_detection(
-        run_dir, interps, perturbations, x_test, class_names=splits.classes, seed=settings.seed, say=say
+        run_dir, interps, chosen, x_test, class_names=splits.classes, seed=s.seed, say=say
     )
     total = time.perf_counter() - t_start
     metrics = {
         "classifier": {**clf_metrics, "cached": cached},
         "rts": {**rts_metrics, "cached": rts_cached},
         "settings": dataclasses.asdict(settings),
+        "experiment": to_dict(exp),
+        "cells": {k: grid[k] for k in ("cells", "complete", "ran")},
         "universal": results,
         "claims": claims,
         "image_dependent": jap_rows,
@@ -221,12 +290,73 @@ def run_demo(
     return metrics
 
 
+def _universal(run_dir: Path, s: DemoSettings, ccfg, models, clf, interps, split: AttackSplit, progress, say):
+    """The demo's grid run by the grid engine into ``run_dir/cells`` on ``split``; returns the experiment,
+    ``run_grid``'s result and each cell's perturbation by (method, trained_against)."""
+    exp = demo_experiment(
+        s,
+        data=to_dict(ccfg.data),
+        classifier={
+            "name": ccfg.classifier.name,
+            "label": f"demo-{ccfg.classifier.name}",
+            "options": dict(ccfg.classifier.options),
+            **models,
+        },
+    )
+    grid = run_grid(
+        exp,
+        run_dir,
+        progress=progress,
+        say=lambda line: say(f"      {line}"),
+        run_cell=_cell_runner(clf, interps, split, val_images=2 * s.batch_size, progress=progress),
+        data_key={  # the cells learn from the demo's split, not from exp.data's
+            "demo_split": {k: split.record[k] for k in ("from", "seed")},
+            "val_images": 2 * s.batch_size,
+            "attack_train": len(split.x_train),
+            "attack_test": len(split.x_test),
+        },
+    )
+    perturbations: Dict[Tuple[str, str], torch.Tensor] = {}
+    for r in grid["rows"]:
+        if (r["method"], r["trained_against"]) not in perturbations:
+            path = Path(r["folder"]) / "perturbation.safetensors"
+            perturbations[(r["method"], r["trained_against"])] = load_perturbation(path)
+    return exp, grid, perturbations
+
+
+def _cell_runner(clf, interps, split: AttackSplit, *, val_images: int, progress: bool) -> Callable:
+    """``run_grid``'s ``run_cell`` on the demo's split: fit on the attack-train images (the first
+    ``val_images`` of them pick the best perturbation), evaluate on the attack-test images against every
+    interpreter, and write the cell folder as ``juap attack`` does (``split.json`` names the images)."""
+
+    def run_cell(cfg, cell_dir: Path, resume: bool = False) -> Dict[str, Any]:
+        interp = interps[cfg.interpreter.name] if cfg.interpreter.name else None
+        attack = build_attack(cfg.attack, clf, interp)
+        val = (
+            {"val_data": split.x_train[:val_images]}
+            if "val_data" in inspect.signature(attack.fit).parameters
+            else {}
+        )
+        t0 = time.perf_counter()
+        n_hat = attack.fit(split.x_train, progress=progress, **val)
+        fit_seconds = time.perf_counter() - t0
+        save_perturbation(
+            cell_dir / "perturbation", n_hat, attack=cfg.attack.name, norm=cfg.attack.norm, eps=cfg.attack.eps
+        )
+        save_split(cell_dir / "split.json", split.record)
+        ev = evaluate(clf, n_hat, [(split.x_test, split.y_test)], interpreters=interps)
+        fit_info = {k: getattr(attack, k, None) for k in ("best_step", "best_epoch", "fooling_rate_")}
+        metrics = summarize(cfg, ev, fit_seconds=fit_seconds, **fit_info)
+        finish_run(cell_dir, config=to_dict(cfg), metrics=metrics)
+        return metrics
+
+    return run_cell
+
+
 def headline_checks(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """The paper's headline for each JUAP cell (its own interpreter): FR >= GUAP's - 0.05, IoU >= GUAP's
     + 0.1, L1 lower than GUAP's; each with its figures and whether it holds."""
-    own = {
-        (r["method"], r["interpreter"]): r for r in results if r["trained_against"] in ("-", r["interpreter"])
-    }
+    own = {(r["method"], r["interpreter"]): r for r in main_rows(results)}
     checks = []
     for (method, interp), j in own.items():
         g = own.get(("GUAP", interp))
@@ -240,7 +370,7 @@ def headline_checks(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         misses = [k for k, ok in oks.items() if not ok]
         checks.append(
             {
-                "claim": f"{method}-{interp} vs GUAP",
+                "claim": f"{j['variant']} vs GUAP",
                 "holds": not misses,
                 "figures": f"FR {j['fooling_ratio']:.3f} vs {g['fooling_ratio']:.3f}, IoU {j['iou']:.3f} vs "
                 f"{g['iou']:.3f}, L1 {j['l1']:.3f} vs {g['l1']:.3f}"
@@ -248,60 +378,6 @@ def headline_checks(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
             }
         )
     return checks
-
-
-def _universal_cells(s: DemoSettings) -> List[Dict[str, Any]]:
-    cells = [
-        {"method": "uap", "tag": "UAP"},
-        {"method": "sgd_uap", "tag": "SGD-UAP"},
-        {"method": "guap", "generator": "resnet", "tag": "GUAP"},
-    ]
-    for gen, label in (("resnet", "R-JUAP"), ("unet", "U-JUAP")):
-        for interp in INTERPRETERS:
-            cells.append(
-                {"method": f"juap-{gen}", "generator": gen, "interpreter": interp, "tag": f"{label}-{interp}"}
-            )
-    return cells
-
-
-def _fit_universal(cell, clf, interps, x_train, s: DemoSettings, progress: bool):
-    common = dict(classifier=clf, norm=s.norm, eps=s.eps)
-    if cell["method"] == "uap":
-        attack = create_attack("uap", max_passes=s.uap_passes, batch_size=s.batch_size, seed=s.seed, **common)
-        n_hat = attack.fit(x_train, progress=progress)
-        return n_hat, {"fooling_rate_train": attack.fooling_rate_}
-    val = x_train[: 2 * s.batch_size]
-    if cell["method"] == "sgd_uap":
-        attack = create_attack("sgd_uap", epochs=s.sgd_epochs, seed=s.seed, **common)
-        return attack.fit(x_train, val_data=val, progress=progress), {"best_epoch": attack.best_epoch}
-    gen_opts = {"ngf": s.generator_ngf}
-    kw = dict(
-        common,
-        lr=s.lr,
-        generator=cell["generator"],
-        generator_options=gen_opts,
-        steps=s.steps,
-        batch_size=s.batch_size,
-        seed=s.seed,
-        eval_every=max(1, s.steps // 4),
-    )
-    if cell["method"] == "guap":  # as its public code trains it (the library's defaults)
-        attack = create_attack("guap", **kw)
-    else:
-        recipe = s.juap_recipe(cell["interpreter"])
-        attack = create_attack("juap", interpreter=interps[cell["interpreter"]], **recipe, **kw)
-    n_hat = attack.fit(x_train, val_data=val, progress=progress)
-    return n_hat, {"best_step": attack.best_step}
-
-
-def _cached_cell(cache: Path, key: Dict[str, Any], fit: Callable):
-    path = cache / "demo" / "cells" / f"{config_hash(key)}.safetensors"
-    if path.is_file():
-        tensors, meta = load_tensors(path)
-        return tensors["perturbation"], meta.get("fit_info", {}), True
-    n_hat, info = fit()
-    save_tensors(path, {"perturbation": n_hat}, {"fit_info": info, "key": key})
-    return n_hat, info, False
 
 
 def _jap_vs_pgd(clf, interps, x, y, s: DemoSettings, progress: bool) -> List[Dict[str, Any]]:
@@ -345,17 +421,15 @@ def _jap_vs_pgd(clf, interps, x, y, s: DemoSettings, progress: bool) -> List[Dic
 def _write_outputs(
     run_dir: Path, results, claims, jap_rows, perturbations, clf, interps, x_test, classes, s
 ) -> None:
-    from ..budget import apply_perturbation
-    from ..runtime.artifacts import save_perturbation
-
+    # Over 80 lines: results.md is one list of its sections, in reading order.
     # results.csv: one row per method x interpreter (JUAP: the perturbation trained against that interpreter)
-    main_rows = [r for r in results if r["trained_against"] in ("-", r["interpreter"])]
-    write_csv(run_dir / "results.csv", main_rows)
+    shown = main_rows(results)
+    write_csv(run_dir / "results.csv", shown)
     write_csv(
         run_dir / "transfer.csv",
         results,
         columns=(
-            "cell",
+            "variant",
             "method",
             "generator",
             "trained_against",
@@ -363,12 +437,13 @@ def _write_outputs(
             "fooling_ratio",
             "l1",
             "iou",
+            "cell",
         ),
     )
-    methods = list(METHODS)
+    methods = list(dict.fromkeys(r["method"] for r in shown))  # the grid's order: UAP, SGD-UAP, GUAP, ...
 
     def cell(method, interp, key):
-        for r in main_rows:
+        for r in shown:
             if r["method"] == method and r["interpreter"] == interp:
                 return r[key]
         return None
@@ -421,32 +496,44 @@ def _write_outputs(
         "\n## Transfer — every perturbation against every interpreter\n",
         markdown_table(
             ["perturbation", "interpreter", "fooling ratio", "L1", "IoU"],
-            [[r["cell"], r["interpreter"], r["fooling_ratio"], r["l1"], r["iou"]] for r in results],
+            [[r["variant"], r["interpreter"], r["fooling_ratio"], r["l1"], r["iou"]] for r in results],
         ),
         "\n![figure](figure.png)\n\n![discrepancy](discrepancy.png)\n",
     ]
     from ..runtime.report import transition_section  # where the fooled images go: GUAP vs R-JUAP (CAM)
 
     moved = {
-        label: evaluate(clf, perturbations[tag], x_test, per_class=True)["transitions"]
-        for label, tag in (("GUAP", "GUAP"), ("R-JUAP (CAM)", "R-JUAP-cam"))
+        label: evaluate(clf, perturbations[key], x_test, per_class=True)["transitions"]
+        for label, key in (("GUAP", ("GUAP", "-")), ("R-JUAP (CAM)", ("R-JUAP", "cam")))
     }
     md.append(transition_section(run_dir, moved, classes))
     write_text(run_dir / "results.md", "\n".join(md))
 
-    for tag, n in perturbations.items():
-        method = {"UAP": "uap", "SGD-UAP": "sgd_uap", "GUAP": "guap"}.get(tag, "juap")
-        save_perturbation(run_dir / "perturbations" / tag, n, attack=method, norm=s.norm, eps=s.eps)
+    for r in {r["variant"]: r for r in results}.values():  # each cell's perturbation, named R-JUAP-CAM etc.
+        n = perturbations[(r["method"], r["trained_against"])]
+        save_perturbation(
+            run_dir / "perturbations" / r["variant"], n, attack=r["attack"], norm=r["norm"], eps=r["eps"]
+        )
 
-    # Fig. 4-style grid on the first held-out image.
-    x = x_test[:1]
+    _figure(run_dir / "figure.png", perturbations, clf, interps, x_test[:1], classes)
+    bar_chart(
+        run_dir / "discrepancy.png",
+        groups=list(INTERPRETERS),
+        series={m: [cell(m, i, "l1") or 0.0 for i in INTERPRETERS] for m in methods},
+        ylabel="map L1 (lower: maps kept)",
+        title="map discrepancy per interpreter (Fig. 5 style)",
+    )
+
+
+def _figure(path: Path, perturbations, clf, interps, x: torch.Tensor, classes) -> None:
+    """Fig. 4 style: one held-out image ``x`` (1, 3, H, W) under UAP, GUAP and R-JUAP, with its maps."""
     rows = []
     with torch.no_grad():
         bpred = int(clf(x).argmax(1))
         for iname in INTERPRETERS:
             bmap = interps[iname](x, torch.tensor([bpred]))[0]
-            for method, tag in (("UAP", "UAP"), ("GUAP", "GUAP"), ("R-JUAP", f"R-JUAP-{iname}")):
-                xa = apply_perturbation(x, perturbations[tag])
+            for method, against in (("UAP", "-"), ("GUAP", "-"), ("R-JUAP", iname)):
+                xa = apply_perturbation(x, perturbations[(method, against)])
                 apred = int(clf(xa).argmax(1))
                 rows.append(
                     {
@@ -459,16 +546,9 @@ def _write_outputs(
                     }
                 )
     figure_grid(
-        run_dir / "figure.png",
+        path,
         image=x[0],
         rows=rows,
         class_names=classes,
         title="benign vs adversarial maps (JUAP trained against each row's interpreter)",
-    )
-    bar_chart(
-        run_dir / "discrepancy.png",
-        groups=list(INTERPRETERS),
-        series={m: [cell(m, i, "l1") or 0.0 for i in INTERPRETERS] for m in methods},
-        ylabel="map L1 (lower: maps kept)",
-        title="map discrepancy per interpreter (Fig. 5 style)",
     )
