@@ -51,29 +51,25 @@ def machine() -> Dict[str, Any]:
 
 
 def demo_data(n_train: int = 300, n_test: int = 300, seed: int = 0):
-    """The demo classifier and its held-out images, split as ``juap demo`` does.
+    """The demo classifier and the demo's attack images (:func:`juap.commands.demo.attack_split`).
 
     Returns:
         ``(clf, x_train (n_train, 3, 64, 64), x_test (n_test, ...), y_test, info)``; the classifier is
         trained once (a few minutes) and cached in ``$JUAP_CACHE/demo``.
     """
+    from juap.commands.demo import attack_split
     from juap.commands.demo_models import cached_demo_classifier
     from juap.commands.train_classifier import TrainClassifierConfig
 
     t0 = time.perf_counter()
     clf, splits, metrics, cached = cached_demo_classifier(TrainClassifierConfig(), progress=False)
-    held = splits.test
-    n_train, n_test = min(n_train, len(held) // 2), min(n_test, len(held) // 2)
-    order = torch.randperm(len(held), generator=torch.Generator().manual_seed(seed)).tolist()
-    items = [held[i] for i in order[: n_train + n_test]]
-    x = torch.stack([it[0] for it in items])
-    y = torch.tensor([int(it[1]) for it in items])
+    split = attack_split(splits.test, n_train=n_train, n_test=n_test, seed=seed)
     info = {
         "classifier": f"demo {clf.arch} ({'cached' if cached else 'trained now'})",
         "test_accuracy": metrics.get("test_accuracy"),
         "seconds_to_load": round(time.perf_counter() - t0, 1),
     }
-    return clf.eval(), x[:n_train], x[n_train:], y[n_train:], info
+    return clf.eval(), split.x_train, split.x_test, split.y_test, info
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
