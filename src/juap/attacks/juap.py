@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 import torch
 
 from .._registry import ATTACKS, GENERATORS
-from .._validate import Param, check_range
+from .._validate import Param, check_params, check_range
 from ..budget import apply_perturbation, scale_to_budget
 from ..errors import CheckpointError, ConfigError, NumericalError
 from ..evaluation import evaluate
@@ -177,46 +177,13 @@ class GeneratorUAP(UniversalAttack):
         device=None,
     ) -> None:
         super().__init__(classifier=classifier, norm=norm, eps=eps, device=device)
-        if objective not in OBJECTIVES:
-            raise ConfigError(
-                f"objective = {objective!r} is not allowed; allowed values: {', '.join(OBJECTIVES)}"
-            )
+        given = {k: v for k, v in locals().items() if k in GeneratorUAP.hyperparams}
+        check_params(f"attack {self.name!r}", GeneratorUAP.hyperparams, given)  # types, ranges, choices
         if objective == "targeted":
             check_target(target, classifier.num_classes)
-        check_range("lam", lam, low=0)
-        check_range("steps", steps, low=1)
-        check_range("warmup", warmup, low=0)
-        if fool_loss not in FOOL_FORMS:
-            raise ConfigError(f"fool_loss = {fool_loss!r}; allowed values: {', '.join(FOOL_FORMS)}")
-        if hinge not in HINGES:
-            raise ConfigError(f"hinge = {hinge!r}; allowed values: {', '.join(HINGES)}")
         constrained = fr_target is not None or fr_margin is not None
-        if constrained:
-            if interpreter is None:
-                raise ConfigError("fr_target / fr_margin constrain JUAP's lambda; GUAP has no map term")
-            if fr_target is not None and fr_margin is not None:
-                raise ConfigError("give fr_target (an absolute fooling ratio) or fr_margin, not both")
-            if fr_target is not None:
-                check_range("fr_target", fr_target, low=0, high=1, low_open=True)
-            if fr_margin is not None:
-                check_range("fr_margin", fr_margin, low=0, high=1)
-                if warmup < 1:
-                    raise ConfigError(
-                        "fr_margin measures GUAP's fooling ratio during the warm-up: set warmup >= 1 "
-                        "(e.g. a third of the steps), or give an absolute fr_target"
-                    )
-            check_range("lam", lam, low=0, low_open=True)  # the dual ascent works on log(lambda)
-            check_range("dual_lr", dual_lr, low=0, low_open=True)
-        check_range("batch_size", batch_size, low=1)
+        self._check_constrained(interpreter, lam, fr_target, fr_margin, warmup, selection, constrained)
         distributed.check_divisible(int(batch_size))  # under torchrun: equal slices of each global batch
-        check_range("lr", lr, low=0, low_open=True)
-        check_range("eval_every", eval_every, low=1)
-        if selection not in ("auto", "fooling_ratio", "joint", "constrained", "last"):
-            raise ConfigError(
-                f"selection = {selection!r}; allowed values: auto, fooling_ratio, joint, constrained, last"
-            )
-        if selection == "constrained" and not constrained:
-            raise ConfigError("selection = 'constrained' needs fr_target or fr_margin")
         if interpreter is not None and not isinstance(interpreter, Interpreter):
             raise ConfigError(f"interpreter must be a juap Interpreter, got {type(interpreter).__name__}")
         if interpreter is not None and interpreter.requires_checkpoint and interpreter.checkpoint is None:
@@ -257,6 +224,24 @@ class GeneratorUAP(UniversalAttack):
         self.fast_options = {"amp": bool(amp), "channels_last": bool(channels_last), "compile": bool(compile)}
         self.generator: Optional[torch.nn.Module] = None
         self.noise: Optional[torch.Tensor] = None
+
+    @staticmethod
+    def _check_constrained(interpreter, lam, fr_target, fr_margin, warmup, selection, constrained) -> None:
+        """The checks that tie hyperparameters together (each alone is checked by its declaration)."""
+        if selection == "constrained" and not constrained:
+            raise ConfigError("selection = 'constrained' needs fr_target or fr_margin")
+        if not constrained:
+            return
+        if interpreter is None:
+            raise ConfigError("fr_target / fr_margin constrain JUAP's lambda; GUAP has no map term")
+        if fr_target is not None and fr_margin is not None:
+            raise ConfigError("give fr_target (an absolute fooling ratio) or fr_margin, not both")
+        if fr_margin is not None and warmup < 1:
+            raise ConfigError(
+                "fr_margin measures GUAP's fooling ratio during the warm-up: set warmup >= 1 "
+                "(e.g. a third of the steps), or give an absolute fr_target"
+            )
+        check_range("lam", lam, low=0, low_open=True)  # the dual ascent works on log(lambda)
 
     # -- the loop (juap.runtime.loop) -------------------------------------------------------------------
     def fit(
