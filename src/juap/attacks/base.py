@@ -24,7 +24,7 @@ from ..budget import apply_perturbation, check_budget, eps_to_unit
 from ..classifiers.base import Classifier
 from ..data.batches import check_images as _check_images  # noqa: F401  (re-exported for the attacks)
 from ..data.batches import cycle_batches, first_images, iter_batches  # noqa: F401
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..interpreters.base import Interpreter
 
 COMMON_ARGS = ("classifier", "norm", "eps", "interpreter", "device")
@@ -104,13 +104,46 @@ class UniversalAttack(Attack):
         self.perturbation: Optional[torch.Tensor] = None
         self.history: list = []
 
-    def fit(self, data, *, progress: bool = True) -> torch.Tensor:
+    def fit(
+        self, data, *, val_data=None, progress: bool = True, checkpoint=None, callback=None, log=None
+    ) -> torch.Tensor:
         """Learn the perturbation from ``data`` (a loader of ``(x, y, ...)`` or an image tensor (N, 3, H, W)).
+
+        Every universal attack has this signature and runs in the loop engine (:mod:`juap.runtime.loop`).
+
+        Args:
+            val_data: held-out images to choose the best perturbation on (attacks that do not choose
+                ignore it).
+            progress: show a progress bar.
+            checkpoint: a :class:`~juap.runtime.loop.Checkpointing` (folder, cadence, resume).
+            callback: ``callback(step, perturbation)`` after every step; ``perturbation()`` returns the
+                current n_hat. An exception it raises stops the fit.
+            log: receives every history row, e.g. a :class:`~juap.runtime.history.RunLog`.
 
         Returns:
             The perturbation n_hat (3, H, W) in [0, 1] pixel units, within the budget.
         """
         raise NotImplementedError
+
+    def checkpoint_identity(self) -> Dict[str, Any]:
+        """The settings that must match for a checkpoint of this attack to be resumed."""
+        keys = ("seed", "batch_size")
+        return {
+            "attack": self.name,
+            "norm": self.norm,
+            "eps": self.eps,
+            **{k: getattr(self, k, None) for k in keys},
+        }
+
+    def check_identity(self, saved: Mapping[str, Any]) -> None:
+        """Refuse a checkpoint written with other settings (:meth:`checkpoint_identity`), naming them."""
+        diff = {k: (saved.get(k), v) for k, v in self.checkpoint_identity().items() if saved.get(k) != v}
+        if diff:
+            raise CheckpointError(
+                f"the {self.name} checkpoint was written by another attack setup, so it cannot be resumed: "
+                + "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
+                + ". Resume with the same config, or start a new run folder"
+            )
 
     def perturb(self, x: torch.Tensor) -> torch.Tensor:
         """``clamp(x + n_hat, 0, 1)`` with the learned perturbation."""

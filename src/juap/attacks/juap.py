@@ -303,18 +303,9 @@ class GeneratorUAP(UniversalAttack):
         self.best_step, self.best_val = run.best["step"], run.best["val"]
         return self.perturbation
 
-    def _identity(self) -> Dict[str, Any]:
-        """What must match for a checkpoint to be resumed by this attack."""
-        return {
-            "attack": self.name,
-            "generator": str(self.generator_spec),
-            "generator_options": self.generator_options,
-            "norm": self.norm,
-            "eps": self.eps,
-            "seed": self.seed,
-            "batch_size": self.batch_size,
-            "shape": list(self.noise.shape),
-        }
+    def checkpoint_identity(self) -> Dict[str, Any]:
+        generator = {"generator": str(self.generator_spec), "generator_options": self.generator_options}
+        return {**super().checkpoint_identity(), **generator, "shape": list(self.noise.shape)}
 
     def lam_at(self, step: int) -> float:
         """lambda at ``step`` (1-based): 0 during the warm-up, then the fixed or the adapted value."""
@@ -501,7 +492,7 @@ class _GeneratorFit:
 
     def snapshot(self) -> Dict[str, Any]:
         return {
-            "identity": self.attack._identity(),
+            "identity": self.attack.checkpoint_identity(),
             "generator": self.G.state_dict(),
             "optimizer": self.opt.state_dict(),
             "best": self.best,
@@ -518,14 +509,7 @@ class _GeneratorFit:
 
     def load(self, state: Dict[str, Any]) -> None:
         a = self.attack
-        mine, saved = a._identity(), state.get("identity", {})
-        diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
-        if diff:
-            raise CheckpointError(
-                "the checkpoint was written by another attack setup, so it cannot be resumed: "
-                + "; ".join(f"{k}: checkpoint {x!r}, now {y!r}" for k, (x, y) in diff.items())
-                + ". Resume with the same config, or start a new run folder"
-            )
+        a.check_identity(state.get("identity", {}))
         self.restore(state)
         a.dual = dict(state.get("dual") or a.dual)
         best = state["best"]

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .._registry import ATTACKS
 from .._validate import Param, check_params
 from ..budget import apply_perturbation, project
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
 from ..losses import check_target
 from ..runtime.loop import Checkpointing, TrainLoop
 from .base import UniversalAttack, iter_batches
@@ -114,20 +114,13 @@ class SGDUAP(UniversalAttack):
         ``log`` receives one history row per epoch."""
         gen = getattr(data, "generator", None)  # a seeded loader's order depends on its generator's state
         gen = gen if isinstance(gen, torch.Generator) else None
-        identity = {"norm": self.norm, "eps": self.eps, "seed": self.seed, "batch_size": self.batch_size}
         run: Dict[str, Any] = {"v": None, "best": None, "steps": 0}
         loop = TrainLoop(
             self.name, self.epochs, checkpoint=checkpoint, log=log, progress=progress, unit="epoch"
         )
 
         def load(state):
-            saved = state["identity"]
-            diff = {k: (saved.get(k), x) for k, x in identity.items() if saved.get(k) != x}
-            if diff:
-                raise CheckpointError(
-                    "the sgd_uap checkpoint was written with other settings, so it cannot be resumed: "
-                    + "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
-                )
+            self.check_identity(state["identity"])
             run.update(v=state["v"].to(self.device), best=state["best"], steps=int(state.get("steps", 0)))
             if gen is not None and state.get("loader") is not None:
                 gen.set_state(state["loader"])
@@ -135,7 +128,7 @@ class SGDUAP(UniversalAttack):
         def snapshot():
             loader = gen.get_state() if gen is not None else None
             return {
-                "identity": identity,
+                "identity": self.checkpoint_identity(),
                 "v": run["v"],
                 "best": run["best"],
                 "steps": run["steps"],

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from .._registry import ATTACKS
 from .._validate import Param, check_params
 from ..budget import apply_perturbation, project
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
 from ..runtime.loop import Checkpointing, TrainLoop
 from ._folding import folded_copy
 from .base import UniversalAttack, iter_batches
@@ -140,14 +140,13 @@ class UAP(UniversalAttack):
             benign = torch.cat([self._predict(x) for x, _ in batches])
         gen = getattr(data, "generator", None)  # a seeded loader's order depends on its generator's state
         gen = gen if isinstance(gen, torch.Generator) else None
-        identity = {"norm": self.norm, "eps": self.eps, "seed": self.seed, "batch_size": self.batch_size}
         run: Dict[str, Any] = {"v": None, "fooling_rate": 0.0, "batches": 0}
         loop = TrainLoop(
             self.name, self.max_passes, checkpoint=checkpoint, log=log, progress=False, unit="pass"
         )
 
         def load(state):
-            self._check_resume(state)
+            self.check_identity(state["identity"])
             run.update(v=state["v"].to(self.device), fooling_rate=float(state["fooling_rate"]))
             if gen is not None and state.get("loader") is not None:
                 gen.set_state(state["loader"])
@@ -156,7 +155,7 @@ class UAP(UniversalAttack):
         def snapshot():
             loader = gen.get_state() if gen is not None else None
             return {
-                "identity": identity,
+                "identity": self.checkpoint_identity(),
                 "v": run["v"],
                 "fooling_rate": run["fooling_rate"],
                 "loader": loader,
@@ -181,15 +180,6 @@ class UAP(UniversalAttack):
         self.perturbation, self.fooling_rate_, self._net = run["v"], run["fooling_rate"], None
         self.converged_ = run["fooling_rate"] >= self.target_fooling_rate
         return self.perturbation
-
-    def _check_resume(self, state) -> None:
-        mine = {"norm": self.norm, "eps": self.eps, "seed": self.seed, "batch_size": self.batch_size}
-        diff = {k: (state["identity"].get(k), v) for k, v in mine.items() if state["identity"].get(k) != v}
-        if diff:
-            raise CheckpointError(
-                "the UAP checkpoint was written with other settings, so it cannot be resumed: "
-                + "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
-            )
 
     def _pass(self, data, benign, v, p: int, progress: bool, tick: Callable[[torch.Tensor], None]):
         """Pass ``p`` of Algorithm 1 of Moosavi-Dezfooli et al.: DeepFool steps folded into v.
