@@ -114,31 +114,11 @@ def detect_interpreter(
     is_train[train_idx] = True
     b_logits, b_maps = explain_all(interpreter, x, batch_size=settings.batch_size)
     b_pred = b_logits.argmax(1)
-    feats_benign = {fs: map_features(b_maps, b_logits if fs == "map+conf" else None) for fs in FEATURE_SETS}
-    adv: Dict[str, Dict[str, Any]] = {}
-    for k, (name, n_hat) in enumerate(perturbations.items()):
-        a_logits, a_maps = explain_all(interpreter, x, n_hat, batch_size=settings.batch_size)
-        fooled = a_logits.argmax(1) != b_pred
-        keep = fooled if settings.only_fooled else torch.ones(n, dtype=torch.bool)
-        c_feats = None
-        if settings.control == "shuffle":
-            controls = shuffled_controls(n_hat, n, seed=seed + 1000 + k)
-            c_logits, c_maps = explain_all(interpreter, x, controls, batch_size=settings.batch_size)
-            c_feats = {
-                fs: map_features(c_maps, c_logits if fs == "map+conf" else None) for fs in FEATURE_SETS
-            }
-        else:
-            c_maps = b_maps
-        adv[name] = {
-            "keep": keep,
-            "fooling_ratio": float(fooled.float().mean()),
-            "inspect_adv": inspector_scores(b_maps, a_maps),
-            "inspect_ctrl": inspector_scores(b_maps, c_maps),
-            "control_feats": c_feats,
-            "feats": {
-                fs: map_features(a_maps, a_logits if fs == "map+conf" else None) for fs in FEATURE_SETS
-            },
-        }
+    feats_benign = _features(b_maps, b_logits)
+    adv = {
+        name: _adversarial_view(interpreter, x, n_hat, b_maps, b_pred, settings, seed=seed + 1000 + k)
+        for k, (name, n_hat) in enumerate(perturbations.items())
+    }
     rows: List[Dict[str, Any]] = []
     curves: Dict[Tuple[str, str], Tuple[torch.Tensor, torch.Tensor]] = {}
     test = ~is_train
@@ -168,36 +148,66 @@ def detect_interpreter(
         for det in INSPECTORS:
             add(name, det, "reference", "-", a["inspect_ctrl"][det][test], a["inspect_adv"][det][pos_test])
         for fs in FEATURE_SETS:
-            neg_test = feats_benign[fs][test]
-            plans = [("in-distribution", [name])]
-            others = [o for o in adv if o != name]
-            if others:
-                plans.append(("cross-attack", others))
-            for setting, sources in plans:
-                pos_train = [adv[s]["feats"][fs][adv[s]["keep"] & is_train] for s in sources]
-                feats_tr = torch.cat([feats_benign[fs][is_train], *pos_train])
-                labels = torch.cat(
-                    [torch.zeros(int(is_train.sum())), torch.ones(sum(len(p) for p in pos_train))]
-                )
-                det = f"detector ({fs})" + (" cross" if setting == "cross-attack" else "")
-                if sum(len(p) for p in pos_train) == 0:
-                    add(name, det, setting, "+".join(sources), neg_test, neg_test[:0])
-                    continue
-                model = LogisticDetector(weight_decay=settings.weight_decay).fit(feats_tr, labels)
-                add(
-                    name,
-                    det,
-                    setting,
-                    "+".join(sources),
-                    model.score(neg_test),
-                    model.score(a["feats"][fs][pos_test]),
-                )
-                if setting == "in-distribution" and a["control_feats"] is not None:
-                    # Does the detector flag any perturbation of this size, structure or not? Clean vs the
-                    # same held-out images under the shuffled perturbation (0.5: it ignores such noise).
-                    ctrl = model.score(a["control_feats"][fs][test])
-                    add(name, f"detector ({fs}) noise", "noise-control", name, model.score(neg_test), ctrl)
+            _train_detectors(fs, name, adv, feats_benign[fs], is_train, settings, add)
     return {"rows": rows, "curves": curves, "train_images": train_idx, "test_images": test_idx}
+
+
+def _train_detectors(fs: str, name: str, adv, benign: torch.Tensor, is_train, settings, add) -> None:
+    """The deployable detector on feature set ``fs`` against perturbation ``name``: trained on its own
+    adversarial images (in-distribution) and on the others' (cross-attack), scored on held-out images."""
+    a, test = adv[name], ~is_train
+    neg_test, pos_test = benign[test], a["keep"] & test
+    plans = [("in-distribution", [name])]
+    others = [o for o in adv if o != name]
+    if others:
+        plans.append(("cross-attack", others))
+    for setting, sources in plans:
+        pos_train = [adv[s]["feats"][fs][adv[s]["keep"] & is_train] for s in sources]
+        feats_tr = torch.cat([benign[is_train], *pos_train])
+        labels = torch.cat([torch.zeros(int(is_train.sum())), torch.ones(sum(len(p) for p in pos_train))])
+        det = f"detector ({fs})" + (" cross" if setting == "cross-attack" else "")
+        if sum(len(p) for p in pos_train) == 0:
+            add(name, det, setting, "+".join(sources), neg_test, neg_test[:0])
+            continue
+        model = LogisticDetector(weight_decay=settings.weight_decay).fit(feats_tr, labels)
+        add(
+            name,
+            det,
+            setting,
+            "+".join(sources),
+            model.score(neg_test),
+            model.score(a["feats"][fs][pos_test]),
+        )
+        if setting == "in-distribution" and a["control_feats"] is not None:
+            # Does the detector flag any perturbation of this size, structure or not? Clean vs the
+            # same held-out images under the shuffled perturbation (0.5: it ignores such noise).
+            ctrl = model.score(a["control_feats"][fs][test])
+            add(name, f"detector ({fs}) noise", "noise-control", name, model.score(neg_test), ctrl)
+
+
+def _features(maps: torch.Tensor, logits: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """The deployable detector's features of each feature set (maps alone, maps and confidence)."""
+    return {fs: map_features(maps, logits if fs == "map+conf" else None) for fs in FEATURE_SETS}
+
+
+def _adversarial_view(interpreter, x, n_hat, b_maps, b_pred, settings: DetectorSettings, *, seed: int):
+    """What the detectors see of one perturbation: which images count, the inspectors' scores on it and
+    on its control, and the detector features of both."""
+    a_logits, a_maps = explain_all(interpreter, x, n_hat, batch_size=settings.batch_size)
+    fooled = a_logits.argmax(1) != b_pred
+    c_maps, c_feats = b_maps, None
+    if settings.control == "shuffle":  # the same values, their structure destroyed
+        controls = shuffled_controls(n_hat, len(x), seed=seed)
+        c_logits, c_maps = explain_all(interpreter, x, controls, batch_size=settings.batch_size)
+        c_feats = _features(c_maps, c_logits)
+    return {
+        "keep": fooled if settings.only_fooled else torch.ones(len(x), dtype=torch.bool),
+        "fooling_ratio": float(fooled.float().mean()),
+        "inspect_adv": inspector_scores(b_maps, a_maps),
+        "inspect_ctrl": inspector_scores(b_maps, c_maps),
+        "control_feats": c_feats,
+        "feats": _features(a_maps, a_logits),
+    }
 
 
 # -- tables ------------------------------------------------------------------------------------------
