@@ -95,6 +95,16 @@ def test_interpreter_params_touch_only_that_interpreters_cells(tmp_path):
         load_experiment(_exp(tmp_path, GRID), ["interpreter_params={nope: {lam: 0.01}}"])
 
 
+def test_picture_choices_do_not_change_a_cells_id(tmp_path):
+    """evaluate.figure_images / figure_count change maps.png only: the cells keep their ids (so cells run
+    before the keys existed, e.g. benchmarks/results/claims, are still found); a measured key changes them."""
+    ids = [c.id for c in plan(load_experiment(_exp(tmp_path, GRID)))]
+    pictures = ["evaluate.figure_images=random", "evaluate.figure_count=0"]
+    assert [c.id for c in plan(load_experiment(_exp(tmp_path, GRID), pictures))] == ids
+    measured = plan(load_experiment(_exp(tmp_path, GRID), ["evaluate.batch_size=7"]))
+    assert not set(c.id for c in measured) & set(ids)
+
+
 def test_variants_objectives_and_labels(tmp_path):
     text = """
 grid:

@@ -244,7 +244,7 @@ def plan(exp: ExperimentConfig, *, data_key: Optional[Mapping[str, Any]] = None)
             key = {
                 "juap": __version__,
                 "data": to_dict(exp.data),
-                "evaluate": to_dict(exp.evaluate),
+                "evaluate": _measured(exp.evaluate),
                 "classifier": dataclasses.asdict(clf),
                 "attack": attack,
                 "budget": dataclasses.asdict(budget),
@@ -271,6 +271,15 @@ def plan(exp: ExperimentConfig, *, data_key: Optional[Mapping[str, Any]] = None)
                 )
             )
     return cells
+
+
+# What only changes a cell's pictures, not its figures: left out of the cell's id, so that a cell run
+# before the key existed (or with another picture choice) is still found and reused.
+_PICTURE_KEYS = ("figure_images", "figure_count")
+
+
+def _measured(evaluate: EvalConfig) -> Dict[str, Any]:
+    return {k: v for k, v in to_dict(evaluate).items() if k not in _PICTURE_KEYS}
 
 
 def _objectives(cls: type, g: GridConfig) -> Tuple[Optional[str], ...]:
