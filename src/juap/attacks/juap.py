@@ -142,6 +142,7 @@ class GeneratorUAP(UniversalAttack):
         "compile": Param(bool, False),
     }
 
+    # Long by design: the signature lists the declared hyperparameters one per line; the checks are short.
     def __init__(
         self,
         *,

@@ -310,6 +310,7 @@ COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+# Long by design: one flat argparse declaration per command and option, read top to bottom.
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="juap",

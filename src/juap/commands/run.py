@@ -183,6 +183,7 @@ class Cell:
         return f"{self.classifier_label} {self.variant} {self.budget.norm} eps={self.budget.eps:g}"
 
 
+# Long by design: checking every name first, then one loop over the grid's axes that builds each cell.
 def plan(exp: ExperimentConfig, *, data_key: Optional[Mapping[str, Any]] = None) -> List[Cell]:
     """Every cell of the grid, in a stable order; unknown names fail here with the known ones listed.
 
