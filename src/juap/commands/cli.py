@@ -90,7 +90,7 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
         f"Test top-1 accuracy: {m['test_accuracy']:.2%} on {m['test_images']} images "
         f"(trained in {m['train_seconds']:.0f} s)"
     )
-    print(f"Wrote {run_dir}/classifier.safetensors, metrics.json, config.yaml, split.json")
+    _say_wrote(run_dir)
     return 0
 
 
@@ -145,7 +145,7 @@ def cmd_train_rts(args: argparse.Namespace) -> int:
         f"Done in {time.perf_counter() - t0:.0f} s; mean mask area {m['mean_mask_area']:.3f}"
         + (f"; pointing game (top-20% on the object box) {point:.1%}" if point is not None else "")
     )
-    print(f"Wrote {run_dir}/rts.safetensors, metrics.json, config.yaml")
+    _say_wrote(run_dir)
     return 0
 
 
@@ -185,11 +185,14 @@ def cmd_attack(args: argparse.Namespace) -> int:
     with failed_on_error(run_dir):
         m = run_attack(cfg, run_dir, progress=not args.no_progress, **_resume_options(args))
     _print_attack_metrics(m)
-    print(
-        f"Wrote {run_dir}/metrics.json, config.yaml"
-        + (", perturbation.safetensors, perturbation.png" if (run_dir / "perturbation.png").exists() else "")
-    )
+    _say_wrote(run_dir)
     return 0
+
+
+def _say_wrote(run_dir: Path) -> None:
+    """The files the run folder holds now (what every command promises is written, and no more)."""
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in run_dir.iterdir() if p.name != "run.json")
+    print(f"Wrote {run_dir}/: {', '.join(names)}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -204,7 +207,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             budget_given=_budget_given(args),
         )
     _print_attack_metrics(m)
-    print(f"Wrote {run_dir}/metrics.json")
+    _say_wrote(run_dir)
     return 0
 
 
