@@ -428,38 +428,6 @@ def this_rank_state(state: Dict, kind: str) -> Dict | None:
     return ranks[distributed.rank()] if ranks else None
 
 
-def open_loop_checkpoints(
-    train_loader,
-    *,
-    checkpoint_dir,
-    checkpoint_every: int | None,
-    kind: str,
-    resume: bool,
-    max_rollbacks: int,
-):
-    """The checkpoints of an epoch loop (every ``checkpoint_every`` steps, default one epoch or 200
-    steps), the state to resume from (this rank's part merged in) and the resumable training loader.
-
-    Returns:
-        ``(ckpt, state or None, loader)``.
-    """
-    ckpt = LoopCheckpoints(
-        checkpoint_dir,
-        every=checkpoint_every or min(200, max(1, len(train_loader))),
-        kind=kind,
-        resume=resume,
-        max_rollbacks=max_rollbacks,
-        write=distributed.is_main(),
-    )
-    if resume:  # under torchrun: rank 0's last write is done before any rank reads
-        distributed.barrier()
-    state = ckpt.resume_state()
-    mine = this_rank_state(state, kind) if state is not None else None
-    if mine is not None:  # this rank's data position, RNG states and counts
-        state = {**state, **mine}
-    return ckpt, state, ResumableLoader(train_loader, state and state["data"])
-
-
 def broadcast_buffers(module: torch.nn.Module) -> None:
     """Rank 0's buffers (BatchNorm running statistics) on every rank; nothing alone."""
     if distributed.world_size() == 1:
