@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import inspect
 import json
 import time
 from pathlib import Path
@@ -332,13 +331,8 @@ def _cell_runner(clf, interps, split: AttackSplit, *, val_images: int, progress:
     def run_cell(cfg, cell_dir: Path, resume: bool = False) -> Dict[str, Any]:
         interp = interps[cfg.interpreter.name] if cfg.interpreter.name else None
         attack = build_attack(cfg.attack, clf, interp)
-        val = (
-            {"val_data": split.x_train[:val_images]}
-            if "val_data" in inspect.signature(attack.fit).parameters
-            else {}
-        )
         t0 = time.perf_counter()
-        n_hat = attack.fit(split.x_train, progress=progress, **val)
+        n_hat = attack.fit(split.x_train, val_data=split.x_train[:val_images], progress=progress)
         fit_seconds = time.perf_counter() - t0
         save_perturbation(
             cell_dir / "perturbation", n_hat, attack=cfg.attack.name, norm=cfg.attack.norm, eps=cfg.attack.eps
