@@ -364,3 +364,17 @@ def test_merge_reuses_the_same_configuration_under_another_label(tmp_path):
     res = run_grid(b, tmp_path / "b", merge=[tmp_path / "a"], run_cell=_fake_cell(calls))
     assert res["complete"] == res["cells"] == 2 + 8
     assert len(calls) == 4 and all("lam=0.1" in c for c in calls)
+
+
+def test_the_runs_seed_seeds_the_attack_unless_its_params_do():
+    """``--set seed=1`` (a grid's seed, or juap attack's) reaches an attack's own ``seed`` (its generator,
+    noise and data order), not only the loader; an explicit ``attack.params.seed`` wins."""
+    import juap
+    from juap.commands._build import build_attack
+    from juap.commands.configs import AttackConfig
+
+    clf = juap.create_classifier("small_resnet", num_classes=4, widths=(4, 8, 8))
+    assert build_attack(AttackConfig(name="guap", norm="linf", eps=10), clf, None, seed=5).seed == 5
+    fixed = AttackConfig(name="sgd_uap", norm="linf", eps=10, params={"seed": 2})
+    assert build_attack(fixed, clf, None, seed=5).seed == 2
+    assert build_attack(AttackConfig(name="pgd", norm="linf", eps=10), clf, None, seed=5).seed is None

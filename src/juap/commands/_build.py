@@ -70,8 +70,13 @@ def attack_param_names(cls: type) -> set:
     return set(cls.hyperparams) | common
 
 
-def build_attack(cfg, classifier: Classifier, interpreter, *, device=None):
-    """The attack a config names, with its ``params`` checked against the attack's declared hyperparams."""
+def build_attack(cfg, classifier: Classifier, interpreter, *, device=None, seed: Optional[int] = None):
+    """The attack a config names, with its ``params`` checked against the attack's declared hyperparams.
+
+    ``seed`` (the run's) seeds an attack that declares a seeded default (its generator's weights and noise,
+    its data order) unless ``params`` gives one: ``--set seed=1`` changes the whole run, not only the data
+    order. An attack unseeded by default (PGD's random starts) stays so.
+    """
     cls = ATTACKS.get(cfg.name)
     for key in cfg.params:
         if key not in cls.hyperparams:
@@ -86,6 +91,9 @@ def build_attack(cfg, classifier: Classifier, interpreter, *, device=None):
     except ConfigError as e:  # the same message, with the config's key
         raise ConfigError(str(e).replace(f"attack {cfg.name!r}.", "attack.params.")) from None
     kwargs = dict(cfg.params, classifier=classifier, norm=cfg.norm, eps=cfg.eps, device=device)
+    seeded = "seed" in cls.hyperparams and cls.hyperparams["seed"].default is not None  # PGD: unseeded
+    if seed is not None and seeded and "seed" not in cfg.params:
+        kwargs["seed"] = seed
     if cls.takes_interpreter:
         kwargs["interpreter"] = interpreter
     elif interpreter is not None:

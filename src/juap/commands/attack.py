@@ -81,7 +81,7 @@ def run_attack(
         cfg.interpreter.name, clf, checkpoint=cfg.interpreter.checkpoint, options=cfg.interpreter.options
     )
     interp = interp.to(device) if interp is not None else None
-    attack = build_attack(cfg.attack, clf, interp, device=device)
+    attack = build_attack(cfg.attack, clf, interp, device=device, seed=cfg.seed)
     if distributed.world_size() > 1:  # per-rank RNG from here (per-image random starts differ by rank)
         torch.manual_seed(distributed.rank_seed(cfg.seed))
     t0 = time.perf_counter()
