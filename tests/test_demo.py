@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -202,3 +203,15 @@ def test_headline_checks_compare_each_juap_cell_with_guap_under_its_interpreter(
 def test_a_bad_demo_setting_is_one_line(tmp_path, capsys, bad):
     code, _, err = run(capsys, "demo", "--out", str(tmp_path / "d"), "--no-progress", "--set", bad)
     assert code == 2 and "Traceback" not in err and err.strip()
+
+
+def test_the_default_folder_is_reopened_so_a_second_demo_reuses_its_cells(tmp_path, monkeypatch):
+    """``./run.sh demo`` twice: the second run goes into the same runs/demo and reuses the cells there."""
+    from juap.commands.demo import open_demo_dir
+
+    monkeypatch.chdir(tmp_path)
+    first = open_demo_dir(None)
+    (first / "cells").mkdir()
+    assert first == Path("runs") / "demo" and (first / "run.json").is_file()
+    again = open_demo_dir(None)
+    assert again == first and (again / "cells").is_dir()  # reopened, not emptied nor refused

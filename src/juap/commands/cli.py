@@ -126,7 +126,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("  discrepancy.png map L1 per method and interpreter (Fig. 5 style)")
     print("  fig1.png, roc.png, detection.csv  how well the maps reveal each perturbation (Fig. 1, ROC)")
     print("  metrics.json, perturbations/*.safetensors|png")
-    print(f"Run it again with --out {run_dir} to reuse its finished cells (the models stay cached);")
+    print(f"Running it again (into {run_dir}) reuses its finished cells; the models stay cached;")
     print("`juap run embedded/...` for the tables of the paper one by one.")
     return 0
 
@@ -326,9 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the default experiment on the embedded synthetic data",
         description="Train (once, cached) the demo classifier and RTS model on the embedded data, run the "
         "grid of embedded/demo.yaml (UAP, SGD-UAP, GUAP, R-JUAP and U-JUAP against CAM, Grad-CAM and RTS) "
-        "into OUT/cells/, JAP vs PGD and detection, and write tables and figures. Running again with the "
-        "same --out reuses its finished cells. Sizes: --set demo.steps=..., --set demo.eps=..., --set "
-        "demo.seed=1 (see juap.commands.demo.DemoSettings).",
+        "into OUT/cells/ (OUT default: runs/demo), JAP vs PGD and detection, and write tables and figures. "
+        "Running again into the same folder reuses its finished cells. Sizes: --set demo.steps=..., "
+        "--set demo.eps=..., --set demo.seed=1 (see juap.commands.demo.DemoSettings).",
     )
     _add_common(p)
     p.add_argument("--cache-dir", metavar="DIR", help="cache folder (default: $JUAP_CACHE or ~/.cache/juap)")

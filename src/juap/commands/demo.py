@@ -182,10 +182,16 @@ def attack_split(held, *, n_train: int = 300, n_test: int = 300, seed: int = 0) 
     return AttackSplit(x[:n_train], x[n_train:], y[n_train:], record)
 
 
+DEFAULT_OUT = Path("runs") / "demo"
+
+
 def open_demo_dir(out: Optional[str | Path], *, overwrite: bool = False) -> Path:
-    """The demo's run folder: a new one (default ``runs/demo-<time>``), or the demo folder ``out`` reopened,
-    finished or not, so that its finished cells (``cells/``) are reused; ``overwrite`` empties it."""
-    if out is not None and not overwrite:
+    """The demo's run folder (default ``runs/demo``): a new one, or an earlier demo's folder reopened,
+    finished or not, so that its finished cells (``cells/``) are reused; ``overwrite`` empties it.
+    Running ``juap demo`` again therefore recomputes only what changed (cells of other settings are
+    kept in ``cells/`` beside the ones used)."""
+    out = DEFAULT_OUT if out is None else out
+    if not overwrite:
         path = Path(out)
         try:
             run = json.loads((path / "run.json").read_text())
