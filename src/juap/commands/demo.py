@@ -34,7 +34,7 @@ from ..evaluation import evaluate
 from ..runtime.artifacts import load_perturbation, save_perturbation
 from ..runtime.config import to_dict
 from ..runtime.io import remove_stale_temporaries, write_json, write_text
-from ..runtime.report import bar_chart, figure_grid, markdown_table, write_csv
+from ..runtime.report import bar_chart, figure_grid, markdown_table, transition_section, write_csv
 from ..runtime.runs import finish_run, new_run_dir
 from ._build import build_attack, build_interpreter
 from .attack import summarize
@@ -217,6 +217,7 @@ def run_demo(
     say: Callable[[str], None] = lambda s: None,
 ) -> Dict[str, Any]:
     """Run the whole demo into ``run_dir``; returns the metrics written to ``metrics.json``."""
+    # About 80 lines: the demo's five steps in order, each a few calls and the line it prints.
     t_start = time.perf_counter()
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     ccfg = classifier_cfg or TrainClassifierConfig()
@@ -500,8 +501,7 @@ def _write_outputs(
         ),
         "\n![figure](figure.png)\n\n![discrepancy](discrepancy.png)\n",
     ]
-    from ..runtime.report import transition_section  # where the fooled images go: GUAP vs R-JUAP (CAM)
-
+    # where the fooled images go: GUAP vs R-JUAP (CAM)
     moved = {
         label: evaluate(clf, perturbations[key], x_test, per_class=True)["transitions"]
         for label, key in (("GUAP", ("GUAP", "-")), ("R-JUAP (CAM)", ("R-JUAP", "cam")))
