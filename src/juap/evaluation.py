@@ -18,6 +18,7 @@ from ._validate import is_number
 from .budget import apply_perturbation, perturbation_norm
 from .classifiers.base import Classifier
 from .data.batches import iter_batches  # not from juap.attacks, which imports this module
+from .errors import CheckpointError, ConfigError, NumericalError
 from .interpreters.base import Interpreter
 from .metrics import MetricSums
 from .runtime import distributed
@@ -142,7 +143,6 @@ def check_finite(n_hat: torch.Tensor, what: str = "the perturbation") -> None:
     Raises:
         NumericalError: naming how many values are NaN and how many infinite.
     """
-    from .errors import NumericalError
 
     bad = ~torch.isfinite(n_hat)
     if bool(bad.any()):
@@ -186,7 +186,6 @@ def perturbation_budget(
         NumericalError: the perturbation holds NaN or infinite values.
         ConfigError: the config's budget differs from the file's, or the perturbation exceeds its budget.
     """
-    from .errors import ConfigError
 
     check_finite(n_hat, f"{source}")
     measured = {k: float(perturbation_norm(n_hat.double(), k)) for k in ("linf", "l2")}  # float64: no inf
@@ -225,7 +224,6 @@ _NORM_NAMES = {"linf": "L_inf", "l2": "L_2"}
 
 def _recorded_budget(meta: Mapping[str, object], source: str) -> Optional[Dict]:
     """The budget a file's metadata records (None if it records none); one juap cannot read is an error."""
-    from .errors import CheckpointError
 
     if meta.get("eps") is None and meta.get("norm") is None:
         return None

@@ -16,7 +16,10 @@ from ..data import (
     make_loader,
     save_split,
 )
-from ..evaluation import evaluate
+from ..data.batches import iter_batches
+from ..errors import ConfigError
+from ..evaluation import evaluate, perturb_fn
+from ..metrics import l1_distance
 from ..runtime import distributed
 from ..runtime.artifacts import save_perturbation
 from ..runtime.config import to_dict
@@ -24,6 +27,7 @@ from ..runtime.distributed import resolve_device
 from ..runtime.history import RunLog
 from ..runtime.io import save_tensors
 from ..runtime.loop import Checkpointing
+from ..runtime.report import map_panels, transitions_csv
 from ..runtime.runs import finish_run
 from ._build import (
     _check_classes,
@@ -211,7 +215,6 @@ def write_insight(
     """``transitions.csv`` (from ``ev``, an evaluation with ``per_class=True``) and ``maps.png``: benign vs
     adversarial images and maps of ``cfg.evaluate.figure_count`` test images picked by
     ``cfg.evaluate.figure_images``. Under torchrun only rank 0 writes (and draws)."""
-    from ..runtime.report import map_panels, transitions_csv
 
     if not distributed.is_main():
         return
@@ -260,9 +263,6 @@ def map_rows(
     Returns:
         ``(rows, how)``, ``how`` a caption saying how the images were picked.
     """
-    from ..data.batches import iter_batches
-    from ..evaluation import perturb_fn
-    from ..metrics import l1_distance
 
     check_selection(select)
     device = device or next(clf.parameters()).device
@@ -352,7 +352,6 @@ def pick_images(
 
 def check_selection(select: str) -> None:
     """Raise ConfigError unless ``select`` is one of :data:`FIGURE_SELECTIONS`."""
-    from ..errors import ConfigError
 
     if select not in FIGURE_SELECTIONS:
         raise ConfigError(

@@ -12,9 +12,12 @@ from ..data import (
     data_summary,
     make_loader,
 )
+from ..errors import ConfigError
+from ..evaluation import evaluate, perturbation_budget
 from ..runtime.artifacts import load_perturbation
 from ..runtime.config import to_dict
 from ..runtime.distributed import resolve_device
+from ..runtime.io import read_metadata
 from ..runtime.runs import finish_run
 from ._build import _check_classes, attack_data, build_classifier, eval_interpreters
 from .attack import summarize, write_insight
@@ -29,9 +32,6 @@ def run_evaluate(
     ``budget_given`` says the config set ``attack.eps``/``attack.norm`` (for files that record none).
     Like ``juap attack`` it writes ``transitions.csv`` and ``maps.png`` beside ``metrics.json``.
     """
-    from ..errors import ConfigError
-    from ..evaluation import evaluate, perturbation_budget
-    from ..runtime.io import read_metadata
 
     torch.manual_seed(cfg.seed)  # a classifier without weights is the same random one on every rank
     device = resolve_device(cfg.device)

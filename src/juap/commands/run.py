@@ -23,10 +23,20 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
 
+import torch
+
+from .. import ATTACKS, CLASSIFIERS, GENERATORS, INTERPRETERS, __version__
+from ..classifiers import create_classifier, save_classifier
 from ..errors import ConfigError
+from ..interpreters.rts import RTS, save_rts
 from ..runtime import distributed
+from ..runtime.checkpoint import CHECKPOINT_NAME
 from ..runtime.config import apply_overrides, check_range, config_hash, from_dict, read_yaml_mapping, to_dict
-from .attack import AttackRunConfig
+from ..runtime.io import write_text
+from ..runtime.report import bar_chart, markdown_table, write_csv
+from ..runtime.runs import failed_on_error, new_run_dir, reopen_run_dir
+from ._build import attack_param_names
+from .attack import AttackRunConfig, run_attack
 from .configs import (
     AttackConfig,
     ClassifierConfig,
@@ -189,8 +199,6 @@ def plan(exp: ExperimentConfig, *, data_key: Optional[Mapping[str, Any]] = None)
 
     ``data_key`` names the images when a caller's ``run_cell`` runs the cells on data of its own rather
     than ``exp.data`` (e.g. a split it drew itself); it joins every cell's id."""
-    from .. import ATTACKS, CLASSIFIERS, GENERATORS, INTERPRETERS, __version__
-    from ._build import attack_param_names
 
     g = exp.grid
     for name in g.generators:
@@ -294,7 +302,6 @@ def _free(name: str, accepts: set, fixed: Mapping[str, Any]) -> bool:
 
 def _labels(attack, gen, interp, obj, setting, g: GridConfig) -> Tuple[str, str]:
     """The paper's names: method ``R-JUAP``, variant ``R-JUAP-CAM`` (plus objective / setting suffixes)."""
-    from .. import ATTACKS, INTERPRETERS
 
     cls = ATTACKS.get(attack)
     method = cls.label
@@ -405,9 +412,6 @@ def run_grid(
     Returns:
         ``{"cells": N, "complete": k, "ran": r, "rows": [...]}``.
     """
-    from ..runtime.checkpoint import CHECKPOINT_NAME
-    from ..runtime.runs import failed_on_error, new_run_dir, reopen_run_dir
-    from .attack import run_attack
 
     run_cell = run_cell or (lambda cfg, d, resume=False: run_attack(cfg, d, progress=progress, resume=resume))
     cells = plan(exp, data_key=data_key)
@@ -600,7 +604,6 @@ def write_results(exp: ExperimentConfig, run_dir: Path, result: Dict[str, Any]) 
     """``results.md`` (the configured tables), ``results.csv`` / ``transfer.csv``, ``discrepancy.png``.
 
     Under torchrun only rank 0 writes them."""
-    from ..runtime.report import bar_chart, markdown_table, write_csv
 
     if not distributed.is_main():
         return
@@ -646,7 +649,6 @@ def write_results(exp: ExperimentConfig, run_dir: Path, result: Dict[str, Any]) 
                 ylabel="map L1 (lower: maps kept)",
                 title=f"{exp.name}: map discrepancy per interpreter (Fig. 5 style)",
             )
-    from ..runtime.io import write_text
 
     write_text(run_dir / "results.md", "\n".join(md))
 
@@ -678,10 +680,6 @@ ONE_STEP = {"steps": 1, "max_passes": 1, "eval_every": 1, "epochs": 1}
 def dry_run_experiment(exp: ExperimentConfig, work_dir: Path) -> ExperimentConfig:
     """The same grid on tiny embedded data, untrained weights and one step per attack: checks that
     every cell builds and runs end to end before hours are spent on the real one."""
-    import torch
-
-    from ..classifiers import create_classifier
-    from ..interpreters.rts import RTS, save_rts
 
     data = DataConfig(name="synthetic", image_size=32, num_images=36, train_fraction=0.5, test_fraction=0.5)
     classifiers = []
@@ -693,7 +691,6 @@ def dry_run_experiment(exp: ExperimentConfig, work_dir: Path) -> ExperimentConfi
             rts_path = str(work_dir / f"rts-{_slug(c.label or c.name)}.safetensors")
             save_rts(RTS(clf, image_size=data.image_size), rts_path)
             ckpt = work_dir / f"classifier-{_slug(c.label or c.name)}.safetensors"
-            from ..classifiers import save_classifier
 
             save_classifier(clf, ckpt)
             weights = str(ckpt)
@@ -704,8 +701,6 @@ def dry_run_experiment(exp: ExperimentConfig, work_dir: Path) -> ExperimentConfi
                 c, weights=weights, num_classes=None, reset_head=False, rts_checkpoint=rts_path
             )
         )
-    from .. import ATTACKS
-    from ._build import attack_param_names
 
     params = {}
     for name in set(exp.grid.attacks) | set(exp.attack_params):

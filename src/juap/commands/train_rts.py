@@ -21,12 +21,16 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..classifiers import Classifier
+from ..data import data_summary, load_splits, make_loader, require_classes, save_split
+from ..data.synthetic import load_boxes
 from ..errors import CheckpointError, ConfigError, DataError, NumericalError
 from ..interpreters.base import upsample_maps
-from ..interpreters.rts import ENCODERS, RTS, rts_loss, save_rts
+from ..interpreters.rts import _FROZEN_PREFIXES, ENCODERS, RTS, rts_loss, save_rts
 from ..runtime import distributed
 from ..runtime.config import check_range, to_dict
+from ..runtime.distributed import resolve_device
 from ..runtime.history import RunLog
+from ..runtime.io import read_metadata
 from ..runtime.loop import (
     Checkpointing,
     EpochBatches,
@@ -36,6 +40,7 @@ from ..runtime.loop import (
     run_epochs,
 )
 from ..runtime.runs import finish_run
+from ._build import build_classifier
 from .configs import ClassifierConfig, DataConfig, LogConfig
 
 logger = logging.getLogger(__name__)
@@ -349,7 +354,6 @@ class _RTSTrainer:
 def _trainable_names(rts: RTS) -> set:
     """State-dict names of the masking model's own tensors (parameters and buffers), not the frozen
     classifier's or encoder's."""
-    from ..interpreters.rts import _FROZEN_PREFIXES
 
     return {n for n in rts.state_dict() if not n.startswith(_FROZEN_PREFIXES)}
 
@@ -464,8 +468,6 @@ def load_explained_classifier(cfg: ClassifierConfig, *, classes: Sequence[str]) 
         CheckpointError: missing or unreadable file, another architecture than ``cfg.name``, or a class
             count / class names different from the data's.
     """
-    from ..runtime.io import read_metadata
-    from ._build import build_classifier
 
     weights = str(cfg.weights)
     path = Path(weights)
@@ -516,8 +518,6 @@ def run_train_rts(
         The metrics: training loss parts, test loss parts, ``mean_mask_area``, ``pointing_top20`` (data
         with object boxes, e.g. the synthetic set; else ``None``), timings.
     """
-    from ..data import data_summary, load_splits, make_loader, require_classes, save_split
-    from ..runtime.distributed import resolve_device
 
     run_dir = Path(run_dir)
     torch.manual_seed(cfg.seed)  # the same on every rank: the same initial masking model
@@ -585,7 +585,6 @@ def run_train_rts(
 
 def _test_boxes(splits: Any) -> Dict[int, Sequence[int]] | None:
     """Object boxes of the test images, by test index (``None`` if the data set has none)."""
-    from ..data.synthetic import load_boxes
 
     try:
         boxes = load_boxes(splits.root)

@@ -6,8 +6,13 @@ import os
 from pathlib import Path
 
 import torch
+from PIL import Image
 
+from ..budget import perturbation_norm
+from ..errors import CheckpointError, JuapError
+from ..evaluation import check_finite, within_budget
 from . import distributed
+from .io import atomic_path, load_tensors, save_tensors
 
 
 def save_perturbation(stem: Path, n_hat: torch.Tensor, *, attack: str, norm: str, eps: float) -> None:
@@ -22,12 +27,6 @@ def save_perturbation(stem: Path, n_hat: torch.Tensor, *, attack: str, norm: str
     """
     if not distributed.is_main():
         return
-    from PIL import Image
-
-    from ..budget import perturbation_norm
-    from ..errors import JuapError
-    from ..evaluation import check_finite, within_budget
-    from .io import atomic_path, save_tensors
 
     stem = Path(stem)
     n_hat = n_hat.detach().cpu().float()
@@ -67,9 +66,6 @@ def amplify(n_hat: torch.Tensor) -> torch.Tensor:
 
 def load_perturbation(path: str | os.PathLike) -> torch.Tensor:
     """Read ``perturbation.safetensors`` (a (3, H, W) tensor in [0, 1] pixel units)."""
-    from ..errors import CheckpointError
-    from ..evaluation import check_finite
-    from .io import load_tensors
 
     tensors, _ = load_tensors(path)
     if "perturbation" not in tensors:

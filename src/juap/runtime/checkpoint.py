@@ -35,7 +35,8 @@ from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional
 import numpy as np
 import torch
 
-from ..errors import CheckpointError, NumericalError
+from ..errors import CheckpointError, ConfigError, NumericalError
+from . import distributed
 from .io import PathLike, load_tensors, save_tensors
 
 log = logging.getLogger(__name__)
@@ -318,8 +319,6 @@ class LoopCheckpoints:
         write: bool = True,
     ) -> None:
         if every < 1:
-            from ..errors import ConfigError
-
             raise ConfigError(f"checkpoint_every = {every} is out of range; use a positive number of steps")
         self.path = Path(directory) / CHECKPOINT_NAME if directory is not None else None
         self.every, self.kind, self.resume = int(every), kind, bool(resume)
@@ -382,7 +381,6 @@ class LoopCheckpoints:
     def _stop_agreed(self) -> bool:
         """Whether to stop now; under torchrun every rank stops at the same step if any got a signal
         (a rank leaving alone would leave the others waiting in a collective)."""
-        from . import distributed
 
         stop = self.signals.requested is not None
         if distributed.world_size() > 1:

@@ -25,6 +25,9 @@ from typing import Dict, Iterable, Iterator, Mapping, Optional, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as fc
+from torch.distributed.nn.functional import all_reduce
+from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import ConfigError
 
@@ -248,12 +251,10 @@ def global_sum(t: torch.Tensor) -> torch.Tensor:
     """
     if world_size() == 1:
         return t
-    import torch.distributed._functional_collectives as fc
 
     if hasattr(fc, "all_reduce_backward"):  # recent torch: the functional collective has autograd
         out = fc.all_reduce(t, "sum", dist.group.WORLD)
         return out.wait() if hasattr(out, "wait") else out
-    from torch.distributed.nn.functional import all_reduce  # older torch: the autograd Function
 
     return all_reduce(t, op=dist.ReduceOp.SUM)
 
@@ -310,7 +311,6 @@ def wrap_ddp(module: torch.nn.Module, **kw) -> torch.nn.Module:
     """
     if world_size() == 1:
         return module
-    from torch.nn.parallel import DistributedDataParallel
 
     p = next(iter(module.parameters()), None)
     ids = [p.device.index] if p is not None and p.device.type == "cuda" else None
@@ -378,7 +378,6 @@ def check_same_across_ranks(module: torch.nn.Module, what: str) -> None:
 
 def resolve_device(device: str = "auto") -> torch.device:
     """``"auto"`` picks CUDA when available, else CPU; an unavailable device is a clear error."""
-    from ..errors import ConfigError
 
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
+from torch.utils.tensorboard import SummaryWriter
 
 from ..errors import ConfigError
 from .artifacts import amplify
 from .io import write_text
+from .report import _save
 
 HISTORY_NAME, CURVES_NAME, TENSORBOARD_DIR = "history.csv", "curves.png", "tensorboard"
 _WRITE_EVERY = 50  # rows between rewrites of history.csv (and at every validation row, and at the end)
@@ -130,8 +132,6 @@ class RunLog:
 
     def _writer(self, purge_step: Optional[int] = None):
         if self._tb is None:
-            from torch.utils.tensorboard import SummaryWriter
-
             self._tb = SummaryWriter(str(self.dir / TENSORBOARD_DIR), purge_step=purge_step)
         return self._tb
 
@@ -166,8 +166,6 @@ def plot_curves(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .report import _save
 
     xkey = next((k for k in _STEP_KEYS if any(k in r for r in rows)), None)
     keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k != xkey]

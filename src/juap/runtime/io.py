@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import pickle
+import pickletools
 import tempfile
 import zipfile
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Tuple
 
 import torch
 import yaml
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from ..errors import CheckpointError, JuapError
@@ -262,7 +263,6 @@ def _is_pickle_with_objects(path: Path) -> bool:
     """Whether ``path`` starts with a well-formed pickle (decoded up to its STOP) that builds objects
     (imports names, calls them). Decodes the opcodes only (``pickletools.genops``), never runs them.
     """
-    import pickletools
 
     objects = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX"}
     try:
@@ -294,7 +294,6 @@ def read_metadata(path: PathLike) -> Dict[str, Any]:
         return {}
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist (check the path)")
-    from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:

@@ -18,6 +18,7 @@ checkpoint, so a resumed run continues it) and handed to an optional ``log`` suc
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence
@@ -26,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
+from ..data import InMemoryLoader
 from ..errors import CheckpointError, ConfigError, NumericalError
 from . import distributed
 from .checkpoint import (
@@ -322,9 +324,6 @@ def shard_train_loader(loader):
     Raises:
         ConfigError: another kind of loader (it cannot be shared out between the ranks).
     """
-    import copy
-
-    from ..data import InMemoryLoader
 
     w = distributed.world_size()
     if w == 1:

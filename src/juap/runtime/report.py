@@ -5,8 +5,10 @@ from __future__ import annotations
 import csv
 import io
 import os
+from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 
 from ..interpreters.base import normalize_maps, upsample_maps
@@ -96,7 +98,6 @@ def bar_chart(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     fig, ax = plt.subplots(figsize=(6, 3))
     width = 0.8 / max(len(series), 1)
@@ -268,7 +269,6 @@ def transition_section(
     Args:
         matrices: ``{label: K x K counts}`` (``evaluate(..., per_class=True)["transitions"]``).
     """
-    from pathlib import Path
 
     name = (lambda c: class_names[c]) if class_names else str
     transition_heatmaps(

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import os
 import shutil
 from pathlib import Path
 from typing import Any, Dict
+
+import yaml
 
 from ..errors import ConfigError
 from . import distributed
@@ -109,7 +112,6 @@ def finish_run(path: Path, *, config: Dict[str, Any], metrics: Dict[str, Any], c
         "status": "complete" if complete else "partial",
         "finished": _dt.datetime.now().isoformat(timespec="seconds"),
     }
-    import json
 
     run = json.loads((path / "run.json").read_text()) if (path / "run.json").exists() else {}
     run.update(info)
@@ -127,7 +129,6 @@ def reopen_run_dir(path: Path, *, command: str) -> Path:
     Raises:
         ConfigError: no run there, a run of another command, or a run that is already complete.
     """
-    import json
 
     run_file = path / "run.json"
     try:
@@ -165,7 +166,6 @@ def check_config(path: Path, config: Dict[str, Any], *, resume: bool) -> None:
     Raises:
         ConfigError: resuming with settings other than those the run started with (named key by key).
     """
-    import yaml
 
     if not distributed.is_main():
         return
@@ -204,8 +204,6 @@ class failed_on_error:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is not None and distributed.is_main():
-            import json
-
             run_file = self.path / "run.json"
             status = "interrupted" if issubclass(exc_type, KeyboardInterrupt) else "failed"
             try:
@@ -227,7 +225,6 @@ def open_grid_dir(out: str | os.PathLike, *, experiment: str, overwrite: bool = 
     A folder holding another command's run or another experiment is refused unless ``overwrite``.
     Under torchrun only rank 0 opens it; the other ranks get its path.
     """
-    import json
 
     if not distributed.is_main():
         return Path(distributed.broadcast_object(None))
