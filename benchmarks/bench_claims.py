@@ -235,8 +235,8 @@ def detection(rows: Sequence[Mapping], budget: str) -> List[Dict]:
     interpreter, on the first seed's perturbations at ``budget`` and the cells' test images."""
     import torch
 
-    from juap.commands._build import attack_data, build_classifier, build_interpreter
     from juap.commands.attack import AttackRunConfig
+    from juap.commands.build import attack_data, build_classifier, build_interpreter
     from juap.commands.detect import detect_interpreter
     from juap.runtime.config import load_config
     from juap.runtime.io import load_tensors

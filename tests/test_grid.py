@@ -370,7 +370,7 @@ def test_the_runs_seed_seeds_the_attack_unless_its_params_do():
     """``--set seed=1`` (a grid's seed, or juap attack's) reaches an attack's own ``seed`` (its generator,
     noise and data order), not only the loader; an explicit ``attack.params.seed`` wins."""
     import juap
-    from juap.commands._build import build_attack
+    from juap.commands.build import build_attack
     from juap.commands.configs import AttackConfig
 
     clf = juap.create_classifier("small_resnet", num_classes=4, widths=(4, 8, 8))

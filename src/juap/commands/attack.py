@@ -29,7 +29,7 @@ from ..runtime.io import save_tensors
 from ..runtime.loop import Checkpointing
 from ..runtime.report import map_panels, transitions_csv
 from ..runtime.runs import finish_run
-from ._build import (
+from .build import (
     _check_classes,
     attack_data,
     build_attack,

@@ -36,8 +36,8 @@ from ..runtime.config import to_dict
 from ..runtime.io import remove_stale_temporaries, write_json, write_text
 from ..runtime.report import bar_chart, figure_grid, markdown_table, transition_section, write_csv
 from ..runtime.runs import finish_run, new_run_dir
-from ._build import build_attack, build_interpreter
 from .attack import summarize
+from .build import build_attack, build_interpreter
 from .demo_models import RTS_EPOCHS, cached_demo_classifier, cached_demo_rts, demo_classifier_path
 from .detect import demo_detection
 from .run import ExperimentConfig, load_experiment, main_rows, run_grid

@@ -24,7 +24,7 @@ from ..runtime import distributed
 from ..runtime.config import config_hash, to_dict
 from ..runtime.distributed import resolve_device
 from ..runtime.io import write_json
-from ._build import build_classifier
+from .build import build_classifier
 from .train_classifier import TrainClassifierConfig, _train_and_measure
 from .train_rts import RTSTrainConfig, TrainRTSConfig, run_train_rts
 

@@ -30,7 +30,7 @@ from ..runtime.distributed import resolve_device
 from ..runtime.io import load_tensors, write_text
 from ..runtime.report import map_panels, markdown_table, roc_grid, write_csv
 from ..runtime.runs import finish_run
-from ._build import _check_classes, build_classifier, build_interpreter, learned_checkpoints
+from .build import _check_classes, build_classifier, build_interpreter, learned_checkpoints
 from .configs import ClassifierConfig, DataConfig, EvalConfig, attack_split_data
 
 

@@ -19,8 +19,8 @@ from ..runtime.config import to_dict
 from ..runtime.distributed import resolve_device
 from ..runtime.io import read_metadata
 from ..runtime.runs import finish_run
-from ._build import _check_classes, attack_data, build_classifier, eval_interpreters
 from .attack import summarize, write_insight
+from .build import _check_classes, attack_data, build_classifier, eval_interpreters
 
 
 def run_evaluate(

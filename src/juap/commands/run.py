@@ -35,8 +35,8 @@ from ..runtime.config import apply_overrides, check_range, config_hash, from_dic
 from ..runtime.io import write_text
 from ..runtime.report import bar_chart, markdown_table, write_csv
 from ..runtime.runs import failed_on_error, new_run_dir, reopen_run_dir
-from ._build import attack_param_names
 from .attack import AttackRunConfig, run_attack
+from .build import attack_param_names
 from .configs import (
     AttackConfig,
     ClassifierConfig,

@@ -41,7 +41,7 @@ from ..runtime.loop import (
     to_sync_batchnorm,
 )
 from ..runtime.runs import finish_run
-from ._build import build_classifier
+from .build import build_classifier
 from .configs import ClassifierConfig, DataConfig, LogConfig, TrainConfig
 
 

@@ -40,7 +40,7 @@ from ..runtime.loop import (
     run_epochs,
 )
 from ..runtime.runs import finish_run
-from ._build import build_classifier
+from .build import build_classifier
 from .configs import ClassifierConfig, DataConfig, LogConfig
 
 logger = logging.getLogger(__name__)
