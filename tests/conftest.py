@@ -3,6 +3,8 @@ import os
 import pytest
 import torch
 
+import juap
+
 # Small convolutions on a busy 2-core machine run far faster on one thread.
 torch.set_num_threads(int(os.environ.get("JUAP_TEST_THREADS", "1")))
 
@@ -12,3 +14,15 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     """Keep every test's cache (synthetic data, demo models) out of the user's home."""
     if "JUAP_CACHE" not in os.environ:
         monkeypatch.setenv("JUAP_CACHE", str(tmp_path_factory.getbasetemp() / "juap-cache"))
+
+
+@pytest.fixture(scope="session")
+def clf_path(tmp_path_factory):
+    """The tiny trained classifier of tests/helpers.py as a checkpoint file for the command line (a test
+    module that wants an untrained one defines its own ``clf_path``)."""
+    from helpers import tiny_trained_classifier
+
+    clf, _, _ = tiny_trained_classifier()
+    path = tmp_path_factory.mktemp("clf") / "classifier.safetensors"
+    juap.save_classifier(clf, path)
+    return str(path)

@@ -6,20 +6,12 @@ import pytest
 import torch
 
 import juap
-from helpers import CLI_TINY_DATA, tiny_trained_classifier
+from helpers import CLI_TINY_DATA
 from helpers import run_cli as run
 from juap.commands.cli import main
 from juap.runtime.io import load_tensors
 
 DATA = CLI_TINY_DATA
-
-
-@pytest.fixture(scope="module")
-def clf_path(tmp_path_factory):
-    clf, _, _ = tiny_trained_classifier()
-    path = tmp_path_factory.mktemp("clf") / "classifier.safetensors"
-    juap.save_classifier(clf, path)
-    return str(path)
 
 
 def test_help_lists_every_command(capsys):

@@ -28,14 +28,6 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
-@pytest.fixture(scope="module")
-def clf_path(tmp_path_factory):
-    clf, _, _ = tiny_trained_classifier()
-    path = tmp_path_factory.mktemp("clf") / "clf.safetensors"
-    juap.save_classifier(clf, path)
-    return path
-
-
 @pytest.mark.parametrize(
     "attack, params, step_key, steps",
     [

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 import juap
-from helpers import CLI_TINY_DATA, texture_classifier, tiny_trained_classifier
+from helpers import CLI_TINY_DATA, texture_classifier
 from helpers import run_cli as run
 from juap.budget import apply_perturbation
 from juap.commands.attack import FIGURE_SELECTIONS, pick_images
@@ -225,14 +225,6 @@ def test_map_rows_show_the_picked_images_under_every_interpreter(evaluated):
 
 
 # -- the command line --------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def clf_path(tmp_path_factory):
-    clf, _, _ = tiny_trained_classifier()
-    path = tmp_path_factory.mktemp("clf") / "classifier.safetensors"
-    juap.save_classifier(clf, path)
-    return str(path)
-
-
 def test_cli_attack_writes_transitions_pictures_and_map_figure(tmp_path, capsys, clf_path):
     out = tmp_path / "att"
     code, _, err = run(

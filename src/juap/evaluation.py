@@ -22,7 +22,7 @@ from .errors import CheckpointError, ConfigError, NumericalError
 from .interpreters.base import Interpreter
 from .metrics import MetricSums
 from .runtime import distributed
-from .runtime.loop import _local_eval_batches, shard_eval_loader
+from .runtime.loop import local_eval_batches, shard_eval_loader
 
 if TYPE_CHECKING:
     from .attacks.base import Attack
@@ -256,7 +256,7 @@ def evaluate_accuracy(
     world = distributed.world_size()
     batches = shard_eval_loader(loader)
     if world > 1 and batches is loader:  # not a DataLoader: this rank's slice of every batch
-        batches = _local_eval_batches(loader)
+        batches = local_eval_batches(loader)
     for x, y, n_skip in tqdm(batches, desc="evaluate", disable=not progress, leave=False):
         skipped += n_skip
         if len(y) == 0:

@@ -394,7 +394,7 @@ def shard_eval_loader(loader):
     )
 
 
-def _local_eval_batches(loader):
+def local_eval_batches(loader):
     """This rank's slice of every ``(x, y, n_skipped)`` batch; rank 0 counts the skipped images."""
     for x, y, n_skip in loader:
         lo, hi = distributed.slice_bounds(len(y))
