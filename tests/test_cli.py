@@ -1,11 +1,14 @@
 """The juap command line as a user runs it: run folders, artifacts, and clear errors without tracebacks."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import juap
+import juap.commands.cli
 from helpers import CLI_TINY_DATA
 from helpers import run_cli as run
 from juap.commands.cli import main
@@ -215,3 +218,21 @@ def test_train_rts_then_attack_against_it(tmp_path, capsys, clf_path):
     assert code == 0, err
     m = json.loads((out / "metrics.json").read_text())
     assert set(m["transfer"]) == {"cam", "gradcam", "rts"} and m["map_interpreter"] == "rts"
+
+
+def test_a_closed_pipe_ends_every_command_quietly(monkeypatch, capsys):
+    """``juap ... | head``: when the reader goes away, exit 0 without an error line (any command)."""
+    def closed(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(juap.commands.cli, "_run_command", closed)
+    code, out, err = run(capsys, "configs")
+    assert (code, err) == (0, "")
+
+
+def test_a_closed_pipe_in_a_real_process():
+    cmd = [sys.executable, "-m", "juap", "configs"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # the reader is gone before juap writes its first line
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 0 and err == "", err

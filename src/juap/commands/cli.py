@@ -423,6 +423,24 @@ def _resolve_shipped(args: argparse.Namespace) -> None:
 
 
 def main(argv: List[str] | None = None) -> int:
+    """``juap ...``: the exit status (0 done, 2 a usage or input error, 130 interrupted)."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # the reader closed the pipe (``juap configs | head``): stop quietly
+        _silence_stdout()
+        return 0
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that Python's flush at exit does not fail on the closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file descriptor (captured output): nothing to flush there
+        pass
+
+
+def _main(argv: List[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -443,6 +461,8 @@ def main(argv: List[str] | None = None) -> int:
             raise
         print(f"juap {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        raise
     except OSError as e:  # a file-system error juap did not foresee: still one line, naming the file
         if args.verbose:
             raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -113,11 +114,26 @@ def _train_and_measure(
     in_memory = cfg.data.in_memory if cfg.data.in_memory is not None else cfg.data.name == "synthetic"
     if distributed.world_size() > 1:  # the model is built: per-rank RNG from here (augmentation, dropout)
         torch.manual_seed(distributed.rank_seed(cfg.seed))
+    # Whole batches only (no BatchNorm step on a lone last image), unless the split is one batch or less:
+    # then every epoch is that one smaller batch, never zero steps.
+    n_train, batch = len(splits.train), cfg.train.batch_size
+    if n_train < 2:
+        raise ConfigError(
+            f"the training split has {n_train} image(s); training (BatchNorm) needs at least 2: add images "
+            "or raise data.train_fraction"
+        )
+    drop_last = n_train > batch
+    if n_train < batch:
+        warnings.warn(
+            f"the training split has {n_train} images, fewer than one batch of train.batch_size={batch}: "
+            f"each epoch is one step on all {n_train} (set train.batch_size={n_train} to silence this)",
+            stacklevel=2,
+        )
     if in_memory:  # decode once, augment per batch (random crop + flip) on tensors
         plain = SplitView(splits.train.base, splits.train.indices, eval_transform(cfg.data.image_size))
         x, y, _ = to_tensors(plain)
         train_loader = InMemoryLoader(
-            x, y, batch_size=cfg.train.batch_size, augment=True, seed=cfg.seed, drop_last=True
+            x, y, batch_size=cfg.train.batch_size, augment=True, seed=cfg.seed, drop_last=drop_last
         )
     else:
         train_loader = make_loader(
@@ -126,7 +142,7 @@ def _train_and_measure(
             shuffle=True,
             num_workers=cfg.data.num_workers,
             seed=cfg.seed,
-            drop_last=True,
+            drop_last=drop_last,
         )
     test_loader = make_loader(splits.test, batch_size=256, num_workers=cfg.data.num_workers)
     return train_classifier(

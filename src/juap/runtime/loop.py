@@ -277,8 +277,13 @@ def run_epochs(
     if distributed.world_size() > 1:
         distributed.check_divisible(batch_size, "train.batch_size")
     sharded = shard_train_loader(train_loader)
+    per_epoch = len(sharded)
+    if per_epoch == 0:  # never report a finished training of zero steps
+        raise ConfigError(
+            f"{kind}: the training data gives no batch of train.batch_size={batch_size} (an empty split, or "
+            "one smaller than a batch with drop_last): add images or lower train.batch_size"
+        )
     trainer = make_trainer(sharded)
-    per_epoch = max(1, len(sharded))
     loop = TrainLoop(
         kind,
         epochs * per_epoch,
