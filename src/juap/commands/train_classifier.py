@@ -119,7 +119,7 @@ def _train_and_measure(
     n_train, batch = len(splits.train), cfg.train.batch_size
     if n_train < 2:
         raise ConfigError(
-            f"the training split has {n_train} image(s); training (BatchNorm) needs at least 2: add images "
+            f"the training split has {n_train} image(s); training a classifier needs at least 2: add images "
             "or raise data.train_fraction"
         )
     drop_last = n_train > batch
