@@ -1,5 +1,6 @@
 """Classifiers: GAP + linear CNNs on images in [0, 1] that expose what CAM and Grad-CAM need."""
 
+from . import efficientnet  # noqa: F401  (registers efficientnet_lite0)
 from .base import (
     Classifier,
     DenseNetClassifier,
