@@ -14,7 +14,7 @@ from ..errors import ConfigError
 class DataConfig:
     """Where images come from and how they are split (the paper's seeded random subsets)."""
 
-    name: Literal["synthetic", "folder", "imagenet", "chestxray", "intel"] = "synthetic"
+    name: Literal["synthetic", "photos", "folder", "imagenet", "chestxray", "intel"] = "synthetic"
     root: str | None = None
     image_size: int = 64
     train_fraction: float = 0.8
@@ -37,7 +37,7 @@ class DataConfig:
             )
         check_range("data.num_images", self.num_images, low=12)
         check_range("data.num_workers", self.num_workers, low=0)
-        if self.name != "synthetic" and not self.root:
+        if self.name not in ("synthetic", "photos") and not self.root:
             raise ConfigError(f"data.root is required for data.name = {self.name!r} (the folder of images)")
 
 

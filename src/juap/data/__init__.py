@@ -13,6 +13,7 @@ from ..commands.configs import DataConfig
 from ..errors import DataError
 from ..runtime import distributed
 from .folder import ImageFolderDataset, ScanReport, collate_skip, eval_transform, scan_folder, train_transform
+from .photos import CLASS_FOLDERS, photos_root, split_by_photo
 from .splits import load_split, save_split, split_indices
 from .synthetic import synthetic_root
 
@@ -23,6 +24,7 @@ KNOWN_CLASSES: Dict[str, Tuple[str, ...] | None] = {
     "imagenet": None,
     "folder": None,
     "synthetic": None,
+    "photos": CLASS_FOLDERS,  # ImageNet class indices 000..999 (juap.data.photos)
 }
 
 
@@ -75,6 +77,8 @@ def data_root(cfg: DataConfig, *, progress: bool = False) -> str:
                 progress=progress,
             )
         )
+    if cfg.name == "photos":
+        return str(photos_root(cfg.root or None))
     return str(cfg.root)
 
 
@@ -89,9 +93,12 @@ def load_splits(cfg: DataConfig, *, augment_train: bool = False, progress: bool 
             f"and an attack on it need at least {MIN_CLASSES} classes, one subfolder each (e.g. "
             "root/cat/1.jpg, root/dog/2.jpg)"
         )
-    train_idx, test_idx = split_indices(
-        len(base), fractions=(cfg.train_fraction, cfg.test_fraction), seed=cfg.split_seed
-    )
+    if cfg.name == "photos":  # by source photo, fixed: no photo on both sides (fractions unused)
+        train_idx, test_idx = split_by_photo([path for path, _ in base.samples])
+    else:
+        train_idx, test_idx = split_indices(
+            len(base), fractions=(cfg.train_fraction, cfg.test_fraction), seed=cfg.split_seed
+        )
     split = {
         "root": root,
         "num_samples": len(base),
