@@ -32,12 +32,13 @@ from juap.data import eval_transform  # noqa: E402
 from test_interpreters import NativeSizeGradCAM  # noqa: E402
 
 PHOTOS = ("chelsea", "coffee", "rocket", "motorcycle")
-# Accepted top-1 classes per photo; measured probabilities (TF-Lite normalisation, 224 px) in brackets.
+# Accepted top-1 classes per photo, with the probabilities measured here (224 px, the same to 0.01 under
+# ATEN_CPU_CAPABILITY=default and =avx2): the margins are far wider than any kernel can move them.
 EXPECTED = {
-    "chelsea": {"tabby", "tiger cat", "Egyptian cat"},  # tiger cat 0.39, Egyptian 0.36, tabby 0.16
-    "coffee": {"espresso"},  # 0.95
-    "rocket": {"missile", "projectile"},  # 0.32, 0.23; next: drilling platform 0.08
-    "motorcycle": {"moped", "motor scooter"},  # 0.49, 0.17; next: disk brake 0.06
+    "chelsea": {"tabby", "tiger cat", "Egyptian cat"},  # Egyptian cat 0.39, tiger cat 0.33, tabby 0.17
+    "coffee": {"espresso"},  # 0.94; next: cup 0.02
+    "rocket": {"missile", "projectile"},  # 0.31, 0.17; next: drilling platform 0.08
+    "motorcycle": {"moped", "motor scooter"},  # 0.75, 0.11; next: disk brake 0.03
 }
 
 
