@@ -77,3 +77,11 @@ def test_universal_attacks_train_on_fewer_images_than_a_batch(name):
     assert n_hat.abs().amax() > 0  # something was learned
     assert n_hat.abs().amax() <= 16 / 255 + 1e-6
     assert len(seen) == {"guap": 3, "sgd_uap": 2, "uap": 1}[name]  # one call per step / batch
+
+
+@pytest.mark.parametrize("name", ["guap", "sgd_uap", "uap"])
+def test_universal_attacks_refuse_empty_data(name):
+    clf, _, _ = tiny_trained_classifier()
+    attack = juap.create_attack(name, classifier=clf, norm="linf", eps=16)
+    with pytest.raises(ConfigError, match="empty"):
+        attack.fit(torch.rand(0, 3, 32, 32), progress=False)

@@ -136,6 +136,8 @@ class UAP(UniversalAttack):
         """
         benign = None  # f(x) of every image of a tensor, computed once
         if isinstance(data, torch.Tensor):
+            if len(data) == 0:
+                raise ConfigError("uap: the data is empty: no images to learn a perturbation from")
             batches = iter_batches(data, batch_size=4 * self.batch_size, device=self.device)
             benign = torch.cat([self._predict(x) for x, _ in batches])
         gen = getattr(data, "generator", None)  # a seeded loader's order depends on its generator's state
