@@ -85,3 +85,14 @@ def test_universal_attacks_refuse_empty_data(name):
     attack = juap.create_attack(name, classifier=clf, norm="linf", eps=16)
     with pytest.raises(ConfigError, match="empty"):
         attack.fit(torch.rand(0, 3, 32, 32), progress=False)
+
+
+def test_no_figures_from_no_images():
+    """evaluate on empty data, and JAP on no images, refuse instead of returning a result without figures."""
+    clf, _, _ = tiny_trained_classifier()
+    empty = torch.rand(0, 3, 32, 32)
+    with pytest.raises(ConfigError, match="no images"):
+        juap.evaluate(clf, torch.zeros(3, 32, 32), empty)
+    jap = juap.create_attack("jap", classifier=clf, interpreter=juap.create_interpreter("cam", clf), eps=10)
+    with pytest.raises(ConfigError, match="no images"):
+        jap(empty)

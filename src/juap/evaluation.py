@@ -109,6 +109,8 @@ def evaluate(
                 )
     for sums in (preds, *per_interp.values()):
         sums.all_reduce()
+    if not preds.sums.get("n", 0):  # no figure measured on no image is a result
+        raise ConfigError("evaluate: the data is empty: no images to measure the attack on")
     out = preds.summary()
     out["interpreters"] = {name: s.summary() for name, s in per_interp.items()}
     if isinstance(attack, torch.Tensor) or getattr(attack, "universal", False):

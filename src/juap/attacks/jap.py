@@ -103,6 +103,8 @@ class JAP(PerImageAttack):
         """Adversarial images (N, 3, H, W) for images ``x`` in [0, 1]; ``y`` is unused (C_x = f(x))."""
         x = x.to(self.device)
         n = len(x)
+        if n == 0:
+            raise ConfigError(f"{self.name}: no images to attack (x has shape {tuple(x.shape)})")
         torch.manual_seed(self.seed)
         gens = [GENERATORS.create(self.generator, **self.generator_options).to(self.device) for _ in range(n)]
         params, buffers = stack_module_state(gens)
