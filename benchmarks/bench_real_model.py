@@ -53,14 +53,21 @@ def _phase(exp, *, attacks: Sequence[str], budgets=None, seed: int):
     return dataclasses.replace(exp, grid=grid, seed=seed)
 
 
-def run_cells(out: Path, seeds: Sequence[int], progress: bool) -> List[Dict]:
+def run_cells(out: Path, seeds: Sequence[int], progress: bool, front: Sequence[float] = ()) -> List[Dict]:
     """Every cell, cheapest-to-most-needed first: the first seed's generator and SGD-UAP cells, the other
-    seeds' GUAP and R-JUAP at L_inf 10, then UAP (the slowest baseline). Rows tagged with their seed."""
+    seeds' GUAP and R-JUAP at L_inf 10, then UAP (the slowest baseline). Rows tagged with their seed.
+    ``front``: R-JUAP at L_inf 10 with these lambdas too (first seed), the FR-IoU trade-off."""
     exp = load_experiment(CONFIG)
     linf10 = tuple(b for b in exp.grid.budgets if b == BudgetConfig(norm="linf", eps=10.0))
     phases = [(seeds[0], _phase(exp, attacks=("sgd_uap", "guap", "juap"), seed=seeds[0]))]
     phases += [(s, _phase(exp, attacks=("guap", "juap"), budgets=linf10, seed=s)) for s in seeds[1:]]
     phases += [(seeds[0], dataclasses.replace(exp, seed=seeds[0]))]  # adds UAP; the rest is reused
+    if front:
+        sweep = _phase(exp, attacks=("juap",), budgets=linf10, seed=seeds[0])
+        sweep = dataclasses.replace(
+            sweep, grid=dataclasses.replace(sweep.grid, variants=tuple({"lam": lam} for lam in front))
+        )
+        phases.append((seeds[0], sweep))
     rows: Dict[tuple, Dict] = {}
     for seed, e in phases:
         run_dir = out / f"seed{seed}"
@@ -78,7 +85,7 @@ def judge(agg: Sequence[Mapping]) -> List[Dict]:
     print(f"\nHeadline: R-JUAP's FR >= GUAP's - {FR_GAP}, IoU >= GUAP's + {IOU_GAIN}, L1 lower")
     for budget in dict.fromkeys(r["budget"] for r in agg):
         for interp in dict.fromkeys(r["interpreter"] for r in agg):
-            j = pick(agg, method="R-JUAP", interpreter=interp, budget=budget)
+            j = pick(agg, method="R-JUAP", interpreter=interp, budget=budget, setting="-")
             g = pick(agg, method="GUAP", interpreter=interp, budget=budget)
             if not (j and g):
                 continue
@@ -106,10 +113,12 @@ def print_cells(agg: Sequence[Mapping]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     order = {"UAP": 0, "SGD-UAP": 1, "GUAP": 2, "R-JUAP": 3}
-    for r in sorted(agg, key=lambda r: (r["budget"], order.get(r["method"], 9), r["interpreter"])):
+    key = lambda r: (r["budget"], order.get(r["method"], 9), r["interpreter"], r["setting"])  # noqa: E731
+    for r in sorted(agg, key=key):
         lines.append(
             f"| {r['budget']} | {r['method']}"
             + (f" (vs {r['interpreter']})" if r["method"] == "R-JUAP" else "")
+            + (f", {r['setting']}" if r["setting"] != "-" else "")
             + f" | {r['interpreter']} | {r['seeds']} | {fmt(r, 'fooling_ratio')} | {fmt(r, 'l1')} | "
             f"{fmt(r, 'iou')} | {fmt(r, 'iou_fooled')} |"
         )
@@ -217,6 +226,9 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-costs", action="store_true")
     ap.add_argument("--skip-detection", action="store_true")
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument(
+        "--front", nargs="*", type=float, default=[], help="R-JUAP at L_inf 10 with these lambdas too"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     out, results = Path(args.out), Path(args.results)
@@ -225,7 +237,7 @@ def main(argv=None) -> int:
     if not args.skip_costs:
         print("Costs (fresh subprocess each; one torch thread):", flush=True)
         cost_rows = costs()
-    rows = run_cells(out, args.seeds, args.progress)
+    rows = run_cells(out, args.seeds, args.progress, args.front)
     agg = aggregate(rows)
     print(f"\nEfficientNet-Lite0 on real photos, 128 px ({time.perf_counter() - t0:.0f} s so far):")
     table = print_cells(agg)
@@ -236,12 +248,14 @@ def main(argv=None) -> int:
         print_detection(det)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     results.mkdir(parents=True, exist_ok=True)
-    write_text(results / "table.md", table + "\n")
+    suffix = "_front" if args.front else ""  # a sweep run keeps the main run's files
+    write_text(results / f"table{suffix}.md", table + "\n")
     write_json(
-        results / "real_model.json",
+        results / f"real_model{suffix}.json",
         {
             "config": str(CONFIG.relative_to(CONFIG_DIR)),
             "seeds": args.seeds,
+            "front_lambdas": args.front,
             "cells": agg,
             "headline": verdicts,
             "detection": det,
