@@ -66,7 +66,12 @@ def test_guap_targeted_hits_target_more_than_chance(model):
     assert m["target_success_rate"] > 0.5, m
 
 
-def test_juap_keeps_maps_closer_than_guap_on_same_seed(model):
+def test_a_strong_map_term_keeps_the_maps_where_guap_moves_them(model):
+    """The map term's mechanism, not the headline: with lambda 2 (so strong it fools almost nothing) the
+    maps stay near the benign ones, where GUAP's perturbation from the same seed moves them. Measured
+    over 3 attack seeds x 3 draws x 3 CPU kernels: IoU 0.88-0.96 vs 0.33-0.39, L1 0.02-0.04 vs
+    0.24-0.28; the asserted gaps (0.3 and 0.1) are far inside them. Whether JUAP keeps GUAP's fooling
+    ratio *and* the maps is a trained figure: benchmarks/bench_claims.py measures it with seeds."""
     clf, x, _ = model
     cam = juap.create_interpreter("cam", clf)
     common = dict(FAST, steps=60, seed=1)
@@ -76,8 +81,8 @@ def test_juap_keeps_maps_closer_than_guap_on_same_seed(model):
     )
     mg = evaluate(clf, guap.fit(x, progress=False), x, interpreters={"cam": cam})
     mj = evaluate(clf, juap_.fit(x, progress=False), x, interpreters={"cam": cam})
-    assert mj["interpreters"]["cam"]["l1"] < mg["interpreters"]["cam"]["l1"], (mj, mg)
-    assert mj["interpreters"]["cam"]["iou"] > mg["interpreters"]["cam"]["iou"], (mj, mg)
+    assert mj["interpreters"]["cam"]["l1"] < mg["interpreters"]["cam"]["l1"] - 0.1, (mj, mg)
+    assert mj["interpreters"]["cam"]["iou"] > mg["interpreters"]["cam"]["iou"] + 0.3, (mj, mg)
 
 
 @pytest.mark.parametrize("interp,norm,eps", [(None, "linf", 16), ("cam", "linf", 16), ("gradcam", "linf", 16),
