@@ -61,13 +61,13 @@ def run_cells(out: Path, seeds: Sequence[int], progress: bool, front: Sequence[f
     linf10 = tuple(b for b in exp.grid.budgets if b == BudgetConfig(norm="linf", eps=10.0))
     phases = [(seeds[0], _phase(exp, attacks=("sgd_uap", "guap", "juap"), seed=seeds[0]))]
     phases += [(s, _phase(exp, attacks=("guap", "juap"), budgets=linf10, seed=s)) for s in seeds[1:]]
-    phases += [(seeds[0], dataclasses.replace(exp, seed=seeds[0]))]  # adds UAP; the rest is reused
     if front:
         sweep = _phase(exp, attacks=("juap",), budgets=linf10, seed=seeds[0])
         sweep = dataclasses.replace(
             sweep, grid=dataclasses.replace(sweep.grid, variants=tuple({"lam": lam} for lam in front))
         )
         phases.append((seeds[0], sweep))
+    phases += [(seeds[0], dataclasses.replace(exp, seed=seeds[0]))]  # adds UAP; the rest is reused
     rows: Dict[tuple, Dict] = {}
     for seed, e in phases:
         run_dir = out / f"seed{seed}"
