@@ -14,7 +14,7 @@ from ..errors import ConfigError
 class DataConfig:
     """Where images come from and how they are split (the paper's seeded random subsets)."""
 
-    name: Literal["synthetic", "photos", "folder", "imagenet", "chestxray", "intel"] = "synthetic"
+    name: Literal["synthetic", "folder", "imagenet", "chestxray", "intel", "photos"] = "synthetic"
     root: str | None = None
     image_size: int = 64
     train_fraction: float = 0.8
