@@ -156,7 +156,7 @@ def load_photo(photo: Photo) -> List[np.ndarray]:
     except ImportError:
         raise DataError(
             f"photo {photo.name!r} ships with {photo.package}, which is not installed: "
-            "pip install scikit-image scikit-learn matplotlib"
+            "pip install 'juap[photos]'"
         ) from None
     out = []
     for v in views:
