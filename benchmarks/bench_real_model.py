@@ -40,11 +40,12 @@ import torch
 from bench_claims import aggregate, detection, fmt, pick
 from juap.commands.run import BudgetConfig, load_experiment, main_rows, run_grid, write_results
 from juap.commands.shipped import CONFIG_DIR
+from juap.metrics import HEADLINE_FR_GAP, HEADLINE_IOU_GAIN, headline_misses
 from juap.runtime.io import write_json, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = CONFIG_DIR / "real" / "efficientnet_lite0.yaml"
-FR_GAP, IOU_GAIN = 0.05, 0.10
+FR_GAP, IOU_GAIN = HEADLINE_FR_GAP, HEADLINE_IOU_GAIN
 PAPER_BUDGET = "linf-10"
 
 
@@ -89,12 +90,7 @@ def judge(agg: Sequence[Mapping]) -> List[Dict]:
             g = pick(agg, method="GUAP", interpreter=interp, budget=budget)
             if not (j and g):
                 continue
-            oks = {
-                "FR": j["fooling_ratio"] >= g["fooling_ratio"] - FR_GAP,
-                "IoU": j["iou"] >= g["iou"] + IOU_GAIN,
-                "L1": j["l1"] < g["l1"],
-            }
-            misses = [k for k, ok in oks.items() if not ok]
+            misses = headline_misses(j, g)
             figures = (
                 f"FR {fmt(j, 'fooling_ratio')} vs {fmt(g, 'fooling_ratio')}, IoU {fmt(j, 'iou')} vs "
                 f"{fmt(g, 'iou')}, L1 {fmt(j, 'l1')} vs {fmt(g, 'l1')}, fooled-only IoU "

@@ -164,3 +164,15 @@ def test_juap_against_rts_uses_the_encoder_loss(model, tmp_path):
     n_hat = attack.fit(x[:64], progress=False)
     assert float(perturbation_norm(n_hat, "linf")) <= 16 * (1 + 1e-5)
     assert all("feature_loss" in h for h in attack.history)
+
+
+def test_headline_misses_names_each_missed_part():
+    """The paper's headline in one place (the demo and the claims benchmarks call it)."""
+    from juap.metrics import headline_misses
+
+    guap = {"fooling_ratio": 0.9, "iou": 0.4, "l1": 0.2, "iou_fooled": 0.35}
+    holds = {"fooling_ratio": 0.86, "iou": 0.5, "l1": 0.19, "iou_fooled": 0.40}
+    assert headline_misses(holds, guap, fooled=True) == []
+    worse = {"fooling_ratio": 0.84, "iou": 0.49, "l1": 0.2, "iou_fooled": None}
+    assert headline_misses(worse, guap) == ["FR", "IoU", "L1"]
+    assert headline_misses(worse, guap, fooled=True) == ["FR", "IoU", "L1", "IoU fooled"]

@@ -31,6 +31,7 @@ from ..data import save_split
 from ..data.synthetic import default_cache_dir
 from ..errors import ConfigError
 from ..evaluation import evaluate
+from ..metrics import HEADLINE_FR_GAP, HEADLINE_IOU_GAIN, headline_misses
 from ..runtime.artifacts import load_perturbation, save_perturbation
 from ..runtime.config import to_dict
 from ..runtime.io import remove_stale_temporaries, write_json, write_text
@@ -45,7 +46,7 @@ from .train_classifier import TrainClassifierConfig
 
 DEMO_EXPERIMENT = Path(__file__).resolve().parents[1] / "configs" / "embedded" / "demo.yaml"
 INTERPRETERS = ("cam", "gradcam", "rts")
-FR_GAP, IOU_GAIN = 0.05, 0.10  # the headline: FR >= GUAP's - 0.05, IoU >= GUAP's + 0.10, L1 lower
+FR_GAP, IOU_GAIN = HEADLINE_FR_GAP, HEADLINE_IOU_GAIN  # the headline (juap.metrics.headline_misses)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,12 +364,7 @@ def headline_checks(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         g = own.get(("GUAP", interp))
         if not method.endswith("JUAP") or g is None:
             continue
-        oks = {
-            "FR": j["fooling_ratio"] >= g["fooling_ratio"] - FR_GAP,
-            "IoU": j["iou"] >= g["iou"] + IOU_GAIN,
-            "L1": j["l1"] < g["l1"],
-        }
-        misses = [k for k, ok in oks.items() if not ok]
+        misses = headline_misses(j, g)
         checks.append(
             {
                 "claim": f"{j['variant']} vs GUAP",
