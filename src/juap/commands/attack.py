@@ -13,6 +13,7 @@ from ..attacks.base import UniversalAttack
 from ..data import (
     CountSkipped,
     data_summary,
+    drop_last_for,
     make_loader,
     save_split,
 )
@@ -126,7 +127,8 @@ def _fit_universal(
 ) -> Dict[str, Any]:
     """Fit a universal attack in the loop engine (checkpoints, history) and save the artifacts it declares."""
     batch = getattr(attack, "batch_size", 30)
-    drop_last = "generator" in attack.artifacts and len(train) > batch  # a generator's steps: full batches
+    # a generator's steps: full batches
+    drop_last = "generator" in attack.artifacts and drop_last_for(len(train), batch)
     train_loader = make_loader(train, batch_size=batch, shuffle=True, seed=cfg.seed, drop_last=drop_last)
     val_loader = make_loader(val, batch_size=batch) if val is not None else None
     log = RunLog(run_dir, tensorboard=cfg.log.tensorboard, title=f"juap attack {cfg.attack.name}")

@@ -18,6 +18,7 @@ from ..data import (
     InMemoryLoader,
     SplitView,
     data_summary,
+    drop_last_for,
     eval_transform,
     load_splits,
     make_loader,
@@ -122,7 +123,7 @@ def _train_and_measure(
             f"the training split has {n_train} image(s); training a classifier needs at least 2: add images "
             "or raise data.train_fraction"
         )
-    drop_last = n_train > batch
+    drop_last = drop_last_for(n_train, batch)
     if n_train < batch:
         warnings.warn(
             f"the training split has {n_train} images, fewer than one batch of train.batch_size={batch}: "

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..classifiers import Classifier
-from ..data import data_summary, load_splits, make_loader, require_classes, save_split
+from ..data import data_summary, drop_last_for, load_splits, make_loader, require_classes, save_split
 from ..data.synthetic import load_boxes
 from ..errors import CheckpointError, ConfigError, DataError, NumericalError
 from ..interpreters.base import upsample_maps
@@ -543,7 +543,7 @@ def run_train_rts(
         shuffle=True,
         num_workers=cfg.data.num_workers,
         seed=cfg.seed,
-        drop_last=len(splits.train) > cfg.train.batch_size,
+        drop_last=drop_last_for(len(splits.train), cfg.train.batch_size),
     )
     run_log = RunLog(run_dir, tensorboard=cfg.log.tensorboard, title="juap train-rts")
     metrics = train_rts(

@@ -182,6 +182,13 @@ class CountSkipped:
             yield batch
 
 
+def drop_last_for(n_images: int, batch_size: int) -> bool:
+    """Whether a training loader should drop its last, partial batch: only when ``n_images`` holds more
+    than one batch, so that no step sees a lone leftover image and a small split still trains (one batch
+    of all its images per epoch) instead of yielding no batch at all."""
+    return n_images > batch_size
+
+
 def make_loader(
     ds: Dataset,
     *,
