@@ -362,8 +362,8 @@ def main(argv=None) -> int:
         print(f"  plot: {out / 'pareto.png'}")
     held = sum(i["holds"] for i in verdicts.items)
     print(f"\n{held} of {len(verdicts.items)} checks hold.")
+    from juap.app.report import write_csv
     from juap.runtime.io import write_json
-    from juap.runtime.report import write_csv
 
     if rows.get("headline"):
         write_csv(out / "headline.csv", aggregate(rows["headline"]))

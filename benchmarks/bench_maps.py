@@ -15,8 +15,7 @@ import argparse
 import torch
 
 import juap
-from juap.commands.configs import DataConfig
-from juap.data import load_splits
+from juap.data import DataConfig, load_splits
 from juap.interpreters.sanity import (
     held_out_images_with_boxes,
     pointing_rates,

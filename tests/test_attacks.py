@@ -85,8 +85,9 @@ def test_a_strong_map_term_keeps_the_maps_where_guap_moves_them(model):
     assert mj["interpreters"]["cam"]["iou"] > mg["interpreters"]["cam"]["iou"] + 0.3, (mj, mg)
 
 
-@pytest.mark.parametrize("interp,norm,eps", [(None, "linf", 16), ("cam", "linf", 16), ("gradcam", "linf", 16),
-                                             ("cam", "l2", 400)])
+@pytest.mark.parametrize(
+    "interp,norm,eps", [(None, "linf", 16), ("cam", "linf", 16), ("gradcam", "linf", 16), ("cam", "l2", 400)]
+)
 def test_jap_per_image(model, interp, norm, eps):
     clf, x, _ = model
     it = juap.create_interpreter(interp, clf) if interp else None
@@ -159,8 +160,9 @@ def test_juap_against_rts_uses_the_encoder_loss(model, tmp_path):
         juap.create_attack("juap", classifier=clf, interpreter=juap.create_interpreter("rts", clf))
     save_rts(juap.create_interpreter("rts", clf), tmp_path / "rts.safetensors")
     rts = juap.create_interpreter("rts", clf, checkpoint=str(tmp_path / "rts.safetensors"))
-    attack = juap.create_attack("juap", classifier=clf, interpreter=rts, norm="linf", eps=16,
-                                **dict(FAST, steps=4, eval_every=2))
+    attack = juap.create_attack(
+        "juap", classifier=clf, interpreter=rts, norm="linf", eps=16, **dict(FAST, steps=4, eval_every=2)
+    )
     n_hat = attack.fit(x[:64], progress=False)
     assert float(perturbation_norm(n_hat, "linf")) <= 16 * (1 + 1e-5)
     assert all("feature_loss" in h for h in attack.history)

@@ -16,10 +16,10 @@ import juap
 from helpers import texture_classifier
 from juap import ATTACKS, INTERPRETERS
 from juap._validate import REQUIRED, Param
+from juap.app.artifacts import load_perturbation, save_perturbation
 from juap.attacks.base import COMMON_ARGS
 from juap.budget import perturbation_norm
 from juap.interpreters import make_surrogate, normalize_maps
-from juap.runtime.artifacts import load_perturbation, save_perturbation
 from juap.runtime.io import load_tensors, save_tensors
 
 SIZE = 32  # generators need multiples of 32

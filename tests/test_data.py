@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from juap.commands.configs import DataConfig
 from juap.data import (
+    DataConfig,
     ImageFolderDataset,
     load_splits,
     make_loader,

@@ -246,7 +246,7 @@ def test_demo_detection_appends_a_section_and_writes_figures(tmp_path, tiny):
 
 # -- juap detect end to end --------------------------------------------------------------------------
 def test_cli_detect_writes_the_table(tmp_path, capsys, tiny):
-    from juap.runtime.artifacts import save_perturbation
+    from juap.app.artifacts import save_perturbation
 
     clf, _, perts = tiny
     clf_path = tmp_path / "clf.safetensors"
@@ -299,7 +299,7 @@ def test_cli_detect_writes_the_table(tmp_path, capsys, tiny):
 
 
 def test_cli_detect_refuses_a_perturbation_of_another_size(tmp_path, capsys, tiny):
-    from juap.runtime.artifacts import save_perturbation
+    from juap.app.artifacts import save_perturbation
 
     save_perturbation(tmp_path / "p", torch.zeros(3, 16, 16), attack="uap", norm="linf", eps=10)
     code = main(

@@ -417,7 +417,8 @@ def run_training(out_dir: Path) -> dict:
     from juap.commands.train_classifier import train_classifier
     from juap.data import InMemoryLoader, make_loader
     from juap.runtime.checkpoint import RunInterrupted
-    from juap.runtime.loop import Checkpointing, shard_train_loader
+    from juap.runtime.distributed import shard_train_loader
+    from juap.runtime.loop import Checkpointing
 
     torch.set_num_threads(1)
     x, y, test = _train_data()

@@ -126,8 +126,10 @@ def settings_for(draw, command: str, odd: bool) -> list:
         "data.split_seed": st.integers(0, 5),
         "evaluate.batch_size": pick(st.integers(1, 70), st.integers(-1, 0)),
         "evaluate.max_images": pick(st.sampled_from(["null", "1", "5"]), st.sampled_from(["0", "-3"])),
-        "evaluate.interpreters": pick(st.sampled_from(["[]", "[cam]", "[cam, gradcam]", "[gradcam]"]),
-                                      st.sampled_from(["[rts]", "[nope]", "cam"])),  # fmt: skip
+        "evaluate.interpreters": pick(
+            st.sampled_from(["[]", "[cam]", "[cam, gradcam]", "[gradcam]"]),
+            st.sampled_from(["[rts]", "[nope]", "cam"]),
+        ),  # fmt: skip
         "device": pick(st.sampled_from(["cpu", "auto"]), st.sampled_from(["cuda", "tpu"])),
         "seed": st.integers(0, 3),
     }
@@ -167,8 +169,11 @@ def small_file(draw, odd: bool) -> tuple:
             gray = arr[..., 0]
             peak = draw(st.sampled_from([1.0, 3.0])) if odd else 1.0  # a float image beyond [0, 1]: refused
             im = Image.fromarray(
-                {"I;16": (gray * 65535).astype(np.uint16), "I": (gray * 65535).astype(np.int32),
-                 "F": (gray * peak).astype(np.float32)}[mode]  # fmt: skip
+                {
+                    "I;16": (gray * 65535).astype(np.uint16),
+                    "I": (gray * 65535).astype(np.int32),
+                    "F": (gray * peak).astype(np.float32),
+                }[mode]  # fmt: skip
             )
         elif mode != "RGB":
             im = im.convert(mode)

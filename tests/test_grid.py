@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from juap.app.runs import finish_run
 from juap.commands.cli import main
 from juap.commands.run import (
     ExperimentConfig,
@@ -25,7 +26,6 @@ from juap.commands.train_classifier import TrainClassifierConfig
 from juap.commands.train_rts import TrainRTSConfig
 from juap.errors import ConfigError, JuapError
 from juap.runtime.config import load_config
-from juap.runtime.runs import finish_run
 
 CONFIGS = CONFIG_DIR
 EXPERIMENTS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.name.startswith(("table", "claims", "pareto")))

@@ -15,9 +15,9 @@ import torch
 import juap
 from helpers import CLI_TINY_DATA, tiny_trained_classifier
 from helpers import run_cli as run
+from juap.app.history import RunLog, flatten
 from juap.errors import ConfigError
 from juap.runtime.checkpoint import RunInterrupted
-from juap.runtime.history import RunLog, flatten
 from juap.runtime.loop import Checkpointing, TrainLoop
 
 GEN = {"ngf": 4, "n_blocks": 1}

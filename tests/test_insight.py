@@ -21,12 +21,12 @@ from PIL import Image
 import juap
 from helpers import CLI_TINY_DATA, texture_classifier
 from helpers import run_cli as run
+from juap.app.artifacts import amplify, save_perturbation
+from juap.app.report import transition_heatmaps, transition_section, transitions_csv
 from juap.budget import apply_perturbation
 from juap.commands.attack import FIGURE_SELECTIONS, pick_images
 from juap.errors import ConfigError
 from juap.metrics import MetricSums, iou_topk, l1_distance
-from juap.runtime.artifacts import amplify, save_perturbation
-from juap.runtime.report import transition_heatmaps, transition_section, transitions_csv
 
 EPS = 64  # 0-255 units: a random sign pattern this strong fools part of the texture classifier's images
 

@@ -28,8 +28,11 @@ def test_cam_gradcam_rts_point_at_the_object_and_depend_on_training(tmp_path):
     assert metrics["test_accuracy"] >= 0.9
     rts_path, _, _ = cached_demo_rts(cfg, epochs=2, seed=0, cache=cache, progress=False)
     x, _, boxes = held_out_images_with_boxes(splits, 300)
-    interps = {"cam": juap.create_interpreter("cam", clf), "gradcam": juap.create_interpreter("gradcam", clf),
-               "rts": juap.create_interpreter("rts", clf, checkpoint=str(rts_path))}
+    interps = {
+        "cam": juap.create_interpreter("cam", clf),
+        "gradcam": juap.create_interpreter("gradcam", clf),
+        "rts": juap.create_interpreter("rts", clf, checkpoint=str(rts_path)),
+    }
     rates = pointing_rates(interps, x, boxes)
     for name, rate in rates.items():
         assert rate >= 0.8, f"{name}: only {rate:.1%} of the maps point at the object"

@@ -161,8 +161,7 @@ def test_the_photo_set_is_split_by_source_photo():
 
 def test_photos_data_config_builds_an_imagefolder_and_splits_by_photo(tmp_path, monkeypatch):
     """``data: {name: photos}`` through load_splits, on two photos with stand-in labels (fast)."""
-    from juap.commands.configs import DataConfig
-    from juap.data import load_splits, photos
+    from juap.data import DataConfig, load_splits, photos
 
     keep = [p for p in photos.PHOTOS if p.name in ("text", "coins")]  # one train, one test photo
     monkeypatch.setattr(photos, "PHOTOS", tuple(keep))

@@ -452,8 +452,15 @@ def test_read_only_run_folders_are_a_message_not_a_traceback(tmp_path):
     cases = {
         "in a read-only folder": [*train, str(parent / "run")],
         "an empty read-only folder": [*train, str(empty)],
-        "an unreadable checkpoint": ["attack", "--no-progress", "--out", str(tmp_path / "run"), *DATA,
-                                     "--set", f"classifier.weights={unreadable}"],  # fmt: skip
+        "an unreadable checkpoint": [
+            "attack",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "run"),
+            *DATA,
+            "--set",
+            f"classifier.weights={unreadable}",
+        ],  # fmt: skip
     }
     for folder in (parent, empty):
         folder.chmod(0o555)
@@ -783,8 +790,8 @@ def test_evaluate_reports_the_perturbation_own_budget_and_norm(tmp_path, capsys,
 
 
 def test_a_perturbation_over_its_budget_or_not_finite_is_neither_saved_nor_evaluated(tmp_path):
+    from juap.app.artifacts import save_perturbation
     from juap.errors import JuapError
-    from juap.runtime.artifacts import save_perturbation
 
     over = torch.full((3, 8, 8), 10.5 / 255)
     with pytest.raises(JuapError, match="measures 10.5 in linf, above its budget eps=10: not saved"):
@@ -804,9 +811,16 @@ def test_an_attack_on_a_train_split_of_one_image_holds_none_out(tmp_path, capsys
     """Found by tests/test_fuzz_cli.py: validation took the only train image and the fit crashed."""
     for c in ("a", "b"):
         _img(tmp_path / "data" / c / "0.png", seed=ord(c))
-    sets = ["data.name=folder", f"data.root={tmp_path / 'data'}", "data.image_size=32",
-            "data.train_fraction=0.5", "data.test_fraction=0.5", "classifier.options={widths: [4, 8, 8]}",
-            "attack.name=guap", "attack.params={steps: 1, generator_options: {ngf: 4, n_blocks: 1}}"]
+    sets = [
+        "data.name=folder",
+        f"data.root={tmp_path / 'data'}",
+        "data.image_size=32",
+        "data.train_fraction=0.5",
+        "data.test_fraction=0.5",
+        "classifier.options={widths: [4, 8, 8]}",
+        "attack.name=guap",
+        "attack.params={steps: 1, generator_options: {ngf: 4, n_blocks: 1}}",
+    ]
     out = tmp_path / "run"
     argv = ["attack", "--no-progress", "--out", str(out), *(a for v in sets for a in ("--set", v))]
     with pytest.warns(UserWarning, match="the train split holds 1 image"):

@@ -11,12 +11,13 @@ import torch
 import torch.nn.functional as F
 
 import juap
-from juap.commands.configs import ClassifierConfig, DataConfig
-from juap.commands.train_rts import RTSTrainConfig, TrainRTSConfig, pointing_game, run_train_rts, train_rts
-from juap.data import load_splits
+from juap.commands.configs import ClassifierConfig
+from juap.commands.train_rts import RTSTrainConfig, TrainRTSConfig, run_train_rts, train_rts
+from juap.data import DataConfig, load_splits
 from juap.errors import CheckpointError, ConfigError
 from juap.interpreters import make_surrogate
 from juap.interpreters.rts import RTS, area, blend, fingerprint, gaussian_blur, load_rts, rts_loss, save_rts
+from juap.metrics import pointing_game
 from juap.runtime.config import load_config
 
 WIDTHS = (8, 16, 32)

@@ -4,6 +4,7 @@ Images are in [0, 1]; budgets ``eps`` are given in the paper's 0-255 pixel units
 L_inf 10 at 224x224x3) and divided by 255 here, so zeta = eps / 255 is in [0, 1] pixel units.
 Per-sample functions take a batch (N, C, H, W) or one perturbation (C, H, W).
 """
+
 from __future__ import annotations
 
 import math
@@ -12,7 +13,7 @@ import warnings
 import torch
 
 from ._validate import check_int
-from .errors import ConfigError
+from .errors import ConfigError, NumericalError
 
 BUDGET_NORMS = ("linf", "l2")
 PIXEL_SCALE = 255.0
@@ -190,3 +191,27 @@ def perturbation_norm(n: torch.Tensor, norm: str) -> torch.Tensor:
         raise ConfigError(f"budget norm must be one of {', '.join(BUDGET_NORMS)}; got {norm!r}")
     norms = _norms(_as_batch(n, "perturbation"), norm) * PIXEL_SCALE
     return norms if n.dim() == 4 else norms[0]
+
+
+BUDGET_RTOL, BUDGET_ATOL = 1e-4, 1e-3  # relative, and absolute in 0-255 units
+
+
+def check_finite(n_hat: torch.Tensor, what: str = "the perturbation") -> None:
+    """Refuse a perturbation holding NaN or infinite values: every figure measured with it is meaningless.
+
+    Raises:
+        NumericalError: naming how many values are NaN and how many infinite.
+    """
+
+    bad = ~torch.isfinite(n_hat)
+    if bool(bad.any()):
+        nan = int(torch.isnan(n_hat).sum())
+        raise NumericalError(
+            f"{what} holds {nan} NaN and {int(bad.sum()) - nan} infinite value(s) of {n_hat.numel()}: it "
+            "cannot be evaluated (it may come from a run that diverged); make it again"
+        )
+
+
+def within_budget(measured: float, eps: float) -> bool:
+    """Whether a measured norm (0-255 units) respects the budget ``eps``, up to float rounding."""
+    return measured <= eps * (1 + BUDGET_RTOL) + BUDGET_ATOL

@@ -15,14 +15,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ._validate import is_number
-from .budget import apply_perturbation, perturbation_norm
+from .budget import apply_perturbation, check_finite, perturbation_norm, within_budget
 from .classifiers.base import Classifier
 from .data.batches import iter_batches  # not from juap.attacks, which imports this module
-from .errors import CheckpointError, ConfigError, NumericalError
+from .errors import CheckpointError, ConfigError
 from .interpreters.base import Interpreter
 from .metrics import MetricSums
 from .runtime import distributed
-from .runtime.loop import local_eval_batches, shard_eval_loader
 
 if TYPE_CHECKING:
     from .attacks.base import Attack
@@ -136,30 +135,6 @@ def perturb_fn(attack, device):
 
 
 # A saved perturbation may exceed its budget by float rounding of the projection, no more.
-BUDGET_RTOL, BUDGET_ATOL = 1e-4, 1e-3  # relative, and absolute in 0-255 units
-
-
-def check_finite(n_hat: torch.Tensor, what: str = "the perturbation") -> None:
-    """Refuse a perturbation holding NaN or infinite values: every figure measured with it is meaningless.
-
-    Raises:
-        NumericalError: naming how many values are NaN and how many infinite.
-    """
-
-    bad = ~torch.isfinite(n_hat)
-    if bool(bad.any()):
-        nan = int(torch.isnan(n_hat).sum())
-        raise NumericalError(
-            f"{what} holds {nan} NaN and {int(bad.sum()) - nan} infinite value(s) of {n_hat.numel()}: it "
-            "cannot be evaluated (it may come from a run that diverged); make it again"
-        )
-
-
-def within_budget(measured: float, eps: float) -> bool:
-    """Whether a measured norm (0-255 units) respects the budget ``eps``, up to float rounding."""
-    return measured <= eps * (1 + BUDGET_RTOL) + BUDGET_ATOL
-
-
 def perturbation_budget(
     n_hat: torch.Tensor,
     *,
@@ -256,9 +231,9 @@ def evaluate_accuracy(
     clf.eval()
     correct = total = skipped = 0
     world = distributed.world_size()
-    batches = shard_eval_loader(loader)
+    batches = distributed.shard_eval_loader(loader)
     if world > 1 and batches is loader:  # not a DataLoader: this rank's slice of every batch
-        batches = local_eval_batches(loader)
+        batches = distributed.local_eval_batches(loader)
     for x, y, n_skip in tqdm(batches, desc="evaluate", disable=not progress, leave=False):
         skipped += n_skip
         if len(y) == 0:

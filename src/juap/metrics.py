@@ -6,8 +6,9 @@ Every figure is a ratio of sums kept in :class:`MetricSums`, so shards and ranks
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -321,3 +322,44 @@ def tpr_at_fpr(negatives: torch.Tensor, positives: torch.Tensor, fpr: float = 0.
     check_range("fpr", fpr, low=0, high=1)
     f, t = roc_curve(negatives, positives)
     return float(t[f <= fpr + 1e-12].max())
+
+
+# -- the pointing game (does a map point at the object?) ----------------------------------------------
+def pointing_game(
+    maps: torch.Tensor,
+    boxes: torch.Tensor | Sequence[Sequence[int]],
+    *,
+    top: float = 0.2,
+    inside: float = 0.5,
+) -> float:
+    """Fraction of images whose most salient pixels mostly lie inside the object's box.
+
+    Image n is a hit when at least ``inside`` of the ``ceil(top * H * W)`` highest pixels of ``maps[n]``
+    lie inside ``boxes[n]`` (ties broken by ``torch.topk``). With the defaults this is ``pointing_top20``.
+
+    Args:
+        maps: (N, H, W) maps at image resolution (upsample native maps first, e.g. with
+            :func:`~juap.interpreters.upsample_maps`); any real values, larger = more salient.
+        boxes: (N, 4) ``(x0, y0, x1, y1)`` pixel boxes, x1 and y1 exclusive.
+        top: share of the pixels kept, in (0, 1].
+        inside: share of the kept pixels that must lie in the box for a hit, in [0, 1].
+
+    Returns:
+        The hit rate in [0, 1] (0.0 for no images).
+    """
+    check_range("top", top, low=0, high=1, low_open=True)
+    check_range("inside", inside, low=0, high=1)
+    if maps.dim() != 3:
+        raise ValueError(f"expected maps of shape (N, H, W), got {tuple(maps.shape)}")
+    n, h, w = maps.shape
+    boxes = torch.as_tensor(boxes, device=maps.device).reshape(-1, 4)
+    if boxes.shape[0] != n:
+        raise ValueError(f"got {n} maps but {boxes.shape[0]} boxes")
+    if n == 0:
+        return 0.0
+    k = max(1, math.ceil(top * h * w))
+    idx = maps.detach().flatten(1).float().topk(k, dim=1).indices  # (N, k)
+    ys, xs = idx // w, idx % w
+    x0, y0, x1, y1 = (boxes[:, i : i + 1] for i in range(4))
+    hit_in = ((xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)).float().mean(1)  # (N,)
+    return float((hit_in >= inside).float().mean())

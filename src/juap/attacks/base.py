@@ -118,7 +118,7 @@ class UniversalAttack(Attack):
             checkpoint: a :class:`~juap.runtime.loop.Checkpointing` (folder, cadence, resume).
             callback: ``callback(step, perturbation)`` after every step; ``perturbation()`` returns the
                 current n_hat. An exception it raises stops the fit.
-            log: receives every history row, e.g. a :class:`~juap.runtime.history.RunLog`.
+            log: receives every history row, e.g. a :class:`~juap.app.history.RunLog`.
 
         Returns:
             The perturbation n_hat (3, H, W) in [0, 1] pixel units, within the budget.

@@ -266,7 +266,7 @@ class GeneratorUAP(UniversalAttack):
             callback: called after every step as ``callback(step, perturbation)``, where
                 ``perturbation()`` returns the current n_hat (3, H, W); an exception it raises stops
                 the fit (benchmarks time attacks this way).
-            log: receives every history row (see :class:`~juap.runtime.history.RunLog`).
+            log: receives every history row (see :class:`~juap.app.history.RunLog`).
 
         Returns:
             n_hat (3, H, W), with ``||n_hat||_p <= zeta``. ``self.history`` holds one row per step: loss,

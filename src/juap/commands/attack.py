@@ -9,6 +9,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..app.artifacts import save_perturbation
+from ..app.history import RunLog
+from ..app.report import map_panels, transitions_csv
+from ..app.runs import finish_run
 from ..attacks.base import UniversalAttack
 from ..data import (
     CountSkipped,
@@ -22,14 +26,10 @@ from ..errors import ConfigError
 from ..evaluation import evaluate, perturb_fn
 from ..metrics import l1_distance
 from ..runtime import distributed
-from ..runtime.artifacts import save_perturbation
 from ..runtime.config import to_dict
 from ..runtime.distributed import resolve_device
-from ..runtime.history import RunLog
 from ..runtime.io import save_tensors
 from ..runtime.loop import Checkpointing
-from ..runtime.report import map_panels, transitions_csv
-from ..runtime.runs import finish_run
 from .build import (
     _check_classes,
     attack_data,
@@ -257,7 +257,7 @@ def map_rows(
     device: Optional[torch.device] = None,
     pool: int = FIGURE_POOL,
 ) -> Tuple[List[Dict[str, Any]], str]:
-    """Rows for :func:`~juap.runtime.report.map_panels`, one per picked image: the benign and adversarial
+    """Rows for :func:`~juap.app.report.map_panels`, one per picked image: the benign and adversarial
     images, then per interpreter the benign map (of the benign prediction) and the adversarial map (of
     the adversarial prediction). Images are picked among the first ``pool`` of ``data`` (see
     :func:`pick_images`); map change is the L1 (eq 19) of the ``main`` interpreter.

@@ -15,10 +15,10 @@ import warnings
 from pathlib import Path
 from typing import Callable, Dict, List
 
+from ..app.runs import check_config, failed_on_error, finish_run, new_run_dir, open_grid_dir
 from ..errors import ConfigError, JuapError
 from ..runtime import distributed
 from ..runtime.config import apply_overrides, from_dict, load_config, read_yaml_mapping, to_dict
-from ..runtime.runs import check_config, failed_on_error, finish_run, new_run_dir, open_grid_dir
 from .attack import AttackRunConfig, run_attack
 from .demo import DemoSettings, open_demo_dir, run_demo
 from .detect import DetectConfig, run_detect

@@ -26,17 +26,17 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from .. import create_attack
+from ..app.artifacts import load_perturbation, save_perturbation
+from ..app.report import bar_chart, figure_grid, markdown_table, transition_section, write_csv
+from ..app.runs import finish_run, new_run_dir
 from ..budget import apply_perturbation
 from ..data import save_split
 from ..data.synthetic import default_cache_dir
 from ..errors import ConfigError
 from ..evaluation import evaluate
 from ..metrics import HEADLINE_FR_GAP, HEADLINE_IOU_GAIN, headline_misses
-from ..runtime.artifacts import load_perturbation, save_perturbation
 from ..runtime.config import to_dict
 from ..runtime.io import remove_stale_temporaries, write_json, write_text
-from ..runtime.report import bar_chart, figure_grid, markdown_table, transition_section, write_csv
-from ..runtime.runs import finish_run, new_run_dir
 from .attack import summarize
 from .build import build_attack, build_interpreter
 from .demo_models import RTS_EPOCHS, cached_demo_classifier, cached_demo_rts, demo_classifier_path

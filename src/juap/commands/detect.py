@@ -10,6 +10,9 @@ from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequen
 import torch
 
 from .._validate import check_range
+from ..app.artifacts import load_perturbation
+from ..app.report import map_panels, markdown_table, roc_grid, write_csv
+from ..app.runs import finish_run
 from ..budget import apply_perturbation
 from ..data import load_splits, save_split, to_tensors
 from ..detection import (
@@ -24,12 +27,9 @@ from ..detection import (
 )
 from ..errors import ConfigError
 from ..metrics import auroc, roc_curve, tpr_at_fpr
-from ..runtime.artifacts import load_perturbation
 from ..runtime.config import to_dict
 from ..runtime.distributed import resolve_device
 from ..runtime.io import load_tensors, write_text
-from ..runtime.report import map_panels, markdown_table, roc_grid, write_csv
-from ..runtime.runs import finish_run
 from .build import _check_classes, build_classifier, build_interpreter, learned_checkpoints
 from .configs import ClassifierConfig, DataConfig, EvalConfig, attack_split_data
 
@@ -326,7 +326,7 @@ def fig1_rows(
     *,
     class_names: Optional[Sequence[str]] = None,
 ) -> List[Dict[str, Any]]:
-    """Rows for :func:`~juap.runtime.report.map_panels`: per image and interpreter, the benign map then the
+    """Rows for :func:`~juap.app.report.map_panels`: per image and interpreter, the benign map then the
     map of each perturbation (``perturbations[interpreter][label]``), each on its own input, captioned
     with the predicted class.
     """

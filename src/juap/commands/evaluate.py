@@ -7,6 +7,8 @@ from typing import Any, Dict
 
 import torch
 
+from ..app.artifacts import load_perturbation
+from ..app.runs import finish_run
 from ..data import (
     CountSkipped,
     data_summary,
@@ -14,11 +16,9 @@ from ..data import (
 )
 from ..errors import ConfigError
 from ..evaluation import evaluate, perturbation_budget
-from ..runtime.artifacts import load_perturbation
 from ..runtime.config import to_dict
 from ..runtime.distributed import resolve_device
 from ..runtime.io import read_metadata
-from ..runtime.runs import finish_run
 from .attack import summarize, write_insight
 from .build import _check_classes, attack_data, build_classifier, eval_interpreters
 

@@ -26,6 +26,8 @@ from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequen
 import torch
 
 from .. import ATTACKS, CLASSIFIERS, GENERATORS, INTERPRETERS, __version__
+from ..app.report import bar_chart, markdown_table, write_csv
+from ..app.runs import failed_on_error, new_run_dir, reopen_run_dir
 from ..classifiers import create_classifier, save_classifier
 from ..errors import ConfigError
 from ..interpreters.rts import RTS, save_rts
@@ -33,8 +35,6 @@ from ..runtime import distributed
 from ..runtime.checkpoint import CHECKPOINT_NAME
 from ..runtime.config import apply_overrides, check_range, config_hash, from_dict, read_yaml_mapping, to_dict
 from ..runtime.io import write_text
-from ..runtime.report import bar_chart, markdown_table, write_csv
-from ..runtime.runs import failed_on_error, new_run_dir, reopen_run_dir
 from .attack import AttackRunConfig, run_attack
 from .build import attack_param_names
 from .configs import (

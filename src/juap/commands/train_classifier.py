@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from ..app.history import RunLog
+from ..app.runs import finish_run
 from ..classifiers import Classifier, save_classifier
 from ..data import (
     DataSplits,
@@ -30,19 +32,16 @@ from ..errors import CheckpointError, ConfigError, NumericalError
 from ..evaluation import evaluate_accuracy
 from ..runtime import distributed
 from ..runtime.config import to_dict
-from ..runtime.distributed import resolve_device
-from ..runtime.history import RunLog
+from ..runtime.distributed import any_rank, resolve_device
 from ..runtime.loop import (
     Checkpointing,
     EpochBatches,
     TrainLoop,
-    any_rank,
     broadcast_buffers,
     restore_batchnorm,
     run_epochs,
     to_sync_batchnorm,
 )
-from ..runtime.runs import finish_run
 from .build import build_classifier
 from .configs import ClassifierConfig, DataConfig, LogConfig, TrainConfig
 
@@ -268,7 +267,7 @@ def train_classifier(
             same result as one run); NaN/Inf losses are rolled back to the last good state with the lr
             halved, up to ``checkpoint.max_rollbacks`` times.
         log: receives one history row per step (loss, running accuracy, lr), e.g. a
-            :class:`~juap.runtime.history.RunLog`.
+            :class:`~juap.app.history.RunLog`.
 
     Under torchrun (:mod:`juap.runtime.distributed`) the model trains as DistributedDataParallel, each rank on
     its share of every global batch of ``cfg.batch_size`` images (:func:`shard_train_loader`; the batch

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -20,26 +19,26 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ..app.history import RunLog
+from ..app.runs import finish_run
 from ..classifiers import Classifier
 from ..data import data_summary, drop_last_for, load_splits, make_loader, require_classes, save_split
-from ..data.synthetic import load_boxes
-from ..errors import CheckpointError, ConfigError, DataError, NumericalError
+from ..data.synthetic import boxes_by_test_index
+from ..errors import CheckpointError, ConfigError, NumericalError
 from ..interpreters.base import upsample_maps
 from ..interpreters.rts import _FROZEN_PREFIXES, ENCODERS, RTS, rts_loss, save_rts
+from ..metrics import pointing_game
 from ..runtime import distributed
 from ..runtime.config import check_range, to_dict
-from ..runtime.distributed import resolve_device
-from ..runtime.history import RunLog
+from ..runtime.distributed import any_rank, resolve_device
 from ..runtime.io import read_metadata
 from ..runtime.loop import (
     Checkpointing,
     EpochBatches,
     TrainLoop,
-    any_rank,
     broadcast_buffers,
     run_epochs,
 )
-from ..runtime.runs import finish_run
 from .build import build_classifier
 from .configs import ClassifierConfig, DataConfig, LogConfig
 
@@ -144,47 +143,6 @@ class TrainRTSConfig:
             raise ConfigError("classifier.reset_head must be false: the RTS explains a trained classifier")
 
 
-# -- the pointing game ---------------------------------------------------------------------------------
-def pointing_game(
-    maps: torch.Tensor,
-    boxes: torch.Tensor | Sequence[Sequence[int]],
-    *,
-    top: float = 0.2,
-    inside: float = 0.5,
-) -> float:
-    """Fraction of images whose most salient pixels mostly lie inside the object's box.
-
-    Image n is a hit when at least ``inside`` of the ``ceil(top * H * W)`` highest pixels of ``maps[n]``
-    lie inside ``boxes[n]`` (ties broken by ``torch.topk``). With the defaults this is ``pointing_top20``.
-
-    Args:
-        maps: (N, H, W) maps at image resolution (upsample native maps first, e.g. with
-            :func:`~juap.interpreters.upsample_maps`); any real values, larger = more salient.
-        boxes: (N, 4) ``(x0, y0, x1, y1)`` pixel boxes, x1 and y1 exclusive.
-        top: share of the pixels kept, in (0, 1].
-        inside: share of the kept pixels that must lie in the box for a hit, in [0, 1].
-
-    Returns:
-        The hit rate in [0, 1] (0.0 for no images).
-    """
-    check_range("top", top, low=0, high=1, low_open=True)
-    check_range("inside", inside, low=0, high=1)
-    if maps.dim() != 3:
-        raise ValueError(f"expected maps of shape (N, H, W), got {tuple(maps.shape)}")
-    n, h, w = maps.shape
-    boxes = torch.as_tensor(boxes, device=maps.device).reshape(-1, 4)
-    if boxes.shape[0] != n:
-        raise ValueError(f"got {n} maps but {boxes.shape[0]} boxes")
-    if n == 0:
-        return 0.0
-    k = max(1, math.ceil(top * h * w))
-    idx = maps.detach().flatten(1).float().topk(k, dim=1).indices  # (N, k)
-    ys, xs = idx // w, idx % w
-    x0, y0, x1, y1 = (boxes[:, i : i + 1] for i in range(4))
-    hit_in = ((xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)).float().mean(1)  # (N,)
-    return float((hit_in >= inside).float().mean())
-
-
 # -- training ----------------------------------------------------------------------------------------
 def train_rts(
     rts: RTS,
@@ -210,7 +168,7 @@ def train_rts(
             resume; NaN/Inf losses are rolled back to the last good state with the lr halved, up to
             ``checkpoint.max_rollbacks`` times.
         log: receives one history row per step (the eq-12 loss parts and the lr), e.g. a
-            :class:`~juap.runtime.history.RunLog`.
+            :class:`~juap.app.history.RunLog`.
 
     Under torchrun (:mod:`juap.runtime.distributed`) the masking model trains as DistributedDataParallel, each
     rank on its share of every global batch (:func:`~juap.runtime.loop.shard_train_loader`; the batch size
@@ -557,7 +515,7 @@ def run_train_rts(
     )
     if distributed.is_main():
         run_log.finish()
-    boxes = _test_boxes(splits) if cfg.data.name == "synthetic" else None
+    boxes = boxes_by_test_index(splits) if cfg.data.name == "synthetic" else None
     ev = evaluate_rts(
         rts, splits.test, device=device, boxes=boxes, loss_kwargs=cfg.train.loss_kwargs(), progress=progress
     )
@@ -581,24 +539,3 @@ def run_train_rts(
     )
     finish_run(run_dir, config=to_dict(cfg), metrics=metrics)
     return metrics
-
-
-def _test_boxes(splits: Any) -> Dict[int, Sequence[int]] | None:
-    """Object boxes of the test images, by test index (``None`` if the data set has none)."""
-
-    try:
-        boxes = load_boxes(splits.root)
-    except DataError as e:
-        logger.warning("no pointing game: %s", e)
-        return None
-    root = Path(splits.root).resolve()
-    out = {}
-    for i in range(len(splits.test)):
-        path = Path(splits.test.path(i))
-        try:
-            rel = path.resolve().relative_to(root).as_posix()
-        except ValueError:  # already relative to the data root
-            rel = path.as_posix()
-        if rel in boxes:
-            out[i] = boxes[rel]
-    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Sequence, Tuple
 
@@ -9,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..commands.configs import DataConfig
 from ..errors import DataError
 from ..runtime import distributed
+from .config import DataConfig
 from .folder import ImageFolderDataset, ScanReport, collate_skip, eval_transform, scan_folder, train_transform
 from .photos import CLASS_FOLDERS, photos_root, split_by_photo
 from .splits import load_split, save_split, split_indices
@@ -269,6 +270,14 @@ class InMemoryLoader:
         self.shard = shard
         self.generator = torch.Generator().manual_seed(seed)
         self.dataset = x  # len(loader.dataset) is the number of images, as for a DataLoader
+
+    def sharded(self) -> InMemoryLoader:
+        """This loader for one torchrun rank (``shard=True``); it shares the generator, so the global batch
+        order and augmentation are drawn as in one process
+        (:func:`~juap.runtime.distributed.shard_train_loader`)."""
+        out = copy.copy(self)
+        out.shard = True
+        return out
 
     def __len__(self) -> int:
         n = len(self.x)

@@ -24,13 +24,14 @@ assigns (it sorts class folder names). This module does not import torch.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import operator
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Tuple
+from typing import Any, Dict, Iterable, List, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -545,3 +546,24 @@ def load_boxes(root: str | os.PathLike) -> Dict[str, Box]:
     if bad:
         raise DataError(f"{path} is malformed: box of {bad[0]!r} does not have 4 numbers")
     return boxes  # type: ignore[return-value]
+
+
+def boxes_by_test_index(splits: Any) -> Dict[int, Sequence[int]] | None:
+    """Object boxes of the test images, by test index (``None`` if the data set has none)."""
+
+    try:
+        boxes = load_boxes(splits.root)
+    except DataError as e:
+        logging.getLogger(__name__).warning("no pointing game: %s", e)
+        return None
+    root = Path(splits.root).resolve()
+    out = {}
+    for i in range(len(splits.test)):
+        path = Path(splits.test.path(i))
+        try:
+            rel = path.resolve().relative_to(root).as_posix()
+        except ValueError:  # already relative to the data root
+            rel = path.as_posix()
+        if rel in boxes:
+            out[i] = boxes[rel]
+    return out

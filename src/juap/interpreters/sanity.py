@@ -12,13 +12,14 @@ from typing import Dict, Mapping, Optional
 import torch
 
 from ..classifiers.base import Classifier
-from ..commands.train_rts import _test_boxes, pointing_game
+from ..data.synthetic import boxes_by_test_index
+from ..metrics import pointing_game
 from .base import Interpreter, normalize_maps, upsample_maps
 
 
 def held_out_images_with_boxes(splits, max_images: Optional[int] = None):
     """(images (N, 3, H, W), labels (N,), boxes (N, 4)) of the test split images that have a box."""
-    boxes = _test_boxes(splits)
+    boxes = boxes_by_test_index(splits)
     if not boxes:
         raise ValueError("this data set records no object boxes (only the embedded synthetic set does)")
     idx = sorted(boxes)

@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
 from torch.distributed.nn.functional import all_reduce
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler
 
 from ..errors import ConfigError
 
@@ -388,3 +389,98 @@ def resolve_device(device: str = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device = {device!r} was asked but no CUDA GPU is available; use device=cpu")
     return dev
+
+
+# -- sharding: each rank's share of the data ------------------------------------------------------------
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any (one all-reduce); ``flag`` itself alone."""
+    if world_size() == 1:
+        return flag
+    t = global_count(int(bool(flag)), device=_collective_device())
+    return bool(t.item() > 0)
+
+
+def shard_train_loader(loader):
+    """This rank's view of a training loader: the same number of *global* steps, a disjoint share of each.
+
+    An :class:`~juap.data.InMemoryLoader` yields this rank's contiguous slice of every global batch (the
+    same batches and augmentation draws as one process); a ``DataLoader`` is rebuilt with a
+    ``DistributedSampler`` (seeded with the loader's seed; call ``sampler.set_epoch`` every epoch) and
+    ``batch_size / world_size`` images per rank. Alone (one process) the loader itself.
+
+    Raises:
+        ConfigError: another kind of loader (it cannot be shared out between the ranks).
+    """
+
+    w = world_size()
+    if w == 1:
+        return loader
+    if hasattr(loader, "sharded"):  # e.g. juap.data.InMemoryLoader: it slices its own batches
+        return loader.sharded()
+    if isinstance(loader, DataLoader) and loader.batch_size is not None:
+        check_divisible(loader.batch_size, "train.batch_size")
+        seed = int(loader.generator.initial_seed()) if loader.generator is not None else 0
+        sampler = DistributedSampler(
+            loader.dataset,
+            num_replicas=w,
+            rank=rank(),
+            shuffle=isinstance(loader.sampler, RandomSampler),
+            seed=seed,
+            drop_last=loader.drop_last,
+        )
+        return DataLoader(
+            loader.dataset,
+            batch_size=loader.batch_size // w,
+            sampler=sampler,
+            num_workers=loader.num_workers,
+            collate_fn=loader.collate_fn,
+            pin_memory=loader.pin_memory,
+            drop_last=loader.drop_last,
+            generator=torch.Generator().manual_seed(rank_seed(seed)),  # worker seeds per rank
+        )
+    raise ConfigError(
+        f"a training loader of type {type(loader).__name__} cannot be shared out between torchrun ranks: "
+        "use a torch DataLoader with a batch_size, or juap.data.InMemoryLoader"
+    )
+
+
+def set_epoch(loader, epoch: int) -> None:
+    """Tell a ``DistributedSampler`` (of a :func:`shard_train_loader` loader) which epoch starts."""
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, DistributedSampler):
+        sampler.set_epoch(epoch)
+
+
+class _RankStride(Sampler):
+    """Indices ``rank, rank + W, rank + 2W, ...`` of a data set: disjoint shares covering it once."""
+
+    def __init__(self, n: int) -> None:
+        self.indices = range(rank(), n, world_size())
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+
+def shard_eval_loader(loader):
+    """A ``DataLoader`` over this rank's disjoint share of the images (no padding: every image is counted
+    once over the ranks); the loader itself alone, or when it is not a plain batched DataLoader."""
+    if world_size() == 1 or not isinstance(loader, DataLoader) or loader.batch_size is None:
+        return loader
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=_RankStride(len(loader.dataset)),
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+    )
+
+
+def local_eval_batches(loader):
+    """This rank's slice of every ``(x, y, n_skipped)`` batch; rank 0 counts the skipped images."""
+    for x, y, n_skip in loader:
+        lo, hi = slice_bounds(len(y))
+        yield x[lo:hi], y[lo:hi], (n_skip if is_main() else 0)

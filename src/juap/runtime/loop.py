@@ -13,21 +13,18 @@ The engine owns resume, the checkpoint cadence, NaN/Inf roll-back with a lower l
 SIGINT/SIGTERM (a checkpoint at the next step boundary), the progress bar, the RNG states, the per-rank
 part of the state under torchrun, and the history: every row is kept in ``loop.history`` (and in the
 checkpoint, so a resumed run continues it) and handed to an optional ``log`` such as
-:class:`~juap.runtime.history.RunLog`, which writes ``history.csv``, ``curves.png`` and TensorBoard events.
+:class:`~juap.app.history.RunLog`, which writes ``history.csv``, ``curves.png`` and TensorBoard events.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
-from ..data import InMemoryLoader
 from ..errors import CheckpointError, ConfigError, NumericalError
 from . import distributed
 from .checkpoint import (
@@ -39,6 +36,7 @@ from .checkpoint import (
     rng_states,
     set_rng_states,
 )
+from .distributed import set_epoch, shard_train_loader
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +70,7 @@ class TrainLoop:
             running counts): gathered into the checkpoint, and each rank gets its own back on resume.
         log: called as ``log(row, images)`` for every history row (rank 0 only); when it has them,
             ``log.restore(rows)`` on resume and ``log.flush()`` when the loop ends or is stopped; see
-            :class:`~juap.runtime.history.RunLog`.
+            :class:`~juap.app.history.RunLog`.
         progress: show a progress bar (rank 0 only).
     """
 
@@ -308,102 +306,6 @@ def run_epochs(
 
 
 _SHOWN = ("loss", "batch_fooling_ratio", "val_fooling_ratio", "val_iou", "accuracy", "lam")
-
-
-def any_rank(flag: bool) -> bool:
-    """True on every rank when ``flag`` is true on any (one all-reduce); ``flag`` itself alone."""
-    if distributed.world_size() == 1:
-        return flag
-    t = distributed.global_count(int(bool(flag)), device=distributed._collective_device())
-    return bool(t.item() > 0)
-
-
-def shard_train_loader(loader):
-    """This rank's view of a training loader: the same number of *global* steps, a disjoint share of each.
-
-    An :class:`~juap.data.InMemoryLoader` yields this rank's contiguous slice of every global batch (the
-    same batches and augmentation draws as one process); a ``DataLoader`` is rebuilt with a
-    ``DistributedSampler`` (seeded with the loader's seed; call ``sampler.set_epoch`` every epoch) and
-    ``batch_size / world_size`` images per rank. Alone (one process) the loader itself.
-
-    Raises:
-        ConfigError: another kind of loader (it cannot be shared out between the ranks).
-    """
-
-    w = distributed.world_size()
-    if w == 1:
-        return loader
-    if isinstance(loader, InMemoryLoader):
-        out = copy.copy(loader)  # shares the generator: the global batch order is drawn as in one process
-        out.shard = True
-        return out
-    if isinstance(loader, DataLoader) and loader.batch_size is not None:
-        distributed.check_divisible(loader.batch_size, "train.batch_size")
-        seed = int(loader.generator.initial_seed()) if loader.generator is not None else 0
-        sampler = DistributedSampler(
-            loader.dataset,
-            num_replicas=w,
-            rank=distributed.rank(),
-            shuffle=isinstance(loader.sampler, RandomSampler),
-            seed=seed,
-            drop_last=loader.drop_last,
-        )
-        return DataLoader(
-            loader.dataset,
-            batch_size=loader.batch_size // w,
-            sampler=sampler,
-            num_workers=loader.num_workers,
-            collate_fn=loader.collate_fn,
-            pin_memory=loader.pin_memory,
-            drop_last=loader.drop_last,
-            generator=torch.Generator().manual_seed(distributed.rank_seed(seed)),  # worker seeds per rank
-        )
-    raise ConfigError(
-        f"a training loader of type {type(loader).__name__} cannot be shared out between torchrun ranks: "
-        "use a torch DataLoader with a batch_size, or juap.data.InMemoryLoader"
-    )
-
-
-def set_epoch(loader, epoch: int) -> None:
-    """Tell a ``DistributedSampler`` (of a :func:`shard_train_loader` loader) which epoch starts."""
-    sampler = getattr(loader, "sampler", None)
-    if isinstance(sampler, DistributedSampler):
-        sampler.set_epoch(epoch)
-
-
-class _RankStride(torch.utils.data.Sampler):
-    """Indices ``rank, rank + W, rank + 2W, ...`` of a data set: disjoint shares covering it once."""
-
-    def __init__(self, n: int) -> None:
-        self.indices = range(distributed.rank(), n, distributed.world_size())
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __iter__(self):
-        return iter(self.indices)
-
-
-def shard_eval_loader(loader):
-    """A ``DataLoader`` over this rank's disjoint share of the images (no padding: every image is counted
-    once over the ranks); the loader itself alone, or when it is not a plain batched DataLoader."""
-    if distributed.world_size() == 1 or not isinstance(loader, DataLoader) or loader.batch_size is None:
-        return loader
-    return DataLoader(
-        loader.dataset,
-        batch_size=loader.batch_size,
-        sampler=_RankStride(len(loader.dataset)),
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-    )
-
-
-def local_eval_batches(loader):
-    """This rank's slice of every ``(x, y, n_skipped)`` batch; rank 0 counts the skipped images."""
-    for x, y, n_skip in loader:
-        lo, hi = distributed.slice_bounds(len(y))
-        yield x[lo:hi], y[lo:hi], (n_skip if distributed.is_main() else 0)
 
 
 def gather_rank_states(state: Dict) -> list | None:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..interpreters.base import normalize_maps, upsample_maps
-from .io import atomic_path, write_text
+from ..runtime.io import atomic_path, write_text
 
 CSV_COLUMNS = ("method", "generator", "interpreter", "norm", "fooling_ratio", "l1", "iou")
 
@@ -82,7 +82,7 @@ def figure_grid(
             ax.set_title(caption, fontsize=7)
             if c == 0:
                 ax.set_ylabel(row["label"], fontsize=7)
-    _save(fig, path, dpi=130, title=title)
+    save_figure(fig, path, dpi=130, title=title)
 
 
 def bar_chart(
@@ -109,7 +109,7 @@ def bar_chart(
     if title:
         ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
-    _save(fig, path, dpi=130)
+    save_figure(fig, path, dpi=130)
 
 
 def roc_grid(
@@ -158,7 +158,7 @@ def roc_grid(
                 ax.set_ylabel(f"{interp}\nTPR", fontsize=7)
             if i == len(rows) - 1:
                 ax.set_xlabel("FPR", fontsize=7)
-    _save(fig, path, dpi=110, title=title)
+    save_figure(fig, path, dpi=110, title=title)
 
 
 def map_panels(path: str | os.PathLike, rows: Sequence[Mapping], *, title: str = "") -> None:
@@ -193,7 +193,7 @@ def map_panels(path: str | os.PathLike, rows: Sequence[Mapping], *, title: str =
             ax.set_title(caption, fontsize=7)
             if c == 0:
                 ax.set_ylabel(row["label"], fontsize=7)
-    _save(fig, path, dpi=120, title=title)
+    save_figure(fig, path, dpi=120, title=title)
 
 
 def transitions_csv(
@@ -252,7 +252,7 @@ def transition_heatmaps(
         ax.set_ylabel("benign prediction", fontsize=7)
         fooled = counts.sum() - counts.diag().sum()
         ax.set_title(f"{label} ({int(fooled)} of {int(counts.sum())} fooled)", fontsize=7)
-    _save(fig, path, dpi=130, title=title)
+    save_figure(fig, path, dpi=130, title=title)
 
 
 def transition_section(
@@ -313,7 +313,7 @@ def transition_section(
     )
 
 
-def _save(fig, path: str | os.PathLike, *, dpi: int, title: str = "") -> None:
+def save_figure(fig, path: str | os.PathLike, *, dpi: int, title: str = "") -> None:
     """Title, tight layout, an atomic PNG write, and the figure closed."""
     import matplotlib.pyplot as plt
 

@@ -8,11 +8,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..budget import perturbation_norm
+from ..budget import check_finite, perturbation_norm, within_budget
 from ..errors import CheckpointError, JuapError
-from ..evaluation import check_finite, within_budget
-from . import distributed
-from .io import atomic_path, load_tensors, save_tensors
+from ..runtime import distributed
+from ..runtime.io import atomic_path, load_tensors, save_tensors
 
 
 def save_perturbation(stem: Path, n_hat: torch.Tensor, *, attack: str, norm: str, eps: float) -> None:

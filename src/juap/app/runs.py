@@ -13,9 +13,16 @@ from typing import Any, Dict
 import yaml
 
 from ..errors import ConfigError
-from . import distributed
-from .checkpoint import CHECKPOINT_NAME
-from .io import DiskFullError, WriteError, remove_stale_temporaries, write_error, write_json, write_yaml
+from ..runtime import distributed
+from ..runtime.checkpoint import CHECKPOINT_NAME
+from ..runtime.io import (
+    DiskFullError,
+    WriteError,
+    remove_stale_temporaries,
+    write_error,
+    write_json,
+    write_yaml,
+)
 
 log = logging.getLogger(__name__)
 

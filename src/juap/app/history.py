@@ -18,9 +18,9 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from ..errors import ConfigError
+from ..runtime.io import write_text
 from .artifacts import amplify
-from .io import write_text
-from .report import _save
+from .report import save_figure
 
 HISTORY_NAME, CURVES_NAME, TENSORBOARD_DIR = "history.csv", "curves.png", "tensorboard"
 _WRITE_EVERY = 50  # rows between rewrites of history.csv (and at every validation row, and at the end)
@@ -199,4 +199,4 @@ def plot_curves(
         ax.set_title(name)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    _save(fig, path, dpi=110, title=title)
+    save_figure(fig, path, dpi=110, title=title)
