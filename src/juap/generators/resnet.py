@@ -45,10 +45,6 @@ def norm_layer(norm: str) -> Callable[[int], nn.Module]:
     raise ConfigError(f"generator norm must be one of {', '.join(NORMS)}; got {norm!r}")
 
 
-def _check_positive_int(field: str, value: object, minimum: int = 1) -> None:
-    check_int(f"generator {field}", value, low=minimum)
-
-
 class ImageGenerator(nn.Module):
     """Base of the perturbation generators: noise (N, C_in, H, W) -> perturbation (N, C_out, H, W).
 
@@ -71,8 +67,8 @@ class ImageGenerator(nn.Module):
 
     def __init__(self, *, name: str, in_channels: int, out_channels: int) -> None:
         super().__init__()
-        _check_positive_int("in_channels", in_channels)
-        _check_positive_int("out_channels", out_channels)
+        check_int("generator in_channels", in_channels, low=1)
+        check_int("generator out_channels", out_channels, low=1)
         self.name = name
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -169,8 +165,8 @@ class ResNetGenerator(ImageGenerator):
         init_std: float = 0.02,
     ) -> None:
         super().__init__(name="resnet", in_channels=in_channels, out_channels=out_channels)
-        _check_positive_int("ngf", ngf)
-        _check_positive_int("n_blocks", n_blocks, minimum=0)
+        check_int("generator ngf", ngf, low=1)
+        check_int("generator n_blocks", n_blocks, low=0)
         make_norm = norm_layer(norm)
         bias = norm == "none"
         self.norm = norm

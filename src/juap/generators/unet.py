@@ -20,9 +20,9 @@ import torch
 import torch.nn as nn
 
 from .._registry import GENERATORS
-from .._validate import check_number
+from .._validate import check_int, check_number
 from ..errors import ConfigError
-from .resnet import ImageGenerator, _check_positive_int, norm_layer
+from .resnet import ImageGenerator, norm_layer
 
 N_LEVELS = 5
 
@@ -58,7 +58,7 @@ class UNetGenerator(ImageGenerator):
         init_std: float = 0.02,
     ) -> None:
         super().__init__(name="unet", in_channels=in_channels, out_channels=out_channels)
-        _check_positive_int("ngf", ngf)
+        check_int("generator ngf", ngf, low=1)
         if check_number("generator dropout", dropout, low=0.0) >= 1.0:
             raise ConfigError(f"generator dropout must be a probability in [0, 1), got {dropout!r}")
         make_norm = norm_layer(norm)
