@@ -25,7 +25,7 @@ from ..runtime.config import config_hash, to_dict
 from ..runtime.distributed import resolve_device
 from ..runtime.io import write_json
 from .build import build_classifier
-from .train_classifier import TrainClassifierConfig, _train_and_measure
+from .train_classifier import TrainClassifierConfig, train_on_splits
 from .train_rts import RTSTrainConfig, TrainRTSConfig, run_train_rts
 
 RTS_EPOCHS = 2  # the demo's RTS model: enough on the embedded data (pointing game in its metrics.json)
@@ -54,7 +54,7 @@ def cached_demo_classifier(
     device = resolve_device(cfg.device)
     clf = build_classifier(cfg.classifier, num_classes=splits.num_classes)
     t0 = time.perf_counter()
-    metrics = _train_and_measure(clf, splits, cfg, device=device, progress=progress)
+    metrics = train_on_splits(clf, splits, cfg, device=device, progress=progress)
     metrics["wall_seconds"] = round(time.perf_counter() - t0, 2)
     clf.cpu()
     save_classifier(clf, ckpt, classes=splits.classes)

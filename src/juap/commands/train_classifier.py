@@ -87,7 +87,7 @@ def run_train_classifier(
     log = RunLog(
         run_dir, tensorboard=cfg.log.tensorboard, title=f"juap train-classifier {cfg.classifier.name}"
     )
-    metrics = _train_and_measure(
+    metrics = train_on_splits(
         clf, splits, cfg, device=device, progress=progress, checkpoint=checkpoint, log=log
     )
     if distributed.is_main():
@@ -101,7 +101,7 @@ def run_train_classifier(
     return metrics
 
 
-def _train_and_measure(
+def train_on_splits(
     clf: Classifier,
     splits: DataSplits,
     cfg: TrainClassifierConfig,
@@ -111,6 +111,26 @@ def _train_and_measure(
     checkpoint: Optional[Checkpointing] = None,
     log: Any = None,
 ) -> Dict[str, Any]:
+    """Train ``clf`` in place on ``splits.train`` as ``cfg`` says and measure it on ``splits.test``.
+
+    Builds the loaders (whole batches only; the synthetic set decoded once and augmented on tensors)
+    and runs :func:`train_classifier`; ``juap train-classifier`` and the demo's cached classifier
+    (:mod:`juap.commands.demo_models`) both train through here.
+
+    Args:
+        clf: the classifier, built for ``splits.num_classes`` classes; trained in place.
+        splits: the train and test splits (the train split with its augmentation).
+        cfg: the data, training and seed settings.
+        device: where to train.
+        progress: show progress bars.
+        checkpoint, log: as for :func:`train_classifier`.
+
+    Returns:
+        :func:`train_classifier`'s metrics.
+
+    Raises:
+        ConfigError: the training split has fewer than 2 images.
+    """
     in_memory = cfg.data.in_memory if cfg.data.in_memory is not None else cfg.data.name == "synthetic"
     if distributed.world_size() > 1:  # the model is built: per-rank RNG from here (augmentation, dropout)
         torch.manual_seed(distributed.rank_seed(cfg.seed))
