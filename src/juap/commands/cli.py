@@ -313,15 +313,32 @@ COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
-# Long by design: one flat argparse declaration per command and option, read top to bottom.
 def build_parser() -> argparse.ArgumentParser:
+    """The ``juap`` parser: one subcommand per entry of :data:`COMMANDS`, in ``juap --help``'s order."""
     parser = argparse.ArgumentParser(
         prog="juap",
         description="Joint universal adversarial perturbations: fool a classifier, keep its interpretation.",
     )
     parser.add_argument("--verbose", "-v", action="store_true", help="show debug logs and full tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    p = sub.add_parser(
+    _add_demo_parser(sub.add_parser)
+    _add_resumable_parsers(sub.add_parser)
+    _add_perturbation_parsers(sub.add_parser)
+    _add_run_parser(sub.add_parser)
+    _add_configs_parser(sub.add_parser)
+    return parser
+
+
+# What each _add_*_parser is given: the sub-parsers' add_parser(name, help=..., description=...).
+AddParser = Callable[..., argparse.ArgumentParser]
+
+
+def _add_cache_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", metavar="DIR", help="cache folder (default: $JUAP_CACHE or ~/.cache/juap)")
+
+
+def _add_demo_parser(add: AddParser) -> None:
+    p = add(
         "demo",
         help="run the default experiment on the embedded synthetic data",
         description="Train (once, cached) the demo classifier and RTS model on the embedded data, run the "
@@ -331,36 +348,47 @@ def build_parser() -> argparse.ArgumentParser:
         "--set demo.eps=..., --set demo.seed=1 (see juap.commands.demo.DemoSettings).",
     )
     _add_common(p)
-    p.add_argument("--cache-dir", metavar="DIR", help="cache folder (default: $JUAP_CACHE or ~/.cache/juap)")
-    p = sub.add_parser(
+    _add_cache_dir(p)
+
+
+# The commands that train from a config into a run folder and can --resume: (name, help, description).
+RESUMABLE = (
+    (
         "train-classifier",
-        help="train or fine-tune a classifier (Table I)",
-        description="Train or fine-tune a registered classifier with random-crop + flip "
+        "train or fine-tune a classifier (Table I)",
+        "Train or fine-tune a registered classifier with random-crop + flip "
         "augmentation; report top-1 accuracy on the test split.",
-    )
-    _add_common(p, resume=True)
-    p = sub.add_parser(
+    ),
+    (
         "train-rts",
-        help="train the RTS saliency model for a classifier checkpoint",
-        description="Train a real-time saliency (RTS) masking model (eq 12) that explains a trained "
+        "train the RTS saliency model for a classifier checkpoint",
+        "Train a real-time saliency (RTS) masking model (eq 12) that explains a trained "
         "classifier; needs --set classifier.weights=CHECKPOINT.",
-    )
-    _add_common(p, resume=True)
-    p = sub.add_parser(
+    ),
+    (
         "attack",
-        help="learn a perturbation (JUAP, GUAP, UAP, ...) or run a per-image attack",
-        description="Fit an attack on the train split, evaluate it on the test split against "
+        "learn a perturbation (JUAP, GUAP, UAP, ...) or run a per-image attack",
+        "Fit an attack on the train split, evaluate it on the test split against "
         "every interpreter, and save the perturbation, generator and metrics.",
-    )
-    _add_common(p, resume=True)
-    p = sub.add_parser(
+    ),
+)
+
+
+def _add_resumable_parsers(add: AddParser) -> None:
+    for name, summary, description in RESUMABLE:
+        _add_common(add(name, help=summary, description=description), resume=True)
+
+
+def _add_perturbation_parsers(add: AddParser) -> None:
+    """``evaluate`` and ``detect``: both read saved perturbation files."""
+    p = add(
         "evaluate",
         help="evaluate a saved perturbation on a data set",
         description="Fooling ratio, accuracies and map L1/IoU of a saved perturbation.",
     )
     p.add_argument("--perturbation", "-p", required=True, metavar="FILE", help="perturbation.safetensors")
     _add_common(p)
-    p = sub.add_parser(
+    p = add(
         "detect",
         help="how well attribution maps reveal saved perturbations (AUROC, TPR at 5%% FPR)",
         description="Measure how well an inspector of attribution maps separates benign from adversarial "
@@ -377,7 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="perturbation.safetensors, optionally named (default: its attack); repeatable",
     )
     _add_common(p)
-    p = sub.add_parser(
+
+
+def _add_run_parser(add: AddParser) -> None:
+    p = add(
         "run",
         help="run a grid of attacks from an experiment file and write the paper's tables",
         description="Cross the grid of an experiment file (attacks x generators x interpreters x budgets "
@@ -402,8 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dry-run", action="store_true", help="run every cell one step on tiny data, then stop")
     p.add_argument("--list", action="store_true", help="list the cells and stop")
-    p.add_argument("--cache-dir", metavar="DIR", help="cache folder (default: $JUAP_CACHE or ~/.cache/juap)")
-    p = sub.add_parser(
+    _add_cache_dir(p)
+
+
+def _add_configs_parser(add: AddParser) -> None:
+    p = add(
         "configs",
         help="list the shipped experiment and training files, or copy one out",
         description="Without NAME: list the experiment and training files shipped with juap (any command "
@@ -412,7 +446,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("name", nargs="?", metavar="NAME", help="a shipped file (embedded/claims.yaml) or all")
     p.add_argument("--out", "-o", metavar="DIR", help="folder to copy into")
-    return parser
 
 
 def _resolve_shipped(args: argparse.Namespace) -> None:
