@@ -29,8 +29,8 @@ def test_typo_suggests_nearest_key():
 def test_bad_values_name_field_value_and_allowed():
     with pytest.raises(
         ConfigError,
-        match=r"data.name = 'imagenett' is not allowed. Did you mean 'imagenet'\?.*"
-        r"Allowed values: synthetic, folder, imagenet, chestxray, intel",
+        match=r"data.name: unknown data set 'imagenett'. Did you mean 'imagenet'\?.*"
+        r"Known data sets: chestxray, folder, imagenet, intel, photos, synthetic",
     ):
         from_dict(TrainClassifierConfig, {"data": {"name": "imagenett", "root": "x"}})
     with pytest.raises(ConfigError, match="train.epochs must be an integer, got 'ten'"):

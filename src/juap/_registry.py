@@ -63,3 +63,4 @@ CLASSIFIERS: Registry = Registry("classifier")
 INTERPRETERS: Registry = Registry("interpreter")
 GENERATORS: Registry = Registry("generator")
 ATTACKS: Registry = Registry("attack")
+DATASETS: Registry = Registry("data set")  # juap.data.base.DataSet classes: what each data set needs

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -12,21 +12,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..errors import DataError
 from ..runtime import distributed
+from . import photos, synthetic  # noqa: F401  (register "photos" and "synthetic" in DATASETS)
+from .base import DataSet, data_set, list_data_sets
 from .config import DataConfig
 from .folder import ImageFolderDataset, ScanReport, collate_skip, eval_transform, scan_folder, train_transform
-from .photos import CLASS_FOLDERS, photos_root, split_by_photo
 from .splits import load_split, save_split, split_indices
-from .synthetic import synthetic_root
-
-# Class folders the named data sets must have (ImageNet: whatever its 1000 synsets are).
-KNOWN_CLASSES: Dict[str, Tuple[str, ...] | None] = {
-    "chestxray": ("NORMAL", "PNEUMONIA"),
-    "intel": ("buildings", "forest", "glacier", "mountain", "sea", "street"),
-    "imagenet": None,
-    "folder": None,
-    "synthetic": None,
-    "photos": CLASS_FOLDERS,  # ImageNet class indices 000..999 (juap.data.photos)
-}
 
 
 class SplitView(Dataset):
@@ -65,28 +55,16 @@ class DataSplits:
 
 
 def data_root(cfg: DataConfig, *, progress: bool = False) -> str:
-    """The folder of images for ``cfg``; the synthetic set is generated into the cache on first use."""
-    if cfg.name == "synthetic":
-        root = cfg.root or None
-        return str(
-            synthetic_root(
-                cache_dir=root,
-                num_images=cfg.num_images,
-                num_classes=cfg.num_classes,
-                image_size=cfg.image_size,
-                seed=cfg.synthetic_seed,
-                progress=progress,
-            )
-        )
-    if cfg.name == "photos":
-        return str(photos_root(cfg.root or None))
-    return str(cfg.root)
+    """The folder of images for ``cfg``: ``data.root``, or the one the data set makes on first use (the
+    synthetic set generates its images into the cache)."""
+    return data_set(cfg.name).root(cfg, progress=progress)
 
 
 def load_splits(cfg: DataConfig, *, augment_train: bool = False, progress: bool = False) -> DataSplits:
     """Scan the data folder and draw the seeded train/test subsets (by default the paper's random 20%)."""
-    root = data_root(cfg, progress=progress)
-    base = ImageFolderDataset(root, image_size=cfg.image_size, classes=KNOWN_CLASSES[cfg.name])
+    spec = data_set(cfg.name)
+    root = spec.root(cfg, progress=progress)
+    base = ImageFolderDataset(root, image_size=cfg.image_size, classes=spec.classes)
     present = [c for c, n in base.report.per_class.items() if n]
     if len(present) < MIN_CLASSES:
         raise DataError(
@@ -94,12 +72,7 @@ def load_splits(cfg: DataConfig, *, augment_train: bool = False, progress: bool 
             f"and an attack on it need at least {MIN_CLASSES} classes, one subfolder each (e.g. "
             "root/cat/1.jpg, root/dog/2.jpg)"
         )
-    if cfg.name == "photos":  # by source photo, fixed: no photo on both sides (fractions unused)
-        train_idx, test_idx = split_by_photo([path for path, _ in base.samples])
-    else:
-        train_idx, test_idx = split_indices(
-            len(base), fractions=(cfg.train_fraction, cfg.test_fraction), seed=cfg.split_seed
-        )
+    train_idx, test_idx = spec.split(cfg, [path for path, _ in base.samples])  # photos: by source photo
     split = {
         "root": root,
         "num_samples": len(base),
@@ -223,10 +196,12 @@ __all__ = [
     "CountSkipped",
     "DataSplits",
     "ImageFolderDataset",
-    "KNOWN_CLASSES",
+    "DataSet",
     "SplitView",
     "collate_skip",
     "data_root",
+    "data_set",
+    "list_data_sets",
     "eval_transform",
     "class_counts",
     "data_summary",

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Optional
+from typing import Optional
 
 from .._validate import check_range
 from ..errors import ConfigError
+from .base import data_set
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where images come from and how they are split (the paper's seeded random subsets)."""
 
-    name: Literal["synthetic", "folder", "imagenet", "chestxray", "intel", "photos"] = "synthetic"
+    name: str = "synthetic"  # a registered data set (juap.data.base.DataSet): synthetic, photos, folder, ...
     root: str | None = None
     image_size: int = 64
     train_fraction: float = 0.8
@@ -23,9 +24,10 @@ class DataConfig:
     num_classes: int = 6  # synthetic only
     synthetic_seed: int = 0  # synthetic only
     num_workers: int = 0
-    in_memory: Optional[bool] = None  # decode the training images once (default: for the synthetic set)
+    in_memory: Optional[bool] = None  # decode the training images once (default: the data set's in_memory)
 
     def __post_init__(self) -> None:
+        spec = data_set(self.name)  # an unknown name: a ConfigError listing the known ones
         check_range("data.image_size", self.image_size, low=16)
         check_range("data.train_fraction", self.train_fraction, low=0, high=1, low_open=True)
         check_range("data.test_fraction", self.test_fraction, low=0, high=1, low_open=True)
@@ -36,5 +38,10 @@ class DataConfig:
             )
         check_range("data.num_images", self.num_images, low=12)
         check_range("data.num_workers", self.num_workers, low=0)
-        if self.name not in ("synthetic", "photos") and not self.root:
+        if spec.needs_root and not self.root:
             raise ConfigError(f"data.root is required for data.name = {self.name!r} (the folder of images)")
+
+    @property
+    def decode_once(self) -> bool:
+        """Whether training decodes the images once: ``in_memory``, else the data set's declared default."""
+        return self.in_memory if self.in_memory is not None else data_set(self.name).in_memory

@@ -18,7 +18,9 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 
+from .._registry import DATASETS
 from ..errors import DataError
+from .base import DataSet
 from .decode import decode_rgb
 
 log = logging.getLogger(__name__)
@@ -197,3 +199,28 @@ def collate_skip(batch):
         return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
     xs, ys = zip(*kept, strict=True)
     return torch.stack(xs), torch.as_tensor(ys, dtype=torch.long), skipped
+
+
+# -- the named folder data sets: data.root is their folder; the paper's must have their class folders --
+@DATASETS.register("folder")
+class Folder(DataSet):
+    """Any ImageFolder: one subfolder of images per class, in ``data.root``."""
+
+
+@DATASETS.register("imagenet")
+class ImageNet(DataSet):
+    """ImageNet's validation images in one folder per synset (whatever its 1000 synsets are)."""
+
+
+@DATASETS.register("chestxray")
+class ChestXRay(DataSet):
+    """Chest X-Ray (Kermany et al.): NORMAL and PNEUMONIA."""
+
+    classes = ("NORMAL", "PNEUMONIA")
+
+
+@DATASETS.register("intel")
+class Intel(DataSet):
+    """Intel Image Classification: six scene classes."""
+
+    classes = ("buildings", "forest", "glacier", "mountain", "sea", "street")

@@ -65,7 +65,9 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
+from .._registry import DATASETS
 from ..errors import DataError
+from .base import DataSet
 from .synthetic import default_cache_dir
 
 VERSION = 1
@@ -328,3 +330,21 @@ def split_by_photo(paths: Sequence[str]) -> Tuple[List[int], List[int]]:
             raise DataError(f"{path}: unknown source photo {name!r}")
         (train if split[name] == "train" else test).append(i)
     return train, test
+
+
+@DATASETS.register("photos")
+class Photos(DataSet):
+    """The photo crops, written into the cache on first use (``data.root``, if given, is the cache folder),
+    in the 1000 ImageNet class folders, split by source photo (``data.*_fraction`` unused)."""
+
+    classes = CLASS_FOLDERS
+    needs_root = False
+    fixed_split = True
+
+    @classmethod
+    def root(cls, cfg, *, progress: bool = False) -> str:
+        return str(photos_root(cfg.root or None))
+
+    @classmethod
+    def split(cls, cfg, paths: Sequence[str]) -> Tuple[List[int], List[int]]:
+        return split_by_photo(paths)

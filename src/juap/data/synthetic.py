@@ -37,7 +37,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from .._registry import DATASETS
 from ..errors import ConfigError, DataError
+from .base import DataSet
 
 SYNTHETIC_VERSION: int = 1
 """Bump whenever rendering changes: it is part of the cache folder name and of ``meta.json``."""
@@ -414,15 +416,17 @@ def _install(tmp: Path, root: Path) -> None:
     os.replace(tmp, root)
 
 
-def generate_synthetic(
-    root: str | os.PathLike,
-    *,
-    num_images: int = 3000,
-    image_size: int = 64,
-    num_classes: int = 6,
-    seed: int = 0,
-    progress: bool = False,
-) -> Path:
+def _checked_meta(
+    num_images: int = 3000, image_size: int = 64, num_classes: int = 6, seed: int = 0
+) -> Dict[str, Any]:
+    """The ``meta.json`` of the data set with these parameters (the defaults of :func:`generate_synthetic`
+    and :func:`synthetic_root`), each checked: a ConfigError names one out of range."""
+    num_images = _check_int("num_images", num_images, 1)
+    image_size, num_classes, seed = _check_params(image_size, num_classes, seed)
+    return _meta(num_images, image_size, num_classes, seed)
+
+
+def generate_synthetic(root: str | os.PathLike, *, progress: bool = False, **params: int) -> Path:
     """Write the synthetic data set to ``root`` (atomically) and return ``root``.
 
     The images are rendered into a temporary sibling folder ``<root>.tmp-<pid>-*`` which is renamed to
@@ -433,11 +437,11 @@ def generate_synthetic(
     Args:
         root: destination folder; ``root/<class_name>/<class_name>_<index:05d>.png``, ``root/boxes.json``
             and ``root/meta.json`` are written.
-        num_images: number of images (>= 1); image ``i`` has class ``i % num_classes``.
-        image_size: side of the square RGB images in pixels (>= 16).
-        num_classes: number of classes, 2..len(CLASS_NAMES).
-        seed: data set seed (>= 0).
         progress: show a tqdm progress bar (if tqdm is installed).
+        **params: the data set's parameters, by keyword:
+            ``num_images`` (default 3000, >= 1; image ``i`` has class ``i % num_classes``),
+            ``image_size`` (64: side of the square RGB images in pixels, >= 16),
+            ``num_classes`` (6: 2..len(CLASS_NAMES)) and ``seed`` (0: the data set seed, >= 0).
 
     Returns:
         ``root`` as a Path.
@@ -446,10 +450,8 @@ def generate_synthetic(
         ConfigError: (a ValueError) for an argument out of range.
         DataError: if ``root`` exists and is something other than a juap synthetic data set.
     """
-    num_images = _check_int("num_images", num_images, 1)
-    image_size, num_classes, seed = _check_params(image_size, num_classes, seed)
     root = Path(root)
-    meta = _meta(num_images, image_size, num_classes, seed)
+    meta = _checked_meta(**params)
     if _is_complete(root, meta):
         return root
 
@@ -483,13 +485,7 @@ def default_cache_dir() -> Path:
 
 
 def synthetic_root(
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    num_images: int = 3000,
-    image_size: int = 64,
-    num_classes: int = 6,
-    seed: int = 0,
-    progress: bool = False,
+    *, cache_dir: str | os.PathLike | None = None, progress: bool = False, **params: int
 ) -> Path:
     """Path of the cached synthetic data set for these parameters, generated if missing.
 
@@ -498,27 +494,17 @@ def synthetic_root(
 
     Args:
         cache_dir: cache folder; defaults to :func:`default_cache_dir`.
-        num_images: number of images (>= 1).
-        image_size: side of the square images in pixels (>= 16).
-        num_classes: number of classes, 2..len(CLASS_NAMES).
-        seed: data set seed (>= 0).
         progress: show a progress bar while generating.
+        **params: ``num_images``, ``image_size``, ``num_classes`` and ``seed``, as for
+            :func:`generate_synthetic` (with its defaults).
 
     Returns:
         The data set folder (ImageFolder layout plus ``boxes.json`` and ``meta.json``).
     """
-    num_images = _check_int("num_images", num_images, 1)
-    image_size, num_classes, seed = _check_params(image_size, num_classes, seed)
+    m = _checked_meta(**params)
     base = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    name = f"synthetic-v{SYNTHETIC_VERSION}-n{num_images}-s{image_size}-c{num_classes}-seed{seed}"
-    return generate_synthetic(
-        base / name,
-        num_images=num_images,
-        image_size=image_size,
-        num_classes=num_classes,
-        seed=seed,
-        progress=progress,
-    )
+    name = "synthetic-v{version}-n{num_images}-s{image_size}-c{num_classes}-seed{seed}".format(**m)
+    return generate_synthetic(base / name, progress=progress, **params)
 
 
 def load_boxes(root: str | os.PathLike) -> Dict[str, Box]:
@@ -567,3 +553,19 @@ def boxes_by_test_index(splits: Any) -> Dict[int, Sequence[int]] | None:
         if rel in boxes:
             out[i] = boxes[rel]
     return out
+
+
+@DATASETS.register("synthetic")
+class Synthetic(DataSet):
+    """The embedded data set (the default): generated into the cache on first use (``data.root``, if
+    given, is the cache folder), with object boxes, small enough to decode once for training."""
+
+    needs_root = False
+    records_boxes = True
+    in_memory = True
+
+    @classmethod
+    def root(cls, cfg, *, progress: bool = False) -> str:
+        params = dict(num_images=cfg.num_images, image_size=cfg.image_size, num_classes=cfg.num_classes)
+        cache = cfg.root or None
+        return str(synthetic_root(cache_dir=cache, seed=cfg.synthetic_seed, progress=progress, **params))
