@@ -131,11 +131,27 @@ def train_on_splits(
     Raises:
         ConfigError: the training split has fewer than 2 images.
     """
-    in_memory = cfg.data.in_memory if cfg.data.in_memory is not None else cfg.data.name == "synthetic"
     if distributed.world_size() > 1:  # the model is built: per-rank RNG from here (augmentation, dropout)
         torch.manual_seed(distributed.rank_seed(cfg.seed))
-    # Whole batches only (no BatchNorm step on a lone last image), unless the split is one batch or less:
-    # then every epoch is that one smaller batch, never zero steps.
+    train_loader = _train_loader(splits, cfg)
+    test_loader = make_loader(splits.test, batch_size=256, num_workers=cfg.data.num_workers)
+    return train_classifier(
+        clf,
+        train_loader,
+        test_loader,
+        cfg.train,
+        device=device,
+        progress=progress,
+        checkpoint=checkpoint,
+        log=log,
+    )
+
+
+def _train_loader(splits: DataSplits, cfg: TrainClassifierConfig) -> InMemoryLoader | DataLoader:
+    """Augmented training batches ``(x, y, n_skipped)`` of ``splits.train``: whole batches only (no
+    BatchNorm step on a lone last image), unless the split is one batch or less: then every epoch is that
+    one smaller batch, never zero steps. The synthetic set (or ``data.in_memory``) is decoded once and
+    augmented per batch (random crop + flip) on tensors."""
     n_train, batch = len(splits.train), cfg.train.batch_size
     if n_train < 2:
         raise ConfigError(
@@ -147,33 +163,20 @@ def train_on_splits(
         warnings.warn(
             f"the training split has {n_train} images, fewer than one batch of train.batch_size={batch}: "
             f"each epoch is one step on all {n_train} (set train.batch_size={n_train} to silence this)",
-            stacklevel=2,
+            stacklevel=3,
         )
-    if in_memory:  # decode once, augment per batch (random crop + flip) on tensors
+    in_memory = cfg.data.in_memory if cfg.data.in_memory is not None else cfg.data.name == "synthetic"
+    if in_memory:
         plain = SplitView(splits.train.base, splits.train.indices, eval_transform(cfg.data.image_size))
         x, y, _ = to_tensors(plain)
-        train_loader = InMemoryLoader(
-            x, y, batch_size=cfg.train.batch_size, augment=True, seed=cfg.seed, drop_last=drop_last
-        )
-    else:
-        train_loader = make_loader(
-            splits.train,
-            batch_size=cfg.train.batch_size,
-            shuffle=True,
-            num_workers=cfg.data.num_workers,
-            seed=cfg.seed,
-            drop_last=drop_last,
-        )
-    test_loader = make_loader(splits.test, batch_size=256, num_workers=cfg.data.num_workers)
-    return train_classifier(
-        clf,
-        train_loader,
-        test_loader,
-        cfg.train,
-        device=device,
-        progress=progress,
-        checkpoint=checkpoint,
-        log=log,
+        return InMemoryLoader(x, y, batch_size=batch, augment=True, seed=cfg.seed, drop_last=drop_last)
+    return make_loader(
+        splits.train,
+        batch_size=batch,
+        shuffle=True,
+        num_workers=cfg.data.num_workers,
+        seed=cfg.seed,
+        drop_last=drop_last,
     )
 
 
