@@ -12,11 +12,12 @@ import torch.nn.functional as F
 
 import juap
 from juap.commands.configs import ClassifierConfig
-from juap.commands.train_rts import RTSTrainConfig, TrainRTSConfig, run_train_rts, train_rts
+from juap.commands.train_rts import TrainRTSConfig, run_train_rts
 from juap.data import DataConfig, load_splits
 from juap.errors import CheckpointError, ConfigError
 from juap.interpreters import make_surrogate
 from juap.interpreters.rts import RTS, area, blend, fingerprint, gaussian_blur, load_rts, rts_loss, save_rts
+from juap.interpreters.rts_training import RTSTrainConfig, evaluate_rts, train_rts
 from juap.metrics import pointing_game
 from juap.runtime.config import load_config
 
@@ -300,7 +301,7 @@ def test_short_training_decreases_the_loss(toy_clf):
     before = held_out_loss()
     loader = [(x[i : i + 16], y[i : i + 16], 0) for i in range(0, 64, 16)]
     cfg = RTSTrainConfig(epochs=6, batch_size=16, lr=5e-3, fake_label_prob=0.0)
-    m = train_rts(rts, loader, cfg, device=torch.device("cpu"), progress=False)
+    m = rts.fit(loader, cfg, device="cpu", progress=False)
     after = held_out_loss()
     assert after < before - 0.1, (before, after)
     assert m["loss_history"][-1] < m["loss_history"][0]
@@ -314,6 +315,75 @@ def test_training_stops_at_the_time_bound(toy_clf):
     cfg = RTSTrainConfig(epochs=50, batch_size=8, max_minutes=1e-6)
     m = train_rts(rts, [(x, y, 0)], cfg, device=torch.device("cpu"), progress=False)
     assert m["stopped_early"] and m["steps"] <= 1
+
+
+def test_fit_trains_the_masking_model_from_the_core_api_alone(toy_clf):
+    """``RTS.fit`` (no command, no run folder): the masking model's tensors move, the classifier's (the
+    encoder here) stay, keyword settings equal the same config, and an unknown setting is refused."""
+    x, y, _ = _toy_batch(16, seed=12)
+    before_clf = {k: v.clone() for k, v in toy_clf.state_dict().items()}  # params and BatchNorm statistics
+
+    def fresh() -> RTS:
+        torch.manual_seed(3)
+        return juap.create_interpreter("rts", toy_clf, width=8)
+
+    rts = fresh()
+    before = {k: v.clone() for k, v in rts.trainable_state_dict().items()}
+    m = rts.fit([(x[:8], y[:8], 0), (x[8:], y[8:], 0)], epochs=2, batch_size=8, lr=1e-2, progress=False)
+    assert m["steps"] == 4 and m["epochs_done"] == 2 and len(m["loss_history"]) == 2
+    assert not rts.training and not toy_clf.training
+    for k, v in toy_clf.state_dict().items():
+        assert torch.equal(v, before_clf[k]), f"frozen classifier tensor {k} changed"
+    moved = [k for k, v in rts.trainable_state_dict().items() if not torch.equal(v, before[k])]
+    for part in ("bottleneck.", "embedding.", "decoder."):
+        assert any(k.startswith(part) for k in moved), (part, moved)
+
+    twin = fresh()  # the same training through the function and a config: the same weights
+    cfg = RTSTrainConfig(epochs=2, batch_size=8, lr=1e-2)
+    train_rts(twin, [(x[:8], y[:8], 0), (x[8:], y[8:], 0)], cfg, device=torch.device("cpu"), progress=False)
+    assert all(torch.equal(v, twin.trainable_state_dict()[k]) for k, v in rts.trainable_state_dict().items())
+    with pytest.raises(ConfigError, match="unknown settings \\['epoch'\\]"):
+        fresh().fit([(x, y, 0)], epoch=2, progress=False)
+    with pytest.raises(ConfigError, match="train.lr"):
+        fresh().fit([(x, y, 0)], lr=0.0, progress=False)
+
+
+class _Gappy(torch.utils.data.Dataset):
+    """Toy images with every third one unreadable (``None``)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return None if i % 3 == 2 else (self.x[i], int(self.y[i]))
+
+
+def test_evaluate_rts_counts_every_readable_image_once_whatever_the_batch_size(toy_clf):
+    torch.manual_seed(0)
+    rts = RTS(toy_clf, width=8)
+    x, y, boxes = _toy_batch(20, seed=13)
+    ds = _Gappy(x, y)
+    box_of = {i: boxes[i].tolist() for i in range(0, 20, 2)}  # every other image has a box
+    runs = [
+        evaluate_rts(rts, ds, device=torch.device("cpu"), batch_size=b, boxes=box_of) for b in (1, 4, 128)
+    ]
+    readable = [i for i in range(20) if i % 3 != 2]
+    with torch.no_grad():
+        logits, masks = rts.explain(x[readable])
+    pred = logits.argmax(1)
+    for r in runs:
+        assert r["images"] == len(readable) and r["skipped"] == 20 - len(readable)
+        assert r["pointing_images"] == sum(1 for i in readable if i in box_of)
+        assert 0.0 <= r["pointing_top20"] <= 1.0
+        assert r["classifier_accuracy"] == pytest.approx(float((pred == y[readable]).float().mean()))
+        assert r["mean_mask_area"] == pytest.approx(float(masks.mean()), rel=1e-5)
+        assert set(r["loss"]) == {"total", "preserve", "destroy", "area", "tv"}
+        assert r["loss"]["total"] == pytest.approx(runs[-1]["loss"]["total"], rel=1e-5)
+        assert r["pointing_top20"] == pytest.approx(runs[-1]["pointing_top20"])
+    assert "pointing_top20" not in evaluate_rts(rts, ds, device=torch.device("cpu"))  # no boxes
 
 
 # -- the pointing game ---------------------------------------------------------------------------------
