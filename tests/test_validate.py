@@ -7,6 +7,7 @@ import math
 import pytest
 
 from juap._validate import (
+    FROM_SIGNATURE,
     REQUIRED,
     Param,
     check_choice,
@@ -58,7 +59,40 @@ def test_param_types_ranges_choices_and_tuples():
         Param(tuple, (0.5, 0.9), length=2).check("betas", (0.1,))
     with pytest.raises(ConfigError, match=r"betas\[1\] = 2 is out of range"):
         Param(tuple, (0.5, 0.9), items=float, low=0, high=1).check("betas", (0.1, 2))
-    assert Param(int).default is REQUIRED and Param(int).required
+    assert Param(int, REQUIRED).required and not Param(int, 3).required
+    assert Param(int).default is FROM_SIGNATURE and Param(int).required  # until an attack fills it in
+
+
+def test_an_attack_declares_each_default_once():
+    """A declaration without a default takes the constructor's; one that disagrees, or that no constructor
+    takes, is refused when the class is made (so the two can never drift apart)."""
+    from juap.attacks.base import UniversalAttack
+
+    class Toy(UniversalAttack):
+        hyperparams = {"steps": Param(int, low=1), "mode": Param(str, choices=("a", "b")), "need": Param(int)}
+
+        def __init__(self, *, steps: int = 7, mode: str = "b", need: int, **kw) -> None:
+            super().__init__(**kw)
+
+    assert {k: p.default for k, p in Toy.hyperparams.items()} == {"steps": 7, "mode": "b", "need": REQUIRED}
+
+    class Narrower(Toy):  # a subclass that changes a default without declaring again gets it too
+        def __init__(self, *, steps: int = 3, **kw) -> None:
+            super().__init__(steps=steps, **kw)
+
+    assert Narrower.hyperparams["steps"].default == 3 and Narrower.hyperparams["mode"].default == "b"
+    with pytest.raises(TypeError, match="declared default 5, constructor default 7"):
+
+        class Drifted(UniversalAttack):
+            hyperparams = {"steps": Param(int, 5)}
+
+            def __init__(self, *, steps: int = 7, **kw) -> None:
+                super().__init__(**kw)
+
+    with pytest.raises(TypeError, match="declares hyperparameter 'ghost' but no constructor takes it"):
+
+        class Ghost(UniversalAttack):
+            hyperparams = {"ghost": Param(int)}
 
 
 def test_check_params_unknown_missing_and_bad():

@@ -67,6 +67,7 @@ def check_choice(where: str, value: Any, choices: Sequence[Any]) -> Any:
 
 
 REQUIRED = object()  # the default of a Param that must be given
+FROM_SIGNATURE = object()  # not declared: an attack's Param takes its constructor's default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +77,8 @@ class Param:
     Args:
         types: the accepted type or types; ``int`` values are accepted where ``float`` is, a list where
             ``tuple`` is, and ``bool`` only where it is named.
-        default: the value used when it is not given (``REQUIRED``: must be given).
+        default: the value used when it is not given (``REQUIRED``: must be given). An attack declares it
+            without one: the constructor's default is filled in when the class is made.
         low, high, low_open: the range of a number (``low_open``: ``> low`` rather than ``>= low``).
         choices: the allowed values (of any of ``types``).
         optional: ``None`` is accepted too.
@@ -85,7 +87,7 @@ class Param:
     """
 
     types: type | Tuple[type, ...]
-    default: Any = REQUIRED
+    default: Any = FROM_SIGNATURE
     low: Optional[float] = None
     high: Optional[float] = None
     low_open: bool = False
@@ -97,7 +99,7 @@ class Param:
 
     @property
     def required(self) -> bool:
-        return self.default is REQUIRED
+        return self.default is REQUIRED or self.default is FROM_SIGNATURE  # no default known: must be given
 
     def check(self, where: str, value: Any) -> None:
         """Raise a ConfigError naming ``where`` unless ``value`` fits this declaration."""

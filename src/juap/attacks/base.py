@@ -9,27 +9,67 @@ Each attack class declares what orchestration needs to know about it, so that no
 concrete attack: ``label`` (its name in tables), ``takes_interpreter``, ``hyperparams`` (the typed,
 checked :class:`~juap._validate.Param` of every keyword argument besides classifier, norm, eps,
 interpreter and device) and ``artifacts`` (what a run saves of it: ``"perturbation"``, ``"generator"``).
+A declaration states the type and range; its default is the constructor's (read from the signature when
+the class is made), so a default is written once.
+
+A universal attack is a trainer in the loop engine (:mod:`juap.runtime.loop`). :meth:`UniversalAttack.fit`
+is written once, here: it checks the data, runs the loop (resume, checkpoints, NaN/Inf roll-back, the
+history) and returns a :class:`FitResult`'s perturbation. A subclass writes only what is its own::
+
+    init(data, val_data)         set up a fit: the state before step 1
+    step(i) -> row               one step (an Adam step, an epoch, a pass); a row of scalars for the history
+    state_dict() / load_state_dict(state)     what a checkpoint holds (torch's names)
+    result() -> FitResult        the perturbation kept, and what was selected
+    num_steps                    the loop's length
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple
+import dataclasses
+import inspect
+from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from .._validate import Param, check_params
+from .._validate import FROM_SIGNATURE, REQUIRED, Param, check_params
 from ..budget import apply_perturbation, check_budget, eps_to_unit
 from ..classifiers.base import Classifier
-from ..data.batches import check_images as _check_images  # noqa: F401  (re-exported for the attacks)
-from ..data.batches import cycle_batches, first_images, iter_batches  # noqa: F401
+from ..data.batches import cycle_batches, first_images, iter_batches  # noqa: F401  (for the attacks)
 from ..errors import CheckpointError, ConfigError
 from ..interpreters.base import Interpreter
+from ..runtime.loop import Checkpointing, TrainLoop
 
 COMMON_ARGS = ("classifier", "norm", "eps", "interpreter", "device")
 """The arguments every attack constructor shares, outside ``hyperparams`` (``interpreter`` only where
 ``takes_interpreter``)."""
+
+
+def _declared_with_signature_defaults(cls, *, own: bool) -> Dict[str, Param]:
+    """``cls.hyperparams`` with each default taken from the constructors (the most derived one that names
+    the argument); a declaration that no constructor takes is a TypeError, and so is one of the class's
+    ``own`` that states a default other than the constructor's (inherited ones just follow it)."""
+    signature: Dict[str, Any] = {}
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        for p in inspect.signature(init).parameters.values():
+            if p.kind == p.KEYWORD_ONLY and p.name not in signature:
+                signature[p.name] = REQUIRED if p.default is inspect.Parameter.empty else p.default
+    out = {}
+    for key, p in cls.hyperparams.items():
+        if key not in signature:
+            raise TypeError(f"{cls.__name__} declares hyperparameter {key!r} but no constructor takes it")
+        default = signature[key]
+        if own and p.default is not FROM_SIGNATURE and p.default != default:
+            raise TypeError(
+                f"{cls.__name__}.{key}: declared default {p.default!r}, constructor default {default!r}; "
+                "declare it without a default"
+            )
+        out[key] = dataclasses.replace(p, default=default)
+    return out
 
 
 class Attack:
@@ -72,6 +112,23 @@ class Attack:
         self.norm = norm
         self.eps = float(eps)
         self.device = torch.device(device) if device is not None else _module_device(classifier)
+        self.history: list = []  # rows of the attack's steps, for history.csv (fit's loop, or per batch)
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        cls.hyperparams = _declared_with_signature_defaults(cls, own="hyperparams" in cls.__dict__)
+
+    def check_arguments(
+        self, values: Mapping[str, Any], declared: Optional[Mapping[str, Param]] = None
+    ) -> None:
+        """Check a constructor's hyperparameters (its ``locals()``) against their declarations."""
+        declared = self.hyperparams if declared is None else declared
+        check_params(f"attack {self.name!r}", declared, {k: v for k, v in values.items() if k in declared})
+
+    @property
+    def hinge_level(self) -> Optional[float]:
+        """The level of eq 16's hinge on this attack's loss (drawn on its curves); None: no hinge."""
+        return None
 
     @classmethod
     def check_hyperparams(cls, params: Mapping[str, Any]) -> None:
@@ -93,37 +150,174 @@ class Attack:
         return f"{type(self).__name__}(norm={self.norm!r}, eps={self.eps:g})"
 
 
+@dataclasses.dataclass(frozen=True)
+class FitResult:
+    """What :meth:`UniversalAttack.fit` learned and chose.
+
+    Attributes:
+        perturbation: n_hat (3, H, W) in [0, 1] pixel units, within the budget.
+        selected: the step (or epoch, pass) whose perturbation was kept; None: the last one.
+        validation: the held-out figures of the kept perturbation (fooling ratio, L1, IoU), when measured.
+        train_fooling_rate: the fooling rate on the training data (UAP stops on it), when measured.
+        converged: whether the attack reached its own stopping target (UAP), when it has one.
+    """
+
+    perturbation: torch.Tensor
+    selected: Optional[int] = None
+    validation: Optional[Dict[str, float]] = None
+    train_fooling_rate: Optional[float] = None
+    converged: Optional[bool] = None
+
+    def summary(self) -> Dict[str, Any]:
+        """The scalar fields that are set, for a run's ``metrics.json``."""
+        out = {"selected": self.selected, "validation": self.validation}
+        out.update(train_fooling_rate=self.train_fooling_rate, converged=self.converged)
+        return {k: v for k, v in out.items() if v is not None}
+
+
 class UniversalAttack(Attack):
-    """An attack that learns one image-agnostic perturbation (:meth:`fit`)."""
+    """An attack that learns one image-agnostic perturbation (:meth:`fit`), a trainer in the loop engine.
+
+    A subclass provides :meth:`init`, :meth:`step`, :meth:`state_dict`, :meth:`load_state_dict`,
+    :meth:`result` and :attr:`num_steps` (see the module docstring); optionally :meth:`converged` (stop
+    early), :meth:`restore_state` (what a NaN/Inf roll-back reloads), ``optimizer`` (whose learning rate a
+    roll-back lowers), :meth:`after_step` and the class attributes below.
+    """
 
     universal = True
     artifacts = ("perturbation",)
+    unit: ClassVar[str] = "step"  # what one loop step is: "step", "epoch", "pass"
+    shows_loop_bar: ClassVar[bool] = True  # False: the attack draws its own progress bar
+    checkpoint_every: int = 1  # the default cadence of checkpoints, in loop steps
 
     def __init__(self, **kw) -> None:
         super().__init__(**kw)
         self.perturbation: Optional[torch.Tensor] = None
-        self.history: list = []
+        self.fit_result: Optional[FitResult] = None
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.loop: Optional[TrainLoop] = None
+        self._callback: Optional[Callable] = None
+        self._order: Optional[torch.Generator] = None
 
+    # -- written once: the fit ----------------------------------------------------------------------
     def fit(
-        self, data, *, val_data=None, progress: bool = True, checkpoint=None, callback=None, log=None
+        self,
+        data,
+        *,
+        val_data=None,
+        progress: bool = True,
+        checkpoint: Optional[Checkpointing] = None,
+        callback: Optional[Callable[[int, Callable[[], torch.Tensor]], None]] = None,
+        log=None,
     ) -> torch.Tensor:
         """Learn the perturbation from ``data`` (a loader of ``(x, y, ...)`` or an image tensor (N, 3, H, W)).
-
-        Every universal attack has this signature and runs in the loop engine (:mod:`juap.runtime.loop`).
 
         Args:
             val_data: held-out images to choose the best perturbation on (attacks that do not choose
                 ignore it).
             progress: show a progress bar.
-            checkpoint: a :class:`~juap.runtime.loop.Checkpointing` (folder, cadence, resume).
-            callback: ``callback(step, perturbation)`` after every step; ``perturbation()`` returns the
-                current n_hat. An exception it raises stops the fit.
+            checkpoint: a :class:`~juap.runtime.loop.Checkpointing` (folder, cadence, resume). A resumed fit
+                gives the same perturbation as an uninterrupted one (bitwise on CPU, same data and
+                settings); a checkpoint of another setup is refused.
+            callback: ``callback(count, perturbation)`` as the attack goes (after every step or batch);
+                ``perturbation()`` returns the current n_hat. An exception it raises stops the fit
+                (benchmarks time attacks this way).
             log: receives every history row, e.g. a :class:`~juap.app.history.RunLog`.
 
         Returns:
-            The perturbation n_hat (3, H, W) in [0, 1] pixel units, within the budget.
+            The perturbation n_hat (3, H, W) in [0, 1] pixel units, within the budget; ``fit_result`` holds
+            it with what was selected, ``history`` the rows of the loop.
         """
+        if isinstance(data, torch.Tensor) and len(data) == 0:
+            raise ConfigError(f"{self.name}: the data is empty: no images to learn a perturbation from")
+        self._callback = callback
+        self._order = _order_generator(data)  # a seeded loader's order depends on its generator's state
+        self.loop = loop = TrainLoop(
+            self.name,
+            self.num_steps,
+            checkpoint=checkpoint,
+            default_every=self.checkpoint_every,
+            log=log,
+            progress=progress and self.shows_loop_bar,
+            unit=self.unit,
+        )
+        self.init(data, val_data, progress=progress)
+        start = loop.start(self._snapshot, self._load)
+        loop.finished = self.converged()
+        if not loop.finished:
+            loop.run(
+                self._step,
+                snapshot=self._snapshot,
+                load=self._load,
+                restore=self.restore_state,
+                optimizer=self.optimizer,
+                after=self.after_step,
+                start=start,
+            )
+        self.history = loop.history
+        self.fit_result = self.result()
+        self.perturbation = self.fit_result.perturbation
+        return self.perturbation
+
+    def _step(self, i: int) -> None:
+        out = self.step(i)
+        row, images = out if isinstance(out, tuple) else (out, None)
+        self.loop.finished = self.converged()
+        if row is not None:
+            self.loop.record(i, row, images=images)
+
+    def _snapshot(self) -> Dict[str, Any]:
+        order = self._order.get_state() if self._order is not None else None
+        return {"identity": self.checkpoint_identity(), **self.state_dict(), "loader": order}
+
+    def _load(self, state: Mapping[str, Any]) -> None:
+        self.check_identity(state.get("identity", {}))
+        if self._order is not None and state.get("loader") is not None:
+            self._order.set_state(state["loader"])
+        self.load_state_dict(state)
+
+    def notify(self, count: int, perturbation: Callable[[], torch.Tensor]) -> None:
+        """Call the fit's ``callback`` (if any) with ``count`` steps or batches done so far."""
+        if self._callback is not None:
+            self._callback(count, perturbation)
+
+    # -- what a subclass writes ---------------------------------------------------------------------
+    @property
+    def num_steps(self) -> int:
+        """The loop's length: steps, epochs or passes."""
         raise NotImplementedError
+
+    def init(self, data, val_data, *, progress: bool = True) -> None:
+        """Set up a fit on ``data``: the state before step 1 (a resumed fit then loads its checkpoint)."""
+        raise NotImplementedError
+
+    def step(self, i: int):
+        """Step ``i`` (1-based): a row of scalars for the history, ``(row, images)`` to log images with it,
+        or None. A :class:`~juap.errors.NumericalError` it raises rolls the loop back."""
+        raise NotImplementedError
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to continue after this step (tensors, numbers, nested dicts)."""
+        raise NotImplementedError
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Put back a :meth:`state_dict` (on resume)."""
+        raise NotImplementedError
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        """What a NaN/Inf roll-back reloads (by default all of :meth:`load_state_dict`)."""
+        self.load_state_dict(state)
+
+    def result(self) -> FitResult:
+        """The perturbation kept at the end of the fit, and what was selected."""
+        raise NotImplementedError
+
+    def converged(self) -> bool:
+        """Stop before ``num_steps`` (checked after every step and on resume)."""
+        return False
+
+    def after_step(self, i: int) -> None:
+        """After step ``i`` and its checkpoint (if due)."""
 
     def checkpoint_identity(self) -> Dict[str, Any]:
         """The settings that must match for a checkpoint of this attack to be resumed."""
@@ -165,6 +359,12 @@ def rebind(interpreter: Interpreter, classifier: Classifier) -> Interpreter:
     twin._modules = dict(interpreter._modules)
     twin._modules["classifier"] = classifier
     return twin
+
+
+def _order_generator(data) -> Optional[torch.Generator]:
+    """The ``torch.Generator`` that draws a loader's order (juap's loaders have one), else None."""
+    gen = getattr(data, "generator", None)
+    return gen if isinstance(gen, torch.Generator) else None
 
 
 def _module_device(m: nn.Module) -> torch.device:

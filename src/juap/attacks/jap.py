@@ -7,19 +7,24 @@ in one vectorised pass (Adam's update is element-wise, so stacked parameters sta
 
 from __future__ import annotations
 
+from collections import abc
+from types import MappingProxyType
 from typing import Any, Mapping, Optional
 
 import torch
 from torch.func import functional_call, stack_module_state, vmap
 
 from .._registry import ATTACKS, GENERATORS
-from .._validate import Param, check_range
+from .._validate import Param
 from ..budget import apply_perturbation, scale_to_budget
 from ..errors import ConfigError
 from ..interpreters.base import Interpreter, normalize_maps
 from ..interpreters.smooth_relu import make_surrogate
 from ..losses import OBJECTIVES, attack_classes, check_target, fooling_terms
 from .base import PerImageAttack, rebind
+
+SMALL_GENERATOR: Mapping[str, Any] = MappingProxyType({"ngf": 8, "n_blocks": 2})
+"""JAP's default generator options: one generator is trained per image, so a small one (read-only)."""
 
 
 @ATTACKS.register("jap")
@@ -30,7 +35,8 @@ class JAP(PerImageAttack):
         classifier, norm, eps: as for every attack (eps in 0-255 units).
         interpreter: the interpreter whose map of each image must stay unchanged (``None``: classifier only).
         generator: registered generator name; generator_options: its options (small by default:
-            ``{"ngf": 8, "n_blocks": 2}``, since one generator is trained per image).
+            ``{"ngf": 8, "n_blocks": 2}``, since one generator is trained per image; ``None``: the
+            generator's own defaults).
         objective, target, lam, delta: as in JUAP (eqs 7-9, 13, 16), applied per image.
         steps: Adam steps per batch; lr, betas: Adam's.
         surrogate: smoothed-ReLU surrogate for gradients (``"auto"``: for Grad-CAM).
@@ -45,18 +51,18 @@ class JAP(PerImageAttack):
     label = "JAP"
     takes_interpreter = True
     hyperparams = {
-        "generator": Param(str, "resnet"),
-        "generator_options": Param(dict, None, optional=True),
-        "objective": Param(str, "untargeted", choices=OBJECTIVES),
-        "target": Param(int, None, low=0, optional=True),
-        "lam": Param(float, 1.0, low=0),
-        "delta": Param(float, -0.8, optional=True),
-        "steps": Param(int, 100, low=1),
-        "lr": Param(float, 1e-2, low=0, low_open=True),
-        "betas": Param(tuple, (0.5, 0.999), length=2, items=float, low=0, high=1),
-        "surrogate": Param((bool, str), "auto", choices=("auto", True, False)),
-        "tau": Param(float, 1e-4, low=0, low_open=True),
-        "seed": Param(int, 0),
+        "generator": Param(str),
+        "generator_options": Param(abc.Mapping, optional=True),
+        "objective": Param(str, choices=OBJECTIVES),
+        "target": Param(int, low=0, optional=True),
+        "lam": Param(float, low=0),
+        "delta": Param(float, optional=True),
+        "steps": Param(int, low=1),
+        "lr": Param(float, low=0, low_open=True),
+        "betas": Param(tuple, length=2, items=float, low=0, high=1),
+        "surrogate": Param((bool, str), choices=("auto", True, False)),
+        "tau": Param(float, low=0, low_open=True),
+        "seed": Param(int),
     }
 
     def __init__(
@@ -67,7 +73,7 @@ class JAP(PerImageAttack):
         norm: str = "linf",
         eps: float = 10.0,
         generator: str = "resnet",
-        generator_options: Optional[Mapping[str, Any]] = None,
+        generator_options: Optional[Mapping[str, Any]] = SMALL_GENERATOR,
         objective: str = "untargeted",
         target: Optional[int] = None,
         lam: float = 1.0,
@@ -81,23 +87,24 @@ class JAP(PerImageAttack):
         device=None,
     ) -> None:
         super().__init__(classifier=classifier, norm=norm, eps=eps, device=device)
-        if objective not in OBJECTIVES:
-            raise ConfigError(f"objective = {objective!r}; allowed values: {', '.join(OBJECTIVES)}")
+        self.check_arguments(locals())
         if objective == "targeted":
             check_target(target, classifier.num_classes)
-        check_range("lam", lam, low=0)
-        check_range("steps", steps, low=1)
-        check_range("lr", lr, low=0, low_open=True)
-        GENERATORS.get(generator)
+        if interpreter is not None and not isinstance(interpreter, Interpreter):
+            raise ConfigError(f"interpreter must be a juap Interpreter, got {type(interpreter).__name__}")
+        GENERATORS.get(generator)  # unknown names fail now, listing the known ones
         self.interpreter = interpreter
         self.generator = generator
-        self.generator_options = dict(generator_options or {"ngf": 8, "n_blocks": 2})
+        self.generator_options = dict(generator_options or {})
         self.objective, self.target, self.lam, self.delta = objective, target, float(lam), delta
         self.steps, self.lr, self.betas = int(steps), float(lr), tuple(betas)
-        self.history: list = []  # one row per Adam step of every batch attacked (history.csv)
         auto = interpreter is not None and interpreter.needs_surrogate
         self.use_surrogate = auto if surrogate == "auto" else bool(surrogate)
         self.tau, self.seed = tau, int(seed)
+
+    @property
+    def hinge_level(self) -> Optional[float]:
+        return self.delta
 
     def __call__(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Adversarial images (N, 3, H, W) for images ``x`` in [0, 1]; ``y`` is unused (C_x = f(x))."""

@@ -16,12 +16,12 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
 from .._registry import ATTACKS, GENERATORS
-from .._validate import Param, check_params, check_range
+from .._validate import Param, check_range
 from ..budget import apply_perturbation, scale_to_budget
 from ..errors import CheckpointError, ConfigError, NumericalError
 from ..evaluation import evaluate
@@ -44,8 +44,7 @@ from ..runtime.checkpoint import (
     ResumableLoader,
     check_finite_parameters,
 )
-from ..runtime.loop import Checkpointing, TrainLoop
-from .base import UniversalAttack, cycle_batches, first_images, iter_batches, rebind
+from .base import FitResult, UniversalAttack, cycle_batches, first_images, iter_batches, rebind
 from .fastpaths import FastPaths
 
 _FR_SCALE = 0.1  # dual ascent: a fooling ratio 0.1 off target moves log(lambda) by dual_lr per step
@@ -115,31 +114,31 @@ class GeneratorUAP(UniversalAttack):
     takes_interpreter = True
     artifacts = ("perturbation", "generator")
     hyperparams = {
-        "generator": Param((str, torch.nn.Module), "resnet", doc="registered generator name or a module"),
-        "generator_options": Param(dict, None, optional=True),
-        "objective": Param(str, "least_likely", choices=OBJECTIVES),
-        "target": Param(int, None, low=0, optional=True),
-        "fool_loss": Param(str, "log_mean", choices=FOOL_FORMS),
-        "hinge": Param(str, "batch", choices=HINGES),
-        "lam": Param(float, 0.0, low=0),
-        "delta": Param(float, -0.8, optional=True),
-        "warmup": Param(int, 0, low=0),
-        "fr_target": Param(float, None, low=0, high=1, low_open=True, optional=True),
-        "fr_margin": Param(float, None, low=0, high=1, optional=True),
-        "dual_lr": Param(float, 0.05, low=0, low_open=True),
-        "steps": Param(int, 500, low=1),
-        "batch_size": Param(int, 30, low=1),
-        "lr": Param(float, 2e-4, low=0, low_open=True),
-        "betas": Param(tuple, (0.5, 0.999), length=2, items=float, low=0, high=1),
-        "surrogate": Param((bool, str), "auto", choices=("auto", True, False)),
-        "tau": Param(float, 1e-4, low=0, low_open=True),
-        "rts_feature_weight": Param(float, 0.02, low=0),
-        "seed": Param(int, 0),
-        "eval_every": Param(int, 50, low=1),
-        "selection": Param(str, "auto", choices=("auto", "fooling_ratio", "joint", "constrained", "last")),
-        "amp": Param(bool, False),
-        "channels_last": Param(bool, False),
-        "compile": Param(bool, False),
+        "generator": Param((str, torch.nn.Module), doc="registered generator name or a module"),
+        "generator_options": Param(dict, optional=True),
+        "objective": Param(str, choices=OBJECTIVES),
+        "target": Param(int, low=0, optional=True),
+        "fool_loss": Param(str, choices=FOOL_FORMS),
+        "hinge": Param(str, choices=HINGES),
+        "lam": Param(float, low=0),
+        "delta": Param(float, optional=True),
+        "warmup": Param(int, low=0),
+        "fr_target": Param(float, low=0, high=1, low_open=True, optional=True),
+        "fr_margin": Param(float, low=0, high=1, optional=True),
+        "dual_lr": Param(float, low=0, low_open=True),
+        "steps": Param(int, low=1),
+        "batch_size": Param(int, low=1),
+        "lr": Param(float, low=0, low_open=True),
+        "betas": Param(tuple, length=2, items=float, low=0, high=1),
+        "surrogate": Param((bool, str), choices=("auto", True, False)),
+        "tau": Param(float, low=0, low_open=True),
+        "rts_feature_weight": Param(float, low=0),
+        "seed": Param(int),
+        "eval_every": Param(int, low=1),
+        "selection": Param(str, choices=("auto", "fooling_ratio", "joint", "constrained", "last")),
+        "amp": Param(bool),
+        "channels_last": Param(bool),
+        "compile": Param(bool),
     }
 
     # Long by design: the signature lists the declared hyperparameters one per line; the checks are short.
@@ -178,8 +177,7 @@ class GeneratorUAP(UniversalAttack):
         device=None,
     ) -> None:
         super().__init__(classifier=classifier, norm=norm, eps=eps, device=device)
-        given = {k: v for k, v in locals().items() if k in GeneratorUAP.hyperparams}
-        check_params(f"attack {self.name!r}", GeneratorUAP.hyperparams, given)  # types, ranges, choices
+        self.check_arguments(locals(), GeneratorUAP.hyperparams)  # types, ranges, choices
         if objective == "targeted":
             check_target(target, classifier.num_classes)
         constrained = fr_target is not None or fr_margin is not None
@@ -225,6 +223,8 @@ class GeneratorUAP(UniversalAttack):
         self.fast_options = {"amp": bool(amp), "channels_last": bool(channels_last), "compile": bool(compile)}
         self.generator: Optional[torch.nn.Module] = None
         self.noise: Optional[torch.Tensor] = None
+        self.best_step: Optional[int] = None
+        self.best_val: Optional[Dict[str, float]] = None
 
     @staticmethod
     def _check_constrained(interpreter, lam, fr_target, fr_margin, warmup, selection, constrained) -> None:
@@ -244,65 +244,122 @@ class GeneratorUAP(UniversalAttack):
             )
         check_range("lam", lam, low=0, low_open=True)  # the dual ascent works on log(lambda)
 
-    # -- the loop (juap.runtime.loop) -------------------------------------------------------------------
-    def fit(
-        self,
-        data,
-        *,
-        val_data=None,
-        progress: bool = True,
-        checkpoint: Optional[Checkpointing] = None,
-        callback: Optional[Callable[[int, Callable[[], torch.Tensor]], None]] = None,
-        log=None,
-    ) -> torch.Tensor:
-        """Train the generator on ``data``; keep the best perturbation on ``val_data`` (default: ``data``).
+    # -- the trainer (UniversalAttack.fit runs it) ----------------------------------------------------
+    # fit(data, val_data=...) trains the generator on ``data`` and keeps the best perturbation on
+    # ``val_data`` (default: ``data``); checkpoints every ``eval_every`` steps by default hold the
+    # generator, Adam, the data position, the dual state, the best so far (and, from the engine, the RNG
+    # states and the history). ``history`` holds one row per step: the loss, its parts, the batch fooling
+    # ratio, lambda, and ``val`` (fooling ratio, L1, IoU) at validations. ``callback(step, perturbation)``
+    # runs after every step.
+    @property
+    def num_steps(self) -> int:
+        return self.steps
 
-        Args:
-            data: training images: a loader of ``(x, y, ...)`` batches or a tensor (N, 3, H, W) in [0, 1].
-            val_data: held-out images for choosing the best perturbation.
-            checkpoint: where and how often (default ``eval_every`` steps) to save the generator, Adam, the
-                data position, RNG states, the best so far and the history, and whether to resume from
-                there (the result is then the same as an uninterrupted run's, bitwise on CPU).
-            callback: called after every step as ``callback(step, perturbation)``, where
-                ``perturbation()`` returns the current n_hat (3, H, W); an exception it raises stops
-                the fit (benchmarks time attacks this way).
-            log: receives every history row (see :class:`~juap.app.history.RunLog`).
+    @property
+    def checkpoint_every(self) -> int:
+        return self.eval_every
 
-        Returns:
-            n_hat (3, H, W), with ``||n_hat||_p <= zeta``. ``self.history`` holds one row per step: loss,
-            its parts, batch fooling ratio, lambda, and ``val`` (fooling ratio, L1, IoU) at validations.
-        """
+    def init(self, data, val_data, *, progress: bool = True) -> None:
         distributed.check_divisible(self.batch_size)
         distributed.check_same_across_ranks(self.classifier, "classifier under attack")
-        run = _GeneratorFit(self, data, val_data)
-        loop = run.loop = TrainLoop(
-            self.name,
-            self.steps,
-            checkpoint=checkpoint,
-            default_every=self.eval_every,
-            log=log,
-            progress=progress,
-        )
-        start = loop.start(run.snapshot, run.load)
-        run.begin(start)  # the batches start where the checkpoint left off
-        after = (
-            None if callback is None else (lambda i: callback(i, lambda: self.current_perturbation(run.G)))
-        )
-        loop.run(
-            run.step,
-            snapshot=run.snapshot,
-            load=run.load,
-            restore=run.restore,
-            optimizer=run.opt,
-            after=after,
-            start=start,
-        )
-        self.history = loop.history
-        run.G.load_state_dict(run.best["state"])
-        self.generator = run.G.eval()
-        self.perturbation = run.best["n_hat"]
-        self.best_step, self.best_val = run.best["step"], run.best["val"]
-        return self.perturbation
+        dev = self.device
+        self._data, self._val_data = data, val_data if val_data is not None else data
+        x0 = first_images(data, dev)
+        noise = torch.rand((1,) + tuple(x0.shape[1:]), generator=torch.Generator().manual_seed(self.seed))
+        self.noise = noise.to(dev)  # the fixed input n ~ U(0, 1), kept with the artifact
+        torch.manual_seed(self.seed)
+        self._G = self.make_generator().to(dev).train()
+        self.optimizer = torch.optim.Adam(self._G.parameters(), lr=self.lr, betas=self.betas)
+        train_interp = self.interpreter
+        if self.interpreter is not None and self.use_surrogate:  # gradients through the smoothed ReLUs
+            train_interp = rebind(self.interpreter, make_surrogate(self.classifier, tau=self.tau))  # eq 15
+        self._fast = FastPaths(**self.fast_options, device=dev)
+        self._fwd = list(self._fast.prepare(distributed.wrap_ddp(self._G), train_interp, self.classifier))
+        self.dual = {"lam": self.lam, "fr_ema": None, "target": self.fr_target, "guap_fooling_ratio": None}
+        self._source = data if isinstance(data, torch.Tensor) else ResumableLoader(data, roll_over=True)
+        self._best: Optional[Dict[str, Any]] = None
+        self._batches = None  # built at the first step, where a resumed fit left off
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "generator": self._G.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "best": self._best,
+            "dual": dict(self.dual),
+            "data": self._source.position() if isinstance(self._source, ResumableLoader) else None,
+        }
+
+    def restore_state(self, state) -> None:  # a NaN/Inf roll-back: the data moves on
+        try:
+            self._G.load_state_dict(state["generator"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"the checkpoint does not fit this generator: {e}") from None
+
+    def load_state_dict(self, state) -> None:
+        self.restore_state(state)
+        self.dual = dict(state.get("dual") or self.dual)
+        best = state["best"]
+        self._best = None if best is None else {**best, "n_hat": best["n_hat"].to(self.device)}
+        if isinstance(self._source, ResumableLoader):
+            self._source = ResumableLoader(self._data, state["data"], roll_over=True)
+
+    def _batches_from(self, start: int):
+        """This rank's slice of every batch from step ``start + 1`` on."""
+        batches = cycle_batches(self._source, batch_size=self.batch_size, device=self.device, seed=self.seed)
+        batches = distributed.local_batches(batches, skip_small=True)
+        if start and not isinstance(self._source, ResumableLoader):
+            for _ in range(start):  # a tensor's order depends only on the seed and the position
+                next(batches)
+        return batches
+
+    def step(self, i: int):
+        fast = self._fast
+        if self._batches is None:
+            self._batches = self._batches_from(i - 1)
+        x = fast.images(next(self._batches)[0])
+        lam = self.lam_at(i)
+        with fast.autocast():
+            (loss, parts), *self._fwd = fast.first_step(
+                lambda g, ti: self.train_step(g, self.optimizer, x, ti, lam=lam), *self._fwd
+            )
+        last = i == self.steps
+        if i % self.eval_every == 0 or self.loop.checkpoint_due(i):
+            check_finite_parameters(self._G, f"{self.name} generator at step {i}")
+        row = {"loss": loss, **parts, **({"lam": lam} if self.interpreter is not None else {})}
+        self._dual_step(i, parts["batch_fooling_ratio"])
+        if i == self.warmup and self.fr_margin is not None:  # GUAP's ratio, as the dual sees it
+            self.dual["guap_fooling_ratio"] = self.dual["fr_ema"]
+            self.dual["target"] = max(self.dual["fr_ema"] - self.fr_margin, 0.0)
+        if not (i % self.eval_every == 0 or last or i == self.warmup):
+            return row
+        n_hat = self.current_perturbation(self._G)
+        row["val"] = self.validate(n_hat, self._val_data)
+        self._keep_best(i, n_hat, row["val"])
+        return row, {"perturbation": n_hat}
+
+    def after_step(self, i: int) -> None:
+        self.notify(i, lambda: self.current_perturbation(self._G))
+
+    def _keep_best(self, step: int, n_hat: torch.Tensor, val: Dict[str, float]) -> None:
+        """Keep this validation's perturbation when it scores at least as well as the best so far."""
+        best = self._best
+        in_warmup = step <= self.warmup and step != self.steps  # GUAP's perturbation, not JUAP's
+        if in_warmup or not (best is None or self._score(val) >= best["score"] or self.selection == "last"):
+            return
+        state = copy.deepcopy(self._G.state_dict())
+        self._best = {"score": self._score(val), "step": step, "n_hat": n_hat, "state": state, "val": val}
+
+    def result(self) -> FitResult:
+        best = self._best
+        self._G.load_state_dict(best["state"])
+        self.generator = self._G.eval()
+        self.best_step, self.best_val = best["step"], best["val"]
+        return FitResult(best["n_hat"], selected=best["step"], validation=best["val"])
+
+    @property
+    def hinge_level(self) -> Optional[float]:
+        return self.delta
 
     def checkpoint_identity(self) -> Dict[str, Any]:
         generator = {"generator": str(self.generator_spec), "generator_options": self.generator_options}
@@ -413,6 +470,15 @@ class GeneratorUAP(UniversalAttack):
     def _encode(interp, x: torch.Tensor) -> Optional[torch.Tensor]:
         return interp.encode(x)  # None unless the interpreter has an encoder (RTS)
 
+    def generator_artifact(self) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+        """The trained generator as a run saves it (``artifacts`` has ``"generator"``): its tensors
+        (``generator.*`` and the fixed ``noise``) and metadata naming how to build it again."""
+        if self.generator is None:
+            raise RuntimeError("call fit() first")
+        tensors = {f"generator.{k}": v for k, v in self.generator.state_dict().items()}
+        meta = {"format": "juap.generator", "generator": str(self.generator_spec)}
+        return {**tensors, "noise": self.noise}, {**meta, "generator_options": self.generator_options}
+
     def make_generator(self) -> torch.nn.Module:
         """A fresh, untrained generator as this attack's ``generator`` and ``generator_options`` name it."""
         if isinstance(self.generator_spec, torch.nn.Module):
@@ -462,96 +528,6 @@ class GeneratorUAP(UniversalAttack):
         return 0.0
 
 
-class _GeneratorFit:
-    """One :meth:`GeneratorUAP.fit` for the loop engine: the generator, Adam, the data and the best so far."""
-
-    def __init__(self, attack: GeneratorUAP, data, val_data) -> None:
-        a, dev = attack, attack.device
-        self.attack, self.data, self.val_data = attack, data, val_data if val_data is not None else data
-        x0 = first_images(data, dev)
-        noise = torch.rand((1,) + tuple(x0.shape[1:]), generator=torch.Generator().manual_seed(a.seed))
-        a.noise = noise.to(dev)  # the fixed input n ~ U(0, 1), kept with the artifact
-        torch.manual_seed(a.seed)
-        self.G = a.make_generator().to(dev).train()
-        self.opt = torch.optim.Adam(self.G.parameters(), lr=a.lr, betas=a.betas)
-        train_interp = a.interpreter
-        if a.interpreter is not None and a.use_surrogate:  # gradients through the smoothed ReLUs (eq 15)
-            train_interp = rebind(a.interpreter, make_surrogate(a.classifier, tau=a.tau))
-        self.fast = FastPaths(**a.fast_options, device=dev)
-        self.fwd = list(self.fast.prepare(distributed.wrap_ddp(self.G), train_interp, a.classifier))
-        a.dual = {"lam": a.lam, "fr_ema": None, "target": a.fr_target, "guap_fooling_ratio": None}
-        self.source = data if isinstance(data, torch.Tensor) else ResumableLoader(data, roll_over=True)
-        self.best: Optional[Dict[str, Any]] = None
-
-    def begin(self, start: int) -> None:
-        a = self.attack
-        batches = cycle_batches(self.source, batch_size=a.batch_size, device=a.device, seed=a.seed)
-        self.batches = distributed.local_batches(batches, skip_small=True)  # this rank's slice of each batch
-        if start and not isinstance(self.source, ResumableLoader):
-            for _ in range(start):  # a tensor's order depends only on the seed and the position
-                next(self.batches)
-
-    def snapshot(self) -> Dict[str, Any]:
-        return {
-            "identity": self.attack.checkpoint_identity(),
-            "generator": self.G.state_dict(),
-            "optimizer": self.opt.state_dict(),
-            "best": self.best,
-            "dual": dict(self.attack.dual),
-            "data": self.source.position() if isinstance(self.source, ResumableLoader) else None,
-        }
-
-    def restore(self, state: Dict[str, Any]) -> None:  # a NaN/Inf roll-back: the data moves on
-        try:
-            self.G.load_state_dict(state["generator"])
-            self.opt.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"the checkpoint does not fit this generator: {e}") from None
-
-    def load(self, state: Dict[str, Any]) -> None:
-        a = self.attack
-        a.check_identity(state.get("identity", {}))
-        self.restore(state)
-        a.dual = dict(state.get("dual") or a.dual)
-        best = state["best"]
-        self.best = None if best is None else {**best, "n_hat": best["n_hat"].to(a.device)}
-        if isinstance(self.source, ResumableLoader):
-            self.source = ResumableLoader(self.data, state["data"], roll_over=True)
-
-    def step(self, i: int) -> Optional[Dict[str, Any]]:
-        a, fast = self.attack, self.fast
-        x = fast.images(next(self.batches)[0])
-        lam = a.lam_at(i)
-        with fast.autocast():
-            (loss, parts), *self.fwd = fast.first_step(
-                lambda g, ti: a.train_step(g, self.opt, x, ti, lam=lam), *self.fwd
-            )
-        last = i == a.steps
-        if i % a.eval_every == 0 or self.loop.ckpt.due(i, last=last):
-            check_finite_parameters(self.G, f"{a.name} generator at step {i}")
-        row = {"loss": loss, **parts, **({"lam": lam} if a.interpreter is not None else {})}
-        a._dual_step(i, parts["batch_fooling_ratio"])
-        if i == a.warmup and a.fr_margin is not None:  # GUAP's ratio, as the dual sees it
-            a.dual["guap_fooling_ratio"] = a.dual["fr_ema"]
-            a.dual["target"] = max(a.dual["fr_ema"] - a.fr_margin, 0.0)
-        if not (i % a.eval_every == 0 or last or i == a.warmup):
-            return row
-        n_hat = a.current_perturbation(self.G)
-        row["val"] = a.validate(n_hat, self.val_data)
-        self._keep_best(i, n_hat, row["val"])
-        self.loop.record(i, row, images={"perturbation": n_hat})
-        return None
-
-    def _keep_best(self, step: int, n_hat: torch.Tensor, val: Dict[str, float]) -> None:
-        """Keep this validation's perturbation when it scores at least as well as the best so far."""
-        a, best = self.attack, self.best
-        in_warmup = step <= a.warmup and step != a.steps  # GUAP's perturbation, not JUAP's
-        if in_warmup or not (best is None or a._score(val) >= best["score"] or a.selection == "last"):
-            return
-        state = copy.deepcopy(self.G.state_dict())
-        self.best = {"score": a._score(val), "step": step, "n_hat": n_hat, "state": state, "val": val}
-
-
 @ATTACKS.register("juap")
 class JUAP(GeneratorUAP):
     """JUAP: fool the classifier and keep the interpreter's maps (eq 16). Needs an interpreter.
@@ -567,7 +543,7 @@ class JUAP(GeneratorUAP):
     name = "juap"
     label = "JUAP"
     generator_in_label = "prefix"  # R-JUAP, U-JUAP
-    hyperparams = {**GeneratorUAP.hyperparams, "lam": Param(float, 0.05, low=0)}
+    hyperparams = {**GeneratorUAP.hyperparams, "lam": Param(float, low=0)}
 
     def __init__(self, *, interpreter: Interpreter, lam: float = 0.05, **kw) -> None:
         if interpreter is None:
@@ -587,9 +563,9 @@ class GUAP(GeneratorUAP):
     takes_interpreter = False
     hyperparams = {
         **{k: p for k, p in GeneratorUAP.hyperparams.items() if k != "lam"},  # no map term
-        "objective": Param(str, "untargeted", choices=OBJECTIVES),
-        "fool_loss": Param(str, "mean_log1p", choices=FOOL_FORMS),
-        "delta": Param(float, None, optional=True),
+        "objective": Param(str, choices=OBJECTIVES),
+        "fool_loss": Param(str, choices=FOOL_FORMS),
+        "delta": Param(float, optional=True),
     }
 
     def __init__(
@@ -618,7 +594,7 @@ class GUAPTargeted(GUAP):
     hyperparams = {
         **{k: p for k, p in GUAP.hyperparams.items() if k != "objective"},  # always eq 9
         "target": Param(int, low=0),
-        "fool_loss": Param(str, "log_mean", choices=FOOL_FORMS),
+        "fool_loss": Param(str, choices=FOOL_FORMS),
     }
 
     def __init__(self, *, target: int, fool_loss: str = "log_mean", **kw) -> None:

@@ -8,11 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from .._registry import ATTACKS
-from .._validate import Param, check_params
+from .._validate import Param
 from ..budget import project
+from ..data.batches import check_images
 from ..errors import ConfigError
 from ._folding import FoldedCache
-from .base import PerImageAttack, _check_images
+from .base import PerImageAttack
 
 
 class PGD(PerImageAttack):
@@ -63,13 +64,13 @@ class PGD(PerImageAttack):
     name = "pgd"
     label = "PGD"
     hyperparams = {
-        "steps": Param(int, 10, low=1),
-        "step_size": Param(float, None, low=0, low_open=True, doc="0-255 units; default 2.5 eps / steps"),
-        "random_start": Param(bool, True),
-        "target": Param(int, None, low=0, optional=True),
-        "use_labels": Param(bool, False),
-        "seed": Param(int, None, optional=True),
-        "fast": Param(bool, True),
+        "steps": Param(int, low=1),
+        "step_size": Param(float, low=0, low_open=True, doc="0-255 units; default 2.5 eps / steps"),
+        "random_start": Param(bool),
+        "target": Param(int, low=0, optional=True),
+        "use_labels": Param(bool),
+        "seed": Param(int, optional=True),
+        "fast": Param(bool),
     }
 
     def __init__(
@@ -85,9 +86,7 @@ class PGD(PerImageAttack):
         **kw,
     ) -> None:
         super().__init__(**kw)
-        given = dict(steps=steps, step_size=step_size, random_start=random_start, target=target)
-        given.update(use_labels=use_labels, seed=seed, fast=fast)
-        check_params(self.name, self.hyperparams, given)
+        self.check_arguments(locals())
         step_size = 2.5 * self.eps / steps if step_size is None else step_size
         n = self.classifier.num_classes
         if target is not None and target >= n:
@@ -97,7 +96,7 @@ class PGD(PerImageAttack):
         self.fast, self._folded = fast, FoldedCache()
 
     def __call__(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
-        _check_images(x)
+        check_images(x)
         x = x.detach().to(self.device)
         if self.target is not None:
             y, sign = torch.full((len(x),), self.target, dtype=torch.long, device=self.device), -1.0

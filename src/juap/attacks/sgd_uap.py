@@ -8,18 +8,17 @@ on the same model is undertrained, not a finding.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn.functional as F
 
 from .._registry import ATTACKS
-from .._validate import Param, check_params
+from .._validate import Param
 from ..budget import apply_perturbation, project
 from ..errors import ConfigError
 from ..losses import check_target
-from ..runtime.loop import Checkpointing, TrainLoop
-from .base import UniversalAttack, iter_batches
+from .base import FitResult, UniversalAttack, iter_batches
 
 
 @ATTACKS.register("sgd_uap")
@@ -63,16 +62,18 @@ class SGDUAP(UniversalAttack):
     name = "sgd_uap"
     label = "SGD-UAP"
     hyperparams = {
-        "epochs": Param(int, 10, low=1),
-        "batch_size": Param(int, 32, low=1),
-        "step_size": Param(float, 0.1, low=0, low_open=True),
-        "decay": Param(float, 0.8, low=0, high=1, low_open=True),
-        "beta": Param(float, 12.0, low=0, low_open=True),
-        "objective": Param(str, "untargeted", choices=("untargeted", "targeted")),
-        "target": Param(int, None, low=0, optional=True),
-        "seed": Param(int, 0, optional=True),
+        "epochs": Param(int, low=1),
+        "batch_size": Param(int, low=1),
+        "step_size": Param(float, low=0, low_open=True),
+        "decay": Param(float, low=0, high=1, low_open=True),
+        "beta": Param(float, low=0, low_open=True),
+        "objective": Param(str, choices=("untargeted", "targeted")),
+        "target": Param(int, low=0, optional=True),
+        "seed": Param(int, optional=True),
     }
     objectives = ("untargeted", "targeted")  # the grid crosses only these
+
+    unit = "epoch"
 
     def __init__(
         self,
@@ -88,9 +89,7 @@ class SGDUAP(UniversalAttack):
         **kw,
     ) -> None:
         super().__init__(**kw)
-        given = dict(epochs=epochs, batch_size=batch_size, step_size=step_size, decay=decay, beta=beta)
-        given.update(objective=objective, target=target, seed=seed)
-        check_params(self.name, self.hyperparams, given)
+        self.check_arguments(locals())
         if objective == "targeted":
             check_target(target, self.classifier.num_classes)
         self.epochs, self.batch_size = int(epochs), int(batch_size)
@@ -98,63 +97,43 @@ class SGDUAP(UniversalAttack):
         self.objective, self.target, self.seed = objective, target, seed
         self.best_epoch: Optional[int] = None
 
-    def fit(
-        self,
-        data,
-        *,
-        val_data=None,
-        progress: bool = True,
-        checkpoint: Optional[Checkpointing] = None,
-        callback: Optional[Callable[[int, Callable[[], torch.Tensor]], None]] = None,
-        log=None,
-    ) -> torch.Tensor:
-        """Learn v from ``data``; with ``val_data`` keep the epoch's v with the highest fooling ratio there
-        (else the last). ``checkpoint``: save after every epoch (and resume after the last finished one).
-        ``callback(step, perturbation)`` is called after every step (``perturbation()`` returns v);
-        ``log`` receives one history row per epoch."""
-        gen = getattr(data, "generator", None)  # a seeded loader's order depends on its generator's state
-        gen = gen if isinstance(gen, torch.Generator) else None
-        run: Dict[str, Any] = {"v": None, "best": None, "steps": 0}
-        loop = TrainLoop(
-            self.name, self.epochs, checkpoint=checkpoint, log=log, progress=progress, unit="epoch"
-        )
+    # -- the trainer (UniversalAttack.fit runs it): one epoch a step; with val_data the epoch's v with the
+    # highest fooling ratio there is kept (else the last); callback after every batch --------------------
+    @property
+    def num_steps(self) -> int:
+        return self.epochs
 
-        def load(state):
-            self.check_identity(state["identity"])
-            run.update(v=state["v"].to(self.device), best=state["best"], steps=int(state.get("steps", 0)))
-            if gen is not None and state.get("loader") is not None:
-                gen.set_state(state["loader"])
+    def init(self, data, val_data, *, progress: bool = True) -> None:
+        self.data, self.val_data = data, val_data
+        self.v: Optional[torch.Tensor] = None
+        self.best: Optional[Dict[str, Any]] = None
+        self.batches_done = 0
 
-        def snapshot():
-            loader = gen.get_state() if gen is not None else None
-            return {
-                "identity": self.checkpoint_identity(),
-                "v": run["v"],
-                "best": run["best"],
-                "steps": run["steps"],
-                "loader": loader,
-            }
+    def state_dict(self) -> Dict[str, Any]:
+        return {"v": self.v, "best": self.best, "steps": self.batches_done}
 
-        def epoch(e: int):
-            run["v"], loss, run["steps"] = self._epoch(data, run["v"], e - 1, callback, run["steps"])
-            row = {"loss": loss}
-            if val_data is not None:
-                row["val_fooling_ratio"] = self.fooling_ratio(val_data, run["v"])
-                if run["best"] is None or row["val_fooling_ratio"] > run["best"]["fooling_ratio"]:
-                    run["best"] = {"epoch": e, "fooling_ratio": row["val_fooling_ratio"], "v": run["v"]}
-            loop.record(e, row, images={"perturbation": run["v"]})
+    def load_state_dict(self, state) -> None:
+        self.v, self.best = state["v"].to(self.device), state["best"]
+        self.batches_done = int(state.get("steps", 0))
 
-        loop.run(epoch, snapshot=snapshot, load=load)
-        self.history = loop.history
-        v, best = run["v"], run["best"]
-        if best is not None:
-            v, self.best_epoch = best["v"].to(self.device), best["epoch"]
-        else:
+    def step(self, e: int):
+        self.v, loss, self.batches_done = self._epoch(self.data, self.v, e - 1, self.batches_done)
+        row = {"loss": loss}
+        if self.val_data is not None:
+            row["val_fooling_ratio"] = self.fooling_ratio(self.val_data, self.v)
+            if self.best is None or row["val_fooling_ratio"] > self.best["fooling_ratio"]:
+                self.best = {"epoch": e, "fooling_ratio": row["val_fooling_ratio"], "v": self.v}
+        return row, {"perturbation": self.v}
+
+    def result(self) -> FitResult:
+        if self.best is None:
             self.best_epoch = self.epochs
-        self.perturbation = v
-        return v
+            return FitResult(self.v, selected=self.epochs)
+        self.best_epoch = self.best["epoch"]
+        val = {"fooling_ratio": self.best["fooling_ratio"]}
+        return FitResult(self.best["v"].to(self.device), selected=self.best_epoch, validation=val)
 
-    def _epoch(self, data, v: Optional[torch.Tensor], epoch: int, callback=None, steps: int = 0):
+    def _epoch(self, data, v: Optional[torch.Tensor], epoch: int, steps: int = 0):
         """One pass over ``data``; returns (v, the mean loss, the number of steps so far)."""
         step = self.step_size * self.zeta * self.decay**epoch
         shuffle = None if self.seed is None else self.seed + epoch
@@ -173,8 +152,7 @@ class SGDUAP(UniversalAttack):
                 v = project(v + step * direction, norm=self.norm, eps=self.eps)
             total, n = total + float(loss.detach()) * len(x), n + len(x)
             steps += 1
-            if callback is not None:
-                callback(steps, lambda v=v: v)
+            self.notify(steps, lambda v=v: v)
         if v is None:
             raise ConfigError("sgd_uap: the data is empty: no images to learn a perturbation from")
         return v, total / n, steps

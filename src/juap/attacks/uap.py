@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .._registry import ATTACKS
-from .._validate import Param, check_params
+from .._validate import Param
 from ..budget import apply_perturbation, project
 from ..errors import ConfigError
-from ..runtime.loop import Checkpointing, TrainLoop
 from ._folding import folded_copy
-from .base import UniversalAttack, iter_batches
+from .base import FitResult, UniversalAttack, iter_batches
 
 _TOL = 1e-8  # keeps DeepFool's divisions finite
 
@@ -73,15 +72,17 @@ class UAP(UniversalAttack):
 
     name = "uap"
     label = "UAP"
+    unit = "pass"
+    shows_loop_bar = False  # a bar per pass, over the images
     hyperparams = {
-        "max_passes": Param(int, 10, low=1),
-        "target_fooling_rate": Param(float, 0.8, low=0, high=1, low_open=True),
-        "overshoot": Param(float, 0.02, low=0),
-        "deepfool_steps": Param(int, 10, low=1),
-        "nb_grads": Param(int, 10, low=2),
-        "batch_size": Param(int, 8, low=1),
-        "fast": Param(bool, True),
-        "seed": Param(int, 0, optional=True),
+        "max_passes": Param(int, low=1),
+        "target_fooling_rate": Param(float, low=0, high=1, low_open=True),
+        "overshoot": Param(float, low=0),
+        "deepfool_steps": Param(int, low=1),
+        "nb_grads": Param(int, low=2),
+        "batch_size": Param(int, low=1),
+        "fast": Param(bool),
+        "seed": Param(int, optional=True),
     }
 
     def __init__(
@@ -98,10 +99,7 @@ class UAP(UniversalAttack):
         **kw,
     ) -> None:
         super().__init__(**kw)
-        given = dict(max_passes=max_passes, target_fooling_rate=target_fooling_rate, overshoot=overshoot)
-        given.update(deepfool_steps=deepfool_steps, nb_grads=nb_grads, batch_size=batch_size)
-        given.update(fast=fast, seed=seed)
-        check_params(self.name, self.hyperparams, given)
+        self.check_arguments(locals())
         if self.classifier.num_classes < 2:
             raise ConfigError("uap: the classifier must have at least 2 classes")
         self.max_passes, self.target_fooling_rate = max_passes, float(target_fooling_rate)
@@ -111,79 +109,40 @@ class UAP(UniversalAttack):
         self.fooling_rate_: Optional[float] = None
         self.converged_: Optional[bool] = None
 
-    def fit(
-        self,
-        data,
-        *,
-        val_data=None,
-        progress: bool = True,
-        checkpoint: Optional[Checkpointing] = None,
-        callback: Optional[Callable[[int, Callable[[], torch.Tensor]], None]] = None,
-        log=None,
-    ) -> torch.Tensor:
-        """Learn v from ``data``; sets ``perturbation``, ``fooling_rate_``, ``converged_`` and ``history``.
+    # -- the trainer (UniversalAttack.fit runs it): one pass over the data a step, until the fooling rate
+    # on the data reaches the target; ``val_data`` is not used. SIGINT/SIGTERM stop at the end of the
+    # current pass with a checkpoint; ``callback(batches, perturbation)`` after every batch -------------
+    @property
+    def num_steps(self) -> int:
+        return self.max_passes
 
-        Args:
-            val_data: not used: UAP stops when its fooling rate on ``data`` reaches the target.
-            checkpoint: save after every pass (v, the pass count, the history, the data order and RNG
-                states); SIGINT/SIGTERM stop at the end of the current pass with a checkpoint (a second
-                signal stops at once); resume continues after the last finished pass (the same v as an
-                uninterrupted run's, bitwise on CPU with the same data and settings).
-            callback: called after every batch as ``callback(batches, perturbation)``, with the number of
-                batches so far and ``perturbation()`` returning the current v; an exception it raises
-                stops the fit (benchmarks time attacks this way).
-            log: receives one history row per pass.
-        """
-        benign = None  # f(x) of every image of a tensor, computed once
+    def init(self, data, val_data, *, progress: bool = True) -> None:
+        self.data, self.progress = data, progress
+        self.benign = None  # f(x) of every image of a tensor, computed once
         if isinstance(data, torch.Tensor):
-            if len(data) == 0:
-                raise ConfigError("uap: the data is empty: no images to learn a perturbation from")
             batches = iter_batches(data, batch_size=4 * self.batch_size, device=self.device)
-            benign = torch.cat([self._predict(x) for x, _ in batches])
-        gen = getattr(data, "generator", None)  # a seeded loader's order depends on its generator's state
-        gen = gen if isinstance(gen, torch.Generator) else None
-        run: Dict[str, Any] = {"v": None, "fooling_rate": 0.0, "batches": 0}
-        loop = TrainLoop(
-            self.name, self.max_passes, checkpoint=checkpoint, log=log, progress=False, unit="pass"
-        )
+            self.benign = torch.cat([self._predict(x) for x, _ in batches])
+        self.v: Optional[torch.Tensor] = None
+        self.fooling_rate_, self.batches_done = 0.0, 0
 
-        def load(state):
-            self.check_identity(state["identity"])
-            run.update(v=state["v"].to(self.device), fooling_rate=float(state["fooling_rate"]))
-            if gen is not None and state.get("loader") is not None:
-                gen.set_state(state["loader"])
-            loop.finished = run["fooling_rate"] >= self.target_fooling_rate
+    def state_dict(self) -> Dict[str, Any]:
+        return {"v": self.v, "fooling_rate": self.fooling_rate_}
 
-        def snapshot():
-            loader = gen.get_state() if gen is not None else None
-            return {
-                "identity": self.checkpoint_identity(),
-                "v": run["v"],
-                "fooling_rate": run["fooling_rate"],
-                "loader": loader,
-            }
+    def load_state_dict(self, state) -> None:
+        self.v, self.fooling_rate_ = state["v"].to(self.device), float(state["fooling_rate"])
 
-        def one_pass(p: int):
-            run["v"], run["fooling_rate"], updates = self._pass(data, benign, run["v"], p, progress, tick)
-            loop.finished = run["fooling_rate"] >= self.target_fooling_rate
-            loop.record(
-                p, {"fooling_rate": run["fooling_rate"], "updates": updates}, {"perturbation": run["v"]}
-            )
+    def converged(self) -> bool:
+        return self.fooling_rate_ >= self.target_fooling_rate
 
-        def tick(v: torch.Tensor) -> None:
-            run["batches"] += 1
-            if callback is not None:
-                callback(run["batches"], lambda: v)
+    def step(self, p: int):
+        self.v, self.fooling_rate_, updates = self._pass(self.data, self.benign, self.v, p, self.progress)
+        return {"fooling_rate": self.fooling_rate_, "updates": updates}, {"perturbation": self.v}
 
-        start = loop.start(snapshot, load)
-        if not loop.finished:
-            loop.run(one_pass, snapshot=snapshot, load=load, start=start)
-        self.history = loop.history
-        self.perturbation, self.fooling_rate_, self._net = run["v"], run["fooling_rate"], None
-        self.converged_ = run["fooling_rate"] >= self.target_fooling_rate
-        return self.perturbation
+    def result(self) -> FitResult:
+        self._net, self.converged_ = None, self.converged()
+        return FitResult(self.v, train_fooling_rate=self.fooling_rate_, converged=self.converged_)
 
-    def _pass(self, data, benign, v, p: int, progress: bool, tick: Callable[[torch.Tensor], None]):
+    def _pass(self, data, benign, v, p: int, progress: bool):
         """Pass ``p`` of Algorithm 1 of Moosavi-Dezfooli et al.: DeepFool steps folded into v.
 
         Returns:
@@ -213,7 +172,8 @@ class UAP(UniversalAttack):
             seen, fooled = seen + len(x), fooled + int((~todo).sum())
             bar.set_postfix(fooled=f"{fooled / seen:.3f}", updates=updates)
             bar.update(len(x))
-            tick(v)
+            self.batches_done += 1
+            self.notify(self.batches_done, lambda v=v: v)
         if v is None:
             bar.close()
             self._net = None

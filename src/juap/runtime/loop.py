@@ -191,6 +191,10 @@ class TrainLoop:
             shown = {k: v for k, v in row.items() if k in _SHOWN and isinstance(v, (int, float))}
             self.bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()}, refresh=False)
 
+    def checkpoint_due(self, step: int) -> bool:
+        """Whether the loop saves a checkpoint after ``step`` (its cadence, the last step, a stop signal)."""
+        return self.ckpt.due(step, last=step == self.total)
+
     def roll_back(self, error, restore, optimizer=None, scheduler=None, *, step: int) -> None:
         """A NaN/Inf fault: reload the last good state, multiply the lr by ``lr_factor``, note it."""
         lrs = lr_settings(optimizer, scheduler) if optimizer is not None else None
