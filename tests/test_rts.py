@@ -367,9 +367,11 @@ def test_evaluate_rts_counts_every_readable_image_once_whatever_the_batch_size(t
     x, y, boxes = _toy_batch(20, seed=13)
     ds = _Gappy(x, y)
     box_of = {i: boxes[i].tolist() for i in range(0, 20, 2)}  # every other image has a box
+    rng = torch.get_rng_state()
     runs = [
         evaluate_rts(rts, ds, device=torch.device("cpu"), batch_size=b, boxes=box_of) for b in (1, 4, 128)
     ]
+    assert torch.equal(torch.get_rng_state(), rng)  # measuring draws nothing from the global RNG
     readable = [i for i in range(20) if i % 3 != 2]
     with torch.no_grad():
         logits, masks = rts.explain(x[readable])

@@ -321,7 +321,9 @@ def evaluate_rts(
     """
     rts.to(device).eval()
     sums = MetricSums()
-    loader = DataLoader(_Indexed(dataset), batch_size=batch_size, collate_fn=_collate_indexed)
+    loader = DataLoader(  # its own generator: measuring leaves the global RNG alone
+        _Indexed(dataset), batch_size=batch_size, collate_fn=_collate_indexed, generator=torch.Generator()
+    )
     batches = distributed.shard_eval_loader(loader)  # this rank's share; all of it alone
     show = progress and distributed.is_main()
     for idx, x, y, n_skip in tqdm(batches, desc="evaluate-rts", disable=not show, leave=False):
