@@ -20,14 +20,13 @@ from .classifiers.base import Classifier
 from .data.batches import iter_batches  # not from juap.attacks, which imports this module
 from .errors import CheckpointError, ConfigError
 from .interpreters.base import Interpreter
-from .metrics import MetricSums
+from .metrics import MetricSums, is_fooled
 from .runtime import distributed
 
 if TYPE_CHECKING:
     from .attacks.base import Attack
 
 
-# About 80 lines, a third of them the docstring; the streaming loop is one piece on purpose.
 def evaluate(
     classifier: Classifier,
     attack: torch.Tensor | Attack | Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor],
@@ -81,31 +80,9 @@ def evaluate(
         if len(x) == 0:  # this rank's slice of a batch smaller than the number of ranks
             continue
         x_hat = perturb(x, y).detach()
-        with torch.no_grad():
-            maps = {}
-            shared = next((n for n, it in interpreters.items() if it.classifier is classifier), None)
-            if shared is not None:  # its forward pass gives the logits and the maps of the predictions
-                benign_logits, bm = interpreters[shared].explain(x)
-                adv_logits, am = interpreters[shared].explain(x_hat)
-                maps[shared] = (bm, am)
-            else:
-                benign_logits, adv_logits = classifier(x), classifier(x_hat)
-            preds.update_predictions(benign_logits, adv_logits, y, target)
-            benign_pred = benign_logits.argmax(1)
-            fooled = benign_pred != adv_logits.argmax(1)
-            by_class = {}
-            if per_class:
-                preds.update_classes(benign_logits, adv_logits)
-                by_class = {"classes": benign_pred, "num_classes": benign_logits.shape[1]}
-            for name, interp in interpreters.items():
-                if name in maps:
-                    bm, am = maps[name]
-                else:
-                    bm = interp(x, benign_pred)
-                    am = interp(x_hat, adv_logits.argmax(1))
-                per_interp[name].update_maps(
-                    bm, am, seed=i, part=(start, n_global), fooled=fooled, **by_class
-                )
+        _measure_batch(
+            classifier, interpreters, x, x_hat, y, preds, per_interp, target, per_class, (i, start, n_global)
+        )
     for sums in (preds, *per_interp.values()):
         sums.all_reduce()
     if not preds.sums.get("n", 0):  # no figure measured on no image is a result
@@ -119,6 +96,33 @@ def evaluate(
     if return_sums:
         out["_sums"] = {"predictions": preds, **per_interp}
     return out
+
+
+@torch.no_grad()
+def _measure_batch(
+    classifier, interpreters, x, x_hat, y, preds, per_interp, target, per_class, where
+) -> None:
+    """Add one batch's predictions (``preds``) and maps (``per_interp``) to the sums; ``where`` is
+    ``(batch index, this slice's start, global batch size)`` (the random-map floor's draw)."""
+    i, start, n_global = where
+    maps = {}
+    shared = next((n for n, it in interpreters.items() if it.classifier is classifier), None)
+    if shared is not None:  # its forward pass gives the logits and the maps of the predictions
+        benign_logits, bm = interpreters[shared].explain(x)
+        adv_logits, am = interpreters[shared].explain(x_hat)
+        maps[shared] = (bm, am)
+    else:
+        benign_logits, adv_logits = classifier(x), classifier(x_hat)
+    preds.update_predictions(benign_logits, adv_logits, y, target)
+    benign_pred, adv_pred = benign_logits.argmax(1), adv_logits.argmax(1)
+    fooled = is_fooled(benign_pred, adv_pred)
+    by_class = {}
+    if per_class:
+        preds.update_classes(benign_logits, adv_logits)
+        by_class = {"classes": benign_pred, "num_classes": benign_logits.shape[1]}
+    for name, interp in interpreters.items():
+        bm, am = maps[name] if name in maps else (interp(x, benign_pred), interp(x_hat, adv_pred))
+        per_interp[name].update_maps(bm, am, seed=i, part=(start, n_global), fooled=fooled, **by_class)
 
 
 def perturb_fn(attack, device):

@@ -121,9 +121,15 @@ def map_distance(
     Maps are compared in float32 (bf16 maps from autocast are cast up first); ``across_ranks`` averages
     over the global batch as in :func:`fooling_loss`.
     """
+    d = map_distances(adv_maps, benign_maps)
+    return _batch_mean(d.sum(), len(d), across_ranks)
+
+
+def map_distances(adv_maps: torch.Tensor, benign_maps: torch.Tensor) -> torch.Tensor:
+    """Eq 13 per sample (N,): the L2 distance of min-max normalised maps, compared in float32."""
     a = normalize_maps(adv_maps.float()).flatten(1)
     b = normalize_maps(benign_maps.float()).flatten(1)
-    return _batch_mean((a - b).norm(dim=1).sum(), len(a), across_ranks)
+    return (a - b).norm(dim=1)
 
 
 def feature_distance(

@@ -37,6 +37,17 @@ def iou_topk(a: torch.Tensor, b: torch.Tensor, k_percent: float) -> torch.Tensor
     return inter / union.clamp_min(1)
 
 
+def is_fooled(
+    benign_pred: torch.Tensor, adv_pred: torch.Tensor, *, target: Optional[int] = None
+) -> torch.Tensor:
+    """Eq 18 per image (bool (N,)): the prediction changed, or with ``target`` it is the target class.
+
+    ``benign_pred`` and ``adv_pred`` are predicted classes (N,); every fooling ratio in juap (evaluation,
+    the attacks' own stopping and selection rules) counts with this.
+    """
+    return adv_pred == target if target is not None else adv_pred != benign_pred
+
+
 def l1_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Eq 19: mean absolute difference per pixel of min-max normalised maps, per sample (N,), in [0, 1]."""
     return (normalize_maps(a) - normalize_maps(b)).abs().flatten(1).mean(1)
@@ -101,7 +112,7 @@ class MetricSums:
         """Fooling (eq 18), clean/adversarial accuracy and targeted success from one batch."""
         pb, pa = benign_logits.argmax(1), adv_logits.argmax(1)
         self.add("n", len(pb))
-        self.add("fooled", (pa != pb).sum())
+        self.add("fooled", is_fooled(pb, pa).sum())
         if labels is not None:
             labels = labels.to(pb.device)
             self.add("clean_correct", (pb == labels).sum())

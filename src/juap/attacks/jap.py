@@ -18,9 +18,10 @@ from .._registry import ATTACKS, GENERATORS
 from .._validate import Param
 from ..budget import apply_perturbation, scale_to_budget
 from ..errors import ConfigError
-from ..interpreters.base import Interpreter, normalize_maps
+from ..interpreters.base import Interpreter
 from ..interpreters.smooth_relu import make_surrogate
-from ..losses import OBJECTIVES, attack_classes, check_target, fooling_terms
+from ..losses import OBJECTIVES, attack_classes, check_target, fooling_terms, map_distances
+from ..metrics import is_fooled, l1_distance
 from .base import PerImageAttack, rebind
 
 SMALL_GENERATOR: Mapping[str, Any] = MappingProxyType({"ngf": 8, "n_blocks": 2})
@@ -154,13 +155,13 @@ class JAP(PerImageAttack):
                 better = score > best_score
                 best[better] = x_hat.detach()[better]
                 best_score = torch.where(better, score, best_score)
-                fooled = (adv_logits.argmax(1) != benign_logits.argmax(1)).float().mean().item()
+                changed = is_fooled(benign_logits.argmax(1), adv_logits.argmax(1)).float().mean().item()
                 kept = (best_score > 0).float().mean().item()  # images with a fooling candidate kept
             self.history.append(
                 {
                     "step": first + s,
                     "loss": loss_i.mean().item(),
-                    "batch_fooling_ratio": fooled,
+                    "batch_fooling_ratio": changed,
                     "kept_fooled": kept,
                 }
             )
@@ -172,17 +173,12 @@ class JAP(PerImageAttack):
             fool = torch.clamp(fool, min=self.delta)
         if maps is None:
             return fool
-        dist = (normalize_maps(maps) - normalize_maps(benign_maps)).flatten(1).norm(dim=1)
-        return fool + self.lam * dist
+        return fool + self.lam * map_distances(maps, benign_maps)
 
     def _score(self, x_hat, benign_logits, benign_maps) -> torch.Tensor:
-        logits = self.classifier(x_hat)
-        if self.objective == "targeted":
-            fooled = (logits.argmax(1) == self.target).float()
-        else:
-            fooled = (logits.argmax(1) != benign_logits.argmax(1)).float()
+        pred = self.classifier(x_hat).argmax(1)
+        target = self.target if self.objective == "targeted" else None
+        hit = is_fooled(benign_logits.argmax(1), pred, target=target).float()
         if self.interpreter is None:
-            return fooled
-        maps = self.interpreter(x_hat, logits.argmax(1))
-        dist = (normalize_maps(maps) - normalize_maps(benign_maps)).flatten(1).abs().mean(1)
-        return fooled * 2 - dist
+            return hit
+        return hit * 2 - l1_distance(self.interpreter(x_hat, pred), benign_maps)

@@ -39,6 +39,7 @@ from ..losses import (
     joint_loss,
     map_distance,
 )
+from ..metrics import is_fooled
 from ..runtime import distributed
 from ..runtime.checkpoint import (
     ResumableLoader,
@@ -444,12 +445,12 @@ class GeneratorUAP(UniversalAttack):
         loss.backward()
         opt.step()
         parts["fool_loss"] = fool.item()
-        fooled = (adv_logits.argmax(1) != benign_logits.argmax(1)).sum()
+        changed = is_fooled(benign_logits.argmax(1), adv_logits.argmax(1)).sum()
         at_hinge = self._at_hinge(adv_logits.detach(), classes, fool.detach())
-        fooled, hinged, n = distributed.global_count(
-            torch.stack([fooled, at_hinge, fooled.new_tensor(len(x))])
+        changed, hinged, n = distributed.global_count(
+            torch.stack([changed, at_hinge, changed.new_tensor(len(x))])
         )
-        parts["batch_fooling_ratio"] = fooled.item() / n.item()  # over the global batch
+        parts["batch_fooling_ratio"] = changed.item() / n.item()  # over the global batch
         if self.delta is not None:  # the images whose fooling term reached delta: they no longer pull
             parts["at_hinge"] = hinged.item() / n.item()
         return loss.item(), parts

@@ -18,6 +18,7 @@ from .._validate import Param
 from ..budget import apply_perturbation, project
 from ..errors import ConfigError
 from ..losses import check_target
+from ..metrics import is_fooled
 from .base import FitResult, UniversalAttack, iter_batches
 
 
@@ -168,6 +169,6 @@ class SGDUAP(UniversalAttack):
         hit = n = 0
         for x, _ in iter_batches(data, batch_size=4 * self.batch_size, device=self.device):
             adv = self.classifier(apply_perturbation(x, v)).argmax(1)
-            ok = adv == self.target if self.objective == "targeted" else adv != self.classifier(x).argmax(1)
-            hit, n = hit + int(ok.sum()), n + len(x)
+            target = self.target if self.objective == "targeted" else None
+            hit, n = hit + int(is_fooled(self.classifier(x).argmax(1), adv, target=target).sum()), n + len(x)
         return hit / max(n, 1)

@@ -13,6 +13,7 @@ from .._registry import ATTACKS
 from .._validate import Param
 from ..budget import apply_perturbation, project
 from ..errors import ConfigError
+from ..metrics import is_fooled
 from ._folding import folded_copy
 from .base import FitResult, UniversalAttack, iter_batches
 
@@ -148,7 +149,7 @@ class UAP(UniversalAttack):
         Returns:
             (v, the fooling rate of v on ``data``, the number of images whose step was folded in).
         """
-        seen = fooled = updates = 0
+        seen = n_fooled = updates = 0
         bar = tqdm(
             total=_num_images(data),
             desc=f"{self.name} pass {p}",
@@ -169,8 +170,8 @@ class UAP(UniversalAttack):
                 for d in dr[ok]:  # fold each image's step into v, in data order
                     v = project(v + d, norm=self.norm, eps=self.eps)
                 updates += int(ok.sum())
-            seen, fooled = seen + len(x), fooled + int((~todo).sum())
-            bar.set_postfix(fooled=f"{fooled / seen:.3f}", updates=updates)
+            seen, n_fooled = seen + len(x), n_fooled + int((~todo).sum())
+            bar.set_postfix(fooled=f"{n_fooled / seen:.3f}", updates=updates)
             bar.update(len(x))
             self.batches_done += 1
             self.notify(self.batches_done, lambda v=v: v)
@@ -188,13 +189,11 @@ class UAP(UniversalAttack):
 
         ``benign``: f(x) of every image of a tensor ``data``, when already known.
         """
-        n = fooled = 0
+        n = changed = 0
         for x, fx in self._batches(data, benign, 4 * self.batch_size, None):
-            n, fooled = (
-                n + len(x),
-                fooled + int((self._predict(apply_perturbation(x, v), exact=True) != fx).sum()),
-            )
-        return fooled / max(n, 1)
+            hit = is_fooled(fx, self._predict(apply_perturbation(x, v), exact=True))
+            n, changed = n + len(x), changed + int(hit.sum())
+        return changed / max(n, 1)
 
     def _batches(
         self, data, benign: Optional[torch.Tensor], batch_size: int, shuffle_seed: Optional[int]
