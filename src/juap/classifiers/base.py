@@ -12,7 +12,7 @@ parameter names under ``.model``, so torchvision/timm state dicts load unchanged
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -32,7 +32,13 @@ class Classifier(nn.Module):
         mean, std: per-channel normalisation applied inside the wrapper.
         cam_layer: dotted name (inside ``model``) of the module whose output is the CAM feature map,
             or ``None`` where that map is produced functionally (DenseNet's ``relu(features)``).
+
+    Attributes:
+        class_names: the name of each of the head's ``num_classes`` outputs where the weights say
+            (a pretrained head, e.g. the 1000 ImageNet names), else ``None``; a new head has none.
     """
+
+    class_names: Optional[List[str]] = None
 
     def __init__(
         self,
@@ -104,6 +110,7 @@ class Classifier(nn.Module):
         parent_name, _, child = self._fc_name.rpartition(".")
         parent = self.model.get_submodule(parent_name) if parent_name else self.model
         setattr(parent, child, new)
+        self.class_names = None  # the old head's names do not name the new head's outputs
 
     def extra_repr(self) -> str:
         return f"arch={self.arch!r}, num_classes={self.num_classes}"
