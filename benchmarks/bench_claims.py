@@ -30,6 +30,7 @@ import dataclasses
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Dict, List, Mapping, Sequence
 
@@ -120,72 +121,85 @@ class Verdicts:
 
 
 def judge(rows: Dict[str, List[Dict]], v: Verdicts) -> None:
+    """Every claim the finished rows speak to: the headline grid's (0-3), Table VI's (4), Table IV's (5)."""
     head = aggregate(rows.get("headline", []))
-    interps = list(dict.fromkeys(r["interpreter"] for r in head))
-    budgets = list(dict.fromkeys(r["budget"] for r in head))
-    seeds = max((r["seeds"] for r in head), default=0)
     if head:
-        print(
-            f"\nClaim 0: the baselines are at full strength (FR >= {STRONG} at {PAPER_BUDGET}; {seeds} seeds)"
-        )
-        for method in ("GUAP", "SGD-UAP"):
-            r = pick(head, method=method, budget=PAPER_BUDGET)
-            if r:
-                v.check(
-                    f"{method} at {PAPER_BUDGET}",
-                    r["fooling_ratio"] >= STRONG,
-                    f"FR {fmt(r, 'fooling_ratio')}",
-                )
-        print(f"\nClaim 1: UAP, SGD-UAP and GUAP change the maps (IoU <= {LOW_IOU} and L1 >= {HIGH_L1})")
-        for budget in budgets:
-            for method in ("UAP", "SGD-UAP", "GUAP"):
-                for i in interps:
-                    r = pick(head, method=method, interpreter=i, budget=budget)
-                    if r:
-                        v.check(
-                            f"{method} changes {i} maps at {budget}",
-                            r["iou"] <= LOW_IOU and r["l1"] >= HIGH_L1,
-                            f"FR {fmt(r, 'fooling_ratio')}, IoU {fmt(r, 'iou')}, L1 {fmt(r, 'l1')}",
-                        )
-        print(
-            f"\nClaim 2: JUAP's FR >= GUAP's - {FR_GAP}, IoU >= GUAP's + {IOU_GAIN}, L1 lower; "
-            f"on the fooled images IoU >= GUAP's + {IOU_FOOLED_GAIN}"
-        )
-        for budget in budgets:
-            for gen in ("R-JUAP", "U-JUAP"):
-                for i in interps:
-                    j = pick(head, method=gen, interpreter=i, budget=budget)
-                    g = pick(head, method="GUAP", interpreter=i, budget=budget)
-                    if not (j and g):
-                        continue
-                    misses = headline_misses(j, g, fooled=True)
-                    v.check(
-                        f"{gen}-{i} vs GUAP at {budget}",
-                        not misses,
-                        f"FR {fmt(j, 'fooling_ratio')} vs {fmt(g, 'fooling_ratio')}, "
-                        f"IoU {fmt(j, 'iou')} vs {fmt(g, 'iou')}, L1 {fmt(j, 'l1')} vs {fmt(g, 'l1')}, "
-                        f"fooled-only IoU {fmt(j, 'iou_fooled')} vs {fmt(g, 'iou_fooled')}"
-                        + (f" (misses: {', '.join(misses)})" if misses else ""),
-                    )
-        pair = [b for b in budgets if b.startswith("linf") and b != PAPER_BUDGET][:1] + [
-            b for b in budgets if b.startswith("l2")
-        ][:1]
-        if len(pair) == 2:
-            print(
-                f"\nClaim 3: robust to the threat model (|dFR|, |dIoU| <= {ROBUST}, {pair[0]} vs {pair[1]})"
+        interps = list(dict.fromkeys(r["interpreter"] for r in head))
+        budgets = list(dict.fromkeys(r["budget"] for r in head))
+        judge_baselines(head, interps, budgets, v)
+        judge_juap(head, interps, budgets, v)
+    judge_table6(aggregate(rows.get("table6", [])), v)
+    judge_table4(aggregate(rows.get("table4", [])), v)
+
+
+def judge_baselines(head: List[Dict], interps: List[str], budgets: List[str], v: Verdicts) -> None:
+    """Claims 0 and 1: the baselines are at full strength, and they change the maps."""
+    seeds = max((r["seeds"] for r in head), default=0)
+    print(f"\nClaim 0: the baselines are at full strength (FR >= {STRONG} at {PAPER_BUDGET}; {seeds} seeds)")
+    for method in ("GUAP", "SGD-UAP"):
+        r = pick(head, method=method, budget=PAPER_BUDGET)
+        if r:
+            v.check(
+                f"{method} at {PAPER_BUDGET}",
+                r["fooling_ratio"] >= STRONG,
+                f"FR {fmt(r, 'fooling_ratio')}",
             )
-            for gen in ("R-JUAP", "U-JUAP"):
-                for i in interps:
-                    a, b = (pick(head, method=gen, interpreter=i, budget=bd) for bd in pair)
-                    if a and b:
-                        dfr, diou = abs(a["fooling_ratio"] - b["fooling_ratio"]), abs(a["iou"] - b["iou"])
-                        v.check(
-                            f"{gen}-{i}: {pair[0]} vs {pair[1]}",
-                            dfr <= ROBUST and diou <= ROBUST,
-                            f"FR {fmt(a, 'fooling_ratio')} / {fmt(b, 'fooling_ratio')}, "
-                            f"IoU {fmt(a, 'iou')} / {fmt(b, 'iou')}",
-                        )
-    t6 = aggregate(rows.get("table6", []))
+    print(f"\nClaim 1: UAP, SGD-UAP and GUAP change the maps (IoU <= {LOW_IOU} and L1 >= {HIGH_L1})")
+    for budget in budgets:
+        for method in ("UAP", "SGD-UAP", "GUAP"):
+            for i in interps:
+                r = pick(head, method=method, interpreter=i, budget=budget)
+                if r:
+                    v.check(
+                        f"{method} changes {i} maps at {budget}",
+                        r["iou"] <= LOW_IOU and r["l1"] >= HIGH_L1,
+                        f"FR {fmt(r, 'fooling_ratio')}, IoU {fmt(r, 'iou')}, L1 {fmt(r, 'l1')}",
+                    )
+
+
+def judge_juap(head: List[Dict], interps: List[str], budgets: List[str], v: Verdicts) -> None:
+    """Claims 2 and 3: JUAP keeps GUAP's fooling ratio and the maps, under either threat model."""
+    print(
+        f"\nClaim 2: JUAP's FR >= GUAP's - {FR_GAP}, IoU >= GUAP's + {IOU_GAIN}, L1 lower; "
+        f"on the fooled images IoU >= GUAP's + {IOU_FOOLED_GAIN}"
+    )
+    for budget in budgets:
+        for gen in ("R-JUAP", "U-JUAP"):
+            for i in interps:
+                j = pick(head, method=gen, interpreter=i, budget=budget)
+                g = pick(head, method="GUAP", interpreter=i, budget=budget)
+                if not (j and g):
+                    continue
+                misses = headline_misses(j, g, fooled=True)
+                v.check(
+                    f"{gen}-{i} vs GUAP at {budget}",
+                    not misses,
+                    f"FR {fmt(j, 'fooling_ratio')} vs {fmt(g, 'fooling_ratio')}, "
+                    f"IoU {fmt(j, 'iou')} vs {fmt(g, 'iou')}, L1 {fmt(j, 'l1')} vs {fmt(g, 'l1')}, "
+                    f"fooled-only IoU {fmt(j, 'iou_fooled')} vs {fmt(g, 'iou_fooled')}"
+                    + (f" (misses: {', '.join(misses)})" if misses else ""),
+                )
+    pair = [b for b in budgets if b.startswith("linf") and b != PAPER_BUDGET][:1] + [
+        b for b in budgets if b.startswith("l2")
+    ][:1]
+    if len(pair) == 2:
+        print(f"\nClaim 3: robust to the threat model (|dFR|, |dIoU| <= {ROBUST}, {pair[0]} vs {pair[1]})")
+        for gen in ("R-JUAP", "U-JUAP"):
+            for i in interps:
+                a, b = (pick(head, method=gen, interpreter=i, budget=bd) for bd in pair)
+                if a and b:
+                    dfr, diou = abs(a["fooling_ratio"] - b["fooling_ratio"]), abs(a["iou"] - b["iou"])
+                    v.check(
+                        f"{gen}-{i}: {pair[0]} vs {pair[1]}",
+                        dfr <= ROBUST and diou <= ROBUST,
+                        f"FR {fmt(a, 'fooling_ratio')} / {fmt(b, 'fooling_ratio')}, "
+                        f"IoU {fmt(a, 'iou')} / {fmt(b, 'iou')}",
+                    )
+
+
+def judge_table6(t6: List[Dict], v: Verdicts) -> None:
+    """Claim 4: robust to the objective; the targeted variants."""
+
     if t6:
         print(
             f"\nClaim 4 (one seed): robust to the objective (CE vs Cmin within {ROBUST}); R-JUAP-Ct, GUAP-Ct"
@@ -212,7 +226,11 @@ def judge(rows: Dict[str, List[Dict]], v: Verdicts) -> None:
                 f"target success {jt['target_success_rate']:.3f} vs {gt['target_success_rate']:.3f}, "
                 f"IoU {jt['iou']:.3f} vs {gt['iou']:.3f}, L1 {jt['l1']:.3f} vs {gt['l1']:.3f}",
             )
-    t4 = aggregate(rows.get("table4", []))
+
+
+def judge_table4(t4: List[Dict], v: Verdicts) -> None:
+    """Claim 5: JAP against PGD."""
+
     if t4:
         print(f"\nClaim 5 (one seed): JAP keeps FR within {FR_GAP:.2f} of PGD's with a higher IoU (Grad-CAM)")
         p, j = pick(t4, method="PGD", interpreter="gradcam"), pick(t4, method="JAP", interpreter="gradcam")
@@ -232,9 +250,10 @@ def detection(rows: Sequence[Mapping], budget: str) -> List[Dict]:
     import torch
 
     from juap.commands.attack import AttackRunConfig
-    from juap.commands.build import attack_data, build_classifier, build_interpreter
+    from juap.commands.build import attack_data, build_classifier, build_interpreter, learned_checkpoints
+    from juap.commands.configs import migrate_legacy_keys
     from juap.commands.detect import detect_interpreter
-    from juap.runtime.config import load_config
+    from juap.runtime.config import from_dict, read_yaml_mapping
     from juap.runtime.io import load_tensors
 
     seed0 = min(r["seed"] for r in rows)
@@ -244,11 +263,14 @@ def detection(rows: Sequence[Mapping], budget: str) -> List[Dict]:
         guap, juap_ = (pick(cells, method=m, interpreter=interp) for m in ("GUAP", "R-JUAP"))
         if not (guap and juap_):
             continue
-        cfg = load_config(AttackRunConfig, Path(juap_["folder"]) / "config.yaml")
+        with warnings.catch_warnings():  # a cell recorded before `checkpoints` existed: its old key moved
+            warnings.simplefilter("ignore", FutureWarning)
+            raw = migrate_legacy_keys(read_yaml_mapping(Path(juap_["folder"]) / "config.yaml"))
+        cfg = from_dict(AttackRunConfig, raw)
         splits, _, _, test = attack_data(cfg, progress=False)
         clf = build_classifier(cfg.classifier, num_classes=splits.num_classes)
-        rts = cfg.evaluate.rts_checkpoint or cfg.interpreter.checkpoint
-        interpreter = build_interpreter(interp, clf, checkpoint=rts if interp == "rts" else None)
+        ckpts = learned_checkpoints(cfg.evaluate, cfg.interpreter)
+        interpreter = build_interpreter(interp, clf, checkpoint=ckpts.get(interp))
         x = torch.stack([test[k][0] for k in range(len(test))])
         perts = {
             name: load_tensors(Path(r["folder"]) / "perturbation.safetensors")[0]["perturbation"]

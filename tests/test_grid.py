@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from juap.commands.cli import main
 from juap.commands.run import (
     ExperimentConfig,
     TableConfig,
+    cell_config,
     dry_run_experiment,
     load_experiment,
     parse_shard,
@@ -378,3 +381,73 @@ def test_the_runs_seed_seeds_the_attack_unless_its_params_do():
     fixed = AttackConfig(name="sgd_uap", norm="linf", eps=10, params={"seed": 2})
     assert build_attack(fixed, clf, None, seed=5).seed == 2
     assert build_attack(AttackConfig(name="pgd", norm="linf", eps=10), clf, None, seed=5).seed is None
+
+
+# -- learned interpreters' checkpoints: declared by capability, not named --------------------------------
+RECORDED = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "claims"
+RECORDED_VERSION = "0.2.0"  # the juap version the recorded claims cells were run with (part of every id)
+
+
+@pytest.mark.parametrize(
+    "config, run",
+    [("claims.yaml", f"embedded-claims/seed{s}") for s in (0, 1, 2)]
+    + [("pareto.yaml", "embedded-pareto/seed0")],
+)
+def test_the_recorded_claims_cells_are_still_planned(config, run, monkeypatch):
+    """Every cell of the recorded claims run (benchmarks/results/claims/*/transfer.csv) keeps its id, so
+    ``bench_claims.py --collect-only`` and a re-run still find it: ``checkpoints: {rts: ...}`` hashes as
+    the ``rts_checkpoint`` key it replaced."""
+    import csv
+
+    import juap.commands.run as run_module
+
+    monkeypatch.setattr(run_module, "__version__", RECORDED_VERSION)
+    exp = load_experiment(CONFIGS / "embedded" / config)
+    seed = int(run.rsplit("seed", 1)[1])
+    ids = {c.id for c in plan(dataclasses.replace(exp, seed=seed))}
+    with open(RECORDED / run / "transfer.csv", newline="") as f:
+        recorded = {r["cell"] for r in csv.DictReader(f)}
+    assert recorded and recorded <= ids
+
+
+def test_the_old_rts_checkpoint_key_is_migrated_with_a_warning(tmp_path):
+    """``rts_checkpoint`` (before ``checkpoints``) still loads, moved to ``checkpoints: {rts: ...}`` with a
+    FutureWarning naming the new key, and plans the same cells as the new spelling."""
+    base = "name: t\ngrid:\n  attacks: [juap]\n  interpreters: [cam, rts]\n  classifiers:\n"
+    old = _exp(tmp_path, base + "    - {name: small_resnet, rts_checkpoint: m.safetensors}\n", "old.yaml")
+    new = _exp(tmp_path, base + "    - {name: small_resnet, checkpoints: {rts: m.safetensors}}\n", "new.yaml")
+    with pytest.warns(
+        FutureWarning, match=r"rts_checkpoint is deprecated: write .*checkpoints: \{rts: PATH\}"
+    ):
+        a = load_experiment(old)
+    assert a.grid.classifiers[0].checkpoints == {"rts": "m.safetensors"}
+    assert [c.id for c in plan(a)] == [c.id for c in plan(load_experiment(new))]
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("grid: {classifiers: [{name: small_resnet, checkpoints: {cam: x}}]}", "takes no checkpoint"),
+        ("grid: {classifiers: [{name: small_resnet, checkpoints: {rst: x}}]}", "Did you mean 'rts'"),
+        ("evaluate: {checkpoints: {rts: x}}", "grid.classifiers[i].checkpoints"),
+    ],
+)
+def test_checkpoints_name_learned_interpreters_per_classifier(tmp_path, text, needle):
+    with pytest.raises(JuapError, match=re.escape(needle)):
+        load_experiment(_exp(tmp_path, "name: t\n" + text))
+
+
+def test_a_learned_interpreter_without_its_checkpoint_is_refused_by_its_cell(tmp_path):
+    """The table's learned interpreters (evaluate.interpreters or the attacked one) need a file per
+    classifier; the message names the capability's key, not a command."""
+    exp = load_experiment(_exp(tmp_path, "name: t\ngrid: {attacks: [juap], interpreters: [rts]}\n"))
+    with pytest.raises(ConfigError, match=r"RTS interpreter is a learned model.*checkpoints: \{rts: PATH\}"):
+        cell_config(exp, plan(exp)[0])
+    with_file = load_experiment(
+        _exp(
+            tmp_path,
+            "name: t\ngrid: {attacks: [uap], classifiers: [{name: small_resnet, checkpoints: {rts: f}}]}\n",
+        )
+    )
+    cfg = cell_config(with_file, plan(with_file)[0])
+    assert cfg.evaluate.checkpoints == {"rts": "f"} and cfg.interpreter.checkpoint is None

@@ -31,11 +31,11 @@ from ..runtime.distributed import resolve_device
 from ..runtime.io import save_tensors
 from ..runtime.loop import Checkpointing
 from .build import (
-    _check_classes,
     attack_data,
     build_attack,
     build_classifier,
     build_interpreter,
+    check_classes,
     eval_interpreters,
 )
 from .configs import (
@@ -81,7 +81,7 @@ def run_attack(
     if distributed.is_main():  # under torchrun only rank 0 writes files
         save_split(run_dir / "split.json", splits.split)
     clf = build_classifier(cfg.classifier, num_classes=splits.num_classes).to(device)
-    _check_classes(clf, splits)
+    check_classes(clf, splits)
     interp = build_interpreter(
         cfg.interpreter.name, clf, checkpoint=cfg.interpreter.checkpoint, options=cfg.interpreter.options
     )

@@ -55,8 +55,9 @@ def build_interpreter(
     if cls.requires_checkpoint:
         if not checkpoint:
             raise ConfigError(
-                f"the {name} interpreter needs a trained model: set interpreter.checkpoint (or "
-                f"evaluate.{name}_checkpoint) to the {name}.safetensors written by `juap train-{name}`"
+                f"the {cls.label} interpreter ({name!r}) is a learned model and needs its trained file: "
+                f"set interpreter.checkpoint, or evaluate.checkpoints: {{{name}: PATH}}, to the file its "
+                "training command wrote (`juap --help` lists the commands)"
             )
         opts["checkpoint"] = checkpoint
     elif checkpoint:
@@ -105,10 +106,9 @@ def build_attack(cfg, classifier: Classifier, interpreter, *, device=None, seed:
 
 
 def learned_checkpoints(evaluate, interpreter=None) -> Dict[str, str]:
-    """The trained file of each learned interpreter a config gives: ``evaluate.rts_checkpoint`` (the
-    configs' one key named after an interpreter: RTS in the transfer table) and ``interpreter.checkpoint``
-    for the attacked interpreter."""
-    out = {"rts": evaluate.rts_checkpoint} if evaluate.rts_checkpoint else {}
+    """The trained file of each learned interpreter a config gives: ``evaluate.checkpoints`` (``{name:
+    path}``, each one joins the transfer table) and ``interpreter.checkpoint`` for the attacked one."""
+    out = dict(evaluate.checkpoints)
     if interpreter is not None and interpreter.name and interpreter.checkpoint:
         out.setdefault(interpreter.name, interpreter.checkpoint)
     return out
@@ -150,7 +150,8 @@ def attack_data(cfg, *, progress: bool):
     return splits, train, val, test
 
 
-def _check_classes(clf: Classifier, splits: DataSplits) -> None:
+def check_classes(clf: Classifier, splits: DataSplits) -> None:
+    """Refuse a classifier whose number of classes is not the data set's (a checkpoint of other data)."""
     if clf.num_classes != splits.num_classes:
         raise CheckpointError(
             f"the classifier has {clf.num_classes} classes but the data set has {splits.num_classes} "

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Literal, Optional, Tuple
+import warnings
+from typing import Any, Dict, List, Literal, Mapping, Optional, Tuple
 
+from .._registry import INTERPRETERS
 from .._validate import check_range
 from ..data.config import DataConfig
+from ..errors import ConfigError
 
 
 # -- sections ----------------------------------------------------------------------------------------
@@ -46,7 +49,7 @@ class InterpreterConfig:
     """The interpreter an attack keeps unchanged (``name: null`` for none, e.g. GUAP, UAP, PGD)."""
 
     name: Optional[str] = None
-    checkpoint: Optional[str] = None  # RTS: the model trained by `juap train-rts`
+    checkpoint: Optional[str] = None  # a learned interpreter's (requires_checkpoint) trained file
     options: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -77,7 +80,9 @@ class EvalConfig:
     """What ``juap attack`` / ``juap evaluate`` measure on the test split."""
 
     interpreters: Tuple[str, ...] = ("cam", "gradcam")
-    rts_checkpoint: Optional[str] = None  # adds "rts" to the table when given
+    # {interpreter: trained file} for learned interpreters (those declaring requires_checkpoint), e.g.
+    # {rts: runs/rts/rts.safetensors}; each one given joins the table
+    checkpoints: Dict[str, str] = dataclasses.field(default_factory=dict)
     batch_size: int = 64
     max_images: Optional[int] = None
     # maps.png: which test images it shows (fooled: the first fooled ones; map_change: those whose map
@@ -88,6 +93,64 @@ class EvalConfig:
     def __post_init__(self) -> None:
         check_range("evaluate.batch_size", self.batch_size, low=1)
         check_range("evaluate.figure_count", self.figure_count, low=0)
+        check_checkpoints("evaluate.checkpoints", self.checkpoints)
+
+
+def learned_interpreters() -> List[str]:
+    """The registered interpreters that declare ``requires_checkpoint`` (a trained model, e.g. RTS)."""
+    return [n for n in INTERPRETERS.names() if INTERPRETERS.get(n).requires_checkpoint]
+
+
+def check_checkpoints(where: str, checkpoints: Mapping[str, Any]) -> None:
+    """``checkpoints`` maps learned interpreters to their trained files; another name is a ConfigError."""
+    learned = learned_interpreters()
+    for name, path in checkpoints.items():
+        INTERPRETERS.get(name)  # an unknown interpreter: the known ones listed
+        if name not in learned:
+            raise ConfigError(
+                f"{where}.{name}: interpreter {name!r} takes no checkpoint (it is not a learned model); "
+                f"learned interpreters: {', '.join(learned) or '(none)'}"
+            )
+        if not isinstance(path, str) or not path:
+            raise ConfigError(f"{where}.{name} must be the path of a trained file, got {path!r}")
+
+
+def migrate_checkpoint_keys(section: Any, where: str) -> Any:
+    """An old config section's ``<interpreter>_checkpoint: PATH`` keys (``rts_checkpoint`` before
+    ``checkpoints`` existed) moved into ``checkpoints: {interpreter: PATH}``, with a FutureWarning naming
+    the new key (a null one is dropped); a section without such keys is returned as it is."""
+    if not isinstance(section, Mapping):
+        return section
+    legacy = {f"{n}_checkpoint" for n in learned_interpreters()}
+    old = [k for k in section if k in legacy]
+    if not old:
+        return section
+    out = {k: v for k, v in section.items() if k not in old}
+    moved = {k.removesuffix("_checkpoint"): section[k] for k in old if section[k] is not None}
+    out["checkpoints"] = {**moved, **dict(out.get("checkpoints") or {})}
+    if moved:  # a null old key meant nothing: dropped without a word
+        given = ", ".join(f"{where}.{n}_checkpoint" for n in moved)
+        warnings.warn(
+            f"{given} is deprecated: write {where}.checkpoints: {{{', '.join(moved)}: PATH}} instead "
+            "(the trained file of each learned interpreter, by name)",
+            FutureWarning,
+            stacklevel=3,
+        )
+    return out
+
+
+def migrate_legacy_keys(raw: Mapping[str, Any]) -> Dict[str, Any]:
+    """A command's or an experiment's raw config with old keys moved to their new places (a FutureWarning
+    each): ``evaluate.rts_checkpoint`` and ``grid.classifiers[i].rts_checkpoint`` become ``checkpoints``."""
+    out = dict(raw)
+    if "evaluate" in out:
+        out["evaluate"] = migrate_checkpoint_keys(out["evaluate"], "evaluate")
+    grid = out.get("grid")
+    if isinstance(grid, Mapping) and isinstance(grid.get("classifiers"), (list, tuple)):
+        where = "grid.classifiers[{}]"
+        clfs = [migrate_checkpoint_keys(c, where.format(i)) for i, c in enumerate(grid["classifiers"])]
+        out["grid"] = {**grid, "classifiers": clfs}
+    return out
 
 
 def attack_split_data() -> DataConfig:

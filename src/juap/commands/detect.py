@@ -30,7 +30,7 @@ from ..metrics import auroc, roc_curve, tpr_at_fpr
 from ..runtime.config import to_dict
 from ..runtime.distributed import resolve_device
 from ..runtime.io import load_tensors, write_text
-from .build import _check_classes, build_classifier, build_interpreter, learned_checkpoints
+from .build import build_classifier, build_interpreter, check_classes, learned_checkpoints
 from .configs import ClassifierConfig, DataConfig, EvalConfig, attack_split_data
 
 
@@ -408,7 +408,7 @@ def run_detect(
     splits = load_splits(cfg.data, progress=progress)
     save_split(run_dir / "split.json", splits.split)
     clf = build_classifier(cfg.classifier, num_classes=splits.num_classes).to(device).eval()
-    _check_classes(clf, splits)
+    check_classes(clf, splits)
     ckpts = learned_checkpoints(cfg.evaluate)
     names = list(dict.fromkeys([*cfg.evaluate.interpreters, *ckpts]))
     interps = {n: build_interpreter(n, clf, checkpoint=ckpts.get(n)).to(device) for n in names}

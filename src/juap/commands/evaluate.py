@@ -20,7 +20,7 @@ from ..runtime.config import to_dict
 from ..runtime.distributed import resolve_device
 from ..runtime.io import read_metadata
 from .attack import summarize, write_insight
-from .build import _check_classes, attack_data, build_classifier, eval_interpreters
+from .build import attack_data, build_classifier, check_classes, eval_interpreters
 
 
 def run_evaluate(
@@ -48,7 +48,7 @@ def run_evaluate(
             "made for this size"
         )
     clf = build_classifier(cfg.classifier, num_classes=splits.num_classes).to(device)
-    _check_classes(clf, splits)
+    check_classes(clf, splits)
     interps = {n: i.to(device) for n, i in eval_interpreters(cfg, clf).items()}
     test_loader = CountSkipped(make_loader(test, batch_size=cfg.evaluate.batch_size))
     ev = evaluate(

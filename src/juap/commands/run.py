@@ -30,7 +30,6 @@ from ..app.report import bar_chart, markdown_table, write_csv
 from ..app.runs import failed_on_error, new_run_dir, reopen_run_dir
 from ..classifiers import create_classifier, save_classifier
 from ..errors import ConfigError
-from ..interpreters.rts import RTS, save_rts
 from ..runtime import distributed
 from ..runtime.checkpoint import CHECKPOINT_NAME
 from ..runtime.config import apply_overrides, check_range, config_hash, from_dict, read_yaml_mapping, to_dict
@@ -44,14 +43,17 @@ from .configs import (
     EvalConfig,
     InterpreterConfig,
     attack_split_data,
+    check_checkpoints,
+    learned_interpreters,
+    migrate_legacy_keys,
 )
 from .demo_models import demo_models
 
 log = logging.getLogger(__name__)
 
 OBJECTIVE_LABELS = {"untargeted": "CE", "least_likely": "Cmin", "targeted": "Ct"}
-GENERATOR_PREFIX = {"resnet": "R", "unet": "U"}
-DEMO = "demo"  # classifier.weights / rts_checkpoint: the cached demo models of `juap demo`
+GENERATOR_PREFIX = {"resnet": "R", "unet": "U"}  # until the generator classes declare their label
+DEMO = "demo"  # classifier.weights / a checkpoints value: the cached demo models of `juap demo`
 
 
 # -- the experiment file ------------------------------------------------------------------------------
@@ -69,10 +71,14 @@ class BudgetConfig:
 @dataclasses.dataclass(frozen=True)
 class GridClassifierConfig(ClassifierConfig):
     """A classifier of the grid: ``weights: demo`` is the cached demo classifier (trained on first use);
-    ``rts_checkpoint`` is its RTS model (``demo``: the demo's), needed for the ``rts`` interpreter."""
+    ``checkpoints`` maps each learned interpreter (``requires_checkpoint``) to its model trained for this
+    classifier (``demo``: the demo's), e.g. ``{rts: runs/rts/rts.safetensors}``."""
 
     label: Optional[str] = None
-    rts_checkpoint: Optional[str] = None
+    checkpoints: Dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_checkpoints(f"grid.classifiers[{self.label or self.name}].checkpoints", self.checkpoints)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,9 +147,11 @@ class ExperimentConfig:
 
 
 def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """Read an experiment file (following ``extends:`` to a base file), apply overrides, validate."""
+    """Read an experiment file (following ``extends:`` to a base file), apply overrides, validate.
+
+    An old key (``rts_checkpoint``) is moved to its new place (``checkpoints``) with a FutureWarning."""
     raw = _read_with_extends(Path(path), seen=())
-    raw = apply_overrides(raw, overrides)
+    raw = migrate_legacy_keys(apply_overrides(raw, overrides))
     exp = from_dict(ExperimentConfig, raw)
     plan(exp)  # every name resolves now, before any work
     return exp
@@ -193,13 +201,20 @@ class Cell:
         return f"{self.classifier_label} {self.variant} {self.budget.norm} eps={self.budget.eps:g}"
 
 
-# Long by design: checking every name first, then one loop over the grid's axes that builds each cell.
 def plan(exp: ExperimentConfig, *, data_key: Optional[Mapping[str, Any]] = None) -> List[Cell]:
     """Every cell of the grid, in a stable order; unknown names fail here with the known ones listed.
 
     ``data_key`` names the images when a caller's ``run_cell`` runs the cells on data of its own rather
     than ``exp.data`` (e.g. a split it drew itself); it joins every cell's id."""
+    _check_names(exp)
+    cells: List[Cell] = []
+    for clf, budget, attack in itertools.product(exp.grid.classifiers, exp.grid.budgets, exp.grid.attacks):
+        cells += _attack_cells(exp, clf, budget, attack, data_key)
+    return cells
 
+
+def _check_names(exp: ExperimentConfig) -> None:
+    """Every name of the experiment resolves, and the classifiers' labels differ."""
     g = exp.grid
     for name in g.generators:
         GENERATORS.get(name)
@@ -220,66 +235,92 @@ def plan(exp: ExperimentConfig, *, data_key: Optional[Mapping[str, Any]] = None)
     labels = [c.label or c.name for c in g.classifiers]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"grid.classifiers: labels must differ, got {labels}; set label: for each")
-    cells: List[Cell] = []
-    for clf, budget, attack in itertools.product(g.classifiers, g.budgets, g.attacks):
-        accepts = attack_param_names(ATTACKS.get(attack))
-        base = dict(exp.attack_params.get(attack, {}))
-        unknown = sorted(set(base) - accepts)
+    if exp.evaluate.checkpoints:  # a learned interpreter is trained per classifier
+        raise ConfigError(
+            "evaluate.checkpoints: in an experiment, give each classifier its learned interpreters' files "
+            f"as grid.classifiers[i].checkpoints (here: {exp.evaluate.checkpoints})"
+        )
+
+
+def _attack_cells(
+    exp: ExperimentConfig,
+    clf: GridClassifierConfig,
+    budget: BudgetConfig,
+    attack: str,
+    data_key: Optional[Mapping[str, Any]],
+) -> List[Cell]:
+    """The cells of one attack on one classifier at one budget: one per value of each axis it takes."""
+    g = exp.grid
+    cls = ATTACKS.get(attack)
+    accepts = attack_param_names(cls)
+    base = dict(exp.attack_params.get(attack, {}))
+    unknown = sorted(set(base) - accepts)
+    if unknown:
+        raise ConfigError(
+            f"attack_params.{attack}: unknown key(s) {unknown}; known: {', '.join(sorted(accepts))}"
+        )
+    # An axis applies to the attacks that take it, unless attack_params fixes the value.
+    axes = itertools.product(
+        g.generators if _free("generator", accepts, base) else (None,),
+        g.interpreters if cls.takes_interpreter else (None,),
+        _objectives(cls, g) if _free("objective", accepts, base) else (None,),
+        [v for v in g.variants if set(v) <= accepts] or [{}],
+    )
+    cells = []
+    for gen, interp, obj, setting in axes:
+        per_interp = exp.interpreter_params.get(interp, {}) if interp is not None else {}
+        unknown = sorted(set(per_interp) - accepts)
         if unknown:
             raise ConfigError(
-                f"attack_params.{attack}: unknown key(s) {unknown}; known: {', '.join(sorted(accepts))}"
+                f"interpreter_params.{interp}: unknown key(s) {unknown} for {attack}; "
+                f"known: {', '.join(sorted(accepts))}"
             )
-        # An axis applies to the attacks that take it, unless attack_params fixes the value.
-        axes = itertools.product(
-            g.generators if _free("generator", accepts, base) else (None,),
-            g.interpreters if ATTACKS.get(attack).takes_interpreter else (None,),
-            _objectives(ATTACKS.get(attack), g) if _free("objective", accepts, base) else (None,),
-            [v for v in g.variants if set(v) <= accepts] or [{}],
+        params = {**base, **per_interp, **setting}
+        if gen is not None:
+            params["generator"] = gen
+        if obj is not None:
+            params["objective"] = obj
+        method, variant = _labels(attack, gen, interp, obj, setting, g)
+        key = {
+            "juap": __version__,
+            "data": to_dict(exp.data),
+            "evaluate": _id_form(_measured(exp.evaluate)),
+            "classifier": _id_form(dataclasses.asdict(clf)),
+            "attack": attack,
+            "budget": dataclasses.asdict(budget),
+            "interpreter": interp,
+            "params": params,
+            "val_fraction": exp.val_fraction,
+            "seed": exp.seed,
+            **({"data_key": dict(data_key)} if data_key is not None else {}),
+        }
+        slug = _slug(f"{clf.label or clf.name}_{variant}_{budget.norm}{budget.eps:g}")
+        cells.append(
+            Cell(
+                id=f"{slug}-{_hash(key)}",
+                classifier=clf,
+                attack=attack,
+                budget=budget,
+                generator=gen,
+                interpreter=interp,
+                objective=obj,
+                setting=dict(setting),
+                params=params,
+                method=method,
+                variant=variant,
+            )
         )
-        for gen, interp, obj, setting in axes:
-            per_interp = exp.interpreter_params.get(interp, {}) if interp is not None else {}
-            unknown = sorted(set(per_interp) - accepts)
-            if unknown:
-                raise ConfigError(
-                    f"interpreter_params.{interp}: unknown key(s) {unknown} for {attack}; "
-                    f"known: {', '.join(sorted(accepts))}"
-                )
-            params = {**base, **per_interp, **setting}
-            if gen is not None:
-                params["generator"] = gen
-            if obj is not None:
-                params["objective"] = obj
-            method, variant = _labels(attack, gen, interp, obj, setting, g)
-            key = {
-                "juap": __version__,
-                "data": to_dict(exp.data),
-                "evaluate": _measured(exp.evaluate),
-                "classifier": dataclasses.asdict(clf),
-                "attack": attack,
-                "budget": dataclasses.asdict(budget),
-                "interpreter": interp,
-                "params": params,
-                "val_fraction": exp.val_fraction,
-                "seed": exp.seed,
-                **({"data_key": dict(data_key)} if data_key is not None else {}),
-            }
-            slug = _slug(f"{clf.label or clf.name}_{variant}_{budget.norm}{budget.eps:g}")
-            cells.append(
-                Cell(
-                    id=f"{slug}-{_hash(key)}",
-                    classifier=clf,
-                    attack=attack,
-                    budget=budget,
-                    generator=gen,
-                    interpreter=interp,
-                    objective=obj,
-                    setting=dict(setting),
-                    params=params,
-                    method=method,
-                    variant=variant,
-                )
-            )
     return cells
+
+
+def _id_form(section: Dict[str, Any]) -> Dict[str, Any]:
+    """A config section as a cell's id hashes it: ``checkpoints`` written as the ``<name>_checkpoint``
+    keys of the configs that recorded the first cells (one per learned interpreter, null when not given),
+    so that the cells run before ``checkpoints`` existed are still found and reused."""
+    out = {k: v for k, v in section.items() if k != "checkpoints"}
+    given = section.get("checkpoints") or {}
+    out.update({f"{name}_checkpoint": given.get(name) for name in learned_interpreters()})
+    return out
 
 
 # What only changes a cell's pictures, not its figures: left out of the cell's id, so that a cell run
@@ -306,7 +347,7 @@ def _labels(attack, gen, interp, obj, setting, g: GridConfig) -> Tuple[str, str]
     cls = ATTACKS.get(attack)
     method = cls.label
     if cls.generator_in_label == "prefix" and gen is not None:
-        method = f"{GENERATOR_PREFIX.get(gen, gen)}-{method}"
+        method = f"{getattr(GENERATORS.get(gen), 'label', None) or GENERATOR_PREFIX.get(gen, gen)}-{method}"
     elif gen is not None and len(g.generators) > 1 and cls.generator_in_label == "suffix":
         method = f"{method}-{gen}"
     variant = method if interp is None else f"{method}-{INTERPRETERS.get(interp).label}"
@@ -344,18 +385,20 @@ def cell_config(
 ) -> AttackRunConfig:
     """The ``juap attack`` config of a cell, with ``demo`` weights resolved to the cached demo models."""
     clf = cell.classifier
-    weights, rts = clf.weights, clf.rts_checkpoint
-    if weights == DEMO or rts == DEMO:
-        demo_clf, demo_rts = demo_models(cache_dir=cache_dir, need_rts=rts == DEMO, progress=progress)
+    weights, ckpts = clf.weights, dict(clf.checkpoints)
+    if weights == DEMO or DEMO in ckpts.values():  # the demo trains one learned interpreter: its model
+        need = DEMO in ckpts.values()
+        demo_clf, demo_learned = demo_models(cache_dir=cache_dir, need_rts=need, progress=progress)
         weights = demo_clf if weights == DEMO else weights
-        rts = demo_rts if rts == DEMO else rts
-    uses_rts = cell.interpreter == "rts" or "rts" in exp.evaluate.interpreters
-    if uses_rts and not rts:
-        raise ConfigError(
-            f"grid.classifiers[{clf.label or clf.name}]: the rts interpreter needs rts_checkpoint "
-            "(train it with `juap train-rts`, or use `demo` with the demo classifier)"
-        )
-    interps = tuple(i for i in exp.evaluate.interpreters if i != "rts")
+        ckpts = {n: demo_learned if p == DEMO else p for n, p in ckpts.items()}
+    learned = set(learned_interpreters())
+    for name in dict.fromkeys(filter(None, [cell.interpreter, *exp.evaluate.interpreters])):
+        if name in learned and not ckpts.get(name):
+            raise ConfigError(
+                f"grid.classifiers[{cell.classifier_label}]: the {INTERPRETERS.get(name).label} interpreter "
+                f"is a learned model; give its file trained for this classifier as checkpoints: "
+                f"{{{name}: PATH}} (or {DEMO} with the demo classifier)"
+            )
     return AttackRunConfig(
         data=exp.data,
         classifier=ClassifierConfig(
@@ -366,7 +409,7 @@ def cell_config(
             options=clf.options,
         ),
         interpreter=InterpreterConfig(
-            name=cell.interpreter, checkpoint=rts if cell.interpreter == "rts" else None
+            name=cell.interpreter, checkpoint=ckpts.get(cell.interpreter) if cell.interpreter else None
         ),
         attack=AttackConfig(
             name=cell.attack,
@@ -375,7 +418,11 @@ def cell_config(
             params=dict(cell.params),
             val_fraction=exp.val_fraction,
         ),
-        evaluate=dataclasses.replace(exp.evaluate, interpreters=interps, rts_checkpoint=rts),
+        evaluate=dataclasses.replace(
+            exp.evaluate,
+            interpreters=tuple(i for i in exp.evaluate.interpreters if i not in learned),
+            checkpoints=ckpts,  # each learned interpreter given joins the table (build.eval_interpreters)
+        ),
         seed=exp.seed,
         device=exp.device,
     )
@@ -681,25 +728,24 @@ def dry_run_experiment(exp: ExperimentConfig, work_dir: Path) -> ExperimentConfi
     """The same grid on tiny embedded data, untrained weights and one step per attack: checks that
     every cell builds and runs end to end before hours are spent on the real one."""
 
-    data = DataConfig(name="synthetic", image_size=32, num_images=36, train_fraction=0.5, test_fraction=0.5)
+    # the default data set (the embedded one), tiny
+    data = DataConfig(image_size=32, num_images=36, train_fraction=0.5, test_fraction=0.5)
+    used = set(exp.grid.interpreters) | set(exp.evaluate.interpreters)
+    learned = [n for n in learned_interpreters() if n in used]
     classifiers = []
     for c in exp.grid.classifiers:
-        rts_path = None
-        if "rts" in exp.grid.interpreters or "rts" in exp.evaluate.interpreters:
+        weights, ckpts = None, {}
+        if learned:  # an untrained model of each, for a classifier saved beside it
             torch.manual_seed(0)
             clf = create_classifier(c.name, num_classes=data.num_classes, **c.options)
-            rts_path = str(work_dir / f"rts-{_slug(c.label or c.name)}.safetensors")
-            save_rts(RTS(clf, image_size=data.image_size), rts_path)
-            ckpt = work_dir / f"classifier-{_slug(c.label or c.name)}.safetensors"
-
-            save_classifier(clf, ckpt)
-            weights = str(ckpt)
-        else:
-            weights = None
+            for name in learned:
+                path = work_dir / f"{name}-{_slug(c.label or c.name)}.safetensors"
+                INTERPRETERS.create(name, clf).save(path)
+                ckpts[name] = str(path)
+            weights = str(work_dir / f"classifier-{_slug(c.label or c.name)}.safetensors")
+            save_classifier(clf, weights)
         classifiers.append(
-            dataclasses.replace(
-                c, weights=weights, num_classes=None, reset_head=False, rts_checkpoint=rts_path
-            )
+            dataclasses.replace(c, weights=weights, num_classes=None, reset_head=False, checkpoints=ckpts)
         )
 
     params = {}
@@ -715,7 +761,7 @@ def dry_run_experiment(exp: ExperimentConfig, work_dir: Path) -> ExperimentConfi
     return dataclasses.replace(
         exp,
         data=data,
-        evaluate=dataclasses.replace(exp.evaluate, batch_size=18, max_images=12, rts_checkpoint=None),
+        evaluate=dataclasses.replace(exp.evaluate, batch_size=18, max_images=12, checkpoints={}),
         attack_params=params,
         grid=dataclasses.replace(exp.grid, classifiers=tuple(classifiers)),
         device="cpu",
