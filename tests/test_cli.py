@@ -128,7 +128,7 @@ def test_attack_and_evaluate_end_to_end(tmp_path, capsys, clf_path):
         (["--set", "attack.name=juapp"], "unknown attack 'juapp'"),
         (["--set", "attack.params={stepz: 3}"], "Did you mean 'attack.params.steps'"),
         (["--set", "attack.name=juap"], "juap needs an interpreter"),
-        (["--set", "interpreter.name=rts"], "needs a trained model"),
+        (["--set", "interpreter.name=rts"], "needs its trained file"),
         (["--set", "classifier.weights=/nonexistent/c.safetensors"], "does not exist"),
     ],
 )

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 import juap
+import juap._registry as juap_registry
 from juap import ConfigError
 from juap.classifiers import Classifier, create_classifier, load_classifier, save_classifier
 from juap.generators import ImageGenerator
@@ -292,6 +293,13 @@ def test_generator_maps_noise_to_a_perturbation_of_its_size(name, n, h, w):
         assert out.shape == (n, 3, h, w) and torch.isfinite(out).all()
         assert out.min() >= -1 and out.max() <= 1
     torch.testing.assert_close(g.train()(_noise(n, h, w)), g.eval()(_noise(n, h, w)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", GENERATORS)
+def test_generator_declares_its_label(name):
+    """The prefix of the method's name in tables (R-JUAP, U-JUAP): declared, so a grid never guesses it."""
+    label = juap_registry.GENERATORS.get(name).label
+    assert isinstance(label, str) and label and label.isalnum()
 
 
 @pytest.mark.parametrize("name", GENERATORS)

@@ -95,7 +95,7 @@ def test_no_import_points_to_a_higher_layer() -> None:
     bad = []
     for path in sorted((SRC / "juap").rglob("*.py")):
         bad += forbidden(path.read_text(), module_name(path), path.name == "__init__.py")
-    assert not bad, "imports against the layers (README, Architecture):\n" + "\n".join(bad)
+    assert not bad, "imports against the layers (docs/architecture.md):\n" + "\n".join(bad)
 
 
 def test_every_module_has_a_layer() -> None:

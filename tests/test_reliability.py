@@ -2,8 +2,8 @@
 
 The fault-injection tests run a tiny ``juap attack`` as a real process, kill it (SIGKILL at three points,
 resuming each time; SIGINT once) and check that the final perturbation is bitwise the uninterrupted
-run's. The bad-input tests run every row of the README's reliability table through the CLI and check
-for a message and a non-zero exit code, never a traceback.
+run's. The bad-input tests run every row of the reliability table of docs/reliability.md through the
+CLI and check for a message and a non-zero exit code, never a traceback.
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ class GeneratorUAP(UniversalAttack):
         hinge: where eq 16's ``max{., delta}`` acts: ``"batch"`` (on the batch's fooling loss) or
             ``"image"`` (on each image's term, so fooled images stop pulling and unfooled ones keep on).
         lam: lambda of eq 16 (the paper recommends 1e-4..3e-3 at 224x224 with raw maps; juap's maps are
-            min-max normalised, so larger values suit it: see the README).
+            min-max normalised, so larger values suit it: see docs/python-api.md).
         delta: the hinge of eq 16 (-0.8); ``None`` disables it.
         warmup: steps trained with lambda = 0 (the fooling loss alone) before the map term starts.
         fr_target: constrained mode: the fooling ratio to keep; lambda then adapts online by dual
@@ -89,7 +89,7 @@ class GeneratorUAP(UniversalAttack):
             (``interpreter.encode``, RTS). The paper adds the term unweighted with a separate encoder;
             juap's RTS encodes with the classifier's own feature map, whose distances are much larger
             than the map distance, so weight 1 forbids fooling altogether; the default 0.02 puts the two
-            terms on the same scale (README, "What the embedded data shows").
+            terms on the same scale (docs/results.md, "What the embedded data shows").
         seed: fixes the generator's initialisation, its input noise and the data order.
         eval_every: validation period in steps (and once at the end).
         selection: ``"fooling_ratio"``, ``"joint"`` (fooling ratio x (1 + IoU)), ``"constrained"`` (the
@@ -536,7 +536,7 @@ class JUAP(GeneratorUAP):
     The defaults are the paper's (eq 8, the hinge on the log of the batch-mean CE at -0.8). ``lam``
     defaults to 0.05: eq 13 is taken on min-max normalised maps here (an L2 distance of order
     sqrt(h*w)), not on raw maps as in the paper, whose recommended 1e-4..3e-3 therefore does not carry
-    over. For few classes the README gives the recipe that keeps GUAP's fooling ratio (eq 7, GUAP's
+    over. For few classes docs/results.md gives the recipe that keeps GUAP's fooling ratio (eq 7, GUAP's
     per-image term, ``hinge="image"``); the constrained mode (``fr_target`` / ``fr_margin``) sets lambda
     itself.
     """

@@ -54,7 +54,7 @@ class UAP(UniversalAttack):
         fast: run DeepFool on a copy of the classifier whose eval-mode BatchNorms are folded into the
             preceding convolutions (and, on a CPU, stored channels-last): the same function up to float
             rounding (checked on the first batch, else the classifier itself is used), and faster per
-            DeepFool step (README, "Performance"). The fooling rates are computed with the classifier.
+            DeepFool step (docs/performance.md). The fooling rates are computed with the classifier.
         seed: shuffles an image tensor with ``seed + pass`` in every pass; ``None`` keeps its order. A
             loader keeps its own order.
         device: where to compute; default: the classifier's device.

@@ -9,11 +9,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .._registry import ATTACKS
 from ..app.artifacts import save_perturbation
 from ..app.history import RunLog
 from ..app.report import map_panels, transitions_csv
 from ..app.runs import finish_run
-from ..attacks.base import UniversalAttack
 from ..data import (
     CountSkipped,
     data_summary,
@@ -24,7 +24,7 @@ from ..data import (
 from ..data.batches import iter_batches
 from ..errors import ConfigError
 from ..evaluation import evaluate, perturb_fn
-from ..metrics import l1_distance
+from ..metrics import is_fooled, l1_distance
 from ..runtime import distributed
 from ..runtime.config import to_dict
 from ..runtime.distributed import resolve_device
@@ -91,33 +91,68 @@ def run_attack(
         torch.manual_seed(distributed.rank_seed(cfg.seed))
     t0 = time.perf_counter()
     fit_info: Dict[str, Any] = {}
-    if isinstance(attack, UniversalAttack):
+    if attack.universal:
         fit_info = _fit_universal(attack, cfg, train, val, run_dir, progress, resume, checkpoint_every)
     fit_seconds = time.perf_counter() - t0
     interps = {n: i.to(device) for n, i in eval_interpreters(cfg, clf).items()}
-    target = cfg.attack.params.get("target")
     test_loader = CountSkipped(make_loader(test, batch_size=cfg.evaluate.batch_size))
+    summary = data_summary(splits, train=train, val=val, test=test)
+    return measure_and_write(
+        run_dir,
+        cfg,
+        clf,
+        interps,
+        attack,
+        test_loader,
+        class_names=splits.classes,
+        device=device,
+        progress=progress,
+        extra={"fit_seconds": fit_seconds, **fit_info},
+        after={"data_summary": summary},
+    )
+
+
+def measure_and_write(
+    run_dir: Path,
+    cfg,
+    clf,
+    interps: Dict[str, Any],
+    attack,
+    data,
+    *,
+    device: Optional[torch.device] = None,
+    class_names: Optional[Sequence[str]] = None,
+    progress: bool = False,
+    extra: Optional[Dict[str, Any]] = None,
+    after: Optional[Dict[str, Any]] = None,
+) -> Dict[str, Any]:
+    """The last step of every run that measures an attack (``juap attack``, ``juap evaluate``, each cell of
+    a grid or of the demo): evaluate ``attack`` (a fitted or per-image attack, or a perturbation) on
+    ``data`` (a loader or a list of ``(x, y)`` batches) against every interpreter of ``interps``, with the
+    unmodified classifier; write a per-image attack's ``history.csv``, then ``transitions.csv`` and
+    ``maps.png`` (:func:`write_insight`) and ``metrics.json`` (:func:`summarize` with ``extra``, then
+    ``after`` over it; a :class:`~juap.data.CountSkipped` loader adds its count of unreadable images to
+    ``data_summary``), and mark the run folder finished. Returns the metrics."""
     ev = evaluate(
         clf,
         attack,
-        test_loader,
+        data,
         interpreters=interps,
-        target=target,
+        target=cfg.attack.params.get("target"),
         device=device,
         progress=progress,
         per_class=True,
     )
-    if not isinstance(attack, UniversalAttack) and getattr(attack, "history", None) and distributed.is_main():
+    if not getattr(attack, "universal", True) and attack.history and distributed.is_main():
         log = RunLog(run_dir, tensorboard=cfg.log.tensorboard, title=f"juap attack {cfg.attack.name}")
         for row in attack.history:  # a per-image attack's steps over the test batches (rank 0's share)
             log(row)
-        log.finish(hinge=getattr(attack, "delta", None))
-    write_insight(run_dir, cfg, ev, clf, attack, test, interps, class_names=splits.classes, device=device)
-    metrics = summarize(cfg, ev, fit_seconds=fit_seconds, class_names=splits.classes, **fit_info)
-    metrics["data_summary"] = {
-        **data_summary(splits, train=train, val=val, test=test),
-        "test_skipped_images": test_loader.skipped,  # unreadable at decode time
-    }
+        log.finish(hinge=attack.hinge_level)
+    write_insight(run_dir, cfg, ev, clf, attack, data, interps, class_names=class_names, device=device)
+    metrics = summarize(cfg, ev, class_names=class_names, **(extra or {}))
+    metrics.update(after or {})
+    if isinstance(data, CountSkipped):  # unreadable at decode time
+        metrics["data_summary"] = {**metrics.get("data_summary", {}), "test_skipped_images": data.skipped}
     finish_run(run_dir, config=to_dict(cfg), metrics=metrics)
     return metrics
 
@@ -134,33 +169,25 @@ def _fit_universal(
     log = RunLog(run_dir, tensorboard=cfg.log.tensorboard, title=f"juap attack {cfg.attack.name}")
     checkpoint = Checkpointing(run_dir, every=every, resume=resume)
     n_hat = attack.fit(train_loader, val_data=val_loader, progress=progress, checkpoint=checkpoint, log=log)
-    best_step = getattr(attack, "best_step", None) or getattr(attack, "best_epoch", None)
+    result = attack.fit_result
     if distributed.is_main():
-        log.finish(selected=best_step, hinge=getattr(attack, "delta", None))
+        log.finish(selected=result.selected, hinge=attack.hinge_level)
     a = cfg.attack
     save_perturbation(run_dir / "perturbation", n_hat, attack=a.name, norm=a.norm, eps=a.eps)
     if "generator" in attack.artifacts and distributed.is_main():
-        generator = {f"generator.{k}": v for k, v in attack.generator.state_dict().items()}
-        meta = {
-            "format": "juap.generator",
-            "generator": str(attack.generator_spec),
-            "norm": a.norm,
-            "eps": a.eps,
-        }
-        meta["generator_options"] = attack.generator_options
-        save_tensors(run_dir / "generator.safetensors", {**generator, "noise": attack.noise}, meta)
-    return {"best_step": getattr(attack, "best_step", None), "validation": getattr(attack, "best_val", None)}
+        tensors, meta = attack.generator_artifact()
+        save_tensors(run_dir / "generator.safetensors", tensors, {**meta, "norm": a.norm, "eps": a.eps})
+    return result.summary()
 
 
 def summarize(cfg, ev: Dict[str, Any], **extra: Any) -> Dict[str, Any]:
     """metrics.json: the attack's identity, its budget, and the figures on the test split."""
     params = cfg.attack.params
+    attack_class = ATTACKS.get(cfg.attack.name)
     main = cfg.interpreter.name or (cfg.evaluate.interpreters[0] if cfg.evaluate.interpreters else None)
     out: Dict[str, Any] = {
         "attack": cfg.attack.name,
-        "generator": params.get("generator", "resnet")
-        if cfg.attack.name in ("juap", "guap", "guap_ct", "jap")
-        else None,
+        "generator": params.get("generator", "resnet") if "generator" in attack_class.hyperparams else None,
         "interpreter": cfg.interpreter.name,
         "norm": cfg.attack.norm,
         "eps": cfg.attack.eps,
@@ -208,15 +235,16 @@ def write_insight(
     ev: Dict[str, Any],
     clf,
     attack,
-    test,
+    data,
     interps: Dict[str, Any],
     *,
     class_names: Optional[Sequence[str]] = None,
     device: Optional[torch.device] = None,
 ) -> None:
     """``transitions.csv`` (from ``ev``, an evaluation with ``per_class=True``) and ``maps.png``: benign vs
-    adversarial images and maps of ``cfg.evaluate.figure_count`` test images picked by
-    ``cfg.evaluate.figure_images``. Under torchrun only rank 0 writes (and draws)."""
+    adversarial images and maps of ``cfg.evaluate.figure_count`` test images of ``data`` (a loader or a
+    list of batches, read again) picked by ``cfg.evaluate.figure_images``. Under torchrun only rank 0
+    writes (and draws)."""
 
     if not distributed.is_main():
         return
@@ -225,11 +253,10 @@ def write_insight(
     if not interps or cfg.evaluate.figure_count == 0:
         return
     main = cfg.interpreter.name if cfg.interpreter.name in interps else next(iter(interps))
-    loader = make_loader(test, batch_size=cfg.evaluate.batch_size)
     rows, how = map_rows(
         clf,
         attack,
-        loader,
+        data,
         interps,
         main=main,
         select=cfg.evaluate.figure_images,
@@ -277,7 +304,7 @@ def map_rows(
         la, ma = interps[main].explain(x_hat)
         xs.append(x.cpu())
         xas.append(x_hat.cpu())
-        fooled.append((lb.argmax(1) != la.argmax(1)).cpu())
+        fooled.append(is_fooled(lb.argmax(1), la.argmax(1)).cpu())
         change.append(l1_distance(ma, mb).cpu())
         if sum(len(b) for b in xs) >= pool:
             break

@@ -20,6 +20,7 @@ from ..errors import ConfigError, JuapError
 from ..runtime import distributed
 from ..runtime.config import apply_overrides, from_dict, load_config, read_yaml_mapping, to_dict
 from .attack import AttackRunConfig, run_attack
+from .configs import migrate_legacy_keys
 from .demo import DemoSettings, open_demo_dir, run_demo
 from .detect import DetectConfig, run_detect
 from .evaluate import run_evaluate
@@ -64,7 +65,8 @@ def _open_run(args: argparse.Namespace, cls: type, command: str):
     if resume and args.out and not args.config and not args.overrides:
         saved = Path(args.out) / "config.yaml"
         source = saved if saved.is_file() else None
-    cfg = load_config(cls, source, args.overrides)
+    raw = apply_overrides(read_yaml_mapping(source) if source is not None else {}, args.overrides)
+    cfg = from_dict(cls, migrate_legacy_keys(raw))  # an old key (rts_checkpoint) moved, with a warning
     run_dir = new_run_dir(args.out, command=command, overwrite=args.overwrite, resume=resume)
     check_config(run_dir, to_dict(cfg), resume=resume)
     args.run_dir = run_dir  # for the "how to resume" message on an interruption

@@ -26,9 +26,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from .. import create_attack
+from .._registry import INTERPRETERS as INTERPRETER_CLASSES
 from ..app.artifacts import load_perturbation, save_perturbation
 from ..app.report import bar_chart, figure_grid, markdown_table, transition_section, write_csv
-from ..app.runs import finish_run, new_run_dir
+from ..app.runs import new_run_dir
 from ..budget import apply_perturbation
 from ..data import save_split
 from ..data.synthetic import default_cache_dir
@@ -37,7 +38,7 @@ from ..evaluation import evaluate
 from ..metrics import HEADLINE_FR_GAP, HEADLINE_IOU_GAIN, headline_misses
 from ..runtime.config import to_dict
 from ..runtime.io import remove_stale_temporaries, write_json, write_text
-from .attack import summarize
+from .attack import measure_and_write
 from .build import build_attack, build_interpreter
 from .demo_models import RTS_EPOCHS, cached_demo_classifier, cached_demo_rts, demo_classifier_path
 from .detect import demo_detection
@@ -56,7 +57,7 @@ class DemoSettings:
     The fields down to ``sgd_epochs`` are mapped onto the demo's experiment file
     (:func:`demo_experiment`); the others size the demo's own steps (the split, JAP vs PGD, RTS).
 
-    The JUAP recipe (measured with 3 seeds by ``benchmarks/bench_claims.py``; see the README): the
+    The JUAP recipe (measured with 3 seeds by ``benchmarks/bench_claims.py``; see docs/results.md): the
     untargeted objective (eq 7; the least-likely class of eq 8 collapses on 6 classes), GUAP's per-image
     ``log(CE + 1)`` fooling term with eq 16's hinge applied per image at ``delta`` (an image fooled past
     the hinge stops pulling and only its map is optimised; the others keep pulling), and ``lam``.
@@ -106,7 +107,7 @@ def demo_experiment(
             (RTS's lambda under ``interpreter_params``), generator width, UAP passes, SGD-UAP epochs, seed.
         data: the ``data`` section (the demo: the classifier's data set, whose held-out images it splits).
         classifier: the grid's one classifier (the demo: its cached checkpoints), e.g.
-            ``{name, label, weights, rts_checkpoint, options}``.
+            ``{name, label, weights, checkpoints, options}``.
     """
     gen = {
         "steps": s.steps,
@@ -218,31 +219,13 @@ def run_demo(
     say: Callable[[str], None] = lambda s: None,
 ) -> Dict[str, Any]:
     """Run the whole demo into ``run_dir``; returns the metrics written to ``metrics.json``."""
-    # About 80 lines: the demo's five steps in order, each a few calls and the line it prints.
     t_start = time.perf_counter()
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     ccfg = classifier_cfg or TrainClassifierConfig()
     demo_experiment(settings)  # a bad setting fails now, before any training
-
-    say("[1/5] Embedded data set and demo classifier (trained once, then cached) ...")
-    clf, splits, clf_metrics, cached = cached_demo_classifier(ccfg, cache_dir=cache, progress=progress)
-    how = "loaded from cache" if cached else f"trained in {clf_metrics['train_seconds']:.0f} s"
-    say(
-        f"      {ccfg.classifier.name}: {how}; test top-1 accuracy {clf_metrics['test_accuracy']:.1%} on "
-        f"{clf_metrics['test_images']} images of {len(splits.classes)} classes ({', '.join(splits.classes)})"
-    )
-
-    say("[2/5] RTS saliency model for this classifier (trained once, then cached) ...")
-    rts_path, rts_metrics, rts_cached = cached_demo_rts(
-        ccfg, epochs=settings.rts_epochs, seed=settings.seed, cache=cache, progress=progress
-    )
-    how = "loaded from cache" if rts_cached else f"trained in {rts_metrics.get('train_seconds', 0):.0f} s"
-    point = rts_metrics.get("pointing_top20") or 0.0
-    say(f"      {how}; pointing game (top-20% of the mask on the object) {point:.1%}")
-
-    interps = {
-        n: build_interpreter(n, clf, checkpoint=str(rts_path) if n == "rts" else None) for n in INTERPRETERS
-    }
+    clf, splits, clf_metrics, rts_path, rts_metrics = _demo_models(ccfg, settings, cache, progress, say)
+    checkpoints = {"rts": str(rts_path)}  # the trained file of each learned interpreter
+    interps = {n: build_interpreter(n, clf, checkpoint=checkpoints.get(n)) for n in INTERPRETERS}
     s = settings
     split = attack_split(splits.test, n_train=s.attack_train_images, n_test=s.attack_test_images, seed=s.seed)
     x_test, y_test = split.x_test, split.y_test
@@ -250,7 +233,7 @@ def run_demo(
         f"[3/5] Universal attacks at {s.norm} eps={s.eps:g} (0-255 units), {len(split.x_train)} training / "
         f"{len(x_test)} test images: the grid of {DEMO_EXPERIMENT.name} into {run_dir / 'cells'} ..."
     )
-    models = {"weights": str(demo_classifier_path(ccfg, cache)), "rts_checkpoint": str(rts_path)}
+    models = {"weights": str(demo_classifier_path(ccfg, cache)), "checkpoints": checkpoints}
     exp, grid, perturbations = _universal(run_dir, s, ccfg, models, clf, interps, split, progress, say)
     results = grid["rows"]
 
@@ -282,8 +265,8 @@ def run_demo(
     )
     total = time.perf_counter() - t_start
     metrics = {
-        "classifier": {**clf_metrics, "cached": cached},
-        "rts": {**rts_metrics, "cached": rts_cached},
+        "classifier": clf_metrics,
+        "rts": rts_metrics,
         "settings": dataclasses.asdict(settings),
         "experiment": to_dict(exp),
         "cells": {k: grid[k] for k in ("cells", "complete", "ran")},
@@ -295,6 +278,32 @@ def run_demo(
     }
     write_json(run_dir / "metrics.json", metrics)
     return metrics
+
+
+def _demo_models(ccfg, settings: DemoSettings, cache: Path, progress: bool, say: Callable[[str], None]):
+    """Steps 1 and 2: the demo classifier and its RTS model, each trained once and then cached.
+
+    Returns:
+        ``(classifier, splits, classifier metrics, RTS checkpoint path, RTS metrics)``; each metrics dict
+        says whether it was ``cached``.
+    """
+    say("[1/5] Embedded data set and demo classifier (trained once, then cached) ...")
+    clf, splits, clf_metrics, cached = cached_demo_classifier(ccfg, cache_dir=cache, progress=progress)
+    how = "loaded from cache" if cached else f"trained in {clf_metrics['train_seconds']:.0f} s"
+    say(
+        f"      {ccfg.classifier.name}: {how}; test top-1 accuracy {clf_metrics['test_accuracy']:.1%} on "
+        f"{clf_metrics['test_images']} images of {len(splits.classes)} classes ({', '.join(splits.classes)})"
+    )
+
+    say("[2/5] RTS saliency model for this classifier (trained once, then cached) ...")
+    rts_path, rts_metrics, rts_cached = cached_demo_rts(
+        ccfg, epochs=settings.rts_epochs, seed=settings.seed, cache=cache, progress=progress
+    )
+    how = "loaded from cache" if rts_cached else f"trained in {rts_metrics.get('train_seconds', 0):.0f} s"
+    point = rts_metrics.get("pointing_top20") or 0.0
+    say(f"      {how}; pointing game (top-20% of the mask on the object) {point:.1%}")
+    clf_metrics, rts_metrics = {**clf_metrics, "cached": cached}, {**rts_metrics, "cached": rts_cached}
+    return clf, splits, clf_metrics, rts_path, rts_metrics
 
 
 def _universal(run_dir: Path, s: DemoSettings, ccfg, models, clf, interps, split: AttackSplit, progress, say):
@@ -346,11 +355,9 @@ def _cell_runner(clf, interps, split: AttackSplit, *, val_images: int, progress:
             cell_dir / "perturbation", n_hat, attack=cfg.attack.name, norm=cfg.attack.norm, eps=cfg.attack.eps
         )
         save_split(cell_dir / "split.json", split.record)
-        ev = evaluate(clf, n_hat, [(split.x_test, split.y_test)], interpreters=interps)
-        fit_info = {k: getattr(attack, k, None) for k in ("best_step", "best_epoch", "fooling_rate_")}
-        metrics = summarize(cfg, ev, fit_seconds=fit_seconds, **fit_info)
-        finish_run(cell_dir, config=to_dict(cfg), metrics=metrics)
-        return metrics
+        fit_info = {"fit_seconds": fit_seconds, **attack.fit_result.summary()}
+        test = [(split.x_test, split.y_test)]  # one batch: the random-map floor draws as it always did
+        return measure_and_write(cell_dir, cfg, clf, interps, n_hat, test, extra=fit_info)
 
     return run_cell
 
@@ -415,36 +422,15 @@ def _jap_vs_pgd(clf, interps, x, y, s: DemoSettings, progress: bool) -> List[Dic
     return rows
 
 
-def _write_outputs(
-    run_dir: Path, results, claims, jap_rows, perturbations, clf, interps, x_test, classes, s
-) -> None:
-    # Over 80 lines: results.md is one list of its sections, in reading order.
-    # results.csv: one row per method x interpreter (JUAP: the perturbation trained against that interpreter)
-    shown = main_rows(results)
-    write_csv(run_dir / "results.csv", shown)
-    write_csv(
-        run_dir / "transfer.csv",
-        results,
-        columns=(
-            "variant",
-            "method",
-            "generator",
-            "trained_against",
-            "interpreter",
-            "fooling_ratio",
-            "l1",
-            "iou",
-            "cell",
-        ),
-    )
-    methods = list(dict.fromkeys(r["method"] for r in shown))  # the grid's order: UAP, SGD-UAP, GUAP, ...
+def _cell_lookup(shown: List[Dict[str, Any]]) -> Callable[[str, str, str], Any]:
+    """``cell(method, interpreter, key)``: the figure of that row of ``shown`` (None when missing)."""
+    rows = {(r["method"], r["interpreter"]): r for r in reversed(shown)}  # the first row wins
+    return lambda method, interp, key: rows[(method, interp)][key] if (method, interp) in rows else None
 
-    def cell(method, interp, key):
-        for r in shown:
-            if r["method"] == method and r["interpreter"] == interp:
-                return r[key]
-        return None
 
+def _results_markdown(results, shown, methods, claims, jap_rows, s: DemoSettings) -> List[str]:
+    """The sections of results.md, in reading order (the transitions section is added by the caller)."""
+    cell = _cell_lookup(shown)
     md = [
         f"# juap demo results\n\nEmbedded synthetic data, {s.norm} eps={s.eps:g} (0-255 units). "
         "Fooling ratio "
@@ -461,7 +447,7 @@ def _write_outputs(
         + "\n",
         "## Table II — fooling ratio\n",
         markdown_table(
-            ["method"] + [i.upper() if i != "gradcam" else "Grad-CAM" for i in INTERPRETERS],
+            ["method"] + [INTERPRETER_CLASSES.get(i).label for i in INTERPRETERS],
             [[m] + [cell(m, i, "fooling_ratio") for i in INTERPRETERS] for m in methods],
         ),
         "\n## Table III — map discrepancy (L1 / IoU)\n",
@@ -497,6 +483,33 @@ def _write_outputs(
         ),
         "\n![figure](figure.png)\n\n![discrepancy](discrepancy.png)\n",
     ]
+    return md
+
+
+def _write_outputs(
+    run_dir: Path, results, claims, jap_rows, perturbations, clf, interps, x_test, classes, s
+) -> None:
+    # results.csv: one row per method x interpreter (JUAP: the perturbation trained against that interpreter)
+    shown = main_rows(results)
+    write_csv(run_dir / "results.csv", shown)
+    write_csv(
+        run_dir / "transfer.csv",
+        results,
+        columns=(
+            "variant",
+            "method",
+            "generator",
+            "trained_against",
+            "interpreter",
+            "fooling_ratio",
+            "l1",
+            "iou",
+            "cell",
+        ),
+    )
+    methods = list(dict.fromkeys(r["method"] for r in shown))  # the grid's order: UAP, SGD-UAP, GUAP, ...
+    cell = _cell_lookup(shown)
+    md = _results_markdown(results, shown, methods, claims, jap_rows, s)
     # where the fooled images go: GUAP vs R-JUAP (CAM)
     moved = {
         label: evaluate(clf, perturbations[key], x_test, per_class=True)["transitions"]

@@ -26,7 +26,7 @@ from ..detection import (
     split_images,
 )
 from ..errors import ConfigError
-from ..metrics import auroc, roc_curve, tpr_at_fpr
+from ..metrics import auroc, is_fooled, roc_curve, tpr_at_fpr
 from ..runtime.config import to_dict
 from ..runtime.distributed import resolve_device
 from ..runtime.io import load_tensors, write_text
@@ -194,7 +194,7 @@ def _adversarial_view(interpreter, x, n_hat, b_maps, b_pred, settings: DetectorS
     """What the detectors see of one perturbation: which images count, the inspectors' scores on it and
     on its control, and the detector features of both."""
     a_logits, a_maps = explain_all(interpreter, x, n_hat, batch_size=settings.batch_size)
-    fooled = a_logits.argmax(1) != b_pred
+    fooled = is_fooled(b_pred, a_logits.argmax(1))
     c_maps, c_feats = b_maps, None
     if settings.control == "shuffle":  # the same values, their structure destroyed
         controls = shuffled_controls(n_hat, len(x), seed=seed)

@@ -8,18 +8,16 @@ from typing import Any, Dict
 import torch
 
 from ..app.artifacts import load_perturbation
-from ..app.runs import finish_run
 from ..data import (
     CountSkipped,
     data_summary,
     make_loader,
 )
 from ..errors import ConfigError
-from ..evaluation import evaluate, perturbation_budget
-from ..runtime.config import to_dict
+from ..evaluation import perturbation_budget
 from ..runtime.distributed import resolve_device
 from ..runtime.io import read_metadata
-from .attack import summarize, write_insight
+from .attack import measure_and_write
 from .build import attack_data, build_classifier, check_classes, eval_interpreters
 
 
@@ -51,20 +49,17 @@ def run_evaluate(
     check_classes(clf, splits)
     interps = {n: i.to(device) for n, i in eval_interpreters(cfg, clf).items()}
     test_loader = CountSkipped(make_loader(test, batch_size=cfg.evaluate.batch_size))
-    ev = evaluate(
+    made_by = {k: meta.get(k) for k in ("attack", "generator", "objective")}  # the file's, not the config's
+    return measure_and_write(
+        run_dir,
+        cfg,
         clf,
+        interps,
         n_hat,
         test_loader,
-        interpreters=interps,
-        target=cfg.attack.params.get("target"),
+        class_names=splits.classes,
         device=device,
         progress=progress,
-        per_class=True,
+        extra={"perturbation_file": str(perturbation)},
+        after={**made_by, **budget, "data_summary": data_summary(splits, test=test)},
     )
-    write_insight(run_dir, cfg, ev, clf, n_hat, test, interps, class_names=splits.classes, device=device)
-    metrics = summarize(cfg, ev, perturbation_file=str(perturbation), class_names=splits.classes)
-    made_by = {k: meta.get(k) for k in ("attack", "generator", "objective")}  # the file's, not the config's
-    metrics.update(made_by, **budget)
-    metrics["data_summary"] = {**data_summary(splits, test=test), "test_skipped_images": test_loader.skipped}
-    finish_run(run_dir, config=to_dict(cfg), metrics=metrics)
-    return metrics

@@ -52,7 +52,6 @@ from .demo_models import demo_models
 log = logging.getLogger(__name__)
 
 OBJECTIVE_LABELS = {"untargeted": "CE", "least_likely": "Cmin", "targeted": "Ct"}
-GENERATOR_PREFIX = {"resnet": "R", "unet": "U"}  # until the generator classes declare their label
 DEMO = "demo"  # classifier.weights / a checkpoints value: the cached demo models of `juap demo`
 
 
@@ -347,7 +346,7 @@ def _labels(attack, gen, interp, obj, setting, g: GridConfig) -> Tuple[str, str]
     cls = ATTACKS.get(attack)
     method = cls.label
     if cls.generator_in_label == "prefix" and gen is not None:
-        method = f"{getattr(GENERATORS.get(gen), 'label', None) or GENERATOR_PREFIX.get(gen, gen)}-{method}"
+        method = f"{getattr(GENERATORS.get(gen), 'label', None) or gen}-{method}"
     elif gen is not None and len(g.generators) > 1 and cls.generator_in_label == "suffix":
         method = f"{method}-{gen}"
     variant = method if interp is None else f"{method}-{INTERPRETERS.get(interp).label}"

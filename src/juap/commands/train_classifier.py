@@ -165,7 +165,7 @@ def _train_loader(splits: DataSplits, cfg: TrainClassifierConfig) -> InMemoryLoa
             f"each epoch is one step on all {n_train} (set train.batch_size={n_train} to silence this)",
             stacklevel=3,
         )
-    in_memory = cfg.data.in_memory if cfg.data.in_memory is not None else cfg.data.name == "synthetic"
+    in_memory = cfg.data.decode_once
     if in_memory:
         plain = SplitView(splits.train.base, splits.train.indices, eval_transform(cfg.data.image_size))
         x, y, _ = to_tensors(plain)

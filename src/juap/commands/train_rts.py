@@ -20,7 +20,15 @@ import torch
 from ..app.history import RunLog
 from ..app.runs import finish_run
 from ..classifiers import Classifier
-from ..data import data_summary, drop_last_for, load_splits, make_loader, require_classes, save_split
+from ..data import (
+    data_set,
+    data_summary,
+    drop_last_for,
+    load_splits,
+    make_loader,
+    require_classes,
+    save_split,
+)
 from ..data.synthetic import boxes_by_test_index
 from ..errors import CheckpointError, ConfigError
 from ..interpreters.rts import RTS, save_rts
@@ -155,7 +163,7 @@ def run_train_rts(
     metrics = rts.fit(loader, cfg.train, device=device, progress=progress, checkpoint=checkpoint, log=run_log)
     if distributed.is_main():
         run_log.finish()
-    boxes = boxes_by_test_index(splits) if cfg.data.name == "synthetic" else None
+    boxes = boxes_by_test_index(splits) if data_set(cfg.data.name).records_boxes else None
     ev = evaluate_rts(
         rts, splits.test, device=device, boxes=boxes, loss_kwargs=cfg.train.loss_kwargs(), progress=progress
     )

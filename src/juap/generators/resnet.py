@@ -154,6 +154,8 @@ class ResNetGenerator(ImageGenerator):
         >>> n_hat = scale_to_budget(g(noise), norm="l2", eps=2000)  # (1, 3, 224, 224), eq 6
     """
 
+    label = "R"  # the method's prefix in tables: R-JUAP
+
     def __init__(
         self,
         *,

@@ -47,6 +47,8 @@ class UNetGenerator(ImageGenerator):
         (N, in_channels, H, W) -> (N, out_channels, H, W) in [-1, 1], H and W multiples of 32.
     """
 
+    label = "U"  # the method's prefix in tables: U-JUAP
+
     def __init__(
         self,
         *,

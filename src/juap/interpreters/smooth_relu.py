@@ -12,7 +12,7 @@ discontinuous at 0 (a(0^-) = 1, a(0) = 0, as written in the paper), and its deri
 ``tau / (s^2 + tau)^(3/2)`` is positive everywhere, which gives the non-zero second derivatives.
 
 The surrogate is for the attack's gradients only: every reported metric uses the unmodified classifier
-(the surrogate is not the judge; README, "Decisions the paper leaves open").
+(the surrogate is not the judge; docs/decisions.md).
 """
 from __future__ import annotations
 
