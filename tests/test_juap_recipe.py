@@ -3,6 +3,8 @@ public loss as GUAP's default, and resuming a constrained run."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -115,3 +117,24 @@ def test_bad_recipe_arguments(setup, kwargs, match):
     clf, cam, _, _ = setup
     with pytest.raises(ConfigError, match=match):
         juap.create_attack("juap", classifier=clf, interpreter=cam, **kwargs)
+
+
+def test_constrained_lambda_does_not_collapse_when_the_fooling_ratio_drops(setup):
+    """The dual step on log(lambda) is bounded by dual_lr: when the map term starts and the fooling ratio
+    falls far below the target for a while, lambda comes down by at most e^dual_lr a step (it used to fall
+    by dual_lr * shortfall / 0.1, to the floor within a few dozen steps, and then climb back slowly), and
+    it climbs back as fast once the target is met again."""
+    clf, cam, _, _ = setup
+    attack = juap.create_attack("juap", classifier=clf, interpreter=cam, fr_target=0.5, lam=1.0, dual_lr=0.05)
+    attack.dual = {"lam": 1.0, "fr_ema": 0.5, "target": 0.5, "guap_fooling_ratio": None}
+    logs = [0.0]
+    for step in range(1, 41):  # the fooling ratio collapses to 0 for 40 steps
+        attack._dual_step(step, 0.0)
+        logs.append(math.log(attack.dual["lam"]))
+    low = attack.dual["lam"]
+    assert all(abs(b - a) <= 0.05 + 1e-12 for a, b in zip(logs, logs[1:], strict=False))
+    assert low >= math.exp(-40 * 0.05) - 1e-12  # 0.135, not the 1e-4 floor
+    for step in range(41, 81):  # the target is met again
+        attack._dual_step(step, 1.0)
+    # back up by 25 full steps' worth in 40 (measured 27.8: the running average's lag takes the rest)
+    assert math.log(attack.dual["lam"]) >= math.log(low) + 25 * 0.05

@@ -100,3 +100,53 @@ def test_map_distance_and_joint_loss_by_hand():
     assert d.item() == pytest.approx(math.sqrt(1 + 0.0625 + 0.25 + 1))
     fool = torch.tensor(-0.3)
     assert joint_loss(fool, d, lam=0.5).item() == pytest.approx(-0.3 + 0.5 * d.item())
+
+
+def test_margin_hinge_stops_the_pull_of_images_fooled_by_kappa():
+    """C&W's margin: an image fooled by at least kappa logits gets no gradient, the others keep theirs;
+    the term keeps its value (the curves still show it)."""
+    from juap.losses import logit_margins
+
+    logits = torch.tensor([[3.0, 0.0, 0.0], [0.0, 2.5, 0.0], [0.0, 0.4, 0.0]], requires_grad=True)
+    classes = torch.tensor([0, 0, 0])  # the benign predictions: image 0 is not fooled, 1 and 2 are
+    margins = logit_margins(logits, classes, objective="untargeted")
+    assert margins.tolist() == pytest.approx([-3.0, 2.5, 0.4])
+    loss = fooling_loss(logits, classes, objective="untargeted", form="mean_log1p", hinge="margin", kappa=1.0)
+    (g,) = torch.autograd.grad(loss, logits)
+    assert g[0].abs().sum() > 0 and g[2].abs().sum() > 0  # not fooled / fooled by less than kappa
+    assert g[1].abs().sum() == 0  # fooled by 2.5 >= kappa: it stops pulling
+    plain = fooling_loss(logits, classes, objective="untargeted", form="mean_log1p")
+    assert float(loss) == pytest.approx(float(plain))
+    # towards a class (eq 8 / 9) the margin is that class's logit over the best other one
+    reached = logit_margins(logits, torch.tensor([1, 1, 1]), objective="targeted")
+    assert reached.tolist() == pytest.approx([-3.0, 2.5, 0.4])
+
+
+def test_map_distance_on_some_images_only():
+    a, b = torch.rand(4, 5, 5), torch.rand(4, 5, 5)
+    every = map_distance(a, b, only=None)
+    from juap.losses import map_distances
+
+    d = map_distances(a, b)
+    only = torch.tensor([True, False, True, False])
+    assert float(map_distance(a, b, only=only)) == pytest.approx(float(d[only].mean()))
+    assert float(every) == pytest.approx(float(d.mean()))
+    none = map_distance(a.requires_grad_(), b, only=torch.zeros(4, dtype=torch.bool))
+    assert float(none) == 0.0 and torch.isfinite(torch.autograd.grad(none, a)[0]).all()
+
+
+def test_soft_topk_iou_is_the_metric_at_low_temperature_and_has_gradients():
+    from juap.losses import soft_topk_iou
+    from juap.metrics import IOU_KS, iou_topk
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(4, 8, 8, generator=g), torch.rand(4, 8, 8, generator=g)
+    hard = torch.stack([iou_topk(a, b, k) for k in IOU_KS]).mean(0)
+    torch.testing.assert_close(soft_topk_iou(a, b, temperature=1e-4), hard, atol=1e-3, rtol=0)
+    a.requires_grad_(True)
+    loss = map_distance(a, b, form="soft_iou")
+    assert float(loss) == pytest.approx(float(1 - soft_topk_iou(a, b).mean()))
+    (grad,) = torch.autograd.grad(loss, a)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="map_loss"):
+        map_distance(a, b, form="l3")

@@ -44,7 +44,11 @@ def check_target(target: Optional[int], num_classes: int) -> None:
 
 
 FOOL_FORMS = ("log_mean", "mean_log", "mean_log1p")
-HINGES = ("batch", "image")
+HINGES = ("batch", "image", "margin")
+MAP_ON = ("all", "fooled")
+MAP_LOSSES = ("l2", "soft_iou")
+SOFT_IOU_KS = (10, 20, 30, 40, 50)  # the top-k percentages of eq 20 (juap.metrics.IOU_KS)
+SOFT_IOU_TEMPERATURE = 0.1  # of the sigmoid around each map's top-k threshold, in normalised map units
 
 
 def fooling_terms(
@@ -57,6 +61,16 @@ def fooling_terms(
     return -torch.log(ce) if objective == "untargeted" else torch.log(ce)
 
 
+def logit_margins(adv_logits: torch.Tensor, classes: torch.Tensor, *, objective: str) -> torch.Tensor:
+    """How far past the decision each image is (N,), in logits (C&W's margin): untargeted, the best other
+    class's logit minus that of C_x (positive once fooled); towards C_min / C_t, that class's logit minus
+    the best other one (positive once reached)."""
+    z = adv_logits.float()
+    own = z.gather(1, classes[:, None])[:, 0]
+    best_other = z.scatter(1, classes[:, None], float("-inf")).amax(1)
+    return best_other - own if objective == "untargeted" else own - best_other
+
+
 def fooling_loss(
     adv_logits: torch.Tensor,
     classes: torch.Tensor,
@@ -65,6 +79,7 @@ def fooling_loss(
     form: str = "log_mean",
     delta: Optional[float] = None,
     hinge: str = "batch",
+    kappa: float = 0.0,
     across_ranks: bool = False,
 ) -> torch.Tensor:
     """Eqs 7-9 (with eq 16's hinge ``max{., delta}`` when ``delta`` is given); a scalar to minimise.
@@ -81,7 +96,11 @@ def fooling_loss(
         hinge: ``batch`` clamps the batch loss at ``delta`` (once the batch is fooled on average, the
             fooling gradient stops for every image); ``image`` clamps each image's term (an image that
             is fooled past ``delta`` stops pulling, the others keep pulling). ``log_mean`` is a batch
-            quantity, so its image hinge clamps ``log CE_i``.
+            quantity, so its image hinge clamps ``log CE_i``. ``margin`` stops an image's pull once it is
+            fooled by ``kappa`` logits (:func:`logit_margins`, C&W's kappa), a level that does not depend
+            on the data's cross-entropies; ``delta`` is not used there (the term keeps its value, only
+            its gradient stops).
+        kappa: the logit margin of the ``margin`` hinge (0: stop as soon as the image is fooled).
         across_ranks: under torchrun, this rank holds a slice of the global batch: means are taken over
             the global batch (sums and counts all-reduced, differentiably, *before* any log: a mean of
             per-rank logs would be another loss). A no-op in one process.
@@ -97,6 +116,9 @@ def fooling_loss(
         loss = -torch.log(ce) if objective == "untargeted" else torch.log(ce)
         return loss if delta is None else torch.clamp(loss, min=delta)
     terms = fooling_terms(adv_logits, classes, objective=objective, form=form)  # (N,)
+    if hinge == "margin":
+        past = logit_margins(adv_logits.detach(), classes, objective=objective) >= kappa
+        return _batch_mean(torch.where(past, terms.detach(), terms).sum(), n, across_ranks)
     if delta is not None and hinge == "image":
         terms = torch.clamp(terms, min=delta)
     loss = _batch_mean(terms.sum(), n, across_ranks)
@@ -114,15 +136,30 @@ def _batch_mean(total: torch.Tensor, n: int, across_ranks: bool) -> torch.Tensor
 
 
 def map_distance(
-    adv_maps: torch.Tensor, benign_maps: torch.Tensor, *, across_ranks: bool = False
+    adv_maps: torch.Tensor,
+    benign_maps: torch.Tensor,
+    *,
+    only: Optional[torch.Tensor] = None,
+    form: str = "l2",
+    across_ranks: bool = False,
 ) -> torch.Tensor:
     """Eq 13: per-sample L2 distance of min-max normalised maps, averaged over the batch (scalar).
 
     Maps are compared in float32 (bf16 maps from autocast are cast up first); ``across_ranks`` averages
-    over the global batch as in :func:`fooling_loss`.
+    over the global batch as in :func:`fooling_loss`. ``only`` (bool (N,)): average over those images
+    alone (e.g. the ones fooled at this step); 0 when there are none. ``form="soft_iou"``: instead of
+    the L2 distance, ``1 - `` :func:`soft_topk_iou` (a differentiable stand-in for eq 20's metric).
     """
-    d = map_distances(adv_maps, benign_maps)
-    return _batch_mean(d.sum(), len(d), across_ranks)
+    if form not in MAP_LOSSES:
+        raise ConfigError(f"map_loss = {form!r} is not allowed; allowed values: {', '.join(MAP_LOSSES)}")
+    d = map_distances(adv_maps, benign_maps) if form == "l2" else 1.0 - soft_topk_iou(adv_maps, benign_maps)
+    if only is None:
+        return _batch_mean(d.sum(), len(d), across_ranks)
+    only = only.detach().to(d.dtype)
+    total, count = (d * only).sum(), only.sum()
+    if across_ranks:
+        total, count = global_sum(total), global_sum(count.detach())
+    return total / count.clamp_min(1.0)
 
 
 def map_distances(adv_maps: torch.Tensor, benign_maps: torch.Tensor) -> torch.Tensor:
@@ -130,6 +167,29 @@ def map_distances(adv_maps: torch.Tensor, benign_maps: torch.Tensor) -> torch.Te
     a = normalize_maps(adv_maps.float()).flatten(1)
     b = normalize_maps(benign_maps.float()).flatten(1)
     return (a - b).norm(dim=1)
+
+
+def soft_topk_iou(
+    adv_maps: torch.Tensor, benign_maps: torch.Tensor, *, temperature: float = SOFT_IOU_TEMPERATURE
+) -> torch.Tensor:
+    """Eq 20 made differentiable, per sample (N,): the mean over k in :data:`SOFT_IOU_KS` of the IoU
+    between the benign map's top-k% mask (fixed) and a soft top-k% mask of the adversarial map,
+    ``sigmoid((a - t) / temperature)`` with ``t`` halfway between its k-th and (k+1)-th largest values
+    (so its top k% lie above one half). At ``temperature -> 0`` it is the metric's top-k IoU."""
+    a = normalize_maps(adv_maps.float()).flatten(1)
+    b = normalize_maps(benign_maps.float()).flatten(1)
+    hw = a.shape[1]
+    ious = []
+    for k_percent in SOFT_IOU_KS:
+        k = max(1, int(round(hw * k_percent / 100.0)))
+        mask_b = torch.zeros_like(b).scatter_(1, b.topk(k, dim=1).indices, 1.0)
+        top = a.detach().topk(min(k + 1, hw), dim=1).values
+        t = top[:, k - 1 : k] if k == hw else 0.5 * (top[:, k - 1 : k] + top[:, k : k + 1])
+        soft_a = torch.sigmoid((a - t) / temperature)
+        inter = torch.minimum(soft_a, mask_b).sum(1)
+        union = torch.maximum(soft_a, mask_b).sum(1)
+        ious.append(inter / union.clamp_min(1e-6))
+    return torch.stack(ious).mean(0)
 
 
 def feature_distance(

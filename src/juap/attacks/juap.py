@@ -30,6 +30,8 @@ from ..interpreters.smooth_relu import make_surrogate
 from ..losses import (
     FOOL_FORMS,
     HINGES,
+    MAP_LOSSES,
+    MAP_ON,
     OBJECTIVES,
     attack_classes,
     check_target,
@@ -37,6 +39,7 @@ from ..losses import (
     fooling_loss,
     fooling_terms,
     joint_loss,
+    logit_margins,
     map_distance,
 )
 from ..metrics import is_fooled
@@ -68,7 +71,14 @@ class GeneratorUAP(UniversalAttack):
             of the batch-mean CE), ``"mean_log"`` (the mean of per-image logs) or ``"mean_log1p"`` (the
             mean of per-image ``log(CE + 1)``, GUAP's public code).
         hinge: where eq 16's ``max{., delta}`` acts: ``"batch"`` (on the batch's fooling loss) or
-            ``"image"`` (on each image's term, so fooled images stop pulling and unfooled ones keep on).
+            ``"image"`` (on each image's term, so fooled images stop pulling and unfooled ones keep on);
+            ``"margin"``: an image stops pulling once it is fooled by ``kappa`` logits (C&W's margin, a
+            level that does not depend on the data's cross-entropies; ``delta`` is then unused).
+        kappa: the logit margin of the ``margin`` hinge.
+        map_on: ``"all"`` (eq 13 over the batch) or ``"fooled"``: the map term averaged over the images
+            that are fooled at this step only, so it never opposes fooling the others.
+        map_loss: ``"l2"`` (eq 13, the L2 distance of normalised maps) or ``"soft_iou"`` (one minus a
+            differentiable top-k IoU, :func:`juap.losses.soft_topk_iou`: the metric of eq 20 itself).
         lam: lambda of eq 16 (the paper recommends 1e-4..3e-3 at 224x224 with raw maps; juap's maps are
             min-max normalised, so larger values suit it: see docs/python-api.md).
         delta: the hinge of eq 16 (-0.8); ``None`` disables it.
@@ -121,6 +131,9 @@ class GeneratorUAP(UniversalAttack):
         "target": Param(int, low=0, optional=True),
         "fool_loss": Param(str, choices=FOOL_FORMS),
         "hinge": Param(str, choices=HINGES),
+        "kappa": Param(float, low=0),
+        "map_on": Param(str, choices=MAP_ON),
+        "map_loss": Param(str, choices=MAP_LOSSES),
         "lam": Param(float, low=0),
         "delta": Param(float, optional=True),
         "warmup": Param(int, low=0),
@@ -156,6 +169,9 @@ class GeneratorUAP(UniversalAttack):
         target: Optional[int] = None,
         fool_loss: str = "log_mean",
         hinge: str = "batch",
+        kappa: float = 0.0,
+        map_on: str = "all",
+        map_loss: str = "l2",
         lam: float = 0.0,
         delta: Optional[float] = -0.8,
         warmup: int = 0,
@@ -197,7 +213,8 @@ class GeneratorUAP(UniversalAttack):
         self.generator_spec = generator
         self.generator_options = dict(generator_options or {})
         self.objective, self.target = objective, target
-        self.fool_loss, self.hinge = fool_loss, hinge
+        self.fool_loss, self.hinge, self.kappa, self.map_on = fool_loss, hinge, float(kappa), map_on
+        self.map_loss = map_loss
         self.lam, self.delta = float(lam), delta
         self.warmup = int(warmup)
         self.fr_target = None if fr_target is None else float(fr_target)
@@ -360,7 +377,7 @@ class GeneratorUAP(UniversalAttack):
 
     @property
     def hinge_level(self) -> Optional[float]:
-        return self.delta
+        return None if self.hinge == "margin" else self.delta  # the margin hinge has no loss level
 
     def checkpoint_identity(self) -> Dict[str, Any]:
         generator = {"generator": str(self.generator_spec), "generator_options": self.generator_options}
@@ -376,7 +393,11 @@ class GeneratorUAP(UniversalAttack):
         d["fr_ema"] = batch_fr if d["fr_ema"] is None else 0.9 * d["fr_ema"] + 0.1 * batch_fr
         if not self.constrained or step <= self.warmup or d["target"] is None:
             return
-        log_lam = math.log(d["lam"]) + self.dual_lr * (d["fr_ema"] - d["target"]) / _FR_SCALE
+        # the error in units of _FR_SCALE, clipped to [-1, 1]: lambda moves by at most a factor e^dual_lr
+        # per step, so a stretch of low fooling ratio (the map term starting) cannot collapse it to the
+        # floor, from where it would climb back only slowly
+        err = max(-1.0, min(1.0, (d["fr_ema"] - d["target"]) / _FR_SCALE))
+        log_lam = math.log(d["lam"]) + self.dual_lr * err
         d["lam"] = math.exp(min(max(log_lam, math.log(_LAM_RANGE[0])), math.log(_LAM_RANGE[1])))
 
     def train_step(
@@ -425,12 +446,17 @@ class GeneratorUAP(UniversalAttack):
             form=self.fool_loss,
             delta=self.delta,
             hinge=self.hinge,
+            kappa=self.kappa,
             across_ranks=True,
         )
         if self.interpreter is None:
             loss = fool
         else:
-            interp = map_distance(adv_maps, benign_maps, across_ranks=True)
+            only = None
+            if self.map_on == "fooled":  # the images fooled at this step (the target reached, if targeted)
+                target = self.target if self.objective == "targeted" else None
+                only = is_fooled(benign_logits.argmax(1), adv_logits.detach().argmax(1), target=target)
+            interp = map_distance(adv_maps, benign_maps, only=only, form=self.map_loss, across_ranks=True)
             parts["map_loss"] = interp.item()
             if benign_feats is not None and self.rts_feature_weight > 0:
                 feat = feature_distance(self._encode(train_interp, x_hat), benign_feats, across_ranks=True)
@@ -451,12 +477,14 @@ class GeneratorUAP(UniversalAttack):
             torch.stack([changed, at_hinge, changed.new_tensor(len(x))])
         )
         parts["batch_fooling_ratio"] = changed.item() / n.item()  # over the global batch
-        if self.delta is not None:  # the images whose fooling term reached delta: they no longer pull
+        if self.delta is not None or self.hinge == "margin":  # the images that no longer pull
             parts["at_hinge"] = hinged.item() / n.item()
         return loss.item(), parts
 
     def _at_hinge(self, adv_logits: torch.Tensor, classes: torch.Tensor, fool: torch.Tensor) -> torch.Tensor:
         """How many of this rank's images are at eq 16's hinge (all or none with the batch hinge)."""
+        if self.hinge == "margin":
+            return (logit_margins(adv_logits, classes, objective=self.objective) >= self.kappa).sum()
         if self.delta is None:
             return torch.zeros((), dtype=torch.long, device=adv_logits.device)
         if self.hinge == "batch":
