@@ -112,6 +112,14 @@ def test_split_protocol_is_deterministic_and_disjoint():
         split_indices(10, fractions=(0.7, 0.7), seed=0)
 
 
+def test_fractions_that_sum_to_one_split_an_odd_count():
+    """0.5 + 0.5 of 723 images: each half rounds to 362, but the two take 723 between them, not 724."""
+    train, test = split_indices(723, fractions=(0.5, 0.5), seed=0)
+    assert len(train) + len(test) == 723 and not set(train) & set(test)
+    with pytest.raises(ConfigError, match="too few"):
+        split_indices(1, fractions=(0.5, 0.5), seed=0)
+
+
 def test_load_splits_on_a_folder_saves_indices(tmp_path):
     root = tmp_path / "d"
     for i in range(20):

@@ -30,11 +30,11 @@ def split_indices(n: int, *, fractions: Sequence[float], seed: int) -> List[List
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     out, start = [], 0
     for f in fractions:
-        k = max(1, int(round(f * n)))
+        k = min(max(1, int(round(f * n))), n - start)  # rounding up never takes more than there is
+        if k < 1:
+            raise ConfigError(f"{n} samples are too few for split fractions {list(fractions)}")
         out.append(sorted(perm[start : start + k]))
         start += k
-    if start > n:
-        raise ConfigError(f"{n} samples are too few for split fractions {list(fractions)}")
     return out
 
 
