@@ -241,8 +241,6 @@ class GeneratorUAP(UniversalAttack):
         self.fast_options = {"amp": bool(amp), "channels_last": bool(channels_last), "compile": bool(compile)}
         self.generator: Optional[torch.nn.Module] = None
         self.noise: Optional[torch.Tensor] = None
-        self.best_step: Optional[int] = None
-        self.best_val: Optional[Dict[str, float]] = None
 
     @staticmethod
     def _check_constrained(interpreter, lam, fr_target, fr_margin, warmup, selection, constrained) -> None:
@@ -283,8 +281,7 @@ class GeneratorUAP(UniversalAttack):
         dev = self.device
         self._data, self._val_data = data, val_data if val_data is not None else data
         x0 = first_images(data, dev)
-        noise = torch.rand((1,) + tuple(x0.shape[1:]), generator=torch.Generator().manual_seed(self.seed))
-        self.noise = noise.to(dev)  # the fixed input n ~ U(0, 1), kept with the artifact
+        self.noise = self._draw_noise(x0)  # the fixed input n ~ U(0, 1), kept with the artifact
         torch.manual_seed(self.seed)
         self._G = self.make_generator().to(dev).train()
         self.optimizer = torch.optim.Adam(self._G.parameters(), lr=self.lr, betas=self.betas)
@@ -372,8 +369,22 @@ class GeneratorUAP(UniversalAttack):
         best = self._best
         self._G.load_state_dict(best["state"])
         self.generator = self._G.eval()
-        self.best_step, self.best_val = best["step"], best["val"]
         return FitResult(best["n_hat"], selected=best["step"], validation=best["val"])
+
+    def _draw_noise(self, x: torch.Tensor) -> torch.Tensor:
+        """The generator's fixed input n ~ U(0, 1) (1, C, H, W) for images like ``x``, drawn from the seed."""
+        noise = torch.rand((1,) + tuple(x.shape[1:]), generator=torch.Generator().manual_seed(self.seed))
+        return noise.to(x.device)
+
+    @property
+    def best_step(self) -> Optional[int]:
+        """The step whose perturbation was kept (``fit_result.selected``)."""
+        return None if self.fit_result is None else self.fit_result.selected
+
+    @property
+    def best_val(self) -> Optional[Dict[str, float]]:
+        """The kept perturbation's validation figures (``fit_result.validation``)."""
+        return None if self.fit_result is None else self.fit_result.validation
 
     @property
     def hinge_level(self) -> Optional[float]:
@@ -417,11 +428,8 @@ class GeneratorUAP(UniversalAttack):
             (loss, parts): the loss and its parts (``fool_loss``, ``map_loss``, ``batch_fooling_ratio``,
             ``at_hinge``, ...) as floats.
         """
-        if self.noise is None:  # outside fit: the fixed input n ~ U(0, 1), drawn from the seed as fit does
-            self.noise = torch.rand(
-                (1,) + tuple(x.shape[1:]), generator=torch.Generator().manual_seed(self.seed)
-            )
-            self.noise = self.noise.to(x.device)
+        if self.noise is None:  # outside fit: the fixed input, drawn from the seed as fit does
+            self.noise = self._draw_noise(x)
         lam = self.lam if lam is None else lam
         clf = self.classifier
         with torch.no_grad():  # benign side: the unmodified models, one forward pass

@@ -96,7 +96,6 @@ class SGDUAP(UniversalAttack):
         self.epochs, self.batch_size = int(epochs), int(batch_size)
         self.step_size, self.decay, self.beta = float(step_size), float(decay), float(beta)
         self.objective, self.target, self.seed = objective, target, seed
-        self.best_epoch: Optional[int] = None
 
     # -- the trainer (UniversalAttack.fit runs it): one epoch a step; with val_data the epoch's v with the
     # highest fooling ratio there is kept (else the last); callback after every batch --------------------
@@ -128,11 +127,14 @@ class SGDUAP(UniversalAttack):
 
     def result(self) -> FitResult:
         if self.best is None:
-            self.best_epoch = self.epochs
             return FitResult(self.v, selected=self.epochs)
-        self.best_epoch = self.best["epoch"]
         val = {"fooling_ratio": self.best["fooling_ratio"]}
-        return FitResult(self.best["v"].to(self.device), selected=self.best_epoch, validation=val)
+        return FitResult(self.best["v"].to(self.device), selected=self.best["epoch"], validation=val)
+
+    @property
+    def best_epoch(self) -> Optional[int]:
+        """The epoch whose v was kept (``fit_result.selected``)."""
+        return None if self.fit_result is None else self.fit_result.selected
 
     def _epoch(self, data, v: Optional[torch.Tensor], epoch: int, steps: int = 0):
         """One pass over ``data``; returns (v, the mean loss, the number of steps so far)."""
