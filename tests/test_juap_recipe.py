@@ -138,3 +138,24 @@ def test_constrained_lambda_does_not_collapse_when_the_fooling_ratio_drops(setup
         attack._dual_step(step, 1.0)
     # back up by 25 full steps' worth in 40 (measured 27.8: the running average's lag takes the rest)
     assert math.log(attack.dual["lam"]) >= math.log(low) + 25 * 0.05
+
+
+def test_cosine_schedule_sets_adams_rate_each_step(setup):
+    """``lr_schedule="cosine"``: Adam's rate is ``lr`` at the first step and falls by a half cosine,
+    recorded in the history; ``"constant"`` (the default) leaves it at ``lr``."""
+    clf, cam, x_train, x_test = setup
+    fast = {**FAST, "steps": 6, "eval_every": 3}
+    attack = juap.create_attack(
+        "juap", classifier=clf, interpreter=cam, lam=0.3, lr_schedule="cosine", **fast
+    )
+    attack.fit(x_train, val_data=x_test[:16], progress=False)
+    rates = [h["lr"] for h in attack.history if "lr" in h]
+    assert len(rates) == 6 and rates[0] == pytest.approx(FAST["lr"])
+    assert all(a > b for a, b in zip(rates, rates[1:], strict=False))
+    assert rates[-1] == pytest.approx(FAST["lr"] * (1 + math.cos(math.pi * 5 / 6)) / 2)
+    assert attack.optimizer.param_groups[0]["lr"] == pytest.approx(rates[-1])
+    plain = juap.create_attack("juap", classifier=clf, interpreter=cam, lam=0.3, **fast)
+    plain.fit(x_train, val_data=x_test[:16], progress=False)
+    assert plain.optimizer.param_groups[0]["lr"] == FAST["lr"] and not any("lr" in h for h in plain.history)
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        juap.create_attack("juap", classifier=clf, interpreter=cam, lr_schedule="linear", **fast)

@@ -92,6 +92,8 @@ class GeneratorUAP(UniversalAttack):
             training batches' ratio that the dual ascent follows) minus this margin. Needs ``warmup``.
         dual_lr: the step of the dual ascent on log lambda.
         steps: Adam steps; batch_size: images per step; lr, betas: Adam's (2e-4, (0.5, 0.999)).
+        lr_schedule: ``"constant"`` (the paper's) or ``"cosine"``: the learning rate of step ``i`` is
+            ``lr * (1 + cos(pi * (i - 1) / steps)) / 2``, from ``lr`` at the first step towards 0.
         surrogate: use the smoothed-ReLU surrogate (eq 15) for gradients; ``"auto"``: when the interpreter
             declares ``needs_surrogate`` (Grad-CAM).
         tau: eq 15's constant.
@@ -143,6 +145,7 @@ class GeneratorUAP(UniversalAttack):
         "steps": Param(int, low=1),
         "batch_size": Param(int, low=1),
         "lr": Param(float, low=0, low_open=True),
+        "lr_schedule": Param(str, choices=("constant", "cosine")),
         "betas": Param(tuple, length=2, items=float, low=0, high=1),
         "surrogate": Param((bool, str), choices=("auto", True, False)),
         "tau": Param(float, low=0, low_open=True),
@@ -181,6 +184,7 @@ class GeneratorUAP(UniversalAttack):
         steps: int = 500,
         batch_size: int = 30,
         lr: float = 2e-4,
+        lr_schedule: str = "constant",
         betas: Tuple[float, float] = (0.5, 0.999),
         surrogate: bool | str = "auto",
         tau: float = 1e-4,
@@ -227,6 +231,7 @@ class GeneratorUAP(UniversalAttack):
             float(lr),
             tuple(betas),
         )
+        self.lr_schedule = lr_schedule
         auto = interpreter is not None and interpreter.needs_surrogate
         self.use_surrogate = auto if surrogate == "auto" else bool(surrogate)
         self.tau = tau
@@ -334,6 +339,8 @@ class GeneratorUAP(UniversalAttack):
             self._batches = self._batches_from(i - 1)
         x = fast.images(next(self._batches)[0])
         lam = self.lam_at(i)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(i)
         with fast.autocast():
             (loss, parts), *self._fwd = fast.first_step(
                 lambda g, ti: self.train_step(g, self.optimizer, x, ti, lam=lam), *self._fwd
@@ -342,6 +349,8 @@ class GeneratorUAP(UniversalAttack):
         if i % self.eval_every == 0 or self.loop.checkpoint_due(i):
             check_finite_parameters(self._G, f"{self.name} generator at step {i}")
         row = {"loss": loss, **parts, **({"lam": lam} if self.interpreter is not None else {})}
+        if self.lr_schedule != "constant":
+            row["lr"] = self.lr_at(i)
         self._dual_step(i, parts["batch_fooling_ratio"])
         if i == self.warmup and self.fr_margin is not None:  # GUAP's ratio, as the dual sees it
             self.dual["guap_fooling_ratio"] = self.dual["fr_ema"]
@@ -393,6 +402,12 @@ class GeneratorUAP(UniversalAttack):
     def checkpoint_identity(self) -> Dict[str, Any]:
         generator = {"generator": str(self.generator_spec), "generator_options": self.generator_options}
         return {**super().checkpoint_identity(), **generator, "shape": list(self.noise.shape)}
+
+    def lr_at(self, step: int) -> float:
+        """Adam's learning rate at ``step`` (1-based) under ``lr_schedule``."""
+        if self.lr_schedule == "cosine":
+            return 0.5 * self.lr * (1.0 + math.cos(math.pi * (step - 1) / self.steps))
+        return self.lr
 
     def lam_at(self, step: int) -> float:
         """lambda at ``step`` (1-based): 0 during the warm-up, then the fixed or the adapted value."""
