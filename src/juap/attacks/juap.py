@@ -339,8 +339,9 @@ class GeneratorUAP(UniversalAttack):
             self._batches = self._batches_from(i - 1)
         x = fast.images(next(self._batches)[0])
         lam = self.lam_at(i)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(i)
+        if self.lr_schedule != "constant" and i > 1:  # relative, so a roll-back's lowered rate stays lowered
+            for group in self.optimizer.param_groups:
+                group["lr"] *= self.lr_at(i) / self.lr_at(i - 1)
         with fast.autocast():
             (loss, parts), *self._fwd = fast.first_step(
                 lambda g, ti: self.train_step(g, self.optimizer, x, ti, lam=lam), *self._fwd
@@ -350,7 +351,7 @@ class GeneratorUAP(UniversalAttack):
             check_finite_parameters(self._G, f"{self.name} generator at step {i}")
         row = {"loss": loss, **parts, **({"lam": lam} if self.interpreter is not None else {})}
         if self.lr_schedule != "constant":
-            row["lr"] = self.lr_at(i)
+            row["lr"] = self.optimizer.param_groups[0]["lr"]
         self._dual_step(i, parts["batch_fooling_ratio"])
         if i == self.warmup and self.fr_margin is not None:  # GUAP's ratio, as the dual sees it
             self.dual["guap_fooling_ratio"] = self.dual["fr_ema"]
@@ -404,7 +405,8 @@ class GeneratorUAP(UniversalAttack):
         return {**super().checkpoint_identity(), **generator, "shape": list(self.noise.shape)}
 
     def lr_at(self, step: int) -> float:
-        """Adam's learning rate at ``step`` (1-based) under ``lr_schedule``."""
+        """Adam's learning rate at ``step`` (1-based) under ``lr_schedule``, before any roll-back halved
+        it (a roll-back scales the whole schedule)."""
         if self.lr_schedule == "cosine":
             return 0.5 * self.lr * (1.0 + math.cos(math.pi * (step - 1) / self.steps))
         return self.lr
