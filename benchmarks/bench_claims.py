@@ -47,6 +47,9 @@ EXPERIMENTS = {
     "table4": "table4_jap_pgd.yaml",
     "table6": "table6_objectives.yaml",
     "pareto": "pareto.yaml",
+    "fronts": "fronts.yaml",
+    "fronts_rts": "fronts_rts.yaml",
+    "longer": "longer.yaml",
 }
 SEEDED = tuple(EXPERIMENTS)  # every experiment once per seed
 FR_GAP, IOU_GAIN, IOU_FOOLED_GAIN = HEADLINE_FR_GAP, HEADLINE_IOU_GAIN, HEADLINE_IOU_FOOLED_GAIN
@@ -380,6 +383,163 @@ def pareto_plot(rows: List[Mapping], head: List[Mapping], path: Path) -> None:
     plt.close(fig)
 
 
+FRONT_EXPERIMENTS = ("pareto", "fronts", "fronts_rts", "longer")
+
+
+def front_points(rows: Mapping[str, List[Dict]]) -> List[Dict]:
+    """The settings of the front experiments, one row per cell and seed (a cell that two experiments
+    share, e.g. R-JUAP-CAM's margin hinge in pareto and fronts, counts once), aggregated over seeds."""
+    unique: Dict[tuple, Dict] = {}
+    for name in FRONT_EXPERIMENTS:
+        for r in rows.get(name, []):
+            unique.setdefault((*(r.get(k) for k in KEY), r["seed"]), r)
+    return aggregate(list(unique.values()))
+
+
+def pareto_front(pts: Sequence[Mapping]) -> List[Mapping]:
+    """The points no other point beats in both fooling ratio and IoU, by rising fooling ratio."""
+
+    def beats(q: Mapping, p: Mapping) -> bool:
+        fr, iou = q["fooling_ratio"] - p["fooling_ratio"], q["iou"] - p["iou"]
+        return fr >= 0 and iou >= 0 and (fr > 0 or iou > 0)
+
+    return sorted((p for p in pts if not any(beats(q, p) for q in pts)), key=lambda p: p["fooling_ratio"])
+
+
+def iou_at(front: Sequence[Mapping], fr: float) -> tuple[float | None, tuple[str, ...]]:
+    """The front's IoU at fooling ratio ``fr`` and the settings it comes from: linear between the two
+    points around ``fr`` (an estimate: no setting was measured there), the IoU of the least-fooling point
+    when every point fools more, None when no point fools that much."""
+    if not front or front[-1]["fooling_ratio"] < fr:
+        return None, ()
+    if front[0]["fooling_ratio"] >= fr:
+        return front[0]["iou"], (front[0]["setting"],)
+    for a, b in zip(front, front[1:], strict=False):
+        if a["fooling_ratio"] <= fr <= b["fooling_ratio"]:
+            t = (fr - a["fooling_ratio"]) / max(b["fooling_ratio"] - a["fooling_ratio"], 1e-12)
+            return a["iou"] + t * (b["iou"] - a["iou"]), (a["setting"], b["setting"])
+    return front[-1]["iou"], (front[-1]["setting"],)
+
+
+def judge_fronts(rows: Mapping[str, List[Dict]], head: List[Dict]) -> List[Dict]:
+    """Per JUAP cell at the paper's budgets: every setting measured (the recipe is the headline grid's
+    cell, GUAP the lambda = 0 end), which of them hold the headline, and the front's IoU at the fooling
+    ratio the headline asks for (GUAP's - FR_GAP) against the IoU it asks for (GUAP's + IOU_GAIN)."""
+    pts_all = front_points(rows)
+    cells = list(dict.fromkeys((r["method"], r["interpreter"], r["budget"]) for r in pts_all))
+    out: List[Dict] = []
+    if cells:
+        print(
+            f"\nThe fronts at the paper's budgets ({_seeds(pts_all)}): every setting's FR, IoU, fooled-only "
+            "IoU; * holds the headline"
+        )
+    for method, interp, budget in cells:
+        guap = pick(head, method="GUAP", interpreter=interp, budget=budget)
+        recipe = pick(head, method=method, interpreter=interp, budget=budget)
+        if not guap:
+            continue
+        pts = [r for r in pts_all if (r["method"], r["interpreter"], r["budget"]) == (method, interp, budget)]
+        if recipe:
+            pts.append({**recipe, "setting": "recipe"})
+        need_fr, need_iou = guap["fooling_ratio"] - FR_GAP, guap["iou"] + IOU_GAIN
+        front = pareto_front(pts)
+        reach, between = iou_at(front, need_fr)
+        holding = [p["setting"] for p in pts if not headline_misses(p, guap, fooled=True)]
+        print(
+            f"  {method}-{interp} at {budget}: needs FR >= {need_fr:.3f} with IoU >= {need_iou:.3f}; "
+            + (
+                f"the front has IoU {reach:.3f} there ({reach - need_iou:+.3f}; "
+                + (f"between {' and '.join(between)})" if len(between) == 2 else f"at {between[0]})")
+                if reach is not None
+                else f"no setting fools that much (at most {max(p['fooling_ratio'] for p in pts):.3f})"
+            )
+            + (f"; holds with {'; '.join(holding)}" if holding else "")
+        )
+        for p in sorted(pts, key=lambda p: -p["fooling_ratio"]):
+            mark = "*" if p["setting"] in holding else " "
+            print(
+                f"   {mark} {p['setting']:<40} FR {fmt(p, 'fooling_ratio')}  IoU {fmt(p, 'iou')}  "
+                f"fooled-only IoU {fmt(p, 'iou_fooled')}"
+            )
+        out.append(
+            {
+                "method": method,
+                "interpreter": interp,
+                "budget": budget,
+                "need_fooling_ratio": need_fr,
+                "need_iou": need_iou,
+                "front_iou_at_need": reach,
+                "front_iou_from": list(between),
+                "holding_settings": holding,
+                "guap": {f: guap[f] for f in ("fooling_ratio", "iou", "iou_fooled", "l1")},
+                "points": [
+                    {k: p.get(k) for k in ("setting", "seeds", *FIGURES, *(f + "_sd" for f in FIGURES))}
+                    for p in pts
+                ],
+            }
+        )
+    return out
+
+
+def fronts_plot(fronts: Sequence[Mapping], path: Path) -> None:
+    """One panel per budget and interpreter: R-JUAP's and U-JUAP's settings (mean +- sd over seeds)
+    with their fronts, GUAP, and the box the headline asks for (FR >= GUAP's - 0.05, IoU >= GUAP's + 0.1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from juap.runtime.io import atomic_path
+
+    budgets = list(dict.fromkeys(f["budget"] for f in fronts))
+    interps = list(dict.fromkeys(f["interpreter"] for f in fronts))
+    fig, axes = plt.subplots(
+        len(budgets), len(interps), figsize=(4.4 * len(interps), 3.8 * len(budgets)), squeeze=False
+    )
+    colours = {"R-JUAP": "tab:blue", "U-JUAP": "tab:orange"}
+    for row, budget in enumerate(budgets):
+        for col, interp in enumerate(interps):
+            ax = axes[row][col]
+            cells = [f for f in fronts if f["budget"] == budget and f["interpreter"] == interp]
+            for k, f in enumerate(cells):
+                pts = [p for p in f["points"] if p["fooling_ratio"] >= 0.3]  # one that fools nothing: listed
+                c = colours.get(f["method"], f"C{k}")
+                ax.errorbar(
+                    [p["iou"] for p in pts],
+                    [p["fooling_ratio"] for p in pts],
+                    xerr=[p["iou_sd"] for p in pts],
+                    yerr=[p["fooling_ratio_sd"] for p in pts],
+                    fmt="o",
+                    ms=4,
+                    color=c,
+                    alpha=0.8,
+                    label=f["method"],
+                )
+                front = pareto_front(pts)
+                ax.plot([p["iou"] for p in front], [p["fooling_ratio"] for p in front], "-", color=c, lw=1)
+                for p in pts:
+                    if p["setting"] == "recipe":
+                        ax.annotate("recipe", (p["iou"], p["fooling_ratio"]), fontsize=6, color=c)
+            if cells:
+                g = cells[0]["guap"]
+                ax.scatter([g["iou"]], [g["fooling_ratio"]], marker="x", s=60, color="black", label="GUAP")
+                need_fr, need_iou = cells[0]["need_fooling_ratio"], cells[0]["need_iou"]
+                ax.add_patch(
+                    Rectangle((need_iou, need_fr), 1 - need_iou, 1 - need_fr, color="tab:green", alpha=0.12)
+                )
+                ax.text(need_iou, need_fr, " headline", fontsize=7, color="tab:green", va="bottom")
+            ax.set_xlabel(f"{interp} map IoU (higher: maps kept)")
+            ax.set_ylabel("fooling ratio")
+            ax.set_title(f"JUAP against {interp}, {budget}", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=150, format="png")
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "claims"))
@@ -401,6 +561,10 @@ def main(argv=None) -> int:
     if rows.get("pareto"):
         pareto_plot(aggregate(rows["pareto"]), aggregate(rows.get("headline", [])), out / "pareto.png")
         print(f"  plot: {out / 'pareto.png'}")
+    fronts = judge_fronts(rows, aggregate(rows.get("headline", []))) if rows.get("headline") else []
+    if fronts:
+        fronts_plot(fronts, out / "fronts.png")
+        print(f"  plot: {out / 'fronts.png'}")
     held = sum(i["holds"] for i in verdicts.items)
     print(f"\n{held} of {len(verdicts.items)} checks hold.")
     from juap.app.report import write_csv
@@ -414,6 +578,7 @@ def main(argv=None) -> int:
             "seeds": args.seeds,
             "checks": verdicts.items,
             "detection": det,
+            "fronts": fronts,
             "headline": aggregate(rows.get("headline", [])),
             "thresholds": {
                 "fr_gap": FR_GAP,

@@ -31,7 +31,9 @@ from juap.errors import ConfigError, JuapError
 from juap.runtime.config import load_config
 
 CONFIGS = CONFIG_DIR
-EXPERIMENTS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.name.startswith(("table", "claims", "pareto")))
+EXPERIMENTS = sorted(
+    p for p in CONFIGS.rglob("*.yaml") if p.name.startswith(("table", "claims", "pareto", "fronts", "longer"))
+)
 
 
 def _exp(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
@@ -391,7 +393,11 @@ RECORDED_VERSION = "0.2.0"  # the juap version the recorded claims cells were ru
 @pytest.mark.parametrize(
     "config, run",
     [("claims.yaml", f"embedded-claims/seed{s}") for s in (0, 1, 2)]
-    + [("pareto.yaml", "embedded-pareto/seed0")],
+    + [("pareto.yaml", "embedded-pareto/seed0")]
+    + [
+        (f"{name}.yaml", f"embedded-{name.replace('_', '-')}/seed0")
+        for name in ("fronts", "fronts_rts", "longer")
+    ],
 )
 def test_the_recorded_claims_cells_are_still_planned(config, run, monkeypatch):
     """Every cell of the recorded claims run (benchmarks/results/claims/*/transfer.csv) keeps its id, so

@@ -64,7 +64,7 @@ class DemoSettings:
     """
 
     norm: str = "linf"
-    eps: float = 24.0
+    eps: float = 10.0  # the paper's L_inf budget; 24 is 2.4x it, where the headline holds on this data
     steps: int = 200
     lr: float = 1e-3  # GUAP's public code's; the paper's 2e-4 needs more steps than a CPU demo affords
     batch_size: int = 30
