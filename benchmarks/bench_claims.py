@@ -331,31 +331,36 @@ def pareto_plot(rows: List[Mapping], head: List[Mapping], path: Path) -> None:
     interps = list(dict.fromkeys(r["interpreter"] for r in rows))
     budget = rows[0]["budget"]
     fig, axes = plt.subplots(1, len(interps), figsize=(4.4 * len(interps), 3.8), squeeze=False)
-    print(f"\nThe trade-off (R-JUAP, {budget}, {_seeds(rows)}): setting -> FR, IoU, fooled-only IoU")
-    for ax, interp in zip(axes[0], interps, strict=True):
-        pts = [
-            (r["setting"], r["fooling_ratio"], r["iou"], r.get("iou_fooled"))
-            for r in rows
-            if r["interpreter"] == interp
-        ]
+    for ax, interp in zip(axes[0], interps, strict=True):  # the points are listed by judge_fronts
+        pts = [r for r in rows if r["interpreter"] == interp]
         recipe = pick(head, method="R-JUAP", interpreter=interp, budget=budget)  # the headline cell
         if recipe:
-            pts.append(("recipe", recipe["fooling_ratio"], recipe["iou"], recipe.get("iou_fooled")))
-        pts.sort(key=lambda p: p[2])
-        for setting, fr, iou, iouf in pts:
-            print(f"  {interp:<8} {setting:<16} FR {fr:.3f}  IoU {iou:.3f}  fooled-only IoU {iouf or 0:.3f}")
-        front = [p for p in pts if not any(q[1] >= p[1] and q[2] >= p[2] and q != p for q in pts)]
-        front = [p for p in front if p[1] >= 0.3]
-        ax.plot([p[2] for p in front], [p[1] for p in front], "-", color="tab:orange", label="Pareto front")
-        shown = [p for p in pts if p[1] >= 0.3]  # a setting that fools nothing is listed, not drawn
-        for k, (setting, fr, iou, _) in enumerate(shown):
-            constrained = setting.startswith(("fr_margin", "fr_target"))
-            ax.scatter([iou], [fr], color="tab:green" if constrained else "tab:blue", zorder=3)
-            label = setting.split(",")[0].replace("fr_margin=", "m=").replace("lam=", "λ=")
-            ax.annotate(
-                label, (iou, fr), fontsize=7, xytext=(4, -10 if k % 2 else 4), textcoords="offset points"
+            pts.append({**recipe, "setting": "recipe"})
+        shown = [
+            p for p in pts if p["fooling_ratio"] >= 0.3
+        ]  # a setting that fools nothing is listed, not drawn
+        front = pareto_front(shown)
+        ax.plot(
+            [p["iou"] for p in front],
+            [p["fooling_ratio"] for p in front],
+            "-",
+            color="tab:orange",
+            label="Pareto front",
+        )
+        for k, p in enumerate(shown):
+            constrained = p["setting"].startswith(("fr_margin", "fr_target"))
+            ax.scatter(
+                [p["iou"]], [p["fooling_ratio"]], color="tab:green" if constrained else "tab:blue", zorder=3
             )
-        gone = [p[0] for p in pts if p[1] < 0.3]
+            label = p["setting"].split(",")[0].replace("fr_margin=", "m=").replace("lam=", "λ=")
+            ax.annotate(
+                label,
+                (p["iou"], p["fooling_ratio"]),
+                fontsize=7,
+                xytext=(4, -10 if k % 2 else 4),
+                textcoords="offset points",
+            )
+        gone = [p["setting"] for p in pts if p["fooling_ratio"] < 0.3]
         if gone:
             ax.text(0.02, 0.02, "fools < 0.3: " + "; ".join(gone), transform=ax.transAxes, fontsize=7)
         for method, marker in (("GUAP", "x"), ("SGD-UAP", "+")):

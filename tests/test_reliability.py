@@ -333,6 +333,29 @@ def test_nan_loss_rolls_back_lowers_the_lr_and_finishes(tmp_path):
     assert final["optimizer"]["param_groups"][0]["lr"] == pytest.approx(attack.lr * 0.5)
 
 
+def test_a_roll_back_scales_a_cosine_schedule(tmp_path):
+    """With ``lr_schedule="cosine"`` the roll-back's halving holds for the rest of the schedule: the
+    final rate is half the cosine's, not the cosine's (the schedule moves the rate relative to the step
+    before instead of setting it)."""
+    clf, x = _toy()
+    attack = juap.create_attack(
+        "guap",
+        classifier=clf,
+        norm="linf",
+        eps=16,
+        steps=10,
+        batch_size=8,
+        eval_every=3,
+        generator=_Flaky(bad={6}),
+        lr_schedule="cosine",
+    )
+    attack.fit(x, progress=False, checkpoint=Checkpointing(tmp_path, every=2))
+    assert [h["rolled_back_to"] for h in attack.history if "rolled_back_to" in h] == [4]
+    final = load_checkpoint(tmp_path / CHECKPOINT_NAME, kind="guap")
+    assert final["step"] == 10
+    assert final["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.5 * attack.lr_at(10))
+
+
 def test_persistent_nan_stops_with_a_clear_error_after_bounded_tries(capsys):
     clf, x = _toy()
     flaky = _Flaky(bad=range(4, 99))  # from step 4 on, every output is NaN
