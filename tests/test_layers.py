@@ -8,15 +8,20 @@
   imports anything. The package itself (``juap/__init__.py``, the public API) may import the core and the
   foundation.
 
-Imports inside functions count too (a lazy import is still an arrow). timm keeps ``timm/layers`` from
-importing ``timm/models`` with the same kind of walk.
+Inside the core, the packages have floors of their own (:data:`CORE_FLOORS`: the budget, generators,
+metrics and classifiers at the bottom, the attacks at the top), and no two modules import each other,
+directly or round a longer circle.
+
+Imports inside functions and under ``if TYPE_CHECKING:`` count too (a lazy import, or one for the
+annotations only, is still an arrow). timm keeps ``timm/layers`` from importing ``timm/models`` with the
+same kind of walk.
 """
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import Dict, Iterator, List, Set, Tuple
 
 import pytest
 
@@ -40,6 +45,18 @@ CORE = tuple(
 )
 APPLICATION = ("juap.app", "juap.commands", "juap.__main__")
 RANK = {"foundation": 0, "core": 1, "api": 2, "application": 3}
+CORE_FLOORS = {  # inside the core: a package imports only its own floor's and lower floors' packages
+    "juap.budget": 0,
+    "juap.generators": 0,
+    "juap.metrics": 0,  # eqs 18-20 and the map normalisation every floor above compares maps with
+    "juap.classifiers": 0,
+    "juap.data": 1,
+    "juap.interpreters": 2,
+    "juap.losses": 3,
+    "juap.evaluation": 3,
+    "juap.detection": 3,
+    "juap.attacks": 4,
+}
 
 
 def layer(module: str) -> str:
@@ -52,29 +69,40 @@ def layer(module: str) -> str:
     raise AssertionError(f"{module} belongs to no layer: add it to tests/test_layers.py")
 
 
+def core_package(module: str) -> str:
+    """``juap.attacks.juap`` -> ``juap.attacks`` (the key of :data:`CORE_FLOORS`)."""
+    return ".".join(module.split(".")[:2])
+
+
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(SRC).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports(source: str, module: str, is_package: bool) -> Iterator[Tuple[int, str]]:
-    """``(line, imported juap module)`` for every import in ``source`` (relative ones resolved)."""
+def imported_names(source: str, module: str, is_package: bool) -> Iterator[Tuple[int, str, List[str]]]:
+    """``(line, imported juap module, names taken from it)`` for every import in ``source`` (relative ones
+    resolved; ``names`` is empty for ``import juap.x``)."""
     package = module if is_package else module.rpartition(".")[0]
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
-            yield from ((node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "juap")
+            yield from ((node.lineno, a.name, []) for a in node.names if a.name.split(".")[0] == "juap")
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
-            if target.split(".")[0] != "juap":
-                continue
-            if target == "juap":  # `from juap import x`, or `from .. import x` at the top: x may be a module
-                yield from ((node.lineno, f"juap.{a.name}") for a in node.names)
-            else:
-                yield node.lineno, target
+            if target.split(".")[0] == "juap":
+                yield node.lineno, target, [a.name for a in node.names]
+
+
+def imports(source: str, module: str, is_package: bool) -> Iterator[Tuple[int, str]]:
+    """``(line, imported juap module)`` for every import in ``source`` (relative ones resolved)."""
+    for line, target, names in imported_names(source, module, is_package):
+        if target == "juap" and names:  # `from juap import x` or `from .. import x`: x may be a module
+            yield from ((line, f"juap.{n}") for n in names)
+        else:
+            yield line, target
 
 
 def forbidden(source: str, module: str, is_package: bool = False) -> List[str]:
@@ -88,7 +116,73 @@ def forbidden(source: str, module: str, is_package: bool = False) -> List[str]:
             theirs = "api"
         if RANK[theirs] > RANK[mine]:
             bad.append(f"{module}:{line} ({mine}) imports {target} ({theirs})")
+        elif mine == theirs == "core":
+            here, there = core_package(module), core_package(target)
+            if CORE_FLOORS[there] > CORE_FLOORS[here]:
+                floors = f"floor {CORE_FLOORS[here]} < {CORE_FLOORS[there]}"
+                bad.append(f"{module}:{line} (core) imports {target} (core, {floors})")
     return bad
+
+
+def import_graph() -> Dict[str, Set[str]]:
+    """Every module of ``src/juap`` and the modules it imports (a name imported from a package that is a
+    module of its own counts as that module; ``juap.data`` alone is the package's ``__init__``)."""
+    paths = {module_name(p): p for p in sorted((SRC / "juap").rglob("*.py"))}
+
+    def owner(target: str) -> str:
+        while target and target not in paths:
+            target = target.rpartition(".")[0]
+        return target
+
+    graph: Dict[str, Set[str]] = {m: set() for m in paths}
+    for module, path in paths.items():
+        for _, target, names in imported_names(path.read_text(), module, path.name == "__init__.py"):
+            for t in [f"{target}.{n}" if f"{target}.{n}" in paths else target for n in names] or [target]:
+                if owner(t) not in ("", module):
+                    graph[module].add(owner(t))
+    return graph
+
+
+def circles(graph: Dict[str, Set[str]]) -> List[List[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm, iteratively)."""
+    index: Dict[str, int] = {}
+    low: Dict[str, int] = {}
+    stack: List[str] = []
+    on_stack: Set[str] = set()
+    found: List[List[str]] = []
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            v, children = work[-1]
+            w = next(children, None)
+            if w is not None:
+                if w not in index:
+                    index[w] = low[w] = len(index)
+                    stack.append(w)
+                    on_stack.add(w)
+                    work.append((w, iter(sorted(graph[w]))))
+                elif w in on_stack:
+                    low[v] = min(low[v], index[w])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[v])
+            if low[v] == index[v]:
+                component = []
+                while True:
+                    w = stack.pop()
+                    on_stack.discard(w)
+                    component.append(w)
+                    if w == v:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
 
 
 def test_no_import_points_to_a_higher_layer() -> None:
@@ -96,6 +190,18 @@ def test_no_import_points_to_a_higher_layer() -> None:
     for path in sorted((SRC / "juap").rglob("*.py")):
         bad += forbidden(path.read_text(), module_name(path), path.name == "__init__.py")
     assert not bad, "imports against the layers (docs/architecture.md):\n" + "\n".join(bad)
+
+
+def test_no_two_modules_import_each_other() -> None:
+    found = circles(import_graph())
+    assert not found, "circles of imports (break each by moving what both need below them):\n" + "\n".join(
+        " <-> ".join(c) for c in found
+    )
+
+
+def test_the_circle_walk_finds_a_circle() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": {"e"}}
+    assert circles(graph) == [["a", "b", "c"]]
 
 
 def test_every_module_has_a_layer() -> None:
@@ -116,6 +222,12 @@ def test_every_module_has_a_layer() -> None:
         ("juap.losses", "import juap.app.report", False),
         ("juap.budget", "from . import commands", False),
         ("juap.runtime.io", "from juap import create_attack", False),
+        # round three: annotations count, and the core's floors
+        ("juap.losses", "if TYPE_CHECKING:\n    from .commands.train_rts import RTSConfig\n", False),
+        ("juap.data.base", "from ..app.runs import RunConfig", False),
+        ("juap.metrics", "from .interpreters.base import normalize_maps", False),
+        ("juap.evaluation", "if TYPE_CHECKING:\n    from .attacks.base import Attack\n", False),
+        ("juap.classifiers.base", "def f():\n    from ..interpreters import cam\n", False),
     ],
 )
 def test_the_walk_catches_an_upward_arrow(module: str, source: str, is_package: bool) -> None:

@@ -10,8 +10,7 @@ import torch
 from ._validate import check_range
 from .budget import apply_perturbation
 from .errors import ConfigError
-from .interpreters.base import normalize_maps
-from .metrics import IOU_KS, iou_topk, l1_distance
+from .metrics import IOU_KS, iou_topk, l1_distance, normalize_maps
 
 INSPECTORS = ("inspector L1", "inspector 1-IoU")
 

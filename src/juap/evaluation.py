@@ -8,7 +8,7 @@ predicted for x_hat (what an inspector sees). Figures are streamed as sums and c
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable, Dict, Mapping, Optional
+from typing import Callable, Dict, Mapping, Optional, Protocol
 
 import torch
 from torch.utils.data import DataLoader
@@ -17,19 +17,28 @@ from tqdm.auto import tqdm
 from ._validate import is_number
 from .budget import apply_perturbation, check_finite, perturbation_norm, within_budget
 from .classifiers.base import Classifier
-from .data.batches import iter_batches  # not from juap.attacks, which imports this module
+from .data.batches import iter_batches
 from .errors import CheckpointError, ConfigError
 from .interpreters.base import Interpreter
 from .metrics import MetricSums, is_fooled
 from .runtime import distributed
 
-if TYPE_CHECKING:
-    from .attacks.base import Attack
+PerImage = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]  # f(x, y) -> x_adv
+
+
+class FittedUniversalAttack(Protocol):
+    """What :func:`evaluate` needs of a fitted universal attack (:class:`juap.attacks.base.UniversalAttack`
+    provides it; this module sits below the attacks, which call it to validate)."""
+
+    universal: bool  # True
+    perturbation: torch.Tensor  # (3, H, W), the fitted n_hat
+
+    def perturb(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 def evaluate(
     classifier: Classifier,
-    attack: torch.Tensor | Attack | Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor],
+    attack: torch.Tensor | FittedUniversalAttack | PerImage,
     data,
     *,
     interpreters: Optional[Mapping[str, Interpreter] | Interpreter] = None,
@@ -37,7 +46,6 @@ def evaluate(
     batch_size: int = 64,
     device: Optional[torch.device] = None,
     progress: bool = False,
-    return_sums: bool = False,
     per_class: bool = False,
 ) -> Dict:
     """Fooling ratio, accuracies and, per interpreter, L1 and top-k IoU of the maps (eqs 18-20).
@@ -93,8 +101,6 @@ def evaluate(
         n = attack if isinstance(attack, torch.Tensor) else attack.perturbation
         out["perturbation_linf"] = float(perturbation_norm(n.double(), "linf"))  # float64: no overflow
         out["perturbation_l2"] = float(perturbation_norm(n.double(), "l2"))
-    if return_sums:
-        out["_sums"] = {"predictions": preds, **per_interp}
     return out
 
 

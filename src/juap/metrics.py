@@ -14,10 +14,27 @@ import torch
 
 from ._validate import check_range
 from .errors import ConfigError
-from .interpreters.base import normalize_maps
 from .runtime import distributed
 
 IOU_KS = (10, 20, 30, 40, 50)
+
+
+def normalize_maps(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Per-sample min-max normalisation to [0, 1] (the maps compared in eqs 13 and 19).
+
+    Differentiable; a constant map becomes zeros (no NaN: the range is clamped to ``eps``).
+
+    Args:
+        maps: (N, ...) maps, e.g. (N, h, w).
+        eps: smallest range divided by.
+
+    Returns:
+        Maps of the same shape with per-sample minimum 0 and maximum 1 (0 everywhere if constant).
+    """
+    flat = maps.flatten(1)
+    lo = flat.amin(dim=1, keepdim=True)
+    hi = flat.amax(dim=1, keepdim=True)
+    return ((flat - lo) / (hi - lo).clamp_min(eps)).view_as(maps)
 
 
 def topk_masks(maps: torch.Tensor, k_percent: float) -> torch.Tensor:

@@ -11,7 +11,8 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from ..interpreters.base import normalize_maps, upsample_maps
+from ..interpreters.base import upsample_maps
+from ..metrics import normalize_maps
 from ..runtime.io import atomic_path, write_text
 
 CSV_COLUMNS = ("method", "generator", "interpreter", "norm", "fooling_ratio", "l1", "iou")

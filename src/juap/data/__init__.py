@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ..errors import DataError
 from ..runtime import distributed
 from . import photos, synthetic  # noqa: F401  (register "photos" and "synthetic" in DATASETS)
-from .base import DataSet, data_set, list_data_sets
-from .config import DataConfig
+from .base import DataSet
+from .config import DataConfig, data_set, list_data_sets
 from .folder import ImageFolderDataset, ScanReport, collate_skip, eval_transform, scan_folder, train_transform
 from .splits import load_split, save_split, split_indices
 

@@ -1,8 +1,8 @@
 """What a named data set needs, declared on its class and kept in the ``DATASETS`` registry.
 
-``data: {name: ...}`` in a config resolves through :func:`data_set`; commands and config checks ask the
-class (does it need ``data.root``? which class folders must it have? how is it split?) instead of
-comparing names. A new data set is one small subclass registered by name::
+``data: {name: ...}`` in a config resolves through :func:`juap.data.config.data_set`; commands and config
+checks ask the class (does it need ``data.root``? which class folders must it have? how is it split?)
+instead of comparing names. A new data set is one small subclass registered by name::
 
     @DATASETS.register("flowers")
     class Flowers(DataSet):
@@ -13,13 +13,9 @@ This module does not import torch (the synthetic set, which registers here, must
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, List, Optional, Sequence, Tuple, Type
+from typing import ClassVar, List, Optional, Sequence, Tuple
 
-from .._registry import DATASETS, UnknownNameError
-from ..errors import ConfigError
-
-if TYPE_CHECKING:  # only for the annotations: config.py imports this module
-    from .config import DataConfig
+from .config import DataConfig
 
 
 class DataSet:
@@ -53,16 +49,3 @@ class DataSet:
 
         fractions = (cfg.train_fraction, cfg.test_fraction)
         return split_indices(len(paths), fractions=fractions, seed=cfg.split_seed)
-
-
-def data_set(name: str) -> Type[DataSet]:
-    """The registered data set ``name``; an unknown name is a ConfigError listing the known ones."""
-    try:
-        return DATASETS.get(name)
-    except UnknownNameError as e:
-        raise ConfigError(f"data.name: {e}") from None
-
-
-def list_data_sets() -> List[str]:
-    """The names ``data.name`` accepts."""
-    return DATASETS.names()

@@ -1,13 +1,14 @@
-"""The ``data`` section of a config: which images, at what size, and how they are split."""
+"""The ``data`` section of a config: which images, at what size, and how they are split; and the
+registered data set its ``name`` resolves to (:func:`data_set`)."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import List, Optional
 
+from .._registry import DATASETS, UnknownNameError
 from .._validate import check_range
 from ..errors import ConfigError
-from .base import data_set
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,3 +46,17 @@ class DataConfig:
     def decode_once(self) -> bool:
         """Whether training decodes the images once: ``in_memory``, else the data set's declared default."""
         return self.in_memory if self.in_memory is not None else data_set(self.name).in_memory
+
+
+def data_set(name: str) -> type:
+    """The registered data set ``name`` (a :class:`juap.data.base.DataSet` subclass); an unknown name is a
+    ConfigError listing the known ones."""
+    try:
+        return DATASETS.get(name)
+    except UnknownNameError as e:
+        raise ConfigError(f"data.name: {e}") from None
+
+
+def list_data_sets() -> List[str]:
+    """The names ``data.name`` accepts."""
+    return DATASETS.names()

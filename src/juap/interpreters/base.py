@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ..classifiers.base import Classifier
 from ..errors import ConfigError
+from ..metrics import normalize_maps  # noqa: F401  (re-exported: interpreters' maps are compared normalised)
 
 Classes = torch.Tensor | Sequence[int] | int | None
 
@@ -137,24 +138,6 @@ def resolve_classes(logits: torch.Tensor, classes: Classes) -> torch.Tensor:
             f"got {classes[bad].tolist()[:5]}"
         )
     return classes.long()
-
-
-def normalize_maps(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Per-sample min-max normalisation to [0, 1] (the maps compared in eqs 13 and 19).
-
-    Differentiable; a constant map becomes zeros (no NaN: the range is clamped to ``eps``).
-
-    Args:
-        maps: (N, ...) maps, e.g. (N, h, w).
-        eps: smallest range divided by.
-
-    Returns:
-        Maps of the same shape with per-sample minimum 0 and maximum 1 (0 everywhere if constant).
-    """
-    flat = maps.flatten(1)
-    lo = flat.amin(dim=1, keepdim=True)
-    hi = flat.amax(dim=1, keepdim=True)
-    return ((flat - lo) / (hi - lo).clamp_min(eps)).view_as(maps)
 
 
 def upsample_maps(maps: torch.Tensor, size: int | Iterable[int]) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Do the maps mean something? The pointing game on object boxes, and a model-randomisation check.
 
-Used by the demo and ``benchmarks/bench_maps.py`` on the embedded synthetic data, whose images carry
-the bounding box of the only class evidence they contain.
+Used by ``benchmarks/bench_maps.py`` (and ``tests/test_maps_slow.py``) on the embedded synthetic data,
+whose images carry the bounding box of the only class evidence they contain; the RTS model's training
+scores its masks with the same pointing game (:func:`juap.metrics.pointing_game`).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import torch
 
 from ..classifiers.base import Classifier
 from ..data.synthetic import boxes_by_test_index
-from ..metrics import pointing_game
-from .base import Interpreter, normalize_maps, upsample_maps
+from ..metrics import normalize_maps, pointing_game
+from .base import Interpreter, upsample_maps
 
 
 def held_out_images_with_boxes(splits, max_images: Optional[int] = None):
