@@ -160,13 +160,29 @@ def test_declared_hyperparams_are_the_constructor_arguments(name):
         if p.kind == p.KEYWORD_ONLY and p.name not in COMMON_ARGS
     ]
     assert set(own) <= set(cls.hyperparams)
+    for old, new in cls.renamed.items():  # an old name is declared as its new name is, without a default
+        assert new in signature and old not in signature and cls.hyperparams[old].default is None
     for key, p in cls.hyperparams.items():
+        if key in cls.renamed:
+            continue
         assert key in signature, f"{name} declares {key!r} but no constructor takes it"
         expected = REQUIRED if signature[key] is inspect.Parameter.empty else signature[key]
         assert p.default == expected, (
             f"{name}.{key}: declared default {p.default!r}, constructor {expected!r}"
         )
     cls.check_hyperparams({**cls.defaults(), **tiny_params(cls)})
+
+
+def test_every_attack_defaults_to_the_papers_budget():
+    """The norm and budget defaults agree across attacks: the paper's per-pixel L_inf 10."""
+    for name in juap.list_attacks():
+        defaults = {}
+        for klass in reversed(ATTACKS.get(name).__mro__):  # the most derived constructor's default wins
+            init = klass.__dict__.get("__init__")
+            if init is not None:
+                params = inspect.signature(init).parameters
+                defaults.update({k: params[k].default for k in ("norm", "eps") if k in params})
+        assert defaults == {"norm": "linf", "eps": 10.0}, name
 
 
 def _bad_value(p: Param):
@@ -232,17 +248,62 @@ def test_an_undeclared_hyperparameter_is_refused_not_dropped(name, tiny):
             cls(classifier=clf, **tiny_params(cls), **extra, **{key: value})
 
 
-def test_an_untrained_learned_interpreter_is_refused(tiny):
+def test_an_untrained_learned_interpreter_is_refused_the_same_way_by_every_attack(tiny):
+    """Every attack that takes an interpreter (universal or per image) refuses a learned one without its
+    trained file, with one message: its maps would mean nothing."""
     clf, _ = tiny
-    for iname in juap.list_interpreters():
-        if not INTERPRETERS.get(iname).requires_checkpoint:
-            continue
+    takers = [n for n in juap.list_attacks() if ATTACKS.get(n).takes_interpreter]
+    learned = [n for n in juap.list_interpreters() if INTERPRETERS.get(n).requires_checkpoint]
+    assert takers and learned
+    for iname in learned:
         untrained = INTERPRETERS.get(iname).create(clf)
-        for name in juap.list_attacks():
-            cls = ATTACKS.get(name)
-            if cls.takes_interpreter and cls.universal:
-                with pytest.raises(juap.ConfigError, match="untrained"):
-                    build(name, clf, untrained)
+        messages = set()
+        for name in takers:
+            with pytest.raises(juap.ConfigError, match="untrained") as refused:
+                build(name, clf, untrained)
+            messages.add(str(refused.value))
+        assert len(messages) == 1, messages
+
+
+@pytest.mark.parametrize("name", [n for n in juap.list_attacks() if ATTACKS.get(n).renamed])
+def test_an_old_hyperparameter_name_still_works_with_a_warning(name, tiny):
+    """A renamed hyperparameter's old name passes the checks and reaches the constructor as the new name,
+    with a FutureWarning that names both; giving both is an error."""
+    import warnings
+
+    clf, _ = tiny
+    cls = ATTACKS.get(name)
+    plain = next(i for i in juap.list_interpreters() if not INTERPRETERS.get(i).requires_checkpoint)
+    extra = {"interpreter": juap.create_interpreter(plain, clf)} if cls.takes_interpreter else {}
+    for old, new in cls.renamed.items():
+        value = cls.hyperparams[new].default
+        cls.check_hyperparams({**tiny_params(cls), old: value})
+        with pytest.warns(FutureWarning, match=f"{old}.*{new}"):
+            juap.create_attack(name, classifier=clf, **tiny_params(cls), **extra, **{old: value})
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            juap.create_attack(name, classifier=clf, **tiny_params(cls), **extra, **{new: value})
+        with pytest.raises(juap.ConfigError, match="not both"):
+            juap.create_attack(name, classifier=clf, **tiny_params(cls), **extra, **{old: value, new: value})
+
+
+@pytest.mark.parametrize("name", juap.list_attacks())
+def test_dry_run_sizes_are_declared_and_valid(name):
+    """A dry run shrinks what the attack declares (``Param(dry_run=...)``), to values its checks accept,
+    overriding what a config gives; a universal attack declares at least its loop length."""
+    cls = ATTACKS.get(name)
+    shrunk = {k for k, p in cls.hyperparams.items() if p.dry_run is not None}
+    assert shrunk, f"{name} declares no dry-run size: a dry run would train it in full"
+    given = tiny_params(cls)
+    params = cls.dry_run_params(given)
+    cls.check_hyperparams(params)
+    for key in shrunk:
+        p = cls.hyperparams[key]
+        if isinstance(p.dry_run, dict):
+            kept = {k: v for k, v in (given.get(key) or p.default or {}).items() if k not in p.dry_run}
+            assert params[key] == {**kept, **p.dry_run}  # merged: the other options are kept
+        else:
+            assert params[key] == p.dry_run
 
 
 # -- attacks: running ------------------------------------------------------------------------------------

@@ -112,7 +112,7 @@ def run_experiment() -> dict:
         "step_parts": parts,
         "n_hat": n_hat,
         "history": [h["loss"] for h in att.history],
-        "val": att.best_val,
+        "val": att.fit_result.validation,
         "eval": ev,
         "eval_strong": ev_strong,
     }

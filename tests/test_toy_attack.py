@@ -115,3 +115,53 @@ def test_a_one_cell_grid_runs_a_new_attack_and_tables_it(toy, clf_path, tmp_path
     assert "1 of 1 cells finished" in out
     rows = (tmp_path / "grid" / "results.csv").read_text().splitlines()
     assert len(rows) == 2 and rows[1].startswith("Toy,")  # the declared label names the row
+
+
+class ToyRounds(ToySign):
+    """ToySign for ``rounds`` rounds of ``steps``: a loop length under a name no juap command knows, with
+    its dry-run size declared beside its type."""
+
+    name, label = "toy_rounds", "ToyRounds"
+    hyperparams = {
+        "steps": Param(int, low=1, dry_run=1),
+        "step_size": Param(float, low=0, low_open=True),
+        "rounds": Param(int, low=1, dry_run=1),
+    }
+
+    def __init__(self, *, rounds: int = 4, **kw) -> None:
+        super().__init__(**kw)
+        self.check_arguments(locals())
+        self.rounds = rounds
+
+    num_steps = property(lambda self: self.steps * self.rounds)
+
+
+def test_a_new_attack_dry_runs_in_one_step_from_its_declarations(monkeypatch, clf_path, tmp_path):
+    """``juap run --dry-run`` shrinks an attack by what its parameters declare (``dry_run=1`` on ``rounds``
+    and ``steps``), not by parameter names the command knows: the toy's cell trains one step."""
+    from juap.commands.run import dry_run_experiment, load_experiment, run_grid
+
+    monkeypatch.setitem(ATTACKS._entries, "toy_rounds", ToyRounds)
+    spec = {
+        "name": "toy-dry",
+        "grid": {"attacks": ["toy_rounds"], "classifiers": [{"name": "small_resnet", "weights": clf_path}]},
+        "attack_params": {"toy_rounds": {"steps": 5, "rounds": 3, "step_size": 0.25}},
+        "evaluate": {"interpreters": []},
+        "device": "cpu",
+    }
+    (tmp_path / "toy.yaml").write_text(yaml.safe_dump(spec))
+    tiny = dry_run_experiment(load_experiment(tmp_path / "toy.yaml"), tmp_path)
+    assert tiny.attack_params["toy_rounds"] == {"steps": 1, "rounds": 1, "step_size": 0.25}
+    res = run_grid(tiny, tmp_path / "run", progress=False)
+    assert res["complete"] == res["cells"] == 1
+    (history,) = (tmp_path / "run" / "cells").glob("*/history.csv")
+    assert len(history.read_text().splitlines()) == 1 + 1  # the header and one step
+
+
+def test_a_dry_run_size_must_fit_its_declaration():
+    import juap
+
+    with pytest.raises(juap.ConfigError, match="dry_run"):
+        Param(int, low=1, dry_run=0)
+    shrunk = ToyRounds.dry_run_params({"rounds": 9, "step_size": 0.1})
+    assert shrunk == {"rounds": 1, "step_size": 0.1, "steps": 1}  # declared sizes win; the rest is kept

@@ -1,8 +1,8 @@
 """Argument checks shared by the library and the configs: every one raises a ConfigError naming the field.
 
 ``is_int`` / ``is_number`` refuse ``bool`` (``True`` is an ``int`` to Python, never a step count to us);
-:class:`Param` declares one hyperparameter (type, default, range or choices) so that an attack states its
-arguments once and a config is checked against them before anything is built.
+:class:`Param` declares one hyperparameter (type, default, range or choices, and the size a dry run uses)
+so that an attack states its arguments once and a config is checked against them before anything is built.
 """
 
 from __future__ import annotations
@@ -84,6 +84,9 @@ class Param:
         optional: ``None`` is accepted too.
         length: the length of a tuple value; ``items``: the type of its items.
         doc: one line for messages and listings.
+        dry_run: the value a dry run uses whatever is configured (e.g. ``1`` for a number of steps), so
+            that every cell of a grid runs in seconds; a mapping is merged into the configured one (or the
+            default). ``None``: a dry run keeps the configured value. It must fit the declaration.
     """
 
     types: type | Tuple[type, ...]
@@ -96,6 +99,11 @@ class Param:
     length: Optional[int] = None
     items: Optional[type] = None
     doc: str = ""
+    dry_run: Any = None
+
+    def __post_init__(self) -> None:
+        if self.dry_run is not None:
+            self.check("dry_run", self.dry_run)
 
     @property
     def required(self) -> bool:

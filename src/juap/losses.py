@@ -115,14 +115,25 @@ def fooling_loss(
         ce = _batch_mean(ce_sum, n, across_ranks).clamp_min(_CE_FLOOR)
         loss = -torch.log(ce) if objective == "untargeted" else torch.log(ce)
         return loss if delta is None else torch.clamp(loss, min=delta)
-    terms = fooling_terms(adv_logits, classes, objective=objective, form=form)  # (N,)
     if hinge == "margin":
+        terms = fooling_terms(adv_logits, classes, objective=objective, form=form)  # (N,)
         past = logit_margins(adv_logits.detach(), classes, objective=objective) >= kappa
         return _batch_mean(torch.where(past, terms.detach(), terms).sum(), n, across_ranks)
-    if delta is not None and hinge == "image":
-        terms = torch.clamp(terms, min=delta)
+    image_delta = delta if hinge == "image" else None
+    terms = hinged_fooling_terms(adv_logits, classes, objective=objective, form=form, delta=image_delta)
     loss = _batch_mean(terms.sum(), n, across_ranks)
     return loss if delta is None or hinge == "image" else torch.clamp(loss, min=delta)
+
+
+def hinged_fooling_terms(
+    adv_logits: torch.Tensor, classes: torch.Tensor, *, objective: str, form: str, delta: Optional[float]
+) -> torch.Tensor:
+    """Eq 16's image hinge: each image's fooling term (:func:`fooling_terms`) clamped at ``delta``,
+    ``max{term_i, delta}`` (N,); ``delta=None``: the terms themselves. ``log_mean`` acts as ``mean_log``
+    here (a batch quantity has no per-image form), so its image hinge clamps ``log CE_i``. The per-image
+    loss of JAP and the ``image`` hinge of :func:`fooling_loss` are this one function."""
+    terms = fooling_terms(adv_logits, classes, objective=objective, form=form)  # (N,)
+    return terms if delta is None else torch.clamp(terms, min=delta)
 
 
 _CE_FLOOR = 1e-12
@@ -195,7 +206,8 @@ def soft_topk_iou(
 def feature_distance(
     adv_feats: torch.Tensor, benign_feats: torch.Tensor, *, across_ranks: bool = False
 ) -> torch.Tensor:
-    """The extra RTS term ``||e(x_hat) - e(x)||_2`` per sample, averaged over the (global) batch (scalar)."""
+    """The encoder-feature term ``||e(x_hat) - e(x)||_2`` of an interpreter with an encoder (RTS), per
+    sample, averaged over the (global) batch (scalar)."""
     d = (adv_feats.float() - benign_feats.float()).flatten(1).norm(dim=1)
     return _batch_mean(d.sum(), len(d), across_ranks)
 

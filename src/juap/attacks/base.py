@@ -9,8 +9,11 @@ Each attack class declares what orchestration needs to know about it, so that no
 concrete attack: ``label`` (its name in tables), ``takes_interpreter``, ``hyperparams`` (the typed,
 checked :class:`~juap._validate.Param` of every keyword argument besides classifier, norm, eps,
 interpreter and device) and ``artifacts`` (what a run saves of it: ``"perturbation"``, ``"generator"``).
-A declaration states the type and range; its default is the constructor's (read from the signature when
-the class is made), so a default is written once.
+A declaration states the type and range, and the value a dry run uses (``Param(int, low=1, dry_run=1)``:
+:meth:`Attack.dry_run_params`); its default is the constructor's (read from the signature when the class is
+made), so a default is written once. ``renamed`` maps a hyperparameter's old names to its new ones: the old
+name is still declared and accepted (by the checks and the constructor), moved to the new one with a
+FutureWarning.
 
 A universal attack is a trainer in the loop engine (:mod:`juap.runtime.loop`). :meth:`UniversalAttack.fit`
 is written once, here: it checks the data, runs the loop (resume, checkpoints, NaN/Inf roll-back, the
@@ -27,7 +30,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import inspect
+import warnings
 from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Tuple
 
 import torch
@@ -50,6 +55,7 @@ def _declared_with_signature_defaults(cls, *, own: bool) -> Dict[str, Param]:
     """``cls.hyperparams`` with each default taken from the constructors (the most derived one that names
     the argument); a declaration that no constructor takes is a TypeError, and so is one of the class's
     ``own`` that states a default other than the constructor's (inherited ones just follow it)."""
+    renamed = getattr(cls, "renamed", {})
     signature: Dict[str, Any] = {}
     for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")
@@ -60,6 +66,8 @@ def _declared_with_signature_defaults(cls, *, own: bool) -> Dict[str, Param]:
                 signature[p.name] = REQUIRED if p.default is inspect.Parameter.empty else p.default
     out = {}
     for key, p in cls.hyperparams.items():
+        if key in renamed:  # an old name: declared below, from its new name's declaration
+            continue
         if key not in signature:
             raise TypeError(f"{cls.__name__} declares hyperparameter {key!r} but no constructor takes it")
         default = signature[key]
@@ -69,7 +77,34 @@ def _declared_with_signature_defaults(cls, *, own: bool) -> Dict[str, Param]:
                 "declare it without a default"
             )
         out[key] = dataclasses.replace(p, default=default)
+    for old, new in renamed.items():
+        if new in out:
+            doc = f"the old name of {new!r} (accepted with a FutureWarning)"
+            out[old] = dataclasses.replace(out[new], default=None, optional=True, dry_run=None, doc=doc)
     return out
+
+
+def _accepting_renamed(init: Callable, owner: type) -> Callable:
+    """``init`` that takes the old names of ``owner.renamed`` too: each is moved to its new name with a
+    FutureWarning (giving both is a ConfigError). The signature stays ``init``'s."""
+
+    @functools.wraps(init)
+    def __init__(self, **kw: Any) -> None:
+        for old, new in owner.renamed.items():
+            if old not in kw:
+                continue
+            if new in kw:
+                raise ConfigError(f"attack {owner.name!r}: give {new} (the new name of {old}), not both")
+            warnings.warn(
+                f"attack {owner.name!r}: the hyperparameter {old!r} is now called {new!r}; the old name "
+                "still works but will be removed: rename it in your config or call",
+                FutureWarning,
+                stacklevel=2,
+            )
+            kw[new] = kw.pop(old)
+        init(self, **kw)
+
+    return __init__
 
 
 class Attack:
@@ -91,6 +126,7 @@ class Attack:
     hyperparams: ClassVar[Mapping[str, Param]] = {}  # every keyword argument but the common ones
     artifacts: ClassVar[Tuple[str, ...]] = ()  # what a run saves: "perturbation", "generator"
     generator_in_label: ClassVar[str] = "suffix"  # several generators: "R-JUAP" (prefix), "GUAP-resnet"
+    renamed: ClassVar[Mapping[str, str]] = {}  # old hyperparameter name -> new, still accepted with a warning
 
     def __init__(
         self,
@@ -117,6 +153,8 @@ class Attack:
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
         cls.hyperparams = _declared_with_signature_defaults(cls, own="hyperparams" in cls.__dict__)
+        if cls.renamed and "__init__" in cls.__dict__:
+            cls.__init__ = _accepting_renamed(cls.__dict__["__init__"], cls)
 
     def check_arguments(
         self, values: Mapping[str, Any], declared: Optional[Mapping[str, Param]] = None
@@ -138,8 +176,21 @@ class Attack:
 
     @classmethod
     def defaults(cls) -> Dict[str, Any]:
-        """The declared defaults (required hyperparameters left out)."""
-        return {k: p.default for k, p in cls.hyperparams.items() if not p.required}
+        """The declared defaults (required hyperparameters and old names left out)."""
+        return {k: p.default for k, p in cls.hyperparams.items() if not p.required and k not in cls.renamed}
+
+    @classmethod
+    def dry_run_params(cls, params: Mapping[str, Any]) -> Dict[str, Any]:
+        """``params`` for a dry run: every hyperparameter that declares a ``dry_run`` value takes it, whatever
+        was given (a mapping is merged into the given one, else into the default: ``{"ngf": 8}`` narrows
+        a generator and keeps its other options)."""
+        out = dict(params)
+        for key, p in cls.hyperparams.items():
+            if isinstance(p.dry_run, Mapping):
+                out[key] = {**(out.get(key, None if p.required else p.default) or {}), **p.dry_run}
+            elif p.dry_run is not None:
+                out[key] = p.dry_run
+        return out
 
     @property
     def zeta(self) -> float:

@@ -2,14 +2,15 @@
 
 All generators of a batch are trained together: their parameters are stacked and run with
 ``torch.func.vmap`` over ``functional_call``, so a batch of N images trains N independent generators
-in one vectorised pass (Adam's update is element-wise, so stacked parameters stay independent).
+in one vectorised pass (Adam's update is element-wise, so stacked parameters stay independent). The
+interpreter wiring and the loss (eq 16 per image) are the parts JUAP is made of (:mod:`juap.attacks.parts`).
 """
 
 from __future__ import annotations
 
 from collections import abc
 from types import MappingProxyType
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Tuple
 
 import torch
 from torch.func import functional_call, stack_module_state, vmap
@@ -19,10 +20,10 @@ from .._validate import Param
 from ..budget import apply_perturbation, scale_to_budget
 from ..errors import ConfigError
 from ..interpreters.base import Interpreter
-from ..interpreters.smooth_relu import make_surrogate
-from ..losses import OBJECTIVES, attack_classes, check_target, fooling_terms, map_distances
+from ..losses import OBJECTIVES, attack_classes, check_target
 from ..metrics import is_fooled, l1_distance
-from .base import PerImageAttack, rebind
+from .base import PerImageAttack
+from .parts import Benign, InterpreterWiring, JointLoss
 
 SMALL_GENERATOR: Mapping[str, Any] = MappingProxyType({"ngf": 8, "n_blocks": 2})
 """JAP's default generator options: one generator is trained per image, so a small one (read-only)."""
@@ -53,12 +54,12 @@ class JAP(PerImageAttack):
     takes_interpreter = True
     hyperparams = {
         "generator": Param(str),
-        "generator_options": Param(abc.Mapping, optional=True),
+        "generator_options": Param(abc.Mapping, optional=True, dry_run={"ngf": 8}),
         "objective": Param(str, choices=OBJECTIVES),
         "target": Param(int, low=0, optional=True),
         "lam": Param(float, low=0),
         "delta": Param(float, optional=True),
-        "steps": Param(int, low=1),
+        "steps": Param(int, low=1, dry_run=1),
         "lr": Param(float, low=0, low_open=True),
         "betas": Param(tuple, length=2, items=float, low=0, high=1),
         "surrogate": Param((bool, str), choices=("auto", True, False)),
@@ -91,21 +92,21 @@ class JAP(PerImageAttack):
         self.check_arguments(locals())
         if objective == "targeted":
             check_target(target, classifier.num_classes)
-        if interpreter is not None and not isinstance(interpreter, Interpreter):
-            raise ConfigError(f"interpreter must be a juap Interpreter, got {type(interpreter).__name__}")
+        self.wiring = InterpreterWiring.check(interpreter, surrogate=surrogate, tau=tau)
         GENERATORS.get(generator)  # unknown names fail now, listing the known ones
-        self.interpreter = interpreter
+        # eq 16 per image: each image's log CE hinged at delta, plus lambda times its map distance
+        self.loss = JointLoss(
+            objective=objective, target=target, fool_loss="mean_log", hinge="image", delta=delta
+        )
+        self.interpreter, self.use_surrogate, self.tau = interpreter, self.wiring.use_surrogate, tau
         self.generator = generator
         self.generator_options = dict(generator_options or {})
         self.objective, self.target, self.lam, self.delta = objective, target, float(lam), delta
-        self.steps, self.lr, self.betas = int(steps), float(lr), tuple(betas)
-        auto = interpreter is not None and interpreter.needs_surrogate
-        self.use_surrogate = auto if surrogate == "auto" else bool(surrogate)
-        self.tau, self.seed = tau, int(seed)
+        self.steps, self.lr, self.betas, self.seed = int(steps), float(lr), tuple(betas), int(seed)
 
     @property
     def hinge_level(self) -> Optional[float]:
-        return self.delta
+        return self.loss.hinge_level
 
     def __call__(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Adversarial images (N, 3, H, W) for images ``x`` in [0, 1]; ``y`` is unused (C_x = f(x))."""
@@ -113,6 +114,38 @@ class JAP(PerImageAttack):
         n = len(x)
         if n == 0:
             raise ConfigError(f"{self.name}: no images to attack (x has shape {tuple(x.shape)})")
+        run, params, buffers, noise = self._generators(x)
+        opt = torch.optim.Adam(params.values(), lr=self.lr, betas=self.betas)
+        clf = self.classifier
+        train_interp = self.wiring.trainer(clf)
+        benign = self._benign(x)
+        best = x.clone()
+        best_score = torch.full((n,), -float("inf"), device=self.device)
+        first = len(self.history) and self.history[-1]["step"]  # steps go on from the previous batch
+        for s in range(1, self.steps + 1):
+            g = run(params, buffers, noise)[:, 0]  # (N, 3, H, W)
+            n_hat = scale_to_budget(g, norm=self.norm, eps=self.eps)  # eq 17, per image
+            adv = self.loss.adversarial(apply_perturbation(x, n_hat), benign, clf, train_interp)
+            loss_i = self.loss.per_image(benign, adv, lam=self.lam)  # (N,)
+            opt.zero_grad(set_to_none=True)
+            loss_i.sum().backward()
+            opt.step()
+            with torch.no_grad():  # keep each image's best: fooled first, then closest map
+                x_hat = adv.x_hat.detach()
+                score = self._score(x_hat, benign.logits, benign.maps)
+                better = score > best_score
+                best[better] = x_hat[better]
+                best_score = torch.where(better, score, best_score)
+                changed = is_fooled(benign.logits.argmax(1), adv.logits.argmax(1)).float().mean().item()
+                kept = (best_score > 0).float().mean().item()  # images with a fooling candidate kept
+            row = {"step": first + s, "loss": loss_i.mean().item(), "batch_fooling_ratio": changed}
+            self.history.append({**row, "kept_fooled": kept})
+        return best
+
+    def _generators(self, x: torch.Tensor) -> Tuple[Callable, dict, dict, torch.Tensor]:
+        """One fresh generator per image, stacked: (run, params, buffers, noise (N, 1, 3, H, W)), where
+        ``run(params, buffers, noise)`` maps each image's noise through its own generator."""
+        n = len(x)
         torch.manual_seed(self.seed)
         gens = [GENERATORS.create(self.generator, **self.generator_options).to(self.device) for _ in range(n)]
         params, buffers = stack_module_state(gens)
@@ -123,57 +156,15 @@ class JAP(PerImageAttack):
         def one(p, b, z):  # z (1, 3, H, W) -> (1, 3, H, W)
             return functional_call(base, (p, b), (z,))
 
-        run = vmap(one, in_dims=(0, 0, 0), randomness="different")
-        opt = torch.optim.Adam(params.values(), lr=self.lr, betas=self.betas)
-        clf = self.classifier
-        interp = self.interpreter
-        train_interp = interp
-        if interp is not None and self.use_surrogate:
-            train_interp = rebind(interp, make_surrogate(clf, tau=self.tau))
-        with torch.no_grad():
-            benign_logits = clf(x)
-            classes = attack_classes(benign_logits, objective=self.objective, target=self.target)
-            benign_maps = interp(x, benign_logits.argmax(1)) if interp is not None else None
-        best = x.clone()
-        best_score = torch.full((n,), -float("inf"), device=self.device)
-        first = len(self.history) and self.history[-1]["step"]  # steps go on from the previous batch
-        for s in range(1, self.steps + 1):
-            g = run(params, buffers, noise)[:, 0]  # (N, 3, H, W)
-            n_hat = scale_to_budget(g, norm=self.norm, eps=self.eps)  # eq 17, per image
-            x_hat = apply_perturbation(x, n_hat)
-            if interp is None:
-                adv_logits, maps = clf(x_hat), None
-            else:
-                map_classes = classes if self.objective == "targeted" else None
-                adv_logits, maps = train_interp.explain(x_hat, map_classes)
-            loss_i = self._per_image_loss(adv_logits, classes, maps, benign_maps)  # (N,)
-            opt.zero_grad(set_to_none=True)
-            loss_i.sum().backward()
-            opt.step()
-            with torch.no_grad():  # keep each image's best: fooled first, then closest map
-                score = self._score(x_hat.detach(), benign_logits, benign_maps)
-                better = score > best_score
-                best[better] = x_hat.detach()[better]
-                best_score = torch.where(better, score, best_score)
-                changed = is_fooled(benign_logits.argmax(1), adv_logits.argmax(1)).float().mean().item()
-                kept = (best_score > 0).float().mean().item()  # images with a fooling candidate kept
-            self.history.append(
-                {
-                    "step": first + s,
-                    "loss": loss_i.mean().item(),
-                    "batch_fooling_ratio": changed,
-                    "kept_fooled": kept,
-                }
-            )
-        return best
+        return vmap(one, in_dims=(0, 0, 0), randomness="different"), params, buffers, noise
 
-    def _per_image_loss(self, logits, classes, maps, benign_maps) -> torch.Tensor:
-        fool = fooling_terms(logits, classes, objective=self.objective, form="mean_log")  # (N,)
-        if self.delta is not None:
-            fool = torch.clamp(fool, min=self.delta)
-        if maps is None:
-            return fool
-        return fool + self.lam * map_distances(maps, benign_maps)
+    @torch.no_grad()
+    def _benign(self, x: torch.Tensor) -> Benign:
+        """f(x), the objective's classes and the unmodified interpreter's maps of the prediction."""
+        logits = self.classifier(x)
+        classes = attack_classes(logits, objective=self.objective, target=self.target)
+        maps = self.interpreter(x, logits.argmax(1)) if self.interpreter is not None else None
+        return Benign(logits, classes, maps)
 
     def _score(self, x_hat, benign_logits, benign_maps) -> torch.Tensor:
         pred = self.classifier(x_hat).argmax(1)

@@ -9,6 +9,10 @@ tensor; eq 6 scales it into the budget; Adam trains G on
 where f~ / I~ are the smoothed-ReLU surrogate (eq 15, gradients only) and I(x) the benign map of the
 benign prediction. GUAP is the same loop with lambda = 0 and no interpreter. The perturbation kept is
 the best on held-out validation images, judged with the *unmodified* classifier and interpreter.
+
+The class composes the parts of :mod:`juap.attacks.parts`: the interpreter wiring, the joint loss (eq 16),
+the lambda controller (warm-up, constrained mode) and the selection rule; what is its own is the generator,
+its Adam loop and the validations.
 """
 
 from __future__ import annotations
@@ -21,38 +25,18 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import torch
 
 from .._registry import ATTACKS, GENERATORS
-from .._validate import Param, check_range
+from .._validate import Param
 from ..budget import apply_perturbation, scale_to_budget
 from ..errors import CheckpointError, ConfigError, NumericalError
 from ..evaluation import evaluate
 from ..interpreters.base import Interpreter
-from ..interpreters.smooth_relu import make_surrogate
-from ..losses import (
-    FOOL_FORMS,
-    HINGES,
-    MAP_LOSSES,
-    MAP_ON,
-    OBJECTIVES,
-    attack_classes,
-    check_target,
-    feature_distance,
-    fooling_loss,
-    fooling_terms,
-    joint_loss,
-    logit_margins,
-    map_distance,
-)
+from ..losses import FOOL_FORMS, HINGES, MAP_LOSSES, MAP_ON, OBJECTIVES, check_target
 from ..metrics import is_fooled
 from ..runtime import distributed
-from ..runtime.checkpoint import (
-    ResumableLoader,
-    check_finite_parameters,
-)
-from .base import FitResult, UniversalAttack, cycle_batches, first_images, iter_batches, rebind
+from ..runtime.checkpoint import ResumableLoader, check_finite_parameters
+from .base import FitResult, UniversalAttack, cycle_batches, first_images, iter_batches
 from .fastpaths import FastPaths
-
-_FR_SCALE = 0.1  # dual ascent: a fooling ratio 0.1 off target moves log(lambda) by dual_lr per step
-_LAM_RANGE = (1e-4, 1e3)
+from .parts import SELECTIONS, Adversarial, Benign, InterpreterWiring, JointLoss, LambdaControl, Selection
 
 
 class GeneratorUAP(UniversalAttack):
@@ -61,7 +45,7 @@ class GeneratorUAP(UniversalAttack):
     Args:
         classifier: the classifier to fool.
         interpreter: the interpreter whose maps must stay unchanged; ``None`` gives GUAP.
-        norm, eps: budget (eq 6), eps in 0-255 units.
+        norm, eps: budget (eq 6), eps in 0-255 units (the paper's per-pixel L_inf 10 by default).
         generator: registered generator name (``"resnet"`` or ``"unet"``) or an ``nn.Module``.
         generator_options: keyword arguments of the generator (e.g. ``{"ngf": 32}``).
         objective: ``"untargeted"`` (eq 7), ``"least_likely"`` (eq 8, the paper's default) or
@@ -97,11 +81,12 @@ class GeneratorUAP(UniversalAttack):
         surrogate: use the smoothed-ReLU surrogate (eq 15) for gradients; ``"auto"``: when the interpreter
             declares ``needs_surrogate`` (Grad-CAM).
         tau: eq 15's constant.
-        rts_feature_weight: weight of ``||e(x_hat) - e(x)||_2`` when the interpreter has an encoder
-            (``interpreter.encode``, RTS). The paper adds the term unweighted with a separate encoder;
+        feature_weight: weight of ``||e(x_hat) - e(x)||_2`` when the interpreter has an encoder
+            (``interpreter.encode``, e.g. RTS). The paper adds the term unweighted with a separate encoder;
             juap's RTS encodes with the classifier's own feature map, whose distances are much larger
             than the map distance, so weight 1 forbids fooling altogether; the default 0.02 puts the two
-            terms on the same scale (docs/results.md, "What the embedded data shows").
+            terms on the same scale (docs/results.md, "What the embedded data shows"). Its old name
+            ``rts_feature_weight`` is still accepted, with a FutureWarning.
         seed: fixes the generator's initialisation, its input noise and the data order.
         eval_every: validation period in steps (and once at the end).
         selection: ``"fooling_ratio"``, ``"joint"`` (fooling ratio x (1 + IoU)), ``"constrained"`` (the
@@ -128,7 +113,7 @@ class GeneratorUAP(UniversalAttack):
     artifacts = ("perturbation", "generator")
     hyperparams = {
         "generator": Param((str, torch.nn.Module), doc="registered generator name or a module"),
-        "generator_options": Param(dict, optional=True),
+        "generator_options": Param(dict, optional=True, dry_run={"ngf": 8}),
         "objective": Param(str, choices=OBJECTIVES),
         "target": Param(int, low=0, optional=True),
         "fool_loss": Param(str, choices=FOOL_FORMS),
@@ -142,136 +127,82 @@ class GeneratorUAP(UniversalAttack):
         "fr_target": Param(float, low=0, high=1, low_open=True, optional=True),
         "fr_margin": Param(float, low=0, high=1, optional=True),
         "dual_lr": Param(float, low=0, low_open=True),
-        "steps": Param(int, low=1),
-        "batch_size": Param(int, low=1),
+        "steps": Param(int, low=1, dry_run=1),
+        "batch_size": Param(int, low=1, dry_run=6),
         "lr": Param(float, low=0, low_open=True),
         "lr_schedule": Param(str, choices=("constant", "cosine")),
         "betas": Param(tuple, length=2, items=float, low=0, high=1),
         "surrogate": Param((bool, str), choices=("auto", True, False)),
         "tau": Param(float, low=0, low_open=True),
-        "rts_feature_weight": Param(float, low=0),
+        "feature_weight": Param(float, low=0),
         "seed": Param(int),
-        "eval_every": Param(int, low=1),
-        "selection": Param(str, choices=("auto", "fooling_ratio", "joint", "constrained", "last")),
+        "eval_every": Param(int, low=1, dry_run=1),
+        "selection": Param(str, choices=SELECTIONS),
         "amp": Param(bool),
         "channels_last": Param(bool),
         "compile": Param(bool),
     }
+    renamed = {"rts_feature_weight": "feature_weight"}
 
-    # Long by design: the signature lists the declared hyperparameters one per line; the checks are short.
     def __init__(
         self,
         *,
         classifier,
         interpreter: Optional[Interpreter] = None,
-        norm: str = "l2",
-        eps: float = 2000.0,
+        norm: str = "linf",
+        eps: float = 10.0,
         generator: str | torch.nn.Module = "resnet",
         generator_options: Optional[Mapping[str, Any]] = None,
-        objective: str = "least_likely",
-        target: Optional[int] = None,
-        fool_loss: str = "log_mean",
-        hinge: str = "batch",
-        kappa: float = 0.0,
-        map_on: str = "all",
-        map_loss: str = "l2",
-        lam: float = 0.0,
-        delta: Optional[float] = -0.8,
-        warmup: int = 0,
-        fr_target: Optional[float] = None,
-        fr_margin: Optional[float] = None,
+        # the loss (eq 16)
+        objective: str = "least_likely", target: Optional[int] = None, fool_loss: str = "log_mean",
+        hinge: str = "batch", kappa: float = 0.0, map_on: str = "all", map_loss: str = "l2",
+        lam: float = 0.0, delta: Optional[float] = -0.8, feature_weight: float = 0.02,
+        # lambda over the steps
+        warmup: int = 0, fr_target: Optional[float] = None, fr_margin: Optional[float] = None,
         dual_lr: float = 0.05,
-        steps: int = 500,
-        batch_size: int = 30,
-        lr: float = 2e-4,
-        lr_schedule: str = "constant",
-        betas: Tuple[float, float] = (0.5, 0.999),
-        surrogate: bool | str = "auto",
-        tau: float = 1e-4,
-        rts_feature_weight: float = 0.02,
-        seed: int = 0,
-        eval_every: int = 50,
+        # the training and the choice of the perturbation kept
+        steps: int = 500, batch_size: int = 30, lr: float = 2e-4, lr_schedule: str = "constant",
+        betas: Tuple[float, float] = (0.5, 0.999), seed: int = 0, eval_every: int = 50,
         selection: str = "auto",
-        amp: bool = False,
-        channels_last: bool = False,
-        compile: bool = False,
+        # gradients through the interpreter, and the GPU fast paths
+        surrogate: bool | str = "auto", tau: float = 1e-4,
+        amp: bool = False, channels_last: bool = False, compile: bool = False,
         device=None,
-    ) -> None:
+    ) -> None:  # fmt: skip
         super().__init__(classifier=classifier, norm=norm, eps=eps, device=device)
         self.check_arguments(locals(), GeneratorUAP.hyperparams)  # types, ranges, choices
         if objective == "targeted":
             check_target(target, classifier.num_classes)
-        constrained = fr_target is not None or fr_margin is not None
-        self._check_constrained(interpreter, lam, fr_target, fr_margin, warmup, selection, constrained)
+        joint = interpreter is not None
+        self.lam_control = LambdaControl(
+            lam=lam, warmup=warmup, fr_target=fr_target, fr_margin=fr_margin, dual_lr=dual_lr, map_term=joint
+        )
+        self.selection = Selection.resolve(selection, constrained=self.lam_control.constrained, joint=joint)
+        self.selector = Selection(self.selection, targeted=objective == "targeted")
         distributed.check_divisible(int(batch_size))  # under torchrun: equal slices of each global batch
-        if interpreter is not None and not isinstance(interpreter, Interpreter):
-            raise ConfigError(f"interpreter must be a juap Interpreter, got {type(interpreter).__name__}")
-        if interpreter is not None and interpreter.requires_checkpoint and interpreter.checkpoint is None:
-            raise ConfigError(
-                f"the {interpreter.label} interpreter is untrained: train it (`juap train-rts` for RTS) "
-                f"and pass create_interpreter(..., checkpoint=PATH)"
-            )
+        self.wiring = InterpreterWiring.check(interpreter, surrogate=surrogate, tau=tau)
         if isinstance(generator, str):
             GENERATORS.get(generator)  # unknown names fail now, listing the known ones
-        self.interpreter = interpreter
-        self.generator_spec = generator
-        self.generator_options = dict(generator_options or {})
-        self.objective, self.target = objective, target
-        self.fool_loss, self.hinge, self.kappa, self.map_on = fool_loss, hinge, float(kappa), map_on
-        self.map_loss = map_loss
-        self.lam, self.delta = float(lam), delta
-        self.warmup = int(warmup)
-        self.fr_target = None if fr_target is None else float(fr_target)
-        self.fr_margin = None if fr_margin is None else float(fr_margin)
-        self.constrained = constrained
-        self.dual_lr = float(dual_lr)
-        self.steps, self.batch_size, self.lr, self.betas = (
-            int(steps),
-            int(batch_size),
-            float(lr),
-            tuple(betas),
-        )
-        self.lr_schedule = lr_schedule
-        auto = interpreter is not None and interpreter.needs_surrogate
-        self.use_surrogate = auto if surrogate == "auto" else bool(surrogate)
-        self.tau = tau
-        self.rts_feature_weight = float(rts_feature_weight)
-        self.seed = int(seed)
-        self.eval_every = int(eval_every)
-        if selection == "auto":
-            selection = (
-                "constrained" if constrained else "joint" if interpreter is not None else "fooling_ratio"
-            )
-        self.selection = selection
+        self.loss = JointLoss(
+            objective=objective, target=target, fool_loss=fool_loss, hinge=hinge, delta=delta, kappa=kappa,
+            map_on=map_on, map_loss=map_loss, feature_weight=feature_weight,
+        )  # fmt: skip
+        self.interpreter, self.use_surrogate, self.tau = interpreter, self.wiring.use_surrogate, tau
+        self.generator_spec, self.generator_options = generator, dict(generator_options or {})
+        self.objective, self.target, self.lam, self.warmup = objective, target, float(lam), int(warmup)
+        self.steps, self.batch_size, self.eval_every = int(steps), int(batch_size), int(eval_every)
+        self.lr, self.betas, self.lr_schedule, self.seed = float(lr), tuple(betas), lr_schedule, int(seed)
         self.fast_options = {"amp": bool(amp), "channels_last": bool(channels_last), "compile": bool(compile)}
         self.generator: Optional[torch.nn.Module] = None
         self.noise: Optional[torch.Tensor] = None
 
-    @staticmethod
-    def _check_constrained(interpreter, lam, fr_target, fr_margin, warmup, selection, constrained) -> None:
-        """The checks that tie hyperparameters together (each alone is checked by its declaration)."""
-        if selection == "constrained" and not constrained:
-            raise ConfigError("selection = 'constrained' needs fr_target or fr_margin")
-        if not constrained:
-            return
-        if interpreter is None:
-            raise ConfigError("fr_target / fr_margin constrain JUAP's lambda; GUAP has no map term")
-        if fr_target is not None and fr_margin is not None:
-            raise ConfigError("give fr_target (an absolute fooling ratio) or fr_margin, not both")
-        if fr_margin is not None and warmup < 1:
-            raise ConfigError(
-                "fr_margin measures GUAP's fooling ratio during the warm-up: set warmup >= 1 "
-                "(e.g. a third of the steps), or give an absolute fr_target"
-            )
-        check_range("lam", lam, low=0, low_open=True)  # the dual ascent works on log(lambda)
-
     # -- the trainer (UniversalAttack.fit runs it) ----------------------------------------------------
     # fit(data, val_data=...) trains the generator on ``data`` and keeps the best perturbation on
     # ``val_data`` (default: ``data``); checkpoints every ``eval_every`` steps by default hold the
-    # generator, Adam, the data position, the dual state, the best so far (and, from the engine, the RNG
-    # states and the history). ``history`` holds one row per step: the loss, its parts, the batch fooling
-    # ratio, lambda, and ``val`` (fooling ratio, L1, IoU) at validations. ``callback(step, perturbation)``
-    # runs after every step.
+    # generator, Adam, the data position, the lambda controller's state, the best so far (and, from the
+    # engine, the RNG states and the history). ``history`` holds one row per step: the loss, its parts, the
+    # batch fooling ratio, lambda, and ``val`` (fooling ratio, L1, IoU) at validations.
+    # ``callback(step, perturbation)`` runs after every step.
     @property
     def num_steps(self) -> int:
         return self.steps
@@ -290,12 +221,10 @@ class GeneratorUAP(UniversalAttack):
         torch.manual_seed(self.seed)
         self._G = self.make_generator().to(dev).train()
         self.optimizer = torch.optim.Adam(self._G.parameters(), lr=self.lr, betas=self.betas)
-        train_interp = self.interpreter
-        if self.interpreter is not None and self.use_surrogate:  # gradients through the smoothed ReLUs
-            train_interp = rebind(self.interpreter, make_surrogate(self.classifier, tau=self.tau))  # eq 15
+        train_interp = self.wiring.trainer(self.classifier)  # gradients through the smoothed ReLUs (eq 15)
         self._fast = FastPaths(**self.fast_options, device=dev)
         self._fwd = list(self._fast.prepare(distributed.wrap_ddp(self._G), train_interp, self.classifier))
-        self.dual = {"lam": self.lam, "fr_ema": None, "target": self.fr_target, "guap_fooling_ratio": None}
+        self.lam_control.reset()
         self._source = data if isinstance(data, torch.Tensor) else ResumableLoader(data, roll_over=True)
         self._best: Optional[Dict[str, Any]] = None
         self._batches = None  # built at the first step, where a resumed fit left off
@@ -305,7 +234,7 @@ class GeneratorUAP(UniversalAttack):
             "generator": self._G.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "best": self._best,
-            "dual": dict(self.dual),
+            "dual": self.lam_control.state_dict(),
             "data": self._source.position() if isinstance(self._source, ResumableLoader) else None,
         }
 
@@ -318,7 +247,7 @@ class GeneratorUAP(UniversalAttack):
 
     def load_state_dict(self, state) -> None:
         self.restore_state(state)
-        self.dual = dict(state.get("dual") or self.dual)
+        self.lam_control.load_state_dict(state.get("dual"))
         best = state["best"]
         self._best = None if best is None else {**best, "n_hat": best["n_hat"].to(self.device)}
         if isinstance(self._source, ResumableLoader):
@@ -338,7 +267,7 @@ class GeneratorUAP(UniversalAttack):
         if self._batches is None:
             self._batches = self._batches_from(i - 1)
         x = fast.images(next(self._batches)[0])
-        lam = self.lam_at(i)
+        lam = self.lam_control.at(i)
         if self.lr_schedule != "constant" and i > 1:  # relative, so a roll-back's lowered rate stays lowered
             for group in self.optimizer.param_groups:
                 group["lr"] *= self.lr_at(i) / self.lr_at(i - 1)
@@ -352,10 +281,7 @@ class GeneratorUAP(UniversalAttack):
         row = {"loss": loss, **parts, **({"lam": lam} if self.interpreter is not None else {})}
         if self.lr_schedule != "constant":
             row["lr"] = self.optimizer.param_groups[0]["lr"]
-        self._dual_step(i, parts["batch_fooling_ratio"])
-        if i == self.warmup and self.fr_margin is not None:  # GUAP's ratio, as the dual sees it
-            self.dual["guap_fooling_ratio"] = self.dual["fr_ema"]
-            self.dual["target"] = max(self.dual["fr_ema"] - self.fr_margin, 0.0)
+        self.lam_control.update(i, parts["batch_fooling_ratio"])
         if not (i % self.eval_every == 0 or last or i == self.warmup):
             return row
         n_hat = self.current_perturbation(self._G)
@@ -367,13 +293,14 @@ class GeneratorUAP(UniversalAttack):
         self.notify(i, lambda: self.current_perturbation(self._G))
 
     def _keep_best(self, step: int, n_hat: torch.Tensor, val: Dict[str, float]) -> None:
-        """Keep this validation's perturbation when it scores at least as well as the best so far."""
-        best = self._best
-        in_warmup = step <= self.warmup and step != self.steps  # GUAP's perturbation, not JUAP's
-        if in_warmup or not (best is None or self._score(val) >= best["score"] or self.selection == "last"):
+        """Keep this validation's perturbation when the selection rule prefers it to the best so far."""
+        if step <= self.warmup and step != self.steps:  # GUAP's perturbation, not JUAP's
             return
-        state = copy.deepcopy(self._G.state_dict())
-        self._best = {"score": self._score(val), "step": step, "n_hat": n_hat, "state": state, "val": val}
+        target = self.lam_control.state["target"]
+        if self.selector.prefers(val, self._best, target):
+            state = copy.deepcopy(self._G.state_dict())
+            score = self.selector.score(val, target)
+            self._best = {"score": score, "step": step, "n_hat": n_hat, "state": state, "val": val}
 
     def result(self) -> FitResult:
         best = self._best
@@ -387,18 +314,8 @@ class GeneratorUAP(UniversalAttack):
         return noise.to(x.device)
 
     @property
-    def best_step(self) -> Optional[int]:
-        """The step whose perturbation was kept (``fit_result.selected``)."""
-        return None if self.fit_result is None else self.fit_result.selected
-
-    @property
-    def best_val(self) -> Optional[Dict[str, float]]:
-        """The kept perturbation's validation figures (``fit_result.validation``)."""
-        return None if self.fit_result is None else self.fit_result.validation
-
-    @property
     def hinge_level(self) -> Optional[float]:
-        return None if self.hinge == "margin" else self.delta  # the margin hinge has no loss level
+        return self.loss.hinge_level
 
     def checkpoint_identity(self) -> Dict[str, Any]:
         generator = {"generator": str(self.generator_spec), "generator_options": self.generator_options}
@@ -410,23 +327,6 @@ class GeneratorUAP(UniversalAttack):
         if self.lr_schedule == "cosine":
             return 0.5 * self.lr * (1.0 + math.cos(math.pi * (step - 1) / self.steps))
         return self.lr
-
-    def lam_at(self, step: int) -> float:
-        """lambda at ``step`` (1-based): 0 during the warm-up, then the fixed or the adapted value."""
-        return 0.0 if step <= self.warmup else float(self.dual["lam"])
-
-    def _dual_step(self, step: int, batch_fr: float) -> None:
-        """Constrained mode: dual ascent on log(lambda) against the fooling-ratio target (after warm-up)."""
-        d = self.dual
-        d["fr_ema"] = batch_fr if d["fr_ema"] is None else 0.9 * d["fr_ema"] + 0.1 * batch_fr
-        if not self.constrained or step <= self.warmup or d["target"] is None:
-            return
-        # the error in units of _FR_SCALE, clipped to [-1, 1]: lambda moves by at most a factor e^dual_lr
-        # per step, so a stretch of low fooling ratio (the map term starting) cannot collapse it to the
-        # floor, from where it would climb back only slowly
-        err = max(-1.0, min(1.0, (d["fr_ema"] - d["target"]) / _FR_SCALE))
-        log_lam = math.log(d["lam"]) + self.dual_lr * err
-        d["lam"] = math.exp(min(max(log_lam, math.log(_LAM_RANGE[0])), math.log(_LAM_RANGE[1])))
 
     def train_step(
         self, G, opt, x: torch.Tensor, train_interp, *, lam: Optional[float] = None
@@ -448,46 +348,11 @@ class GeneratorUAP(UniversalAttack):
         if self.noise is None:  # outside fit: the fixed input, drawn from the seed as fit does
             self.noise = self._draw_noise(x)
         lam = self.lam if lam is None else lam
-        clf = self.classifier
-        with torch.no_grad():  # benign side: the unmodified models, one forward pass
-            if self.interpreter is None:
-                benign_logits = clf(x)
-            else:
-                benign_logits, benign_maps = self.interpreter.explain(x)  # maps of f(x)
-                benign_feats = self._encode(self.interpreter, x)
-            classes = attack_classes(benign_logits, objective=self.objective, target=self.target)
+        benign = self.loss.benign(x, self.classifier, self.interpreter)  # the unmodified models
         n_hat = scale_to_budget(G(self.noise), norm=self.norm, eps=self.eps)[0]  # (3, H, W), eq 6
-        x_hat = apply_perturbation(x, n_hat)
-        parts: Dict[str, float] = {}
-        if self.interpreter is None:
-            adv_logits = clf(x_hat)
-        else:
-            map_classes = classes if self.objective == "targeted" else None  # None: the predicted class
-            adv_logits, adv_maps = train_interp.explain(x_hat, map_classes)
-        fool = fooling_loss(  # max{L_fool, delta} of eq 16, on the batch or per image
-            adv_logits,
-            classes,
-            objective=self.objective,
-            form=self.fool_loss,
-            delta=self.delta,
-            hinge=self.hinge,
-            kappa=self.kappa,
-            across_ranks=True,
-        )
-        if self.interpreter is None:
-            loss = fool
-        else:
-            only = None
-            if self.map_on == "fooled":  # the images fooled at this step (the target reached, if targeted)
-                target = self.target if self.objective == "targeted" else None
-                only = is_fooled(benign_logits.argmax(1), adv_logits.detach().argmax(1), target=target)
-            interp = map_distance(adv_maps, benign_maps, only=only, form=self.map_loss, across_ranks=True)
-            parts["map_loss"] = interp.item()
-            if benign_feats is not None and self.rts_feature_weight > 0:
-                feat = feature_distance(self._encode(train_interp, x_hat), benign_feats, across_ranks=True)
-                parts["feature_loss"] = feat.item()
-                interp = interp + self.rts_feature_weight * feat
-            loss = joint_loss(fool, interp, lam=lam)
+        explainer = train_interp if self.interpreter is not None else None
+        adv = self.loss.adversarial(apply_perturbation(x, n_hat), benign, self.classifier, explainer)
+        loss, fool, parts = self.loss(benign, adv, lam=lam)
         if not torch.isfinite(loss):
             raise NumericalError(
                 f"{self.name}: the loss became {loss.item()} (parts: {parts}); lower lr or check the inputs"
@@ -496,33 +361,20 @@ class GeneratorUAP(UniversalAttack):
         loss.backward()
         opt.step()
         parts["fool_loss"] = fool.item()
-        changed = is_fooled(benign_logits.argmax(1), adv_logits.argmax(1)).sum()
-        at_hinge = self._at_hinge(adv_logits.detach(), classes, fool.detach())
-        changed, hinged, n = distributed.global_count(
-            torch.stack([changed, at_hinge, changed.new_tensor(len(x))])
-        )
-        parts["batch_fooling_ratio"] = changed.item() / n.item()  # over the global batch
-        if self.delta is not None or self.hinge == "margin":  # the images that no longer pull
-            parts["at_hinge"] = hinged.item() / n.item()
+        parts.update(self._batch_ratios(benign, adv, fool))
         return loss.item(), parts
 
-    def _at_hinge(self, adv_logits: torch.Tensor, classes: torch.Tensor, fool: torch.Tensor) -> torch.Tensor:
-        """How many of this rank's images are at eq 16's hinge (all or none with the batch hinge)."""
-        if self.hinge == "margin":
-            return (logit_margins(adv_logits, classes, objective=self.objective) >= self.kappa).sum()
-        if self.delta is None:
-            return torch.zeros((), dtype=torch.long, device=adv_logits.device)
-        if self.hinge == "batch":
-            return (fool <= self.delta).long() * len(classes)
-        form = (
-            "mean_log" if self.fool_loss == "log_mean" else self.fool_loss
-        )  # the image hinge clamps log CE_i
-        terms = fooling_terms(adv_logits, classes, objective=self.objective, form=form)
-        return (terms <= self.delta).sum()
-
-    @staticmethod
-    def _encode(interp, x: torch.Tensor) -> Optional[torch.Tensor]:
-        return interp.encode(x)  # None unless the interpreter has an encoder (RTS)
+    def _batch_ratios(self, benign: Benign, adv: Adversarial, fool: torch.Tensor) -> Dict[str, float]:
+        """The global batch's fooling ratio and, with a hinge, the share of its images at the hinge."""
+        changed = is_fooled(benign.logits.argmax(1), adv.logits.argmax(1)).sum()
+        at_hinge = self.loss.at_hinge(benign, adv.logits.detach(), fool.detach())
+        changed, hinged, n = distributed.global_count(
+            torch.stack([changed, at_hinge, changed.new_tensor(len(benign.logits))])
+        )
+        out = {"batch_fooling_ratio": changed.item() / n.item()}  # over the global batch
+        if self.loss.has_hinge:  # the images that no longer pull
+            out["at_hinge"] = hinged.item() / n.item()
+        return out
 
     def generator_artifact(self) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
         """The trained generator as a run saves it (``artifacts`` has ``"generator"``): its tensors
@@ -565,21 +417,6 @@ class GeneratorUAP(UniversalAttack):
             **{k: v for k, v in out.items() if k != "interpreters"},
             **out["interpreters"].get("main", {}),
         }
-
-    def _score(self, val: Dict[str, float]) -> float:
-        """Validation score: the fooling ratio (the target success rate when targeted); ``joint`` weighs it
-        by ``1 + IoU``, so an unperturbed-looking map never outranks fooling the classifier;
-        ``constrained`` ranks every validation that keeps the target (1 + IoU) above every one that
-        does not (its shortfall, negative)."""
-        key = "target_success_rate" if self.objective == "targeted" else "fooling_ratio"
-        if self.selection == "constrained":
-            shortfall = val.get(key, 0.0) - (self.dual["target"] or 0.0)
-            return 1.0 + val.get("iou", 0.0) if shortfall >= 0 else shortfall
-        if self.selection == "joint":
-            return val.get(key, 0.0) * (1.0 + val.get("iou", 0.0))
-        if self.selection == "fooling_ratio":
-            return val.get(key, 0.0)
-        return 0.0
 
 
 @ATTACKS.register("juap")

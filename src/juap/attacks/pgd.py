@@ -64,7 +64,7 @@ class PGD(PerImageAttack):
     name = "pgd"
     label = "PGD"
     hyperparams = {
-        "steps": Param(int, low=1),
+        "steps": Param(int, low=1, dry_run=1),
         "step_size": Param(float, low=0, low_open=True, doc="0-255 units; default 2.5 eps / steps"),
         "random_start": Param(bool),
         "target": Param(int, low=0, optional=True),

@@ -63,8 +63,8 @@ class SGDUAP(UniversalAttack):
     name = "sgd_uap"
     label = "SGD-UAP"
     hyperparams = {
-        "epochs": Param(int, low=1),
-        "batch_size": Param(int, low=1),
+        "epochs": Param(int, low=1, dry_run=1),
+        "batch_size": Param(int, low=1, dry_run=6),
         "step_size": Param(float, low=0, low_open=True),
         "decay": Param(float, low=0, high=1, low_open=True),
         "beta": Param(float, low=0, low_open=True),
@@ -130,11 +130,6 @@ class SGDUAP(UniversalAttack):
             return FitResult(self.v, selected=self.epochs)
         val = {"fooling_ratio": self.best["fooling_ratio"]}
         return FitResult(self.best["v"].to(self.device), selected=self.best["epoch"], validation=val)
-
-    @property
-    def best_epoch(self) -> Optional[int]:
-        """The epoch whose v was kept (``fit_result.selected``)."""
-        return None if self.fit_result is None else self.fit_result.selected
 
     def _epoch(self, data, v: Optional[torch.Tensor], epoch: int, steps: int = 0):
         """One pass over ``data``; returns (v, the mean loss, the number of steps so far)."""

@@ -76,12 +76,12 @@ class UAP(UniversalAttack):
     unit = "pass"
     shows_loop_bar = False  # a bar per pass, over the images
     hyperparams = {
-        "max_passes": Param(int, low=1),
+        "max_passes": Param(int, low=1, dry_run=1),
         "target_fooling_rate": Param(float, low=0, high=1, low_open=True),
         "overshoot": Param(float, low=0),
         "deepfool_steps": Param(int, low=1),
         "nb_grads": Param(int, low=2),
-        "batch_size": Param(int, low=1),
+        "batch_size": Param(int, low=1, dry_run=6),
         "fast": Param(bool),
         "seed": Param(int, optional=True),
     }

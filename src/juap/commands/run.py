@@ -720,12 +720,10 @@ RESULT_COLUMNS = (
 
 
 # -- dry runs -----------------------------------------------------------------------------------------
-ONE_STEP = {"steps": 1, "max_passes": 1, "eval_every": 1, "epochs": 1}
-
-
 def dry_run_experiment(exp: ExperimentConfig, work_dir: Path) -> ExperimentConfig:
-    """The same grid on tiny embedded data, untrained weights and one step per attack: checks that
-    every cell builds and runs end to end before hours are spent on the real one."""
+    """The same grid on tiny embedded data, untrained weights and one step per attack (each attack's
+    declared dry-run sizes, :meth:`~juap.attacks.base.Attack.dry_run_params`): checks that every cell
+    builds and runs end to end before hours are spent on the real one."""
 
     # the default data set (the embedded one), tiny
     data = DataConfig(image_size=32, num_images=36, train_fraction=0.5, test_fraction=0.5)
@@ -747,16 +745,10 @@ def dry_run_experiment(exp: ExperimentConfig, work_dir: Path) -> ExperimentConfi
             dataclasses.replace(c, weights=weights, num_classes=None, reset_head=False, checkpoints=ckpts)
         )
 
-    params = {}
-    for name in set(exp.grid.attacks) | set(exp.attack_params):
-        accepts = attack_param_names(ATTACKS.get(name))
-        p = dict(exp.attack_params.get(name, {}))
-        p.update({k: v for k, v in ONE_STEP.items() if k in accepts})
-        if "batch_size" in accepts:
-            p["batch_size"] = 6
-        if "generator_options" in accepts:
-            p["generator_options"] = {**p.get("generator_options", {}), "ngf": 8}
-        params[name] = p
+    params = {
+        name: ATTACKS.get(name).dry_run_params(exp.attack_params.get(name, {}))
+        for name in set(exp.grid.attacks) | set(exp.attack_params)
+    }
     return dataclasses.replace(
         exp,
         data=data,
