@@ -37,6 +37,7 @@ from .._validate import check_int
 from ..classifiers.base import Classifier
 from ..classifiers.factory import create_classifier
 from ..errors import CheckpointError, ConfigError
+from ..runtime.config import signature_defaults
 from ..runtime.io import load_tensors, read_metadata, save_tensors
 from .base import Classes, Interpreter, check_options, resolve_classes
 
@@ -417,11 +418,12 @@ def load_rts(
             "an RTS for this one with `juap train-rts`"
         )
     weights = encoder_weights if encoder_weights is not None else meta.get("encoder_weights")
+    default = signature_defaults(RTS)  # what a checkpoint without the key was made with
     rts = RTS(
         classifier,
-        encoder=meta.get("encoder", "classifier"),
+        encoder=meta.get("encoder", default["encoder"]),
         encoder_weights=weights,
-        width=int(meta.get("width", 64)),
+        width=int(meta.get("width", default["width"])),
         image_size=meta.get("image_size"),
     )
     if rts.encoder_net is not None and meta.get("encoder_fingerprint") != fingerprint(rts.encoder_net):
