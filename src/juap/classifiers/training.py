@@ -227,11 +227,8 @@ def train_classifier(
     clf.to(device).train()
     swapped = to_sync_batchnorm(clf, device)
     trainer = ClassifierTrainer(clf, device=device, **settings)
-    batch_size = getattr(train_loader, "batch_size", None)
-    found = run_epochs(
-        "train-classifier", trainer, train_loader, batch_size=batch_size, checkpoint=checkpoint, log=log,
-        progress=progress,
-    )  # fmt: skip
+    found = run_epochs("train-classifier", trainer, train_loader, checkpoint=checkpoint, log=log,
+                       progress=progress)  # fmt: skip
     restore_batchnorm(swapped)
     broadcast_buffers(clf)  # under torchrun: rank 0's BatchNorm statistics everywhere
     metrics: Dict[str, Any] = {

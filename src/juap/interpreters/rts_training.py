@@ -88,7 +88,6 @@ def train_rts(
     where = torch.device(device) if device is not None else next(rts.bottleneck.parameters()).device
     rts.to(where).train()
     trainer = RTSTrainer(rts, device=where, **settings)
-    batch_size = getattr(train_loader, "batch_size", None) if batch_size is None else batch_size
     metrics = run_epochs(
         "train-rts", trainer, train_loader, batch_size=batch_size, checkpoint=checkpoint, log=log,
         progress=progress,

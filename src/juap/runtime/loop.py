@@ -400,7 +400,7 @@ def run_epochs(
     trainer: Trainer,
     train_loader,
     *,
-    batch_size: int,
+    batch_size: Optional[int] = None,
     checkpoint: Optional[Checkpointing],
     log: Any = None,
     progress: bool = True,
@@ -409,13 +409,14 @@ def run_epochs(
     in the loop engine; returns its ``result()``.
 
     The loop counts global steps (the epochs times the batches per epoch) and checkpoints every epoch or
-    200 steps by default. ``batch_size`` is the loader's global batch, which under torchrun must divide
-    by the number of processes.
+    200 steps by default. ``batch_size`` is the loader's global batch (default: its ``batch_size``), which
+    under torchrun must divide by the number of processes.
 
     Raises:
         ConfigError: the loader gives no batch.
     """
-    if distributed.world_size() > 1:
+    batch_size = getattr(train_loader, "batch_size", None) if batch_size is None else batch_size
+    if distributed.world_size() > 1 and batch_size is not None:
         distributed.check_divisible(batch_size, "train.batch_size")
     sharded = shard_train_loader(train_loader)
     per_epoch = len(sharded)
