@@ -367,8 +367,7 @@ def test_persistent_nan_stops_with_a_clear_error_after_bounded_tries(capsys):
 
 
 def test_nan_in_classifier_training_is_rolled_back():
-    from juap.commands.configs import TrainConfig
-    from juap.commands.train_classifier import train_classifier
+    from juap.classifiers.training import train_classifier
 
     torch.manual_seed(0)
     clf = juap.create_classifier("small_resnet", num_classes=3, widths=(4, 8, 8))
@@ -379,9 +378,9 @@ def test_nan_in_classifier_training_is_rolled_back():
     class Loader(list):
         dataset = range(48)
 
-    cfg = TrainConfig(epochs=1, lr=0.05)
     cpu = torch.device("cpu")
-    m = train_classifier(clf, Loader(batches), None, cfg, device=cpu, checkpoint=Checkpointing(every=2))
+    m = train_classifier(clf, Loader(batches), epochs=1, lr=0.05, device=cpu,
+                         checkpoint=Checkpointing(every=2))  # fmt: skip
     assert math.isfinite(m["train_accuracy"])
     assert all(torch.isfinite(p).all() for p in clf.parameters())
 
@@ -893,7 +892,7 @@ def test_resume_refuses_another_config_and_a_complete_run(tmp_path, capsys, clf_
     # a loop checkpoint of another generator (e.g. copied in by hand) is refused too
     save_checkpoint(out / CHECKPOINT_NAME, {"step": 1, "identity": {"generator": "unet"}}, kind="guap")
     code, _, err = run(capsys, *base, *SMALL, "--resume")
-    assert code == 2 and "written by another attack setup" in err and "generator" in err
+    assert code == 2 and "written by another setup" in err and "generator" in err
     (out / CHECKPOINT_NAME).write_bytes(b"\x00" * 10)
     code, _, err = run(capsys, *base, *SMALL, "--resume")
     assert code == 2 and "truncated" in err

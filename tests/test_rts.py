@@ -12,12 +12,12 @@ import torch.nn.functional as F
 
 import juap
 from juap.commands.configs import ClassifierConfig
-from juap.commands.train_rts import TrainRTSConfig, run_train_rts
+from juap.commands.train_rts import RTSTrainConfig, TrainRTSConfig, run_train_rts
 from juap.data import DataConfig, load_splits
 from juap.errors import CheckpointError, ConfigError
 from juap.interpreters import make_surrogate
 from juap.interpreters.rts import RTS, area, blend, fingerprint, gaussian_blur, load_rts, rts_loss, save_rts
-from juap.interpreters.rts_training import RTSTrainConfig, evaluate_rts, train_rts
+from juap.interpreters.rts_training import evaluate_rts, train_rts
 from juap.metrics import pointing_game
 from juap.runtime.config import load_config
 
@@ -136,8 +136,7 @@ def test_frozen_networks_unchanged_and_decoder_learns_after_a_training_step(toy_
     before_rts = {k: v.clone() for k, v in rts.trainable_state_dict().items()}
     x, y, _ = _toy_batch(16, seed=3)
     loader = [(x, y, 0)]
-    cfg = RTSTrainConfig(epochs=1, batch_size=16, lr=1e-2, fake_label_prob=0.0)
-    train_rts(rts, loader, cfg, device=torch.device("cpu"), progress=False)
+    train_rts(rts, loader, epochs=1, lr=1e-2, fake_label_prob=0.0, device=torch.device("cpu"), progress=False)
     assert not clf.training and not rts.training
     for k, v in clf.state_dict().items():
         assert torch.equal(v, before_clf[k]), f"frozen classifier tensor {k} changed"
@@ -300,8 +299,7 @@ def test_short_training_decreases_the_loss(toy_clf):
 
     before = held_out_loss()
     loader = [(x[i : i + 16], y[i : i + 16], 0) for i in range(0, 64, 16)]
-    cfg = RTSTrainConfig(epochs=6, batch_size=16, lr=5e-3, fake_label_prob=0.0)
-    m = rts.fit(loader, cfg, device="cpu", progress=False)
+    m = train_rts(rts, loader, epochs=6, lr=5e-3, fake_label_prob=0.0, device="cpu", progress=False)
     after = held_out_loss()
     assert after < before - 0.1, (before, after)
     assert m["loss_history"][-1] < m["loss_history"][0]
@@ -312,14 +310,13 @@ def test_short_training_decreases_the_loss(toy_clf):
 def test_training_stops_at_the_time_bound(toy_clf):
     rts = RTS(toy_clf, width=8)
     x, y, _ = _toy_batch(8, seed=9)
-    cfg = RTSTrainConfig(epochs=50, batch_size=8, max_minutes=1e-6)
-    m = train_rts(rts, [(x, y, 0)], cfg, device=torch.device("cpu"), progress=False)
+    m = train_rts(rts, [(x, y, 0)], epochs=50, max_minutes=1e-6, device=torch.device("cpu"), progress=False)
     assert m["stopped_early"] and m["steps"] <= 1
 
 
-def test_fit_trains_the_masking_model_from_the_core_api_alone(toy_clf):
-    """``RTS.fit`` (no command, no run folder): the masking model's tensors move, the classifier's (the
-    encoder here) stay, keyword settings equal the same config, and an unknown setting is refused."""
+def test_train_rts_trains_the_masking_model_from_the_core_api_alone(toy_clf):
+    """``train_rts`` (no command, no run folder): the masking model's tensors move, the classifier's (the
+    encoder here) stay, keyword settings equal the command's config, and an unknown setting is refused."""
     x, y, _ = _toy_batch(16, seed=12)
     before_clf = {k: v.clone() for k, v in toy_clf.state_dict().items()}  # params and BatchNorm statistics
 
@@ -329,7 +326,8 @@ def test_fit_trains_the_masking_model_from_the_core_api_alone(toy_clf):
 
     rts = fresh()
     before = {k: v.clone() for k, v in rts.trainable_state_dict().items()}
-    m = rts.fit([(x[:8], y[:8], 0), (x[8:], y[8:], 0)], epochs=2, batch_size=8, lr=1e-2, progress=False)
+    loader = [(x[:8], y[:8], 0), (x[8:], y[8:], 0)]
+    m = train_rts(rts, loader, epochs=2, batch_size=8, lr=1e-2, progress=False)
     assert m["steps"] == 4 and m["epochs_done"] == 2 and len(m["loss_history"]) == 2
     assert not rts.training and not toy_clf.training
     for k, v in toy_clf.state_dict().items():
@@ -338,14 +336,14 @@ def test_fit_trains_the_masking_model_from_the_core_api_alone(toy_clf):
     for part in ("bottleneck.", "embedding.", "decoder."):
         assert any(k.startswith(part) for k in moved), (part, moved)
 
-    twin = fresh()  # the same training through the function and a config: the same weights
+    twin = fresh()  # the same training through the command's config section: the same weights
     cfg = RTSTrainConfig(epochs=2, batch_size=8, lr=1e-2)
-    train_rts(twin, [(x[:8], y[:8], 0), (x[8:], y[8:], 0)], cfg, device=torch.device("cpu"), progress=False)
+    train_rts(twin, loader, device=torch.device("cpu"), progress=False, **cfg.trainer_settings())
     assert all(torch.equal(v, twin.trainable_state_dict()[k]) for k, v in rts.trainable_state_dict().items())
     with pytest.raises(ConfigError, match="unknown settings \\['epoch'\\]"):
-        fresh().fit([(x, y, 0)], epoch=2, progress=False)
-    with pytest.raises(ConfigError, match="train.lr"):
-        fresh().fit([(x, y, 0)], lr=0.0, progress=False)
+        train_rts(fresh(), [(x, y, 0)], epoch=2, progress=False)
+    with pytest.raises(ConfigError, match="lr = 0.0"):
+        train_rts(fresh(), [(x, y, 0)], lr=0.0, progress=False)
 
 
 class _Gappy(torch.utils.data.Dataset):
@@ -418,13 +416,7 @@ def test_trained_rts_points_at_the_toy_object(toy_clf):
     rts = RTS(toy_clf, width=16)
     x, y, _ = _toy_batch(64, seed=10)
     loader = [(x[i : i + 16], y[i : i + 16], 0) for i in range(0, 64, 16)]
-    train_rts(
-        rts,
-        loader,
-        RTSTrainConfig(epochs=8, lr=5e-3, fake_label_prob=0.0),
-        device=torch.device("cpu"),
-        progress=False,
-    )
+    train_rts(rts, loader, epochs=8, lr=5e-3, fake_label_prob=0.0, device=torch.device("cpu"), progress=False)
     xe, ye, boxes = _toy_batch(32, seed=11)
     k = ye == 0
     with torch.no_grad():

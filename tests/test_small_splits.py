@@ -13,6 +13,7 @@ import torch
 import juap
 from helpers import CLI_TINY_DATA, tiny_trained_classifier
 from helpers import run_cli as run
+from juap.classifiers.training import ClassifierTrainer
 from juap.data import InMemoryLoader
 from juap.errors import ConfigError
 from juap.runtime.loop import run_epochs
@@ -56,8 +57,8 @@ def test_a_loader_without_a_batch_is_refused():
                             drop_last=True)  # fmt: skip
     assert len(loader) == 0
     with pytest.raises(ConfigError, match=r"no batch of train.batch_size=8.*lower train.batch_size"):
-        run_epochs("train-classifier", lambda ld: None, loader, epochs=2, batch_size=8, checkpoint=None,
-                   per_rank=(), progress=False)  # fmt: skip
+        run_epochs("train-classifier", ClassifierTrainer(tiny_trained_classifier()[0], epochs=2), loader,
+                   batch_size=8, checkpoint=None, progress=False)  # fmt: skip
 
 
 @pytest.mark.parametrize("name", ["guap", "sgd_uap", "uap"])

@@ -42,9 +42,9 @@ from .._validate import FROM_SIGNATURE, REQUIRED, Param, check_params
 from ..budget import apply_perturbation, check_budget, eps_to_unit
 from ..classifiers.base import Classifier
 from ..data.batches import cycle_batches, first_images, iter_batches  # noqa: F401  (for the attacks)
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
 from ..interpreters.base import Interpreter
-from ..runtime.loop import Checkpointing, TrainLoop
+from ..runtime.loop import Checkpointing, Trainer, TrainLoop
 
 COMMON_ARGS = ("classifier", "norm", "eps", "interpreter", "device")
 """The arguments every attack constructor shares, outside ``hyperparams`` (``interpreter`` only where
@@ -226,13 +226,14 @@ class FitResult:
         return {k: v for k, v in out.items() if v is not None}
 
 
-class UniversalAttack(Attack):
+class UniversalAttack(Attack, Trainer):
     """An attack that learns one image-agnostic perturbation (:meth:`fit`), a trainer in the loop engine.
 
-    A subclass provides :meth:`init`, :meth:`step`, :meth:`state_dict`, :meth:`load_state_dict`,
-    :meth:`result` and :attr:`num_steps` (see the module docstring); optionally :meth:`converged` (stop
-    early), :meth:`restore_state` (what a NaN/Inf roll-back reloads), ``optimizer`` (whose learning rate a
-    roll-back lowers), :meth:`after_step` and the class attributes below.
+    A subclass provides the :class:`~juap.runtime.loop.Trainer` members :meth:`init`, :meth:`step`,
+    :meth:`state_dict`, :meth:`load_state_dict`, :meth:`result` (a :class:`FitResult`) and :attr:`num_steps`
+    (see the module docstring); optionally :meth:`converged` (stop early), :meth:`restore_state` (what a
+    NaN/Inf roll-back reloads), ``optimizer`` (whose learning rate a roll-back lowers), :meth:`after_step`
+    and the class attributes below.
     """
 
     universal = True
@@ -248,7 +249,6 @@ class UniversalAttack(Attack):
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.loop: Optional[TrainLoop] = None
         self._callback: Optional[Callable] = None
-        self._order: Optional[torch.Generator] = None
 
     # -- written once: the fit ----------------------------------------------------------------------
     def fit(
@@ -282,8 +282,8 @@ class UniversalAttack(Attack):
         if isinstance(data, torch.Tensor) and len(data) == 0:
             raise ConfigError(f"{self.name}: the data is empty: no images to learn a perturbation from")
         self._callback = callback
-        self._order = _order_generator(data)  # a seeded loader's order depends on its generator's state
-        self.loop = loop = TrainLoop(
+        self.data_order = _order_generator(data)  # a seeded loader's order depends on its generator's state
+        self.loop = TrainLoop(
             self.name,
             self.num_steps,
             checkpoint=checkpoint,
@@ -292,84 +292,17 @@ class UniversalAttack(Attack):
             progress=progress and self.shows_loop_bar,
             unit=self.unit,
         )
-        self.init(data, val_data, progress=progress)
-        start = loop.start(self._snapshot, self._load)
-        loop.finished = self.converged()
-        if not loop.finished:
-            loop.run(
-                self._step,
-                snapshot=self._snapshot,
-                load=self._load,
-                restore=self.restore_state,
-                optimizer=self.optimizer,
-                after=self.after_step,
-                start=start,
-            )
-        self.history = loop.history
-        self.fit_result = self.result()
+        self.fit_result = self.loop.train(self, data, val_data, progress=progress)
+        self.history = self.loop.history
         self.perturbation = self.fit_result.perturbation
         return self.perturbation
-
-    def _step(self, i: int) -> None:
-        out = self.step(i)
-        row, images = out if isinstance(out, tuple) else (out, None)
-        self.loop.finished = self.converged()
-        if row is not None:
-            self.loop.record(i, row, images=images)
-
-    def _snapshot(self) -> Dict[str, Any]:
-        order = self._order.get_state() if self._order is not None else None
-        return {"identity": self.checkpoint_identity(), **self.state_dict(), "loader": order}
-
-    def _load(self, state: Mapping[str, Any]) -> None:
-        self.check_identity(state.get("identity", {}))
-        if self._order is not None and state.get("loader") is not None:
-            self._order.set_state(state["loader"])
-        self.load_state_dict(state)
 
     def notify(self, count: int, perturbation: Callable[[], torch.Tensor]) -> None:
         """Call the fit's ``callback`` (if any) with ``count`` steps or batches done so far."""
         if self._callback is not None:
             self._callback(count, perturbation)
 
-    # -- what a subclass writes ---------------------------------------------------------------------
-    @property
-    def num_steps(self) -> int:
-        """The loop's length: steps, epochs or passes."""
-        raise NotImplementedError
-
-    def init(self, data, val_data, *, progress: bool = True) -> None:
-        """Set up a fit on ``data``: the state before step 1 (a resumed fit then loads its checkpoint)."""
-        raise NotImplementedError
-
-    def step(self, i: int):
-        """Step ``i`` (1-based): a row of scalars for the history, ``(row, images)`` to log images with it,
-        or None. A :class:`~juap.errors.NumericalError` it raises rolls the loop back."""
-        raise NotImplementedError
-
-    def state_dict(self) -> Dict[str, Any]:
-        """Everything needed to continue after this step (tensors, numbers, nested dicts)."""
-        raise NotImplementedError
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Put back a :meth:`state_dict` (on resume)."""
-        raise NotImplementedError
-
-    def restore_state(self, state: Mapping[str, Any]) -> None:
-        """What a NaN/Inf roll-back reloads (by default all of :meth:`load_state_dict`)."""
-        self.load_state_dict(state)
-
-    def result(self) -> FitResult:
-        """The perturbation kept at the end of the fit, and what was selected."""
-        raise NotImplementedError
-
-    def converged(self) -> bool:
-        """Stop before ``num_steps`` (checked after every step and on resume)."""
-        return False
-
-    def after_step(self, i: int) -> None:
-        """After step ``i`` and its checkpoint (if due)."""
-
+    # -- what a subclass writes: the Trainer's members (juap.runtime.loop.Trainer) -------------------
     def checkpoint_identity(self) -> Dict[str, Any]:
         """The settings that must match for a checkpoint of this attack to be resumed."""
         keys = ("seed", "batch_size")
@@ -379,16 +312,6 @@ class UniversalAttack(Attack):
             "eps": self.eps,
             **{k: getattr(self, k, None) for k in keys},
         }
-
-    def check_identity(self, saved: Mapping[str, Any]) -> None:
-        """Refuse a checkpoint written with other settings (:meth:`checkpoint_identity`), naming them."""
-        diff = {k: (saved.get(k), v) for k, v in self.checkpoint_identity().items() if saved.get(k) != v}
-        if diff:
-            raise CheckpointError(
-                f"the {self.name} checkpoint was written by another attack setup, so it cannot be resumed: "
-                + "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
-                + ". Resume with the same config, or start a new run folder"
-            )
 
     def perturb(self, x: torch.Tensor) -> torch.Tensor:
         """``clamp(x + n_hat, 0, 1)`` with the learned perturbation."""

@@ -1,11 +1,12 @@
 """``juap train-rts``: train the RTS masking model (eq 12) for a classifier checkpoint and write a run folder.
 
 ``run_train_rts`` loads the classifier checkpoint a config names, refuses one that does not fit the data,
-trains :class:`~juap.interpreters.rts.RTS` with :meth:`RTS.fit <juap.interpreters.rts.RTS.fit>`, measures
+trains :class:`~juap.interpreters.rts.RTS` with :func:`~juap.interpreters.rts_training.train_rts`, measures
 it on the test split with :func:`~juap.interpreters.rts_training.evaluate_rts` (loss parts, mean mask area,
 and on data with object boxes the pointing game) and writes ``rts.safetensors``, ``metrics.json``,
 ``config.yaml`` and ``split.json`` into the run folder. The training itself lives in the core
-(:mod:`juap.interpreters.rts_training`); this module holds the command's config and its steps.
+(:mod:`juap.interpreters.rts_training`); this module holds the command's config (its YAML sections, whose
+defaults are read from the core's signatures) and its steps.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Literal, Sequence
 
 import torch
 
@@ -21,6 +22,7 @@ from ..app.history import RunLog
 from ..app.runs import finish_run
 from ..classifiers import Classifier
 from ..data import (
+    DataSplits,
     data_set,
     data_summary,
     drop_last_for,
@@ -31,16 +33,10 @@ from ..data import (
 )
 from ..data.synthetic import boxes_by_test_index
 from ..errors import CheckpointError, ConfigError
-from ..interpreters.rts import RTS, save_rts
-from ..interpreters.rts_training import (  # noqa: F401  (LOSS_PARTS, train_rts: their old home, re-exported)
-    LOSS_PARTS,
-    RTSModelConfig,
-    RTSTrainConfig,
-    evaluate_rts,
-    train_rts,
-)
+from ..interpreters.rts import ENCODERS, RTS, rts_loss, save_rts
+from ..interpreters.rts_training import LOSS_WEIGHTS, RTSTrainer, evaluate_rts, train_rts
 from ..runtime import distributed
-from ..runtime.config import to_dict
+from ..runtime.config import check_range, signature_defaults, to_dict
 from ..runtime.distributed import resolve_device
 from ..runtime.io import read_metadata
 from ..runtime.loop import Checkpointing
@@ -51,6 +47,88 @@ _CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
 
 # -- config -----------------------------------------------------------------------------------------
+_MODEL = signature_defaults(RTS)  # the masking model's defaults: its constructor's
+_TRAIN = {**signature_defaults(rts_loss), **signature_defaults(RTSTrainer)}  # eq 12's and the trainer's
+
+
+@dataclasses.dataclass(frozen=True)
+class RTSModelConfig:
+    """The ``rts`` section: the masking model's encoder (the classifier's features, or a pretrained ResNet)
+    and width (:class:`~juap.interpreters.rts.RTS`; the defaults are its constructor's)."""
+
+    encoder: str = _MODEL["encoder"]
+    encoder_weights: str | None = _MODEL["encoder_weights"]
+    width: int = _MODEL["width"]
+
+    def __post_init__(self) -> None:
+        if self.encoder not in ENCODERS:
+            raise ConfigError(
+                f"rts.encoder = {self.encoder!r} is not allowed; allowed: {', '.join(ENCODERS)}"
+            )
+        if self.encoder != "classifier" and not self.encoder_weights:
+            raise ConfigError(
+                f"rts.encoder = {self.encoder!r} needs rts.encoder_weights (e.g. IMAGENET1K_V1, DEFAULT or a "
+                "checkpoint path): a randomly initialised encoder explains nothing"
+            )
+        if self.encoder == "classifier" and self.encoder_weights:
+            raise ConfigError(
+                "rts.encoder_weights only applies to a named encoder (rts.encoder=resnet50, ...)"
+            )
+        check_range("rts.width", self.width, low=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class RTSTrainConfig:
+    """The ``train`` section: Adam on eq 12 (:class:`~juap.interpreters.rts_training.RTSTrainer`; the
+    defaults are its constructor's and :func:`~juap.interpreters.rts.rts_loss`'s): ``tv_weight`` l1,
+    ``area_weight`` l2, ``destroy_weight`` l3, ``destroy_power`` l4.
+
+    ``blur_sigma`` (pixels; ``None``: 10 px at 224, scaled with the image side) blurs the replacement
+    image; ``fake_label_prob`` is the share of samples trained with a random wrong class selector (whose
+    mask must vanish, as Dabkowski & Gal do); ``target`` is the class the masks learn to explain: the
+    classifier's prediction (as an attack and the evaluation use them) or the true label (as D&G do);
+    ``batch_size`` and ``augment`` shape the training data; ``max_minutes`` bounds the training time.
+    """
+
+    epochs: int = _TRAIN["epochs"]
+    batch_size: int = 64
+    lr: float = _TRAIN["lr"]
+    weight_decay: float = _TRAIN["weight_decay"]
+    tv_weight: float = _TRAIN["tv_weight"]
+    area_weight: float = _TRAIN["area_weight"]
+    area_power: float = _TRAIN["area_power"]
+    destroy_weight: float = _TRAIN["destroy_weight"]
+    destroy_power: float = _TRAIN["destroy_power"]
+    tv_power: float = _TRAIN["tv_power"]
+    blur_sigma: float | None = _TRAIN["blur_sigma"]
+    fake_label_prob: float = _TRAIN["fake_label_prob"]
+    target: Literal["predicted", "label"] = _TRAIN["target"]
+    augment: bool = True
+    max_minutes: float = _TRAIN["max_minutes"]
+
+    def __post_init__(self) -> None:
+        check_range("train.epochs", self.epochs, low=1)
+        check_range("train.batch_size", self.batch_size, low=1)
+        check_range("train.lr", self.lr, low=0, low_open=True)
+        check_range("train.weight_decay", self.weight_decay, low=0)
+        for name in ("tv_weight", "area_weight", "destroy_weight"):
+            check_range(f"train.{name}", getattr(self, name), low=0)
+        for name in ("area_power", "destroy_power", "tv_power"):
+            check_range(f"train.{name}", getattr(self, name), low=0, low_open=True)
+        if self.blur_sigma is not None:
+            check_range("train.blur_sigma", self.blur_sigma, low=0, low_open=True)
+        check_range("train.fake_label_prob", self.fake_label_prob, low=0, high=1)
+        check_range("train.max_minutes", self.max_minutes, low=0, low_open=True)
+
+    def loss_kwargs(self) -> Dict[str, Any]:
+        """The eq-12 keyword arguments of :func:`~juap.interpreters.rts.rts_loss`."""
+        return {k: getattr(self, k) for k in LOSS_WEIGHTS}
+
+    def trainer_settings(self) -> Dict[str, Any]:
+        """The keyword settings of :func:`~juap.interpreters.rts_training.train_rts` (all but the data's)."""
+        return {k: v for k, v in to_dict(self).items() if k not in ("batch_size", "augment")}
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainRTSConfig:
     """``juap train-rts``: the data, the classifier checkpoint to explain, the masking model, training."""
@@ -111,7 +189,7 @@ def load_explained_classifier(cfg: ClassifierConfig, *, classes: Sequence[str]) 
     return clf.eval()
 
 
-# The command's steps in order: data, classifier, train (RTS.fit), measure, save.
+# The command's steps in order: data, classifier, train (train_rts), measure, save.
 def run_train_rts(
     cfg: TrainRTSConfig,
     run_dir: Path,
@@ -150,17 +228,13 @@ def run_train_rts(
     ).to(device)
     if distributed.world_size() > 1:  # the model is built: per-rank RNG (augmentation, fake labels)
         torch.manual_seed(distributed.rank_seed(cfg.seed))
-    loader = make_loader(
-        splits.train,
-        batch_size=cfg.train.batch_size,
-        shuffle=True,
-        num_workers=cfg.data.num_workers,
-        seed=cfg.seed,
-        drop_last=drop_last_for(len(splits.train), cfg.train.batch_size),
-    )
+    loader = _train_loader(splits, cfg)
     run_log = RunLog(run_dir, tensorboard=cfg.log.tensorboard, title="juap train-rts")
     checkpoint = Checkpointing(run_dir, checkpoint_every, resume)
-    metrics = rts.fit(loader, cfg.train, device=device, progress=progress, checkpoint=checkpoint, log=run_log)
+    metrics = train_rts(
+        rts, loader, device=device, progress=progress, checkpoint=checkpoint, log=run_log,
+        batch_size=cfg.train.batch_size, **cfg.train.trainer_settings(),
+    )  # fmt: skip
     if distributed.is_main():
         run_log.finish()
     boxes = boxes_by_test_index(splits) if data_set(cfg.data.name).records_boxes else None
@@ -181,6 +255,20 @@ def run_train_rts(
     )
     finish_run(run_dir, config=to_dict(cfg), metrics=metrics)
     return metrics
+
+
+def _train_loader(splits: DataSplits, cfg: TrainRTSConfig) -> Any:
+    """The training batches ``(x, y, n_skipped)``: shuffled from ``cfg.seed``, whole batches only unless
+    the split is one batch or less."""
+    batch = cfg.train.batch_size
+    return make_loader(
+        splits.train,
+        batch_size=batch,
+        shuffle=True,
+        num_workers=cfg.data.num_workers,
+        seed=cfg.seed,
+        drop_last=drop_last_for(len(splits.train), batch),
+    )
 
 
 def _test_figures(ev: Dict[str, Any]) -> Dict[str, Any]:

@@ -12,22 +12,21 @@ optionally a named torchvision ResNet with pretrained weights (never a random on
 classifier are frozen: their parameters do not require grad and stay in eval mode even in
 ``rts.train()``, but gradients w.r.t. the input flow through the whole model (the attack needs them).
 
-The model is trained per classifier with :func:`rts_loss` (eq 12) by :meth:`RTS.fit` (the loop in
-:mod:`juap.interpreters.rts_training`; ``juap train-rts`` calls it); :func:`save_rts` / :func:`load_rts`
-store only the trainable part (bottleneck,
-embedding, decoder) with a fingerprint of the classifier's (and encoder's) weights, so a checkpoint is
-refused for any other classifier. ``juap.create_interpreter("rts", clf)`` without ``checkpoint=`` gives
+The model is trained per classifier with :func:`rts_loss` (eq 12) by
+:func:`~juap.interpreters.rts_training.train_rts` (which builds on this module; ``juap train-rts`` calls
+it); :func:`save_rts` / :func:`load_rts` store only the trainable part (bottleneck, embedding, decoder) with
+a fingerprint of the classifier's (and encoder's) weights, so a checkpoint is refused for any other
+classifier. ``juap.create_interpreter("rts", clf)`` without ``checkpoint=`` gives
 an *untrained* model: attacks and figures need a trained checkpoint.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterable, Tuple
+from typing import Any, Dict, Tuple
 
 import torch
 import torch.nn as nn
@@ -38,12 +37,9 @@ from .._validate import check_int
 from ..classifiers.base import Classifier
 from ..classifiers.factory import create_classifier
 from ..errors import CheckpointError, ConfigError
+from ..runtime.config import signature_defaults
 from ..runtime.io import load_tensors, read_metadata, save_tensors
 from .base import Classes, Interpreter, check_options, resolve_classes
-
-if TYPE_CHECKING:
-    from ..runtime.loop import Checkpointing
-    from .rts_training import RTSTrainConfig
 
 RTS_FORMAT = "juap.rts"
 RTS_FORMAT_VERSION = 1
@@ -214,53 +210,6 @@ class RTS(Interpreter):
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters an optimiser should update (everything but the frozen classifier and encoder)."""
         return [p for n, p in self.named_parameters() if not n.startswith(_FROZEN_PREFIXES)]
-
-    def fit(
-        self,
-        train_loader: Iterable,
-        config: RTSTrainConfig | None = None,
-        *,
-        device: torch.device | str | None = None,
-        progress: bool = True,
-        checkpoint: Checkpointing | None = None,
-        log: Any = None,
-        **settings: Any,
-    ) -> Dict[str, Any]:
-        """Train this masking model in place with Adam on eq 12; the classifier and encoder stay frozen.
-
-        Args:
-            train_loader: batches ``(x (N, 3, H, W) in [0, 1], y (N,), n_skipped)``, e.g. a
-                :func:`~juap.data.make_loader` loader or a list of such tuples.
-            config: the training hyperparameters, a :class:`~juap.interpreters.rts_training.RTSTrainConfig`
-                (default: its defaults).
-            device: where to train (default: where the masking model is).
-            progress: show a tqdm bar with the live loss.
-            checkpoint: a :class:`~juap.runtime.loop.Checkpointing` (where and how often to save, whether
-                to resume); ``None``: no checkpoints.
-            log: receives one history row per step (the eq-12 loss parts and the lr).
-            **settings: fields of ``RTSTrainConfig`` that override ``config``'s (``epochs=3, lr=1e-2``).
-
-        Returns:
-            The training metrics of :func:`~juap.interpreters.rts_training.train_rts`: ``train_loss``,
-            ``first_loss``, ``loss_history``, ``train_seconds``, ``steps``, ``epochs_done``,
-            ``stopped_early``. The model is left in eval mode.
-
-        Example:
-            >>> rts = juap.create_interpreter("rts", clf)
-            >>> rts.fit([(x, y, 0)], epochs=2, batch_size=len(x), device="cpu", progress=False)
-        """
-        from .rts_training import RTSTrainConfig, train_rts  # rts_training builds on this module
-
-        cfg = config if config is not None else RTSTrainConfig()
-        unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(cfg)})
-        if unknown:
-            allowed = ", ".join(f.name for f in dataclasses.fields(cfg))
-            raise ConfigError(f"RTS.fit got unknown settings {unknown}; allowed: {allowed}")
-        cfg = dataclasses.replace(cfg, **settings) if settings else cfg
-        where = torch.device(device) if device is not None else next(self.bottleneck.parameters()).device
-        return train_rts(
-            self, train_loader, cfg, device=where, progress=progress, checkpoint=checkpoint, log=log
-        )
 
     def save(self, path: str | os.PathLike, **metadata: Any) -> Path:
         """:func:`save_rts` this model: ``create_interpreter("rts", clf, checkpoint=path)`` reads it."""
@@ -469,11 +418,12 @@ def load_rts(
             "an RTS for this one with `juap train-rts`"
         )
     weights = encoder_weights if encoder_weights is not None else meta.get("encoder_weights")
+    default = signature_defaults(RTS)  # what a checkpoint without the key was made with
     rts = RTS(
         classifier,
-        encoder=meta.get("encoder", "classifier"),
+        encoder=meta.get("encoder", default["encoder"]),
         encoder_weights=weights,
-        width=int(meta.get("width", 64)),
+        width=int(meta.get("width", default["width"])),
         image_size=meta.get("image_size"),
     )
     if rts.encoder_net is not None and meta.get("encoder_fingerprint") != fingerprint(rts.encoder_net):

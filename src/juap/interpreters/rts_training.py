@@ -1,140 +1,73 @@
-"""Training and measuring the RTS masking model (eq 12): what :meth:`RTS.fit <juap.interpreters.rts.RTS.fit>`
-runs, in the loop engine (:func:`~juap.runtime.loop.run_epochs`).
+"""Training and measuring the RTS masking model (eq 12), in the loop engine
+(:func:`~juap.runtime.loop.run_epochs`).
 
-:class:`RTSTrainConfig` holds the training hyperparameters (Adam, the eq-12 weights, the fake-label share,
-the time bound) and :class:`RTSModelConfig` the masking model's; :func:`train_rts` trains an
-:class:`~juap.interpreters.rts.RTS` in place with the classifier and encoder frozen; :func:`evaluate_rts`
-measures one on a data set (eq-12 loss parts, mean mask area, and with object boxes the pointing game)
-from sums and counts added over the torchrun ranks.
+:class:`RTSTrainer` is the masking model's :class:`~juap.runtime.loop.Trainer` (Adam on eq 12, the classifier
+and encoder frozen); :func:`train_rts` trains an :class:`~juap.interpreters.rts.RTS` in place with it (the
+way in from Python; ``juap train-rts`` calls it); :func:`evaluate_rts` measures one on a data set (eq-12 loss
+parts, mean mask area, and with object boxes the pointing game) from sums and counts added over the
+torchrun ranks. The settings are keyword arguments; the YAML sections that give them belong to the command
+(:mod:`juap.commands.train_rts`). This module builds on :mod:`juap.interpreters.rts`, never the reverse.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
-from typing import Any, Dict, List, Literal, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .._validate import check_choice, check_range
 from ..errors import CheckpointError, ConfigError, NumericalError
 from ..metrics import MetricSums, pointing_game
 from ..runtime import distributed
-from ..runtime.config import check_range
+from ..runtime.config import signature_defaults
 from ..runtime.distributed import any_rank
-from ..runtime.loop import Checkpointing, EpochBatches, TrainLoop, broadcast_buffers, run_epochs
+from ..runtime.loop import Checkpointing, EpochBatches, Trainer, broadcast_buffers, run_epochs
 from .base import upsample_maps
-from .rts import ENCODERS, RTS, rts_loss
+from .rts import RTS, rts_loss
 
 logger = logging.getLogger(__name__)
 
 LOSS_PARTS = ("total", "preserve", "destroy", "area", "tv")
 """The eq-12 loss parts :func:`train_rts` and :func:`evaluate_rts` report."""
 
-
-# -- settings ----------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class RTSModelConfig:
-    """The masking model: its encoder (the classifier's features, or a pretrained ResNet) and width."""
-
-    encoder: str = "classifier"
-    encoder_weights: str | None = None
-    width: int = 64
-
-    def __post_init__(self) -> None:
-        if self.encoder not in ENCODERS:
-            raise ConfigError(
-                f"rts.encoder = {self.encoder!r} is not allowed; allowed: {', '.join(ENCODERS)}"
-            )
-        if self.encoder != "classifier" and not self.encoder_weights:
-            raise ConfigError(
-                f"rts.encoder = {self.encoder!r} needs rts.encoder_weights (e.g. IMAGENET1K_V1, DEFAULT or a "
-                "checkpoint path): a randomly initialised encoder explains nothing"
-            )
-        if self.encoder == "classifier" and self.encoder_weights:
-            raise ConfigError(
-                "rts.encoder_weights only applies to a named encoder (rts.encoder=resnet50, ...)"
-            )
-        check_range("rts.width", self.width, low=1)
-
-
-@dataclasses.dataclass(frozen=True)
-class RTSTrainConfig:
-    """Adam on eq 12: ``tv_weight`` l1, ``area_weight`` l2, ``destroy_weight`` l3, ``destroy_power`` l4.
-
-    ``blur_sigma`` (pixels; ``None``: 10 px at 224, scaled with the image side) blurs the replacement
-    image; ``fake_label_prob`` is the share of samples trained with a random wrong class selector (whose
-    mask must vanish, as Dabkowski & Gal do); ``target`` is the class the masks learn to explain: the
-    classifier's prediction (as an attack and the evaluation use them) or the true label (as D&G do);
-    ``augment`` is read by whoever builds the training data (``juap train-rts``); ``max_minutes`` bounds
-    the training time.
-    """
-
-    epochs: int = 2
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    tv_weight: float = 1.0
-    area_weight: float = 0.5
-    area_power: float = 1.0
-    destroy_weight: float = 2.0
-    destroy_power: float = 0.3
-    tv_power: float = 2.0
-    blur_sigma: float | None = None
-    fake_label_prob: float = 0.2
-    target: Literal["predicted", "label"] = "predicted"
-    augment: bool = True
-    max_minutes: float = 60.0
-
-    def __post_init__(self) -> None:
-        check_range("train.epochs", self.epochs, low=1)
-        check_range("train.batch_size", self.batch_size, low=1)
-        check_range("train.lr", self.lr, low=0, low_open=True)
-        check_range("train.weight_decay", self.weight_decay, low=0)
-        for name in ("tv_weight", "area_weight", "destroy_weight"):
-            check_range(f"train.{name}", getattr(self, name), low=0)
-        for name in ("area_power", "destroy_power", "tv_power"):
-            check_range(f"train.{name}", getattr(self, name), low=0, low_open=True)
-        if self.blur_sigma is not None:
-            check_range("train.blur_sigma", self.blur_sigma, low=0, low_open=True)
-        check_range("train.fake_label_prob", self.fake_label_prob, low=0, high=1)
-        check_range("train.max_minutes", self.max_minutes, low=0, low_open=True)
-
-    def loss_kwargs(self) -> Dict[str, Any]:
-        """The eq-12 keyword arguments of :func:`~juap.interpreters.rts.rts_loss`."""
-        names = ("tv_weight", "area_weight", "area_power", "destroy_weight", "destroy_power", "tv_power")
-        return {**{k: getattr(self, k) for k in names}, "blur_sigma": self.blur_sigma}
+LOSS_WEIGHTS = tuple(k for k in signature_defaults(rts_loss) if k != "real")
+"""The eq-12 settings of :func:`~juap.interpreters.rts.rts_loss` a training takes (its defaults are
+``rts_loss``'s)."""
 
 
 # -- training ----------------------------------------------------------------------------------------
 def train_rts(
     rts: RTS,
     train_loader: Any,
-    cfg: RTSTrainConfig,
     *,
-    device: torch.device,
+    device: Optional[torch.device | str] = None,
     progress: bool = True,
     checkpoint: Optional[Checkpointing] = None,
     log: Any = None,
+    batch_size: Optional[int] = None,
+    **settings: Any,
 ) -> Dict[str, Any]:
-    """Train the masking model in place with Adam on eq 12; the classifier and encoder stay frozen.
-
-    :meth:`RTS.fit <juap.interpreters.rts.RTS.fit>` is the usual way in.
+    """Train the masking model in place with Adam on eq 12 (:class:`RTSTrainer`); the classifier and
+    encoder stay frozen.
 
     Args:
         rts: the masking model (its classifier is the one explained).
-        train_loader: batches ``(x, y, n_skipped)``; the masks explain the predicted classes, or ``y``
-            with ``cfg.target = "label"``.
-        cfg: epochs, learning rate, eq-12 weights, fake-label share and time bound.
-        device: where to train.
+        train_loader: batches ``(x (N, 3, H, W) in [0, 1], y (N,), n_skipped)``, e.g. a
+            :func:`~juap.data.make_loader` loader or a list of such tuples; the masks explain the predicted
+            classes, or ``y`` with ``target="label"``.
+        device: where to train (default: where the masking model is).
         progress: show a tqdm bar with the live loss.
         checkpoint: where and how often (default: every epoch or 200 steps, whichever is sooner) to save
             the masking model, Adam, schedule, data position, RNG states and loss history, and whether to
             resume; NaN/Inf losses are rolled back to the last good state with the lr halved, up to
             ``checkpoint.max_rollbacks`` times.
         log: receives one history row per step (the eq-12 loss parts and the lr), e.g. a run's history log.
+        batch_size: the loader's global batch (default: its ``batch_size``), checked under torchrun.
+        **settings: :class:`RTSTrainer`'s (``epochs``, ``lr``, ``fake_label_prob``, the eq-12 weights, ...).
 
     Under torchrun (:mod:`juap.runtime.distributed`) the masking model trains as DistributedDataParallel, each
     rank on its share of every global batch (:func:`~juap.runtime.distributed.shard_train_loader`; the batch
@@ -146,93 +79,140 @@ def train_rts(
     Returns:
         Metrics: ``train_loss`` (loss parts, mean over the last epoch), ``first_loss`` (first epoch),
         ``loss_history`` (total per epoch), ``train_seconds``, ``steps``, ``epochs_done``,
-        ``stopped_early`` (time bound reached).
+        ``stopped_early`` (time bound reached). The model is left in eval mode.
+
+    Example:
+        >>> rts = juap.create_interpreter("rts", clf)
+        >>> train_rts(rts, [(x, y, 0)], epochs=2, device="cpu", progress=False)
     """
-    rts.to(device).train()
-    trainer = run_epochs(
-        "train-rts",
-        lambda loader: _RTSTrainer(rts, loader, cfg, device),
-        train_loader,
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        checkpoint=checkpoint,
-        per_rank=("seen", "sums", "fake_labels", "data", "rng"),
-        log=log,
+    where = torch.device(device) if device is not None else next(rts.bottleneck.parameters()).device
+    rts.to(where).train()
+    trainer = RTSTrainer(rts, device=where, **settings)
+    metrics = run_epochs(
+        "train-rts", trainer, train_loader, batch_size=batch_size, checkpoint=checkpoint, log=log,
         progress=progress,
-    )
+    )  # fmt: skip
     broadcast_buffers(rts)  # under torchrun: rank 0's BatchNorm statistics everywhere
     rts.eval()
-    epochs, c = trainer.epochs, trainer.c
-    return {
-        "train_loss": epochs[-1] if epochs else {},
-        "first_loss": epochs[0] if epochs else {},
-        "loss_history": [h["total"] for h in epochs],
-        "train_seconds": round(time.perf_counter() - trainer.t0, 2),
-        "steps": c["steps"],
-        "epochs_done": c["epochs_done"],
-        "stopped_early": c["stopped"],
-    }
+    return metrics
 
 
-class _RTSTrainer:
-    """``train-rts`` for the loop engine: Adam on eq 12, the classifier and the encoder frozen."""
+class RTSTrainer(Trainer):
+    """Adam on eq 12 for an RTS masking model, on a cosine schedule; the classifier and encoder frozen.
 
-    def __init__(self, rts: RTS, loader, cfg: RTSTrainConfig, device: torch.device) -> None:
-        self.rts, self.cfg, self.device = rts, cfg, device
-        self.opt = torch.optim.Adam(rts.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.per_epoch = max(1, len(loader))
-        total = cfg.epochs * self.per_epoch
-        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=total, eta_min=cfg.lr * 0.05)
-        self.gen = torch.Generator().manual_seed(int(torch.initial_seed()) % (2**31))  # fake labels
-        self.batches = EpochBatches(loader, cfg.epochs)
-        self.trained = set(rts.trainable_state_dict())  # the masking model's own tensors
+    Args:
+        rts: the masking model; trained in place.
+        epochs: passes over the training data.
+        lr: Adam's learning rate (the cosine schedule ends at 5% of it).
+        weight_decay: Adam's weight decay.
+        fake_label_prob: the share of samples trained with a random wrong class selector, whose mask must
+            vanish (as Dabkowski & Gal do).
+        target: the class the masks learn to explain: ``"predicted"`` (the classifier's prediction, as an
+            attack and the evaluation use them) or ``"label"`` (the true label, as D&G do).
+        max_minutes: the time bound; the training stops at the first step past it.
+        device: where the batches go (default: the masking model's device).
+        **loss_weights: eq 12's settings of :func:`~juap.interpreters.rts.rts_loss` (:data:`LOSS_WEIGHTS`:
+            ``tv_weight`` l1, ``area_weight`` l2, ``destroy_weight`` l3, ``destroy_power`` l4, ``area_power``,
+            ``tv_power``, ``blur_sigma``); default: ``rts_loss``'s.
+
+    ``result()`` gives :func:`train_rts`'s metrics.
+    """
+
+    per_rank = ("seen", "sums", "fake_labels", "data", "rng")
+
+    def __init__(
+        self,
+        rts: RTS,
+        *,
+        epochs: int = 2,
+        lr: float = 2e-3,
+        weight_decay: float = 0.0,
+        fake_label_prob: float = 0.2,
+        target: str = "predicted",
+        max_minutes: float = 60.0,
+        device: Optional[torch.device] = None,
+        **loss_weights: Any,
+    ) -> None:
+        unknown = sorted(set(loss_weights) - set(LOSS_WEIGHTS))
+        if unknown:
+            allowed = ", ".join(LOSS_WEIGHTS)
+            raise ConfigError(f"RTSTrainer got unknown settings {unknown}; eq 12's are {allowed}")
+        check_range("epochs", epochs, low=1)
+        check_range("lr", lr, low=0, low_open=True)
+        check_range("fake_label_prob", fake_label_prob, low=0, high=1)
+        check_choice("target", target, ("predicted", "label"))
+        check_range("max_minutes", max_minutes, low=0, low_open=True)
+        self.rts, self.epochs, self.lr, self.weight_decay = rts, int(epochs), lr, weight_decay
+        self.fake_label_prob, self.target, self.max_minutes = fake_label_prob, target, max_minutes
+        self.loss_weights = dict(loss_weights)
+        self.device = device if device is not None else next(rts.bottleneck.parameters()).device
+        self.per_epoch = 1
+        self.done = False
         # steps: optimiser steps taken (a skipped empty batch or a rolled-back one takes none)
         self.c: Dict[str, Any] = {"steps": 0, "epochs_done": 0, "seen": 0, "seconds": 0.0, "stopped": False}
         self.sums = {k: 0.0 for k in LOSS_PARTS}  # this epoch's, weighted by images
-        self.epochs: List[Dict[str, float]] = []  # the loss parts per epoch: means over every rank's images
+        self.epoch_losses: List[Dict[str, float]] = []  # the loss parts per epoch: means over every rank's
 
-    def begin(self, loop: TrainLoop) -> None:
-        self.loop = loop
+    @property
+    def num_steps(self) -> int:
+        return self.epochs * self.per_epoch
+
+    def init(self, data: Any, val_data: Any = None, *, progress: bool = True) -> None:
+        rts = self.rts
+        params = rts.trainable_parameters()
+        self.optimizer = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        self.per_epoch = max(1, len(data))
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.optimizer, T_max=self.num_steps, eta_min=self.lr * 0.05
+        )
+        self.gen = torch.Generator().manual_seed(int(torch.initial_seed()) % (2**31))  # fake labels
+        self.batches = EpochBatches(data, self.epochs)
+        self.trained = set(rts.trainable_state_dict())  # the masking model's own tensors
+
+    def begin(self) -> None:
         self.model = distributed.wrap_ddp(self.rts)  # averages the masking model's gradients
         self.t0 = time.perf_counter() - self.c["seconds"]
-        self.deadline = time.perf_counter() + 60.0 * self.cfg.max_minutes - self.c["seconds"]
+        self.deadline = time.perf_counter() + 60.0 * self.max_minutes - self.c["seconds"]
 
-    def snapshot(self) -> Dict[str, Any]:
+    def state_dict(self) -> Dict[str, Any]:
         return {
             **self.c,
             "sums": self.sums,
-            "epochs": self.epochs,
+            "epochs": self.epoch_losses,
             "model": self.rts.trainable_state_dict(),
-            "optimizer": self.opt.state_dict(),
-            "scheduler": self.sched.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
             "fake_labels": self.gen.get_state(),
             "data": self.batches.position(),
         }
 
-    def restore(self, s: Dict[str, Any]) -> None:  # a roll-back: weights, Adam, schedule, fake labels
+    def restore_state(self, s: Mapping[str, Any]) -> None:  # a roll-back: weights, Adam, schedule, labels
         try:
             self.rts.load_state_dict(s["model"], strict=False)
-            self.opt.load_state_dict(s["optimizer"])
-            self.sched.load_state_dict(s["scheduler"])
+            self.optimizer.load_state_dict(s["optimizer"])
+            self.scheduler.load_state_dict(s["scheduler"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"the checkpoint does not fit this RTS model: {e}") from None
         self.gen.set_state(s["fake_labels"])
 
-    def load(self, s: Dict[str, Any]) -> None:
+    def load_state_dict(self, s: Mapping[str, Any]) -> None:
         if set(s["model"]) != self.trained:
             raise CheckpointError(
                 "the checkpoint is of another RTS model (other layers); resume with the same config"
             )
-        self.restore(s)
+        self.restore_state(s)
         self.c.update({k: s[k] for k in self.c})
         self.sums.update(s["sums"])
-        self.epochs[:] = s["epochs"]
+        self.epoch_losses[:] = s["epochs"]
         self.batches.restore(s["data"])
+
+    def converged(self) -> bool:
+        return self.done  # the data is used up, or the time bound reached
 
     def end_epoch(self, epoch: int) -> None:
         sums = distributed.all_reduce_sums({**self.sums, "_seen": self.c["seen"]})  # over the ranks
         if sums["_seen"]:
-            self.epochs.append({k: sums[k] / sums["_seen"] for k in LOSS_PARTS})
+            self.epoch_losses.append({k: sums[k] / sums["_seen"] for k in LOSS_PARTS})
         self.c["epochs_done"] += 0 if self.c["stopped"] else 1
         self.c["seen"] = 0
         self.sums.update({k: 0.0 for k in LOSS_PARTS})
@@ -240,13 +220,13 @@ class _RTSTrainer:
     def step(self, i: int) -> Optional[Dict[str, float]]:
         item = self.batches.next()
         if item is None:  # no (more) batches
-            self.loop.finished = True
+            self.done = True
             return None
         epoch, (x, y, _n_skip) = item
         self.c["seconds"] = time.perf_counter() - self.t0
         if any_rank(time.perf_counter() > self.deadline):  # under torchrun every rank stops at this step
-            self.c["stopped"] = self.loop.finished = True
-            logger.warning("train-rts stopped after %.1f minutes (train.max_minutes)", self.cfg.max_minutes)
+            self.c["stopped"] = self.done = True
+            logger.warning("train-rts stopped after %.1f minutes (max_minutes)", self.max_minutes)
             self.end_epoch(epoch)
             return None
         row = None if any_rank(len(y) == 0) else self._train(epoch, x.to(self.device), y.to(self.device))
@@ -255,25 +235,37 @@ class _RTSTrainer:
         return row
 
     def _train(self, epoch: int, x: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
-        clf, cfg = self.rts.classifier, self.cfg
-        if cfg.target == "predicted":
+        clf = self.rts.classifier
+        if self.target == "predicted":
             with torch.no_grad():
                 y = clf(x).argmax(1)
-        classes, real = _with_fake_labels(y, clf.num_classes, cfg.fake_label_prob, self.gen)
+        classes, real = _with_fake_labels(y, clf.num_classes, self.fake_label_prob, self.gen)
         masks = self.model(x, classes)  # (N, H/4, W/4)
-        loss, parts = rts_loss(clf, x, masks, classes, real=real, **cfg.loss_kwargs())
+        loss, parts = rts_loss(clf, x, masks, classes, real=real, **self.loss_weights)
         if any_rank(not bool(torch.isfinite(loss))):
             raise NumericalError(f"train-rts: the loss became {loss.item()}")
-        lr = self.opt.param_groups[0]["lr"]
-        self.opt.zero_grad(set_to_none=True)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.opt.step()
-        self.sched.step()
+        self.optimizer.step()
+        self.scheduler.step()
         self.c["steps"] += 1
         for k in LOSS_PARTS:
             self.sums[k] += float(parts[k]) * len(y)
         self.c["seen"] += len(y)
         return {"epoch": epoch + 1, **{k: float(parts[k]) for k in LOSS_PARTS}, "lr": lr}
+
+    def result(self) -> Dict[str, Any]:
+        epochs, c = self.epoch_losses, self.c
+        return {
+            "train_loss": epochs[-1] if epochs else {},
+            "first_loss": epochs[0] if epochs else {},
+            "loss_history": [h["total"] for h in epochs],
+            "train_seconds": round(time.perf_counter() - self.t0, 2),
+            "steps": c["steps"],
+            "epochs_done": c["epochs_done"],
+            "stopped_early": c["stopped"],
+        }
 
 
 def _with_fake_labels(

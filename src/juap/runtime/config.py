@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import inspect
 import json
 import math
 import types
 import typing
 from pathlib import Path
-from typing import Any, Dict, Literal, Mapping, Sequence, Tuple, Type, TypeVar, Union
+from typing import Any, Callable, Dict, Literal, Mapping, Sequence, Tuple, Type, TypeVar, Union
 
 import yaml
 
@@ -87,6 +88,16 @@ def from_dict(cls: Type[T], raw: Mapping[str, Any], where: str = "") -> T:
             )
     kwargs = {k: _coerce(hints[k], v, _join(where, k)) for k, v in raw.items()}
     return cls(**kwargs)
+
+
+def signature_defaults(func: Callable) -> Dict[str, Any]:
+    """The defaults of ``func``'s parameters (a class: its constructor's), by name.
+
+    A config section reads its defaults from the code it configures (``epochs: int = DEFAULTS["epochs"]``),
+    so each default is written once: in the signature.
+    """
+    params = inspect.signature(func).parameters.values()
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
 
 
 def _join(where: str, key: Any) -> str:

@@ -1,13 +1,18 @@
-"""The one training-loop engine every trainer runs in, and the sharding/DDP plumbing around it.
+"""The one training-loop engine every trainer runs in, the trainer base it drives, and the sharding/DDP
+plumbing around them.
 
-A trainer (the generator attacks, SGD-UAP, UAP, ``train-classifier``, ``train-rts``) provides three small
-functions and the engine does the rest:
+Every trainer (the universal attacks, ``train-classifier``'s
+:class:`~juap.classifiers.training.ClassifierTrainer`, ``train-rts``'s
+:class:`~juap.interpreters.rts_training.RTSTrainer`) is a :class:`Trainer`: it writes what is its own
+(``init``, ``step``, ``state_dict`` / ``load_state_dict``, ``result``, ``num_steps``) and
+:meth:`TrainLoop.train` does the rest, the same way for all of them:
 
-- ``step(step) -> row``: one step (or epoch); the row of scalars it returns goes into the history;
-  a :class:`~juap.errors.NumericalError` it raises rolls the loop back;
-- ``snapshot() -> state`` and ``load(state)``: everything needed to continue after this step (weights,
+- ``init(data, val_data)`` sets up a fit: the state before step 1;
+- ``step(i) -> row``: one step (or epoch, pass); the row of scalars it returns goes into the history; a
+  :class:`~juap.errors.NumericalError` it raises rolls the loop back;
+- ``state_dict()`` and ``load_state_dict(state)``: everything needed to continue after this step (weights,
   optimiser, data position, best so far), and putting it back on resume;
-- ``restore(state)`` (optional): what a NaN/Inf roll-back reloads (by default ``load``).
+- ``restore_state(state)``: what a NaN/Inf roll-back reloads (by default ``load_state_dict``).
 
 The engine owns resume, the checkpoint cadence, NaN/Inf roll-back with a lower learning rate,
 SIGINT/SIGTERM (a checkpoint at the next step boundary), the progress bar, the RNG states, the per-rank
@@ -18,9 +23,10 @@ checkpoint, so a resumed run continues it) and handed to an optional ``log`` suc
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import os
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, ClassVar, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -57,13 +63,96 @@ class Checkpointing:
     max_rollbacks: int = 3
 
 
+class Trainer(abc.ABC):
+    """What every training loop writes of its own; :meth:`TrainLoop.train` drives it (module docstring).
+
+    A subclass implements the abstract members; the others have defaults:
+
+    - ``optimizer`` / ``scheduler``: whose learning rate a NaN/Inf roll-back lowers (None: none);
+    - :meth:`begin` (once resumed, before the first step: a DDP wrap, a clock), :meth:`converged` (stop
+      before ``num_steps``; checked on resume and after every step), :meth:`after_step` (after a step and
+      its checkpoint: callbacks);
+    - :meth:`checkpoint_identity` / :meth:`check_identity`: the settings a checkpoint must match to be
+      resumed;
+    - ``data_order``: the ``torch.Generator`` that draws the training data's order, saved with the state;
+    - ``unit`` (``"step"``, ``"epoch"``, ``"pass"``), ``checkpoint_every`` (the default cadence) and
+      ``per_rank`` (state keys that differ between the torchrun ranks).
+
+    ``loop`` is the :class:`TrainLoop` driving the trainer (set before :meth:`init`).
+    """
+
+    unit: ClassVar[str] = "step"
+    per_rank: ClassVar[Tuple[str, ...]] = ()
+    checkpoint_every: int = 1
+    optimizer: Optional[torch.optim.Optimizer] = None
+    scheduler: Any = None
+    data_order: Optional[torch.Generator] = None
+    loop: Optional[TrainLoop] = None
+
+    @property
+    @abc.abstractmethod
+    def num_steps(self) -> int:
+        """The loop's length: steps, epochs or passes (read after :meth:`init`)."""
+
+    @abc.abstractmethod
+    def init(self, data: Any, val_data: Any = None, *, progress: bool = True) -> None:
+        """Set up a fit on ``data``: the state before step 1 (a resumed fit then loads its checkpoint)."""
+
+    @abc.abstractmethod
+    def step(self, i: int) -> Any:
+        """Step ``i`` (1-based): a row of scalars for the history, ``(row, images)`` to log images with it,
+        or None. A :class:`~juap.errors.NumericalError` it raises rolls the loop back."""
+
+    @abc.abstractmethod
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to continue after this step (tensors, numbers, nested dicts)."""
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Put back a :meth:`state_dict` (on resume)."""
+
+    @abc.abstractmethod
+    def result(self) -> Any:
+        """What the training gives at its end (the loop returns it)."""
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        """What a NaN/Inf roll-back reloads (by default all of :meth:`load_state_dict`)."""
+        self.load_state_dict(state)
+
+    def begin(self) -> None:  # noqa: B027  (a hook: doing nothing is its default)
+        """Once resumed (or fresh), before the first step."""
+
+    def converged(self) -> bool:
+        """Stop before ``num_steps`` (checked on resume and after every step)."""
+        return False
+
+    def after_step(self, i: int) -> None:  # noqa: B027  (a hook: doing nothing is its default)
+        """After step ``i`` and its checkpoint (if due)."""
+
+    def checkpoint_identity(self) -> Dict[str, Any]:
+        """The settings that must match for a checkpoint of this trainer to be resumed."""
+        return {}
+
+    def check_identity(self, saved: Mapping[str, Any]) -> None:
+        """Refuse a checkpoint written with other settings (:meth:`checkpoint_identity`), naming them."""
+        diff = {k: (saved.get(k), v) for k, v in self.checkpoint_identity().items() if saved.get(k) != v}
+        if diff:
+            kind = self.loop.kind if self.loop is not None else type(self).__name__
+            raise CheckpointError(
+                f"the {kind} checkpoint was written by another setup, so it cannot be resumed: "
+                + "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
+                + ". Resume with the same config, or start a new run folder"
+            )
+
+
 class TrainLoop:
     """One training loop of ``total`` steps (see the module docstring).
 
     Args:
         kind: what the loop is (``"juap"``, ``"train-classifier"``, ...): the progress bar's label and the
             checkpoint's kind, checked on resume.
-        total: the number of steps (or epochs, with ``unit="epoch"``).
+        total: the number of steps (or epochs, with ``unit="epoch"``); :meth:`train` sets it to the
+            trainer's ``num_steps``.
         checkpoint: where and how often to save; None: in memory only, every ``default_every`` steps.
         default_every: the cadence when ``checkpoint.every`` is None.
         per_rank: state keys that differ between the ranks under torchrun (data position, RNG states,
@@ -77,7 +166,7 @@ class TrainLoop:
     def __init__(
         self,
         kind: str,
-        total: int,
+        total: int = 0,
         *,
         checkpoint: Optional[Checkpointing] = None,
         default_every: int = 1,
@@ -103,6 +192,42 @@ class TrainLoop:
         self.finished = False  # a step sets it to end the loop after that step
 
     # -- the loop --------------------------------------------------------------------------------------
+    def train(self, trainer: Trainer, data: Any, val_data: Any = None, *, progress: bool = True) -> Any:
+        """Drive ``trainer`` (the same for every trainer): set it up on ``data``, resume from its checkpoint
+        if asked, run its steps to ``trainer.num_steps`` (or until it converges); returns its ``result()``.
+
+        Raises:
+            TypeError: ``trainer`` is not a :class:`Trainer`.
+        """
+        if not isinstance(trainer, Trainer):
+            raise TypeError(f"{type(trainer).__name__} is not a juap.runtime.loop.Trainer")
+        trainer.loop = self
+        trainer.init(data, val_data, progress=progress)
+        self.total = int(trainer.num_steps)
+        snapshot, load = (lambda: _trainer_state(trainer)), (lambda s: _load_trainer_state(trainer, s))
+        start = self.start(snapshot, load)
+        trainer.begin()
+        self.finished = trainer.converged()
+        if not self.finished:
+            self.run(
+                lambda i: self._trainer_step(trainer, i),
+                snapshot=snapshot,
+                load=load,
+                restore=trainer.restore_state,
+                optimizer=trainer.optimizer,
+                scheduler=trainer.scheduler,
+                after=trainer.after_step,
+                start=start,
+            )
+        return trainer.result()
+
+    def _trainer_step(self, trainer: Trainer, i: int) -> None:
+        out = trainer.step(i)
+        row, images = out if isinstance(out, tuple) else (out, None)
+        self.finished = trainer.converged()
+        if row is not None:
+            self.record(i, row, images=images)
+
     def run(
         self,
         step: Callable[[int], Optional[Mapping[str, Any]]],
@@ -217,6 +342,19 @@ class TrainLoop:
         return state
 
 
+def _trainer_state(trainer: Trainer) -> Dict[str, Any]:
+    """A trainer's checkpoint: its identity, its ``state_dict`` and its data order's RNG state."""
+    order = trainer.data_order.get_state() if trainer.data_order is not None else None
+    return {"identity": trainer.checkpoint_identity(), **trainer.state_dict(), "loader": order}
+
+
+def _load_trainer_state(trainer: Trainer, state: Mapping[str, Any]) -> None:
+    trainer.check_identity(state.get("identity", {}))
+    if trainer.data_order is not None and state.get("loader") is not None:
+        trainer.data_order.set_state(state["loader"])
+    trainer.load_state_dict(state)
+
+
 class EpochBatches:
     """``(epoch, batch)`` over ``epochs`` passes of a training loader, resumable mid-epoch.
 
@@ -259,24 +397,26 @@ class EpochBatches:
 
 def run_epochs(
     kind: str,
-    make_trainer: Callable[[Any], Any],
+    trainer: Trainer,
     train_loader,
     *,
-    epochs: int,
-    batch_size: int,
+    batch_size: Optional[int] = None,
     checkpoint: Optional[Checkpointing],
-    per_rank: Sequence[str],
     log: Any = None,
     progress: bool = True,
-):
-    """Run an epoch trainer (``train-classifier``, ``train-rts``) in the loop engine; returns the trainer.
+) -> Any:
+    """Run an epoch trainer (``train-classifier``, ``train-rts``) on this rank's share of ``train_loader``
+    in the loop engine; returns its ``result()``.
 
-    ``make_trainer(loader)`` gets this rank's share of ``train_loader`` and returns an object with
-    ``step``, ``snapshot``, ``load``, ``restore``, ``begin(loop)`` (called once resumed, before the first
-    step: the place for the DDP wrap and the clock), ``opt`` and ``sched``. The loop counts global steps
-    (``epochs`` times the batches per epoch) and checkpoints every epoch or 200 steps by default.
+    The loop counts global steps (the epochs times the batches per epoch) and checkpoints every epoch or
+    200 steps by default. ``batch_size`` is the loader's global batch (default: its ``batch_size``), which
+    under torchrun must divide by the number of processes.
+
+    Raises:
+        ConfigError: the loader gives no batch.
     """
-    if distributed.world_size() > 1:
+    batch_size = getattr(train_loader, "batch_size", None) if batch_size is None else batch_size
+    if distributed.world_size() > 1 and batch_size is not None:
         distributed.check_divisible(batch_size, "train.batch_size")
     sharded = shard_train_loader(train_loader)
     per_epoch = len(sharded)
@@ -285,28 +425,15 @@ def run_epochs(
             f"{kind}: the training data gives no batch of train.batch_size={batch_size} (an empty split, or "
             "one smaller than a batch with drop_last): add images or lower train.batch_size"
         )
-    trainer = make_trainer(sharded)
     loop = TrainLoop(
         kind,
-        epochs * per_epoch,
         checkpoint=checkpoint,
         default_every=min(200, per_epoch),
-        per_rank=per_rank,
+        per_rank=trainer.per_rank,
         log=log,
         progress=progress,
     )
-    start = loop.start(trainer.snapshot, trainer.load)
-    trainer.begin(loop)
-    loop.run(
-        trainer.step,
-        snapshot=trainer.snapshot,
-        load=trainer.load,
-        restore=trainer.restore,
-        optimizer=trainer.opt,
-        scheduler=trainer.sched,
-        start=start,
-    )
-    return trainer
+    return loop.train(trainer, sharded, progress=progress)
 
 
 _SHOWN = ("loss", "batch_fooling_ratio", "val_fooling_ratio", "val_iou", "accuracy", "lam")
