@@ -48,7 +48,7 @@ from .attack import fit_and_measure
 from .build import build_attack, build_interpreter
 from .demo_models import RTS_EPOCHS, DemoModel, demo_classifier, demo_rts
 from .detect import demo_detection
-from .run import ExperimentConfig, load_experiment, main_rows, plan, run_grid
+from .run import DEMO, ExperimentConfig, load_experiment, main_rows, plan, run_grid
 from .train_classifier import TrainClassifierConfig
 
 DEMO_EXPERIMENT = Path(__file__).resolve().parents[1] / "configs" / "embedded" / "demo.yaml"
@@ -122,7 +122,10 @@ def demo_cell_params(
         ConfigError: the demo's grid has no such cell.
     """
     for c in plan(demo_experiment()):
-        if (c.attack, c.interpreter) == (attack, interpreter) and c.generator in (None, generator or c.generator):
+        if (c.attack, c.interpreter) == (attack, interpreter) and c.generator in (
+            None,
+            generator or c.generator,
+        ):
             return dict(c.params)
     raise ConfigError(f"the demo's grid ({DEMO_EXPERIMENT.name}) has no {attack} cell against {interpreter}")
 
@@ -239,7 +242,7 @@ def run_demo(
     checkpoints = {"rts": str(learned_model.path)}  # the model of each learned interpreter (the demo: RTS)
     interps = {n: build_interpreter(n, clf, checkpoint=checkpoints.get(n)) for n in INTERPRETERS}
     exp = demo_experiment(
-        s, data=to_dict(ccfg.data), classifier=_grid_classifier(ccfg, clf_model, checkpoints)
+        s, data=to_dict(ccfg.data), classifier=_grid_classifier(ccfg, clf_model, learned_model, checkpoints)
     )
     budget = exp.grid.budgets[0]
     split = attack_split(
@@ -257,32 +260,14 @@ def run_demo(
     )
     grid, perturbations = _universal(run_dir, exp, clf, interps, split, splits.classes, progress, say)
     results = grid["rows"]
-    claims = headline_checks(results, spread=claims_spread(budget.norm, budget.eps))
-    say(
-        f"      The paper's headline, per interpreter (JUAP vs GUAP: FR >= GUAP's - {FR_GAP}, "
-        f"IoU >= GUAP's + {IOU_GAIN}, L1 lower; how far each is from those thresholds):"
-    )
-    for c in claims:
-        say(f"      {verdict_line(c)}")
-
-    say(f"[4/5] JAP vs PGD on {s.jap_images} test images ...")
-    jap_rows = _jap_vs_pgd(clf, interps, x_test[: s.jap_images], y_test[: s.jap_images], exp, s.jap_steps)
-    for r in jap_rows:
-        say(
-            f"      {r['method']:<12} vs {r['interpreter']:<8} fooling ratio {r['fooling_ratio']:.2f}, "
-            f"IoU {r['iou']:.2f}, L1 {r['l1']:.3f}"
-        )
+    claims = _headline(results, budget, say)
+    jap_rows = _image_dependent(clf, interps, x_test, y_test, exp, s, say)
 
     say("[5/5] Writing tables and figures ...")
     _write_outputs(
         run_dir, results, claims, jap_rows, perturbations, clf, interps, x_test, splits.classes, budget
     )
-    # the Detection section of results.md: UAP, SGD-UAP, GUAP and R-JUAP trained against each interpreter
-    chosen = {m: perturbations[(m, "-")] for m in ("UAP", "SGD-UAP", "GUAP") if (m, "-") in perturbations}
-    chosen.update({f"R-JUAP-{i}": p for (m, i), p in perturbations.items() if m == "R-JUAP"})
-    detection = demo_detection(
-        run_dir, interps, chosen, x_test, class_names=splits.classes, seed=exp.seed, say=say
-    )
+    detection = _detection(run_dir, interps, perturbations, x_test, splits.classes, exp.seed, say)
     metrics = {
         "classifier": {**clf_model.metrics, "source": clf_model.source},
         "rts": {**learned_model.metrics, "source": learned_model.source},
@@ -297,6 +282,37 @@ def run_demo(
     }
     write_json(run_dir / "metrics.json", metrics)
     return metrics
+
+
+def _headline(results: List[Dict[str, Any]], budget, say: Callable[[str], None]) -> List[Dict[str, Any]]:
+    """The headline checks of the grid's ``results`` at ``budget``, printed one line each."""
+    claims = headline_checks(results, spread=claims_spread(budget.norm, budget.eps))
+    say(
+        f"      The paper's headline, per interpreter (JUAP vs GUAP: FR >= GUAP's - {FR_GAP}, "
+        f"IoU >= GUAP's + {IOU_GAIN}, L1 lower; how far each is from those thresholds):"
+    )
+    for c in claims:
+        say(f"      {verdict_line(c)}")
+    return claims
+
+
+def _image_dependent(clf, interps, x, y, exp: ExperimentConfig, s: DemoSettings, say) -> List[Dict[str, Any]]:
+    """Step 4: JAP vs PGD on the first ``s.jap_images`` test images, printed one line each."""
+    say(f"[4/5] JAP vs PGD on {s.jap_images} test images ...")
+    rows = _jap_vs_pgd(clf, interps, x[: s.jap_images], y[: s.jap_images], exp, s.jap_steps)
+    for r in rows:
+        say(
+            f"      {r['method']:<12} vs {r['interpreter']:<8} fooling ratio {r['fooling_ratio']:.2f}, "
+            f"IoU {r['iou']:.2f}, L1 {r['l1']:.3f}"
+        )
+    return rows
+
+
+def _detection(run_dir: Path, interps, perturbations, x_test, classes, seed: int, say) -> Dict[str, Any]:
+    """The Detection section of results.md: UAP, SGD-UAP, GUAP and R-JUAP trained against each interpreter."""
+    chosen = {m: perturbations[(m, "-")] for m in ("UAP", "SGD-UAP", "GUAP") if (m, "-") in perturbations}
+    chosen.update({f"R-JUAP-{i}": p for (m, i), p in perturbations.items() if m == "R-JUAP"})
+    return demo_detection(run_dir, interps, chosen, x_test, class_names=classes, seed=seed, say=say)
 
 
 _SOURCE = {"shipped": "shipped with juap (sha256 checked)", "cache": "loaded from cache"}
@@ -333,14 +349,18 @@ def _demo_models(ccfg, s: DemoSettings, cache: Path, progress: bool, say: Callab
     return clf, splits, clf_model, learned
 
 
-def _grid_classifier(ccfg, model: DemoModel, checkpoints: Dict[str, str]) -> Dict[str, Any]:
-    """The grid's one classifier: the demo's, with its files."""
+def _grid_classifier(
+    ccfg, model: DemoModel, learned: DemoModel, checkpoints: Dict[str, str]
+) -> Dict[str, Any]:
+    """The grid's one classifier: the demo's, named ``demo`` when shipped (its cells then have the same
+    names on every machine and install), else by its files in the cache."""
+    shipped = model.source == learned.source == "shipped"
     return {
         "name": ccfg.classifier.name,
         "label": f"demo-{ccfg.classifier.name}",
         "options": dict(ccfg.classifier.options),
-        "weights": str(model.path),
-        "checkpoints": checkpoints,
+        "weights": DEMO if shipped else str(model.path),
+        "checkpoints": {n: DEMO for n in checkpoints} if shipped else checkpoints,
     }
 
 
