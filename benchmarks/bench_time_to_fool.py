@@ -194,27 +194,21 @@ def run_art(race: Race, clf, x: torch.Tensor, eps: float, seed: int, attacker: s
 def run_generator(
     race: Race, clf, x: torch.Tensor, eps: float, seed: int, interpreter: Optional[str]
 ) -> None:
-    from juap.commands.demo import DemoSettings
+    from juap.commands.demo import demo_cell_params
 
-    d = DemoSettings()
+    name = "guap" if interpreter is None else "juap"
     kw: Dict[str, Any] = dict(
+        demo_cell_params(name, interpreter=interpreter, generator="resnet"),  # the demo's recipe
         classifier=clf,
         norm="linf",
         eps=eps,
         steps=10**6,
-        batch_size=d.batch_size,
-        lr=d.lr,
-        generator_options={"ngf": d.generator_ngf},
         eval_every=10**6,
         seed=seed,
     )
-    if interpreter is None:
-        attack = juap.create_attack("guap", **kw)
-    else:
-        recipe = d.juap_recipe(interpreter)
-        attack = juap.create_attack(
-            "juap", interpreter=juap.create_interpreter(interpreter, clf), **recipe, **kw
-        )
+    if interpreter is not None:
+        kw["interpreter"] = juap.create_interpreter(interpreter, clf)
+    attack = juap.create_attack(name, **kw)
     race.start()
     attack.fit(x, progress=False, callback=lambda step, v: race.tick(v))
 

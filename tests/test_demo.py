@@ -8,7 +8,17 @@ import pytest
 import torch
 
 from helpers import run_cli as run
-from juap.commands.demo import DEMO_EXPERIMENT, DemoSettings, attack_split, demo_experiment, headline_checks
+from juap.commands.demo import (
+    DEMO_EXPERIMENT,
+    DemoSettings,
+    attack_split,
+    claims_spread,
+    demo_cell_params,
+    demo_experiment,
+    headline_checks,
+    threshold_distance,
+    verdict_line,
+)
 from juap.commands.run import load_experiment, plan
 
 TINY = [
@@ -23,11 +33,13 @@ TINY = [
     "--set",
     "demo.steps=2",
     "--set",
-    "demo.generator_ngf=8",
+    "demo.experiment.attack_params.guap.generator_options={ngf: 8}",
     "--set",
-    "demo.uap_passes=1",
+    "demo.experiment.attack_params.juap.generator_options={ngf: 8}",
     "--set",
-    "demo.sgd_epochs=1",
+    "demo.experiment.attack_params.uap.max_passes=1",
+    "--set",
+    "demo.experiment.attack_params.sgd_uap.epochs=1",
     "--set",
     "demo.jap_images=4",
     "--set",
@@ -66,12 +78,22 @@ def test_demo_runs_its_grid_into_cells_and_reuses_them(tmp_path, capsys):
     assert header == ["method", "generator", "interpreter", "norm", "fooling_ratio", "l1", "iou"]
     assert "trained in" in stdout
     # the universal attacks are the grid's cells: one juap-attack run folder each, on the demo's split
+    # each an ordinary attack run (juap attack's fit_and_measure): history, checkpoint, generator artifact,
+    # its perturbation picked on validation images it was not trained on
     cells = sorted((out / "cells").iterdir())
     assert len(cells) == 9
     for d in cells:
         assert json.loads((d / "run.json").read_text())["status"] == "complete"
-        assert (d / "perturbation.safetensors").is_file() and (d / "config.yaml").is_file()
-        assert len(json.loads((d / "split.json").read_text())["attack_test"]) == 12
+        for name in ("perturbation.safetensors", "config.yaml", "history.csv", "metrics.json", "maps.png"):
+            assert (d / name).is_file(), (d.name, name)
+        split = json.loads((d / "split.json").read_text())
+        assert len(split["attack_test"]) == 12 and len(split["attack_val"]) == 1  # val_fraction 0.1 of 12
+        assert len(split["attack_train"]) == 11
+        parts = [set(split[k]) for k in ("attack_train", "attack_val", "attack_test")]
+        assert sum(map(len, parts)) == len(set.union(*parts))  # disjoint
+        generator = json.loads((d / "metrics.json").read_text())["generator"]
+        if generator is not None:  # GUAP, R-JUAP, U-JUAP
+            assert (d / "generator.safetensors").is_file() and (d / "checkpoint.safetensors").is_file()
     m = json.loads((out / "metrics.json").read_text())
     assert {r["variant"] for r in m["universal"]} == VARIANTS
     assert m["cells"] == {"cells": 9, "complete": 9, "ran": 9}
@@ -97,22 +119,30 @@ def test_demo_refuses_a_folder_of_another_command(tmp_path, capsys):
 
 
 def test_the_experiment_file_is_the_demo_settings():
-    """demo.yaml as `juap run` reads it and the demo's default settings mapped onto it plan the same cells
-    with the same hyperparameters (the demo adds only the seed, which the attacks default to)."""
+    """The demo's default settings change nothing in demo.yaml: its cells are the file's, with the file's
+    hyperparameters (the recipe is written in the YAML only)."""
     from_file = plan(load_experiment(DEMO_EXPERIMENT))
     mapped = plan(demo_experiment(DemoSettings()))
-    assert [c.variant for c in mapped] == [c.variant for c in from_file]
+    assert [(c.variant, c.params, c.budget, c.id) for c in mapped] == [
+        (c.variant, c.params, c.budget, c.id) for c in from_file
+    ]
     assert {c.variant for c in mapped} == VARIANTS
-    for a, b in zip(mapped, from_file, strict=True):
-        assert {k: v for k, v in a.params.items() if k != "seed"} == b.params, a.variant
-        assert a.params.get("seed") == 0 and a.budget == b.budget
     juap = {c.interpreter: c.params for c in mapped if c.attack == "juap" and c.generator == "resnet"}
+    assert demo_cell_params("juap", interpreter="rts") == juap["rts"]
     assert juap["cam"]["lam"] == 0.2 and juap["rts"]["lam"] == 0.01 and juap["rts"]["rts_feature_weight"] == 0
     assert juap["cam"]["steps"] == 200 and juap["cam"]["hinge"] == "image" and juap["cam"]["delta"] == -1.5
 
 
 def test_demo_settings_map_onto_the_experiment():
-    s = DemoSettings(steps=8, eps=10.0, seed=3, lam=0.3, rts_lam=0.02, sgd_epochs=2, uap_passes=1)
+    s = DemoSettings(
+        steps=8,
+        eps=10.0,
+        seed=3,
+        experiment={
+            "attack_params": {"juap": {"lam": 0.3}, "sgd_uap": {"epochs": 2}, "uap": {"max_passes": 1}},
+            "interpreter_params": {"rts": {"lam": 0.02}},
+        },
+    )
     exp = demo_experiment(
         s, data={"name": "synthetic", "num_images": 120}, classifier={"name": "small_resnet"}
     )
@@ -122,7 +152,7 @@ def test_demo_settings_map_onto_the_experiment():
         and [c.name for c in exp.grid.classifiers] == ["small_resnet"]
     )
     cells = {c.variant: c for c in plan(exp)}
-    assert all(c.budget.eps == 10.0 and c.params["seed"] == 3 for c in cells.values())
+    assert exp.seed == 3 and all(c.budget.eps == 10.0 and c.budget.norm == "linf" for c in cells.values())
     assert cells["GUAP"].params["steps"] == 8 and cells["GUAP"].params["eval_every"] == 2
     assert cells["R-JUAP-CAM"].params["lam"] == 0.3 and cells["U-JUAP-RTS"].params["lam"] == 0.02
     assert cells["SGD-UAP"].params["epochs"] == 2 and cells["UAP"].params["max_passes"] == 1
@@ -146,6 +176,25 @@ def test_attack_split_is_seeded_disjoint_and_halves_when_too_small():
     half = attack_split(held, n_train=15, n_test=15)
     assert len(half.x_train) == len(half.x_test) == 10
     assert attack_split(held, n_train=0, n_test=5).x_train.shape == (0, 3, 4, 4)
+
+
+def test_the_validation_images_are_carved_out_of_the_training_images():
+    """As ``juap attack``: a seeded val_fraction of the attack-train images picks the perturbation and is
+    never trained on; the three parts are disjoint and split.json's record names each."""
+    held = [(torch.full((3, 4, 4), float(i)), i % 3) for i in range(40)]
+    a = attack_split(held, n_train=20, n_test=10, seed=0, val_fraction=0.1)
+    train, val, test = (t[:, 0, 0, 0].long().tolist() for t in (a.x_train, a.x_val, a.x_test))
+    assert (len(train), len(val), len(test)) == (18, 2, 10)
+    assert not (set(train) & set(val) or set(train) & set(test) or set(val) & set(test))
+    assert (a.record["attack_train"], a.record["attack_val"], a.record["attack_test"]) == (train, val, test)
+    assert a.y_train.tolist() == [v % 3 for v in train] and a.y_val.tolist() == [v % 3 for v in val]
+    no_val = attack_split(held, n_train=20, n_test=10, seed=0)
+    assert set(no_val.record["attack_train"]) == set(train) | set(val)  # the same 20, 2 of them held out
+    assert (
+        a.record["attack_val"]
+        != attack_split(held, n_train=20, n_test=10, seed=1, val_fraction=0.1).record["attack_val"]
+    )
+    assert attack_split(held, n_train=1, n_test=10, val_fraction=0.1).x_val.shape == (0, 3, 4, 4)
 
 
 def test_benchmarks_use_the_demo_split(monkeypatch):
@@ -197,6 +246,56 @@ def test_headline_checks_compare_each_juap_cell_with_guap_under_its_interpreter(
     assert set(got) == {"R-JUAP-CAM vs GUAP", "R-JUAP-RTS vs GUAP"}
     assert got["R-JUAP-CAM vs GUAP"]["holds"]
     assert not got["R-JUAP-RTS vs GUAP"]["holds"] and "misses: FR" in got["R-JUAP-RTS vs GUAP"]["figures"]
+
+
+def test_each_verdict_says_how_far_it_is_from_the_thresholds_beside_the_seed_spread():
+    def row(method, variant, against, interp, fr, iou, l1):
+        return dict(
+            method=method, variant=variant, trained_against=against, interpreter=interp, fooling_ratio=fr,
+            iou=iou, l1=l1,
+        )  # fmt: skip
+
+    rows = [
+        row("GUAP", "GUAP", "-", "cam", 0.80, 0.45, 0.25),
+        row("GUAP", "GUAP", "-", "rts", 0.80, 0.45, 0.25),
+        row("R-JUAP", "R-JUAP-CAM", "cam", "cam", 0.747, 0.60, 0.1),  # FR 0.003 short of 0.75
+        row("R-JUAP", "R-JUAP-RTS", "rts", "rts", 0.85, 0.50, 0.1),  # IoU 0.05 short of 0.55
+    ]
+    spread = {"R-JUAP-CAM": {"FR": 0.012, "IoU": 0.01}, "R-JUAP-RTS": {"FR": 0.01, "IoU": 0.02}}
+    got = {c["claim"]: c for c in headline_checks(rows, spread=spread)}
+    cam, rts = got["R-JUAP-CAM vs GUAP"], got["R-JUAP-RTS vs GUAP"]
+    assert cam["margins"]["FR"] == pytest.approx(-0.003) and cam["margins"]["IoU"] == pytest.approx(0.05)
+    assert not cam["holds"] and cam["borderline"]
+    line = verdict_line(cam)
+    assert line.startswith("[does not hold] R-JUAP-CAM vs GUAP: FR 0.747 vs 0.800")
+    assert line.endswith(
+        "FR misses by 0.003 (3-seed sd 0.012), IoU clears by 0.050 (3-seed sd 0.010): borderline"
+    )
+    assert (
+        not rts["holds"] and not rts["borderline"]
+    )  # 0.05 short of the IoU threshold, sd 0.02: a clear miss
+    assert verdict_line(rts).endswith(
+        "FR clears by 0.100 (3-seed sd 0.010), IoU misses by 0.050 (3-seed sd 0.020)"
+    )
+    # no spread at this budget: the distances alone, never called borderline
+    assert threshold_distance({"FR": 0.001, "IoU": -0.2}, None) == (
+        "FR clears by 0.001, IoU misses by 0.200",
+        False,
+    )
+
+
+def test_the_shipped_spread_is_the_claims_benchmarks():
+    """headline_spread.json is made from benchmarks/results/claims/claims.json (make_demo_data.py spread)."""
+    claims = json.loads(
+        (Path(__file__).resolve().parents[1] / "benchmarks/results/claims/claims.json").read_text()
+    )
+    want = {
+        r["variant"]: {"FR": r["fooling_ratio_sd"], "IoU": r["iou_sd"]}
+        for r in claims["headline"]
+        if r["budget"] == "linf-10" and r["method"].endswith("JUAP")
+    }
+    assert claims_spread("linf", 10.0) == want and set(want) == {v for v in VARIANTS if "JUAP" in v}
+    assert claims_spread("linf", 13.0) == {}  # a budget the benchmark did not measure
 
 
 @pytest.mark.parametrize("bad", ["demo.nope=1", "demo.eps=-3"])

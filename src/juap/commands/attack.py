@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch.utils.data import Dataset
 
 from .._registry import ATTACKS
 from ..app.artifacts import save_perturbation
@@ -89,26 +90,84 @@ def run_attack(
     attack = build_attack(cfg.attack, clf, interp, device=device, seed=cfg.seed)
     if distributed.world_size() > 1:  # per-rank RNG from here (per-image random starts differ by rank)
         torch.manual_seed(distributed.rank_seed(cfg.seed))
+    test_loader = CountSkipped(make_loader(test, batch_size=cfg.evaluate.batch_size))
+    return fit_and_measure(
+        run_dir,
+        cfg,
+        clf,
+        attack,
+        train=train,
+        val=val,
+        test=test_loader,
+        interpreters=lambda: {n: i.to(device) for n, i in eval_interpreters(cfg, clf).items()},
+        class_names=splits.classes,
+        device=device,
+        progress=progress,
+        resume=resume,
+        checkpoint_every=checkpoint_every,
+        after={"data_summary": data_summary(splits, train=train, val=val, test=test)},
+    )
+
+
+def fit_and_measure(
+    run_dir: Path,
+    cfg,
+    clf,
+    attack,
+    *,
+    train: Dataset,
+    val: Optional[Dataset],
+    test,
+    interpreters: Callable[[], Dict[str, Any]],
+    class_names: Optional[Sequence[str]] = None,
+    device: Optional[torch.device] = None,
+    progress: bool = True,
+    resume: bool = False,
+    checkpoint_every: Optional[int] = None,
+    after: Optional[Dict[str, Any]] = None,
+) -> Dict[str, Any]:
+    """One attack run after its set-up (``juap attack``, each cell of a grid and of ``juap demo``): fit a
+    built universal ``attack`` on ``train``, picking its perturbation on ``val``, with checkpoints
+    (``resume``), ``history.csv`` and its artifacts (:func:`fit_universal`), then measure it on ``test``
+    and write the run folder (:func:`measure_and_write`). A per-image attack is only measured.
+
+    Args:
+        run_dir: the run folder.
+        cfg: the run's :class:`AttackRunConfig` (``attack``, ``evaluate``, ``log``, ``seed``).
+        clf, attack: the classifier and the attack built on it (:func:`~juap.commands.build.build_attack`).
+        train, val: data sets of ``(image (3, H, W) in [0, 1], label)`` items; ``val`` None: none held out.
+        test: a loader or a list of ``(x, y)`` batches to measure on.
+        interpreters: builds the interpreters to measure with, called after the fit (building a learned
+            one draws from the global RNG, and the fit's draws come first).
+        class_names: the data set's classes, for ``metrics.json`` and the figures.
+        device: where to compute; default: the classifier's.
+        progress: show progress bars.
+        resume: continue the fit from ``run_dir``'s checkpoint.
+        checkpoint_every: steps between checkpoints (default: the attack's ``eval_every``).
+        after: entries written over ``metrics.json``'s (e.g. ``data_summary``).
+
+    Returns:
+        The metrics written to ``metrics.json``.
+    """
     t0 = time.perf_counter()
     fit_info: Dict[str, Any] = {}
     if attack.universal:
-        fit_info = _fit_universal(attack, cfg, train, val, run_dir, progress, resume, checkpoint_every)
+        fit_info = fit_universal(
+            attack, cfg, train, val, run_dir, progress=progress, resume=resume, every=checkpoint_every
+        )
     fit_seconds = time.perf_counter() - t0
-    interps = {n: i.to(device) for n, i in eval_interpreters(cfg, clf).items()}
-    test_loader = CountSkipped(make_loader(test, batch_size=cfg.evaluate.batch_size))
-    summary = data_summary(splits, train=train, val=val, test=test)
     return measure_and_write(
         run_dir,
         cfg,
         clf,
-        interps,
+        interpreters(),
         attack,
-        test_loader,
-        class_names=splits.classes,
+        test,
+        class_names=class_names,
         device=device,
         progress=progress,
         extra={"fit_seconds": fit_seconds, **fit_info},
-        after={"data_summary": summary},
+        after=after,
     )
 
 
@@ -157,11 +216,22 @@ def measure_and_write(
     return metrics
 
 
-def _fit_universal(
-    attack, cfg, train, val, run_dir: Path, progress: bool, resume: bool, every
+def fit_universal(
+    attack,
+    cfg,
+    train: Dataset,
+    val: Optional[Dataset],
+    run_dir: Path,
+    *,
+    progress: bool,
+    resume: bool = False,
+    every: Optional[int] = None,
 ) -> Dict[str, Any]:
-    """Fit a universal attack in the loop engine (checkpoints, history) and save the artifacts it declares."""
-    batch = getattr(attack, "batch_size", 30)
+    """Fit a universal attack in the loop engine (checkpoints, history) and save the artifacts it declares.
+
+    ``train`` is read in shuffled batches (seeded by ``cfg.seed``) of the attack's own ``batch_size`` (an
+    attack that declares none: ``cfg.evaluate.batch_size``); returns its :class:`FitResult`'s summary."""
+    batch = getattr(attack, "batch_size", cfg.evaluate.batch_size)
     # a generator's steps: full batches
     drop_last = "generator" in attack.artifacts and drop_last_for(len(train), batch)
     train_loader = make_loader(train, batch_size=batch, shuffle=True, seed=cfg.seed, drop_last=drop_last)
@@ -183,11 +253,11 @@ def _fit_universal(
 def summarize(cfg, ev: Dict[str, Any], **extra: Any) -> Dict[str, Any]:
     """metrics.json: the attack's identity, its budget, and the figures on the test split."""
     params = cfg.attack.params
-    attack_class = ATTACKS.get(cfg.attack.name)
+    generator = ATTACKS.get(cfg.attack.name).hyperparams.get("generator")  # its declared default
     main = cfg.interpreter.name or (cfg.evaluate.interpreters[0] if cfg.evaluate.interpreters else None)
     out: Dict[str, Any] = {
         "attack": cfg.attack.name,
-        "generator": params.get("generator", "resnet") if "generator" in attack_class.hyperparams else None,
+        "generator": params.get("generator", generator.default) if generator is not None else None,
         "interpreter": cfg.interpreter.name,
         "norm": cfg.attack.norm,
         "eps": cfg.attack.eps,
