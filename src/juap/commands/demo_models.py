@@ -219,12 +219,9 @@ def demo_models(
     cache_dir=None,
     learned: bool = True,
     progress: bool = True,
-    need_rts: Optional[bool] = None,
 ) -> Tuple[str, Optional[str]]:
     """Paths of the demo classifier and of its learned interpreter's model (RTS; None unless ``learned``),
-    as ``juap demo`` uses them: the shipped ones, else trained once into the cache. ``need_rts`` is the
-    old name of ``learned``."""
-    learned = learned if need_rts is None else need_rts
+    as ``juap demo`` uses them: the shipped ones, else trained once into the cache."""
     return _demo_models(_cache(cache_dir), learned, progress)
 
 

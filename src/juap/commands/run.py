@@ -385,11 +385,11 @@ def cell_config(
     """The ``juap attack`` config of a cell, with ``demo`` weights resolved to the cached demo models."""
     clf = cell.classifier
     weights, ckpts = clf.weights, dict(clf.checkpoints)
-    if weights == DEMO or DEMO in ckpts.values():  # the demo trains one learned interpreter: its model
-        need = DEMO in ckpts.values()
-        demo_clf, demo_learned = demo_models(cache_dir=cache_dir, need_rts=need, progress=progress)
+    if weights == DEMO or DEMO in ckpts.values():  # the demo ships one learned interpreter's model
+        learned = DEMO in ckpts.values()
+        demo_clf, demo_interp = demo_models(cache_dir=cache_dir, learned=learned, progress=progress)
         weights = demo_clf if weights == DEMO else weights
-        ckpts = {n: demo_learned if p == DEMO else p for n, p in ckpts.items()}
+        ckpts = {n: demo_interp if p == DEMO else p for n, p in ckpts.items()}
     learned = set(learned_interpreters())
     for name in dict.fromkeys(filter(None, [cell.interpreter, *exp.evaluate.interpreters])):
         if name in learned and not ckpts.get(name):
