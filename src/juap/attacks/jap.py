@@ -70,10 +70,7 @@ class JAP(PerImageAttack):
     def __init__(
         self,
         *,
-        classifier,
         interpreter: Optional[Interpreter] = None,
-        norm: str = "linf",
-        eps: float = 10.0,
         generator: str = "resnet",
         generator_options: Optional[Mapping[str, Any]] = SMALL_GENERATOR,
         objective: str = "untargeted",
@@ -86,12 +83,12 @@ class JAP(PerImageAttack):
         surrogate: bool | str = "auto",
         tau: float = 1e-4,
         seed: int = 0,
-        device=None,
+        **common,  # classifier, norm, eps, device: Attack's
     ) -> None:
-        super().__init__(classifier=classifier, norm=norm, eps=eps, device=device)
+        super().__init__(**common)
         self.check_arguments(locals())
         if objective == "targeted":
-            check_target(target, classifier.num_classes)
+            check_target(target, self.classifier.num_classes)
         self.wiring = InterpreterWiring.check(interpreter, surrogate=surrogate, tau=tau)
         GENERATORS.get(generator)  # unknown names fail now, listing the known ones
         # eq 16 per image: each image's log CE hinged at delta, plus lambda times its map distance

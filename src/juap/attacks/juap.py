@@ -147,10 +147,7 @@ class GeneratorUAP(UniversalAttack):
     def __init__(
         self,
         *,
-        classifier,
         interpreter: Optional[Interpreter] = None,
-        norm: str = "linf",
-        eps: float = 10.0,
         generator: str | torch.nn.Module = "resnet",
         generator_options: Optional[Mapping[str, Any]] = None,
         # the loss (eq 16)
@@ -167,12 +164,12 @@ class GeneratorUAP(UniversalAttack):
         # gradients through the interpreter, and the GPU fast paths
         surrogate: bool | str = "auto", tau: float = 1e-4,
         amp: bool = False, channels_last: bool = False, compile: bool = False,
-        device=None,
+        **common,  # classifier, norm, eps, device: Attack's
     ) -> None:  # fmt: skip
-        super().__init__(classifier=classifier, norm=norm, eps=eps, device=device)
+        super().__init__(**common)
         self.check_arguments(locals(), GeneratorUAP.hyperparams)  # types, ranges, choices
         if objective == "targeted":
-            check_target(target, classifier.num_classes)
+            check_target(target, self.classifier.num_classes)
         joint = interpreter is not None
         self.lam_control = LambdaControl(
             lam=lam, warmup=warmup, fr_target=fr_target, fr_margin=fr_margin, dual_lr=dual_lr, map_term=joint
