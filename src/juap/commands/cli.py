@@ -343,7 +343,8 @@ def _add_demo_parser(add: AddParser) -> None:
     p = add(
         "demo",
         help="run the default experiment on the embedded synthetic data",
-        description="Train (once, cached) the demo classifier and RTS model on the embedded data, run the "
+        description="Load the demo classifier and RTS model shipped with juap (--set demo.retrain=true: "
+        "train them on this machine, once, into the cache), run the "
         "grid of embedded/demo.yaml (UAP, SGD-UAP, GUAP, R-JUAP and U-JUAP against CAM, Grad-CAM and RTS) "
         "into OUT/cells/ (OUT default: runs/demo), JAP vs PGD and detection, and write tables and figures. "
         "Running again into the same folder reuses its finished cells. Sizes: --set demo.steps=..., "
