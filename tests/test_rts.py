@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import juap
+from helpers import one_thread  # noqa: F401  (autouse: one thread for this module)
 from juap.commands.configs import ClassifierConfig
 from juap.commands.train_rts import RTSTrainConfig, TrainRTSConfig, run_train_rts
 from juap.data import DataConfig, load_splits
@@ -22,14 +23,6 @@ from juap.metrics import pointing_game
 from juap.runtime.config import load_config
 
 WIDTHS = (8, 16, 32)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _toy_batch(n: int, seed: int, size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import juap
+from helpers import one_thread  # noqa: F401  (autouse: one thread for this module)
 from juap.attacks.base import UniversalAttack
 from juap.classifiers.training import ClassifierTrainer, train_classifier
 from juap.data import InMemoryLoader, make_loader
@@ -27,14 +28,6 @@ from juap.runtime.loop import Checkpointing, Trainer, TrainLoop
 
 CPU = torch.device("cpu")
 GEN = {"ngf": 4, "n_blocks": 1}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _classifier(seed: int = 0) -> juap.Classifier:
