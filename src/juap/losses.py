@@ -217,3 +217,38 @@ def joint_loss(fool: torch.Tensor, interp: torch.Tensor, *, lam: float | torch.T
     :func:`fooling_loss` (on the batch or per image). Under torchrun pass global terms (``across_ranks``),
     so the sum is the same on every rank."""
     return fool + lam * interp
+
+
+def evasion_loss(
+    scores: torch.Tensor,
+    threshold: float | torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    only: Optional[torch.Tensor] = None,
+    across_ranks: bool = False,
+) -> torch.Tensor:
+    """The adaptive attacker's detector term: ``T * softplus((score - threshold) / T)``, a smooth
+    ``max{score - threshold, 0}`` that keeps pulling a little below the threshold, averaged over the
+    batch or over ``only`` (bool (N,), e.g. the images already fooled; 0 when there are none).
+
+    Args:
+        scores: detector scores (N,), higher = more adversarial; differentiable in the perturbation.
+        threshold: the detector's calibrated threshold (an image is flagged when its score is above it).
+        temperature: ``T``, in score units: how far below the threshold the term still pulls.
+        only: average over these images alone (the two-phase loss of Tramer et al. 2020: fool first,
+            then get under the threshold).
+        across_ranks: under torchrun, the mean over the global batch.
+
+    Returns:
+        A scalar.
+    """
+    if temperature <= 0:
+        raise ConfigError(f"the detector term's temperature must be > 0, got {temperature}")
+    pen = temperature * F.softplus((scores.float() - threshold) / temperature)  # (N,)
+    if only is None:
+        return _batch_mean(pen.sum(), len(pen), across_ranks)
+    only = only.detach().to(pen.dtype)
+    total, count = (pen * only).sum(), only.sum()
+    if across_ranks:
+        total, count = global_sum(total), global_sum(count.detach())
+    return total / count.clamp_min(1.0)

@@ -36,7 +36,16 @@ from ..runtime import distributed
 from ..runtime.checkpoint import ResumableLoader, check_finite_parameters
 from .base import FitResult, UniversalAttack, cycle_batches, first_images, iter_batches
 from .fastpaths import FastPaths
-from .parts import SELECTIONS, Adversarial, Benign, InterpreterWiring, JointLoss, LambdaControl, Selection
+from .parts import (
+    SELECTIONS,
+    Adversarial,
+    Benign,
+    DetectorTerm,
+    InterpreterWiring,
+    JointLoss,
+    LambdaControl,
+    Selection,
+)
 
 
 class GeneratorUAP(UniversalAttack):
@@ -93,6 +102,11 @@ class GeneratorUAP(UniversalAttack):
             highest IoU among validations that keep the fooling-ratio target; the closest to it when
             none does) or ``"last"``; ``"auto"``: constrained in constrained mode, joint with an
             interpreter, else fooling ratio.
+        detector: a calibrated juap detector to evade (the adaptive attacker of SPEC section 5); its score
+            enters the loss through :class:`~juap.attacks.parts.DetectorTerm` with weight ``mu``, and each
+            validation reports the ``evasion_rate`` (fooled and under the detector's threshold).
+        mu: the detector term's weight; 0 (the default) trains exactly today's attack.
+        detector_temperature: the detector term's softplus temperature, in score units.
         amp, channels_last, compile: opt-in GPU fast paths of the training step (bf16 autocast, NHWC
             layout, ``torch.compile`` with an eager fallback); see :mod:`juap.attacks.fastpaths`.
 
@@ -138,6 +152,9 @@ class GeneratorUAP(UniversalAttack):
         "seed": Param(int),
         "eval_every": Param(int, low=1, dry_run=1),
         "selection": Param(str, choices=SELECTIONS),
+        "detector": Param(torch.nn.Module, optional=True, doc="a calibrated juap detector to evade"),
+        "mu": Param(float, low=0),
+        "detector_temperature": Param(float, low=0, low_open=True),
         "amp": Param(bool),
         "channels_last": Param(bool),
         "compile": Param(bool),
@@ -161,6 +178,8 @@ class GeneratorUAP(UniversalAttack):
         steps: int = 500, batch_size: int = 30, lr: float = 2e-4, lr_schedule: str = "constant",
         betas: Tuple[float, float] = (0.5, 0.999), seed: int = 0, eval_every: int = 50,
         selection: str = "auto",
+        # the adaptive attacker: a detector to stay under
+        detector: Optional[torch.nn.Module] = None, mu: float = 0.0, detector_temperature: float = 1.0,
         # gradients through the interpreter, and the GPU fast paths
         surrogate: bool | str = "auto", tau: float = 1e-4,
         amp: bool = False, channels_last: bool = False, compile: bool = False,
@@ -171,18 +190,31 @@ class GeneratorUAP(UniversalAttack):
         if objective == "targeted":
             check_target(target, self.classifier.num_classes)
         joint = interpreter is not None
+        if mu > 0 and detector is None:
+            raise ConfigError("mu > 0 weighs a detector term: pass detector= (a calibrated juap detector)")
         self.lam_control = LambdaControl(
             lam=lam, warmup=warmup, fr_target=fr_target, fr_margin=fr_margin, dual_lr=dual_lr, map_term=joint
         )
-        self.selection = Selection.resolve(selection, constrained=self.lam_control.constrained, joint=joint)
+        adaptive = detector is not None and mu > 0
+        self.selection = Selection.resolve(
+            selection, constrained=self.lam_control.constrained, joint=joint, adaptive=adaptive
+        )
         self.selector = Selection(self.selection, targeted=objective == "targeted")
         distributed.check_divisible(int(batch_size))  # under torchrun: equal slices of each global batch
         self.wiring = InterpreterWiring.check(interpreter, surrogate=surrogate, tau=tau)
         if isinstance(generator, str):
             GENERATORS.get(generator)  # unknown names fail now, listing the known ones
+        self.detector, self.mu = detector, float(mu)
+        terms = []
+        if adaptive:  # mu = 0 leaves eq 16 as it is
+            target_class = target if objective == "targeted" else None
+            terms.append(DetectorTerm(
+                detector, classifier=self.classifier, interpreter=interpreter, target=target_class,
+                temperature=detector_temperature,
+            ).term(mu))  # fmt: skip
         self.loss = JointLoss(
             objective=objective, target=target, fool_loss=fool_loss, hinge=hinge, delta=delta, kappa=kappa,
-            map_on=map_on, map_loss=map_loss, feature_weight=feature_weight,
+            map_on=map_on, map_loss=map_loss, feature_weight=feature_weight, terms=terms,
         )  # fmt: skip
         self.interpreter, self.use_surrogate, self.tau = interpreter, self.wiring.use_surrogate, tau
         self.generator_spec, self.generator_options = generator, dict(generator_options or {})
@@ -410,10 +442,22 @@ class GeneratorUAP(UniversalAttack):
             device=self.device,
             target=self.target if self.objective == "targeted" else None,
         )
-        return {
-            **{k: v for k, v in out.items() if k != "interpreters"},
-            **out["interpreters"].get("main", {}),
-        }
+        out = {**{k: v for k, v in out.items() if k != "interpreters"}, **out["interpreters"].get("main", {})}
+        if self.detector is not None:
+            out["evasion_rate"] = self._evasion_rate(n_hat, batches)
+        return out
+
+    @torch.no_grad()
+    def _evasion_rate(self, n_hat: torch.Tensor, batches) -> float:
+        """The fraction of the validation images that ``n_hat`` fools and the detector does not flag."""
+        target = self.target if self.objective == "targeted" else None
+        evaded, n = 0, 0
+        for x, *_ in batches:
+            x_hat = apply_perturbation(x, n_hat)
+            fooled = is_fooled(self.classifier(x).argmax(1), self.classifier(x_hat).argmax(1), target=target)
+            evaded += int((fooled & ~self.detector.flags(x_hat)).sum())
+            n += len(x)
+        return evaded / max(n, 1)
 
 
 @ATTACKS.register("juap")

@@ -32,6 +32,7 @@ from ..interpreters.base import Interpreter
 from ..interpreters.smooth_relu import make_surrogate
 from ..losses import (
     attack_classes,
+    evasion_loss,
     feature_distance,
     fooling_loss,
     fooling_terms,
@@ -136,6 +137,63 @@ class Term:
     name: str
     weight: float
     fn: Callable[[Benign, Adversarial], torch.Tensor]
+
+
+class DetectorTerm:
+    """The adaptive attacker's term (SPEC section 5): stay under a calibrated detector's threshold on the
+    images the perturbation already fools, :func:`juap.losses.evasion_loss` of the detector's scores of
+    the adversarial batch. ``term(mu)`` makes the :class:`Term` that :class:`JointLoss` adds to eq 16.
+
+    The detector's maps come from the attack's own pass when it explains with the same interpreter (the
+    smoothed-ReLU surrogate's maps of eq 15, so second derivatives exist); otherwise the detector's
+    interpreter is wired as an attack's is (:class:`InterpreterWiring`) and explains the batch again.
+
+    Args:
+        detector: a calibrated juap detector (``score(x, logits=, maps=)``, ``threshold``); frozen here.
+        classifier: the classifier under attack (the detector must watch this one).
+        interpreter: the attack's interpreter (``None`` for GUAP).
+        target: the target class of a targeted attack (fooled = the target reached), else ``None``.
+        temperature: the term's ``T`` in score units.
+    """
+
+    def __init__(
+        self,
+        detector,
+        *,
+        classifier,
+        interpreter: Optional[Interpreter] = None,
+        target: Optional[int] = None,
+        temperature: float = 1.0,
+    ) -> None:
+        check_range("detector_temperature", temperature, low=0, low_open=True)
+        threshold = getattr(detector, "threshold", None)
+        if threshold is None or not torch.isfinite(torch.as_tensor(threshold)).all():
+            raise ConfigError(
+                "the detector has no calibrated threshold: call detector.calibrate(clean_images, fpr=0.05) "
+                "on held-out clean images before attacking it"
+            )
+        if detector.classifier is not classifier:
+            raise ConfigError("the detector watches another classifier object than the one under attack")
+        self.detector = detector.eval().requires_grad_(False)
+        self.target, self.temperature = target, float(temperature)
+        own = detector.interpreter
+        self.reuse_maps = own is not None and own is interpreter and target is None
+        self.explainer = None
+        if own is not None and not self.reuse_maps:
+            self.explainer = InterpreterWiring.check(own).trainer(classifier)
+
+    def __call__(self, benign: Benign, adv: Adversarial) -> torch.Tensor:
+        maps = adv.maps if self.reuse_maps else None
+        if self.explainer is not None:
+            maps = self.explainer.explain(adv.x_hat)[1]  # maps of the predicted class, as the detector's
+        scores = self.detector.score(adv.x_hat, logits=adv.logits, maps=maps)  # (N,)
+        fooled = is_fooled(benign.logits.argmax(1), adv.logits.detach().argmax(1), target=self.target)
+        threshold = self.detector.threshold.to(scores.device, scores.dtype)
+        return evasion_loss(scores, threshold, temperature=self.temperature, only=fooled, across_ranks=True)
+
+    def term(self, mu: float) -> Term:
+        """The weighted term ``mu * evasion_loss``, logged as ``detector_loss``."""
+        return Term("detector_loss", float(mu), self)
 
 
 class JointLoss:
@@ -380,7 +438,7 @@ def _check_constrained(lam, warmup, fr_target, fr_margin, map_term: bool) -> Non
 
 
 # -- which perturbation a fit keeps -------------------------------------------------------------------
-SELECTIONS = ("auto", "fooling_ratio", "joint", "constrained", "last")
+SELECTIONS = ("auto", "fooling_ratio", "joint", "constrained", "evasion", "last")
 
 
 class Selection:
@@ -389,7 +447,8 @@ class Selection:
     Rules: ``"fooling_ratio"`` (the target success rate when targeted); ``"joint"``: the fooling ratio
     times ``1 + IoU``, so an unperturbed-looking map never outranks fooling the classifier;
     ``"constrained"``: every validation that keeps the fooling-ratio target ranks above every one that
-    does not (1 + IoU above, the shortfall, negative, below); ``"last"``: the latest one.
+    does not (1 + IoU above, the shortfall, negative, below); ``"evasion"`` (an adaptive attacker): the
+    evasion rate (fooled and under the detector's threshold) times ``1 + IoU``; ``"last"``: the latest one.
 
     Args:
         rule: one of the rules (:meth:`resolve` turns ``"auto"`` into one).
@@ -401,14 +460,19 @@ class Selection:
         self.key = "target_success_rate" if targeted else "fooling_ratio"
 
     @staticmethod
-    def resolve(rule: str, *, constrained: bool, joint: bool) -> str:
-        """``rule`` with ``"auto"`` resolved: constrained in the constrained mode, joint with an
-        interpreter (``joint``), else the fooling ratio; ``"constrained"`` needs the constrained mode."""
+    def resolve(rule: str, *, constrained: bool, joint: bool, adaptive: bool = False) -> str:
+        """``rule`` with ``"auto"`` resolved: constrained in the constrained mode, evasion against a
+        detector (``adaptive``), joint with an interpreter (``joint``), else the fooling ratio;
+        ``"constrained"`` needs the constrained mode and ``"evasion"`` a detector."""
         if rule == "constrained" and not constrained:
             raise ConfigError("selection = 'constrained' needs fr_target or fr_margin")
+        if rule == "evasion" and not adaptive:
+            raise ConfigError("selection = 'evasion' needs a detector and mu > 0")
         if rule != "auto":
             return rule
-        return "constrained" if constrained else "joint" if joint else "fooling_ratio"
+        if constrained:
+            return "constrained"
+        return "evasion" if adaptive else "joint" if joint else "fooling_ratio"
 
     def score(self, val: Mapping[str, float], fr_target: Optional[float] = None) -> float:
         """The score of a validation's figures (``fooling_ratio`` or ``target_success_rate``, ``iou``);
@@ -418,6 +482,8 @@ class Selection:
             return 1.0 + val.get("iou", 0.0) if shortfall >= 0 else shortfall
         if self.rule == "joint":
             return val.get(self.key, 0.0) * (1.0 + val.get("iou", 0.0))
+        if self.rule == "evasion":
+            return val.get("evasion_rate", 0.0) * (1.0 + val.get("iou", 0.0))
         if self.rule == "fooling_ratio":
             return val.get(self.key, 0.0)
         return 0.0
