@@ -42,6 +42,7 @@ CORE = tuple(
         "budget",
         "evaluation",
         "detection",
+        "detectors",
     )
 )
 APPLICATION = ("juap.app", "juap.commands", "juap.__main__")
@@ -56,6 +57,7 @@ CORE_FLOORS = {  # inside the core: a module imports only modules of its own flo
     "juap.losses": 3,
     "juap.evaluation": 3,
     "juap.detection": 3,
+    "juap.detectors": 3,  # differentiable detectors: read maps (interpreters) and metrics
     "juap.attacks": 4,
     # a module placed apart from its package (the most specific name counts)
     "juap.classifiers.training": 3,  # trains a classifier on data sets, measuring its accuracy (evaluation)

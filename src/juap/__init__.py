@@ -1,9 +1,10 @@
 """juap: joint universal adversarial perturbations against classifiers and their interpreters."""
 
-from . import attacks, generators, interpreters  # noqa: F401
-from ._registry import ATTACKS, CLASSIFIERS, GENERATORS, INTERPRETERS
+from . import attacks, detectors, generators, interpreters  # noqa: F401
+from ._registry import ATTACKS, CLASSIFIERS, DETECTORS, GENERATORS, INTERPRETERS
 from .attacks.base import COMMON_ARGS
 from .classifiers import Classifier, create_classifier, load_classifier, save_classifier
+from .detectors import Detector, load_detector
 from .errors import CheckpointError, ConfigError, DataError, JuapError, WeightsUnavailableError
 from .evaluation import evaluate
 
@@ -30,6 +31,11 @@ def list_generators() -> list[str]:
     return GENERATORS.names()
 
 
+def list_detectors() -> list[str]:
+    """Names accepted by :func:`create_detector`."""
+    return DETECTORS.names()
+
+
 def create_interpreter(name: str, classifier: Classifier, **kwargs):
     """Build a registered interpreter (CAM, Grad-CAM, RTS) for ``classifier``; options are checked by the
     class's ``create`` (e.g. ``layer=`` for Grad-CAM, ``checkpoint=`` for RTS)."""
@@ -44,6 +50,15 @@ def create_attack(name: str, **kwargs):
     return cls(**kwargs)
 
 
+def create_detector(name: str, *, classifier: Classifier, interpreter=None, **hyperparams) -> Detector:
+    """Build a registered detector (``"map"``, ``"map_conf"``, ``"cnn"``, ``"hyperneuron"``) for
+    ``classifier`` (and ``interpreter``, for those that read maps), with keyword-only hyperparameters checked
+    against the class's declared ``hyperparams`` first (an unknown name or a bad value is a ConfigError)."""
+    cls = DETECTORS.get(name)
+    cls.check_hyperparams(hyperparams)
+    return cls(classifier=classifier, interpreter=interpreter, **hyperparams)
+
+
 def create_generator(name: str, **kwargs):
     """Build a registered perturbation generator."""
     return GENERATORS.create(name, **kwargs)
@@ -54,17 +69,21 @@ __all__ = [
     "Classifier",
     "ConfigError",
     "DataError",
+    "Detector",
     "JuapError",
     "WeightsUnavailableError",
     "create_attack",
     "evaluate",
     "create_classifier",
+    "create_detector",
     "create_generator",
     "create_interpreter",
     "list_attacks",
     "list_classifiers",
+    "list_detectors",
     "list_generators",
     "list_interpreters",
     "load_classifier",
+    "load_detector",
     "save_classifier",
 ]

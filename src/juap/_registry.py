@@ -63,4 +63,5 @@ CLASSIFIERS: Registry = Registry("classifier")
 INTERPRETERS: Registry = Registry("interpreter")
 GENERATORS: Registry = Registry("generator")
 ATTACKS: Registry = Registry("attack")
+DETECTORS: Registry = Registry("detector")  # juap.detectors: differentiable detectors
 DATASETS: Registry = Registry("data set")  # juap.data.base.DataSet classes: what each data set needs

@@ -1,37 +1,32 @@
-"""Interpretation-based detection: inspector scores, map features and a logistic detector."""
+"""Interpretation-based detection for ``juap detect``: inspector scores, map features and a logistic detector
+on fixed (detached) features.
+
+The features and the logistic fit are those of the differentiable detectors (:mod:`juap.detectors`):
+:func:`map_features` is :func:`~juap.detectors.features.map_statistics` (and the confidence statistics) on
+detached maps, and :class:`LogisticDetector` lives in :mod:`juap.detectors.logistic`.
+"""
 
 from __future__ import annotations
 
-import math
 from typing import Dict, Optional, Tuple
 
 import torch
 
-from ._validate import check_range
 from .budget import apply_perturbation
+from .detectors.features import (  # noqa: F401  (MAP_FEATURES, CONF_FEATURES: public names here too)
+    CONF_FEATURES,
+    MAP_FEATURES,
+    confidence_statistics,
+    map_statistics,
+)
+from .detectors.logistic import LogisticDetector  # noqa: F401  (juap detect's detector, public here too)
 from .errors import ConfigError
-from .metrics import IOU_KS, iou_topk, l1_distance, normalize_maps
+from .metrics import IOU_KS, iou_topk, l1_distance
 
 INSPECTORS = ("inspector L1", "inspector 1-IoU")
 
 
 FEATURE_SETS = ("map", "map+conf")
-
-
-MAP_FEATURES = (
-    "entropy",
-    "top10_mass",
-    "top30_mass",
-    "mean",
-    "std",
-    "spread",
-    "center_distance",
-    "total_variation",
-    "log_scale",
-)
-
-
-CONF_FEATURES = ("max_prob", "logit_margin", "pred_entropy")
 
 
 # -- the reference inspector -------------------------------------------------------------------------
@@ -58,7 +53,7 @@ def inspector_scores(benign_maps: torch.Tensor, other_maps: torch.Tensor) -> Dic
 
 # -- the deployable detector -------------------------------------------------------------------------
 def map_features(maps: torch.Tensor, logits: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Statistics of each input's own map (and, with ``logits``, of its prediction's confidence).
+    """Statistics of each input's own map (and, with ``logits``, of its prediction's confidence), detached.
 
     Args:
         maps: raw maps (N, h, w) of the inputs' predicted classes.
@@ -69,115 +64,10 @@ def map_features(maps: torch.Tensor, logits: Optional[torch.Tensor] = None) -> t
     """
     if maps.dim() != 3:
         raise ConfigError(f"maps must have shape (N, h, w), got {tuple(maps.shape)}")
-    maps = maps.detach().float()
-    n, h, w = maps.shape
-    m = normalize_maps(maps)  # (N, h, w) in [0, 1]
-    flat = m.flatten(1)
-    npix = flat.shape[1]
-    total = flat.sum(1).clamp_min(1e-12)
-    p = flat / total[:, None]  # the map as a distribution over pixels
-    entropy = -(p * p.clamp_min(1e-12).log()).sum(1) / math.log(max(npix, 2))
-    desc = flat.sort(1, descending=True).values
-    top = [desc[:, : max(1, round(npix * q))].sum(1) / total for q in (0.1, 0.3)]
-    yy, xx = torch.meshgrid(
-        (torch.arange(h, dtype=torch.float32) + 0.5) / h,
-        (torch.arange(w, dtype=torch.float32) + 0.5) / w,
-        indexing="ij",
-    )
-    yy, xx = yy.flatten().to(maps.device), xx.flatten().to(maps.device)
-    cy, cx = (p * yy).sum(1), (p * xx).sum(1)
-    spread = ((p * ((yy - cy[:, None]) ** 2 + (xx - cx[:, None]) ** 2)).sum(1)).clamp_min(0).sqrt()
-    center = ((cy - 0.5) ** 2 + (cx - 0.5) ** 2).sqrt()
-    tv = torch.zeros(n, device=maps.device)
-    if w > 1:
-        tv = tv + (m[:, :, 1:] - m[:, :, :-1]).abs().flatten(1).mean(1)
-    if h > 1:
-        tv = tv + (m[:, 1:, :] - m[:, :-1, :]).abs().flatten(1).mean(1)
-    raw = maps.flatten(1)
-    scale = torch.log1p((raw.amax(1) - raw.amin(1)).clamp_min(0))
-    feats = [
-        entropy,
-        *top,
-        flat.mean(1),
-        flat.std(1) if npix > 1 else torch.zeros(n),
-        spread,
-        center,
-        tv,
-        scale,
-    ]
+    feats = map_statistics(maps.detach().float())
     if logits is not None:
-        logits = logits.detach().float()
-        prob = logits.softmax(1)
-        two = logits.topk(min(2, logits.shape[1]), dim=1).values
-        margin = two[:, 0] - two[:, -1]
-        ent = -(prob * prob.clamp_min(1e-12).log()).sum(1)
-        feats += [prob.amax(1), margin, ent]
-    return torch.stack(feats, 1)
-
-
-class LogisticDetector:
-    """Logistic regression on standardised features, fitted with L-BFGS (full batch, deterministic).
-
-    The standardisation (mean, std) comes from the training features only; the two classes are weighted
-    equally whatever their counts.
-
-    Args:
-        weight_decay: L2 penalty on the weights (not the bias).
-        max_iter: L-BFGS iterations.
-    """
-
-    def __init__(self, *, weight_decay: float = 1e-2, max_iter: int = 200) -> None:
-        check_range("weight_decay", weight_decay, low=0)
-        check_range("max_iter", max_iter, low=1)
-        self.weight_decay = weight_decay
-        self.max_iter = max_iter
-        self.mean: Optional[torch.Tensor] = None
-        self.std: Optional[torch.Tensor] = None
-        self.weight: Optional[torch.Tensor] = None
-        self.bias: Optional[torch.Tensor] = None
-
-    def fit(self, features: torch.Tensor, labels: torch.Tensor) -> LogisticDetector:
-        """Fit on (N, F) features with labels (N,) in {0 (benign), 1 (adversarial)}."""
-        x = torch.as_tensor(features, dtype=torch.float64)
-        y = torch.as_tensor(labels, dtype=torch.float64).flatten()
-        if x.dim() != 2 or len(x) != len(y):
-            raise ConfigError(
-                f"features (N, F) and labels (N,) must match, got {tuple(x.shape)}, {tuple(y.shape)}"
-            )
-        n_pos, n_neg = float(y.sum()), float((1 - y).sum())
-        if n_pos == 0 or n_neg == 0:
-            raise ConfigError(
-                "the detector needs benign and adversarial training examples, got one class only"
-            )
-        self.mean = x.mean(0)
-        self.std = x.std(0).clamp_min(1e-6) if len(x) > 1 else torch.ones(x.shape[1], dtype=torch.float64)
-        z = (x - self.mean) / self.std
-        sample_w = torch.where(y > 0.5, 0.5 / n_pos, 0.5 / n_neg)  # each class sums to 1/2
-        w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
-        b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-        opt = torch.optim.LBFGS([w, b], max_iter=self.max_iter, line_search_fn="strong_wolfe")
-
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            logit = z @ w + b
-            loss = (
-                sample_w * torch.nn.functional.binary_cross_entropy_with_logits(logit, y, reduction="none")
-            ).sum()
-            loss = loss + self.weight_decay * (w * w).sum()
-            loss.backward()
-            return loss
-
-        with torch.enable_grad():
-            opt.step(closure)
-        self.weight, self.bias = w.detach(), b.detach()
-        return self
-
-    def score(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits (N,): higher means more likely adversarial."""
-        if self.weight is None:
-            raise ConfigError("the detector is not fitted yet: call fit(features, labels) first")
-        z = (torch.as_tensor(features, dtype=torch.float64) - self.mean) / self.std
-        return z @ self.weight + self.bias
+        feats = torch.cat([feats, confidence_statistics(logits.detach().float())], 1)
+    return feats
 
 
 # -- collecting maps and scoring ---------------------------------------------------------------------

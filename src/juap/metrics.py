@@ -352,6 +352,66 @@ def tpr_at_fpr(negatives: torch.Tensor, positives: torch.Tensor, fpr: float = 0.
     return float(t[f <= fpr + 1e-12].max())
 
 
+def calibrate_threshold(clean_scores: torch.Tensor | Sequence[float], fpr: float) -> float:
+    """The detection threshold at a false-positive rate, from scores of held-out clean images.
+
+    An input is flagged when its score is ``> t``. ``t`` is the smallest observed clean score such that at
+    most ``fpr`` of the clean scores lie above it: with the scores sorted ascending and
+    ``k = floor(fpr * n)``, ``t`` is the ``(n - k)``-th one (ties only lower the false positives).
+
+    Args:
+        clean_scores: detector scores (n,) of clean calibration images (not used to train the detector).
+        fpr: the false-positive rate, in (0, 1).
+
+    Returns:
+        The threshold ``t``, one of the clean scores.
+
+    Raises:
+        ConfigError: ``fpr`` outside (0, 1); fewer than ``ceil(1 / fpr)`` scores (at a rate of 1% a
+            threshold needs 100 clean images, or not one of them may lie above it); a score not finite.
+    """
+    check_range("fpr", fpr, low=0, high=1, low_open=True)
+    if fpr >= 1:
+        raise ConfigError(f"fpr = {fpr!r} is out of range; it must be > 0 and < 1")
+    scores = torch.as_tensor(clean_scores, dtype=torch.float64).detach().cpu().flatten()
+    needed = math.ceil(1 / fpr - 1e-9)
+    if len(scores) < needed:
+        raise ConfigError(
+            f"a threshold at a false-positive rate of {fpr:g} needs at least {needed} clean calibration "
+            f"images, got {len(scores)}: give more clean images to calibrate on, or a larger fpr"
+        )
+    if not bool(torch.isfinite(scores).all()):
+        raise ConfigError("detection scores must be finite; got NaN or infinity among the clean scores")
+    k = math.floor(fpr * len(scores) + 1e-9)  # clean scores allowed above the threshold
+    return float(scores.sort().values[len(scores) - k - 1])
+
+
+def evasion_rate(fooled: torch.Tensor, scores: torch.Tensor, threshold: float) -> float:
+    """The fraction of test images that the perturbation fools *and* that the detector does not flag.
+
+    Args:
+        fooled: bool (N,): whether each perturbed image fools the classifier (eq 18 per image).
+        scores: detector scores (N,) of the perturbed images.
+        threshold: the calibrated threshold (flag = score > threshold).
+
+    Returns:
+        ``mean(fooled & (scores <= threshold))`` over all N images, in [0, 1].
+
+    Raises:
+        ConfigError: shapes differ, no image, or the threshold is NaN (an uncalibrated detector).
+    """
+    fooled = torch.as_tensor(fooled).detach().cpu().flatten().bool()
+    scores = torch.as_tensor(scores).detach().cpu().flatten()
+    if fooled.shape != scores.shape or len(scores) == 0:
+        raise ConfigError(
+            f"evasion_rate needs one fooled flag and one score per image, got {len(fooled)} flags and "
+            f"{len(scores)} scores"
+        )
+    if math.isnan(float(threshold)):
+        raise ConfigError("the threshold is NaN: calibrate the detector first (detector.calibrate)")
+    return float((fooled & (scores <= float(threshold))).double().mean())
+
+
 # -- the pointing game (does a map point at the object?) ----------------------------------------------
 def pointing_game(
     maps: torch.Tensor,
