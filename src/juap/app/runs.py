@@ -226,8 +226,11 @@ class failed_on_error:
         return False
 
 
-def open_grid_dir(out: str | os.PathLike, *, experiment: str, overwrite: bool = False) -> Path:
-    """The run folder of ``juap run``: created, or reopened to continue the same experiment.
+def open_grid_dir(
+    out: str | os.PathLike, *, experiment: str, overwrite: bool = False, command: str = "run"
+) -> Path:
+    """The run folder of ``juap run`` (or another resumable grid ``command``, e.g. ``evade``): created, or
+    reopened to continue the same experiment.
 
     A folder holding another command's run or another experiment is refused unless ``overwrite``.
     Under torchrun only rank 0 opens it; the other ranks get its path.
@@ -248,7 +251,7 @@ def open_grid_dir(out: str | os.PathLike, *, experiment: str, overwrite: bool = 
             run = json.loads(run_file.read_text())
         except (OSError, ValueError):
             run = {}
-        if run.get("command") != "run" or run.get("experiment") != experiment:
+        if run.get("command") != command or run.get("experiment") != experiment:
             raise ConfigError(
                 f"output folder {str(path)!r} exists and holds something else than a run of experiment "
                 f"{experiment!r}; choose another --out or pass --overwrite"
@@ -257,7 +260,7 @@ def open_grid_dir(out: str | os.PathLike, *, experiment: str, overwrite: bool = 
         write_json(run_file, run)
         distributed.broadcast_object(str(path))
         return path
-    path = new_run_dir(path, command="run", overwrite=overwrite)
+    path = new_run_dir(path, command=command, overwrite=overwrite)
     run = json.loads(run_file.read_text())
     run["experiment"] = experiment
     write_json(run_file, run)

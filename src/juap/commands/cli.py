@@ -23,6 +23,7 @@ from .attack import AttackRunConfig, run_attack
 from .configs import migrate_legacy_keys
 from .demo import DemoSettings, open_demo_dir, run_demo
 from .detect import DetectConfig, run_detect
+from .evade import load_evade_config, plan_cells, run_evade
 from .evaluate import run_evaluate
 from .run import dry_run_experiment, load_experiment, parse_shard, plan, run_grid, write_results
 from .shipped import CONFIG_DIR, copy_configs, list_configs, resolve_config
@@ -283,6 +284,41 @@ def cmd_detect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evade(args: argparse.Namespace) -> int:
+    cfg = load_evade_config(args.experiment, args.overrides)
+    shard = parse_shard(args.shard)
+    cells = plan_cells(cfg.evade)
+    if args.list:
+        for k, cell in enumerate(cells):
+            mark = "*" if k % shard[1] == shard[0] - 1 else " "
+            note = "  (headline: sanity checks)" if cell.headline else ""
+            print(f"{mark} {cell.id}  rounds 0-{cell.rounds}{note}")
+        print(f"{len(cells)} cells; * = in shard {shard[0]}/{shard[1]}")
+        return 0
+    out = args.out or Path("runs") / cfg.name
+    run_dir = open_grid_dir(out, experiment=cfg.name, overwrite=args.overwrite, command="evade")
+    check_config(run_dir, to_dict(cfg), resume=(run_dir / "config.yaml").is_file())
+    print(
+        f"juap evade {cfg.name}: {len(cells)} cells (seed x budget x interpreter)"
+        + (f", shard {shard[0]}/{shard[1]}" if shard[1] > 1 else "")
+        + f"; run folder: {run_dir} (finished cells are reused: run again to continue)"
+    )
+    args.rerun_hint = f"juap evade {args.experiment} --out {run_dir}"  # printed if interrupted
+    with failed_on_error(run_dir):
+        res = run_evade(
+            cfg, run_dir, shard=shard, cache_dir=args.cache_dir, progress=not args.no_progress, say=print
+        )
+    done = res["complete"] == res["cells"]
+    summary = {k: v for k, v in res.items() if k != "rows"}
+    finish_run(run_dir, config=to_dict(cfg), metrics=summary, complete=done)
+    print((run_dir / "results.md").read_text())
+    print(
+        f"{res['complete']} of {res['cells']} cells finished ({res['ran']} run now, {res['seconds']:.0f} s). "
+        f"Report: {run_dir}/results.md, evasion.csv, evasion.json and the figures"
+    )
+    return 0
+
+
 def cmd_configs(args: argparse.Namespace) -> int:
     if args.name is None:
         if args.out:
@@ -311,6 +347,7 @@ COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
     "train-rts": cmd_train_rts,
     "detect": cmd_detect,
     "run": cmd_run,
+    "evade": cmd_evade,
     "configs": cmd_configs,
 }
 
@@ -327,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_resumable_parsers(sub.add_parser)
     _add_perturbation_parsers(sub.add_parser)
     _add_run_parser(sub.add_parser)
+    _add_evade_parser(sub.add_parser)
     _add_configs_parser(sub.add_parser)
     return parser
 
@@ -435,6 +473,31 @@ def _add_run_parser(add: AddParser) -> None:
         help="also take finished cells from another run folder of this experiment (repeatable)",
     )
     p.add_argument("--dry-run", action="store_true", help="run every cell one step on tiny data, then stop")
+    p.add_argument("--list", action="store_true", help="list the cells and stop")
+    _add_cache_dir(p)
+
+
+def _add_evade_parser(add: AddParser) -> None:
+    p = add(
+        "evade",
+        help="can map-based detectors be evaded? detectors, adaptive attacks, arms race, budget sweep",
+        description="Train detectors on attribution maps (and activations) to flag universal perturbations, "
+        "attack them with JUAP/GUAP that know the detector and its threshold, retrain, repeat for "
+        "evade.rounds rounds, over a sweep of budgets; report AUROC, TPR at 1%% / 5%% FPR and the evasion "
+        "rate (fooled and not flagged), non-adaptive beside adaptive, with sanity flags. Resumable: run "
+        "again to continue.",
+    )
+    p.add_argument(
+        "experiment",
+        nargs="?",
+        default="embedded/evasion.yaml",
+        metavar="EXPERIMENT.yaml",
+        help="experiment file or a shipped one's name (default: embedded/evasion.yaml)",
+    )
+    _add_common(p, config=False)
+    p.add_argument(
+        "--shard", metavar="I/N", help="run only every N-th cell, starting at the I-th (1 <= I <= N)"
+    )
     p.add_argument("--list", action="store_true", help="list the cells and stop")
     _add_cache_dir(p)
 
