@@ -61,18 +61,20 @@ class CNNDetector(Detector):
         self, *, classifier, interpreter=None, width: int = 16, epochs: int = 5, lr: float = 3e-3
     ) -> None:
         super().__init__(classifier=classifier, interpreter=interpreter, width=width, epochs=epochs, lr=lr)
-        w = width
-        self.net = nn.Sequential(
-            nn.Conv2d(4, w, 3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.Linear(4 * w, 1),
-        )
+        with torch.random.fork_rng(devices=[]):  # no draw from the global RNG: fit() seeds the weights
+            torch.manual_seed(0)
+            w = width
+            self.net = nn.Sequential(
+                nn.Conv2d(4, w, 3, stride=2, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(w, 2 * w, 3, stride=2, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1),
+                nn.ReLU(),
+                nn.AdaptiveAvgPool2d(1),
+                nn.Flatten(),
+                nn.Linear(4 * w, 1),
+            )
 
     def _score(self, x, logits, maps) -> torch.Tensor:
         return self.net(detector_input(x, maps)).squeeze(1)  # (N,)
