@@ -27,7 +27,7 @@ def setup():
     clf, _, _ = texture_classifier()
     x, y = textures(96, seed=2)
     g = torch.Generator().manual_seed(0)
-    pattern = (torch.rand(3, 32, 32, generator=g) * 2 - 1).sign() * 0.3
+    pattern = (torch.rand(3, 32, 32, generator=g) * 2 - 1).sign() * 0.5
     adv = (x + pattern).clamp(0, 1)
     torch.manual_seed(0)
     rts = RTS(clf, width=8)
@@ -174,7 +174,9 @@ def test_fit_separates_an_obvious_perturbation(setup, name):
     clf, interps, x, adv = setup
     hp = {"epochs": 5} if name == "cnn" else {}
     det = juap.create_detector(name, classifier=clf, interpreter=interps["cam"], **hp).fit(x, adv, seed=0)
-    assert auroc(det.scores(x), det.scores(adv)) > 0.8, name  # measured 0.93-0.99; chance is 0.5
+    assert auroc(det.scores(x), det.scores(adv)) > 0.8, (
+        name
+    )  # measured 0.92-1.0 (JUAP_TEST_SEED 0-5); chance: 0.5
 
 
 def test_cnn_is_seeded_and_leaves_the_global_rng_alone(setup):

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -12,8 +12,9 @@ import torch.nn.functional as F
 
 from .._registry import DETECTORS
 from .._validate import Param
+from ..classifiers.base import Classifier
 from ..errors import NumericalError
-from ..interpreters.base import upsample_maps
+from ..interpreters.base import Interpreter, upsample_maps
 from ..metrics import normalize_maps
 from ..runtime.loop import Trainer, TrainLoop
 from .base import Detector
@@ -58,7 +59,13 @@ class CNNDetector(Detector):
     }
 
     def __init__(
-        self, *, classifier, interpreter=None, width: int = 16, epochs: int = 5, lr: float = 3e-3
+        self,
+        *,
+        classifier: Classifier,
+        interpreter: Optional[Interpreter] = None,
+        width: int = 16,
+        epochs: int = 5,
+        lr: float = 3e-3,
     ) -> None:
         super().__init__(classifier=classifier, interpreter=interpreter, width=width, epochs=epochs, lr=lr)
         with torch.random.fork_rng(devices=[]):  # no draw from the global RNG: fit() seeds the weights
