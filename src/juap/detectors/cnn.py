@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -12,8 +12,9 @@ import torch.nn.functional as F
 
 from .._registry import DETECTORS
 from .._validate import Param
+from ..classifiers.base import Classifier
 from ..errors import NumericalError
-from ..interpreters.base import upsample_maps
+from ..interpreters.base import Interpreter, upsample_maps
 from ..metrics import normalize_maps
 from ..runtime.loop import Trainer, TrainLoop
 from .base import Detector
@@ -58,21 +59,29 @@ class CNNDetector(Detector):
     }
 
     def __init__(
-        self, *, classifier, interpreter=None, width: int = 16, epochs: int = 5, lr: float = 3e-3
+        self,
+        *,
+        classifier: Classifier,
+        interpreter: Optional[Interpreter] = None,
+        width: int = 16,
+        epochs: int = 5,
+        lr: float = 3e-3,
     ) -> None:
         super().__init__(classifier=classifier, interpreter=interpreter, width=width, epochs=epochs, lr=lr)
-        w = width
-        self.net = nn.Sequential(
-            nn.Conv2d(4, w, 3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.Linear(4 * w, 1),
-        )
+        with torch.random.fork_rng(devices=[]):  # no draw from the global RNG: fit() seeds the weights
+            torch.manual_seed(0)
+            w = width
+            self.net = nn.Sequential(
+                nn.Conv2d(4, w, 3, stride=2, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(w, 2 * w, 3, stride=2, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1),
+                nn.ReLU(),
+                nn.AdaptiveAvgPool2d(1),
+                nn.Flatten(),
+                nn.Linear(4 * w, 1),
+            )
 
     def _score(self, x, logits, maps) -> torch.Tensor:
         return self.net(detector_input(x, maps)).squeeze(1)  # (N,)

@@ -33,6 +33,14 @@ def safe_sqrt(u: torch.Tensor) -> torch.Tensor:
     return torch.where(u > 0, u.clamp_min(1e-30).sqrt(), torch.zeros_like(u))
 
 
+def safe_std(flat: torch.Tensor) -> torch.Tensor:
+    """``flat.std(1)`` (N,) of (N, P) values, exactly, with a finite gradient (0) for a constant row."""
+    const = flat.amax(1) == flat.amin(1)  # (N,)
+    ramp = torch.arange(flat.shape[1], dtype=flat.dtype, device=flat.device)
+    s = torch.where(const[:, None], flat + ramp, flat).std(1)  # a constant row: the std of a ramp instead
+    return torch.where(const, torch.zeros_like(s), s)
+
+
 def map_statistics(maps: torch.Tensor) -> torch.Tensor:
     """The statistics of :data:`MAP_FEATURES` of each raw map, differentiably.
 
@@ -72,7 +80,7 @@ def map_statistics(maps: torch.Tensor) -> torch.Tensor:
         tv = tv + (m[:, 1:, :] - m[:, :-1, :]).abs().flatten(1).mean(1)
     raw = maps.flatten(1)
     scale = torch.log1p((raw.amax(1) - raw.amin(1)).clamp_min(0))
-    std = safe_sqrt(flat.var(1)) if npix > 1 else maps.new_zeros(n)
+    std = safe_std(flat) if npix > 1 else maps.new_zeros(n)
     return torch.stack([entropy, *top, flat.mean(1), std, spread, center, tv, scale], 1)
 
 

@@ -7,6 +7,8 @@ from typing import ClassVar, Optional
 import torch
 
 from .._validate import Param
+from ..classifiers.base import Classifier
+from ..interpreters.base import Interpreter
 from .base import Detector
 from .logistic import fit_logistic, standardization
 
@@ -30,7 +32,12 @@ class LinearDetector(Detector):
     }
 
     def __init__(
-        self, *, classifier, interpreter=None, weight_decay: float = 1e-2, max_iter: int = 200
+        self,
+        *,
+        classifier: Classifier,
+        interpreter: Optional[Interpreter] = None,
+        weight_decay: float = 1e-2,
+        max_iter: int = 200,
     ) -> None:
         super().__init__(
             classifier=classifier, interpreter=interpreter, weight_decay=weight_decay, max_iter=max_iter
