@@ -43,7 +43,7 @@ def setup():
 
 def fitted(setup, name, interp="cam", **hp):
     clf, interps, x, adv = setup
-    hp = {"epochs": 2, **hp} if name == "cnn" else hp
+    hp = {"steps": 10, **hp} if name == "cnn" else hp
     det = juap.create_detector(name, classifier=clf, interpreter=interps[interp], **hp)
     return det.fit(x[:48], adv[:48], seed=0)
 
@@ -172,7 +172,7 @@ def test_map_detectors_score_their_statistics(setup):
 @pytest.mark.parametrize("name", ["map", "map_conf", "cnn", "hyperneuron"])
 def test_fit_separates_an_obvious_perturbation(setup, name):
     clf, interps, x, adv = setup
-    hp = {"epochs": 5} if name == "cnn" else {}
+    hp = {"steps": 100} if name == "cnn" else {}
     det = juap.create_detector(name, classifier=clf, interpreter=interps["cam"], **hp).fit(x, adv, seed=0)
     assert auroc(det.scores(x), det.scores(adv)) > 0.8, (
         name
@@ -186,7 +186,7 @@ def test_cnn_is_seeded_and_leaves_the_global_rng_alone(setup):
     x = setup[3][:8]
     assert torch.equal(a.scores(x), b.scores(x))
     clf, interps, xs, adv = setup
-    c = juap.create_detector("cnn", classifier=clf, interpreter=interps["cam"], epochs=2)
+    c = juap.create_detector("cnn", classifier=clf, interpreter=interps["cam"], steps=10)
     assert not torch.equal(c.fit(xs[:48], adv[:48], seed=1).scores(x), a.scores(x))
 
 
@@ -195,7 +195,7 @@ def test_cnn_works_at_64_and_224_pixels(setup, size):
     clf, interps, _, _ = setup
     g = torch.Generator().manual_seed(size)
     x = torch.rand(4, 3, size, size, generator=g)
-    det = juap.create_detector("cnn", classifier=clf, interpreter=interps["cam"], width=4, epochs=1)
+    det = juap.create_detector("cnn", classifier=clf, interpreter=interps["cam"], width=4, steps=5)
     det.fit(x[:2], x[2:], seed=0, batch_size=2)
     assert det.score(x).shape == (4,) and det.image_size == (size, size)
 
@@ -204,8 +204,8 @@ def test_bad_arguments_are_config_errors(setup):
     clf, interps, x, adv = setup
     with pytest.raises(ConfigError, match="takes no parameter 'widht'"):
         juap.create_detector("cnn", classifier=clf, interpreter=interps["cam"], widht=8)
-    with pytest.raises(ConfigError, match="epochs"):
-        juap.create_detector("cnn", classifier=clf, interpreter=interps["cam"], epochs=0)
+    with pytest.raises(ConfigError, match="steps"):
+        juap.create_detector("cnn", classifier=clf, interpreter=interps["cam"], steps=0)
     with pytest.raises(ConfigError, match="interpreter="):
         juap.create_detector("map", classifier=clf)
     assert juap.create_detector("hyperneuron", classifier=clf, interpreter=interps["cam"]).interpreter is None

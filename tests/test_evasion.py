@@ -15,6 +15,7 @@ from juap.attacks.parts import DetectorTerm, Selection
 from juap.budget import apply_perturbation
 from juap.commands import evade
 from juap.commands.run import BudgetConfig
+from juap.commands.shipped import CONFIG_DIR
 from juap.errors import ConfigError
 from juap.losses import evasion_loss
 
@@ -103,7 +104,10 @@ def test_mu_zero_gives_todays_attack_bitwise(setup, attack):
 
 
 # -- mu > 0 lowers the detector's score ---------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["map_conf", "hyperneuron"])
+# the two detectors that flag the plain JUAP perturbation clearly on this tiny model (its 4x4 CAM maps
+# leave the map statistics little to see), so that evading them has room: measured 3.7 and 4.5 clean
+# standard deviations lower with mu = 10, against the 1 asserted
+@pytest.mark.parametrize("kind", ["cnn", "hyperneuron"])
 def test_an_adaptive_juap_scores_lower_on_a_frozen_detector(setup, kind):
     clf, x, cam = setup
     common = dict(classifier=clf, interpreter=cam, eps=24, steps=30, batch_size=16, eval_every=10, lr=3e-3,
@@ -121,7 +125,7 @@ def test_an_adaptive_juap_scores_lower_on_a_frozen_detector(setup, kind):
         s1 = det.score(apply_perturbation(held_out, n1))
         spread = det.score(held_out).std()
     assert "detector_loss" in adaptive.history[-1]
-    assert s1.mean() < s0.mean() - 0.5 * spread, (s0.mean(), s1.mean(), spread)
+    assert s1.mean() < s0.mean() - spread, (s0.mean(), s1.mean(), spread)
 
 
 # -- the experiment ---------------------------------------------------------------------------------
@@ -232,8 +236,14 @@ def test_a_calibration_split_too_small_for_the_fpr_says_how_many_images_it_needs
         evade.build_bench(cfg, tmp_path, progress=False)
 
 
-def test_the_shipped_experiment_loads_and_lists_its_cells(capsys):
-    cfg = evade.load_evade_config("embedded/evasion.yaml")
-    assert cfg.evade.headline in cfg.evade.budgets and len(cfg.evade.budgets) >= 4
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.rglob("*evasion*.yaml")), ids=lambda p: p.name)
+def test_the_shipped_experiments_load_with_a_budget_sweep(path):
+    cfg = evade.load_evade_config(path)
+    s = cfg.evade
+    assert s.headline in s.budgets and len({b.eps for b in s.budgets if b.norm == "linf"}) >= 4
+    assert evade.plan_cells(s)[0].headline and set(s.detectors) == set(juap.list_detectors())
+
+
+def test_juap_evade_lists_the_default_experiments_cells(capsys):
     code, out, _ = run_cli(capsys, "evade", "--list")
     assert code == 0 and "cam_linf10_s0" in out and "4 cells" in out

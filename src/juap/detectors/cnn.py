@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, Mapping, Optional
 
 import torch
@@ -44,7 +43,8 @@ class CNNDetector(Detector):
         classifier: the inspected classifier.
         interpreter: the interpreter whose maps are read.
         width: channels of the first convolution.
-        epochs: passes over the training images.
+        steps: Adam steps, each on a batch of the shuffled training images (a fixed count, so that a small
+            training set is not left nearly untrained: 5 passes over 160 images were 15 steps).
         lr: Adam's learning rate.
     """
 
@@ -54,7 +54,7 @@ class CNNDetector(Detector):
     uses_maps = True
     hyperparams = {
         "width": Param(int, low=1, doc="channels of the first convolution"),
-        "epochs": Param(int, low=1, doc="passes over the training images"),
+        "steps": Param(int, low=1, doc="Adam steps (batches of the shuffled training images)"),
         "lr": Param(float, low=0, low_open=True, doc="Adam's learning rate"),
     }
 
@@ -64,10 +64,10 @@ class CNNDetector(Detector):
         classifier: Classifier,
         interpreter: Optional[Interpreter] = None,
         width: int = 16,
-        epochs: int = 5,
+        steps: int = 300,
         lr: float = 3e-3,
     ) -> None:
-        super().__init__(classifier=classifier, interpreter=interpreter, width=width, epochs=epochs, lr=lr)
+        super().__init__(classifier=classifier, interpreter=interpreter, width=width, steps=steps, lr=lr)
         with torch.random.fork_rng(devices=[]):  # no draw from the global RNG: fit() seeds the weights
             torch.manual_seed(0)
             w = width
@@ -105,12 +105,12 @@ class CNNDetector(Detector):
                     m.reset_parameters()
         self.net.to(self.device)
         trainer = CNNTrainer(self, x, maps, y, seed=seed, batch_size=batch_size)
-        TrainLoop(f"detector {self.name}", unit="epoch", progress=progress).train(trainer, None)
+        TrainLoop(f"detector {self.name}", unit="step", progress=progress).train(trainer, None)
 
 
 class CNNTrainer(Trainer):
-    """Adam on the class-balanced BCE of a :class:`CNNDetector`, one epoch per step (the loop engine gives
-    the progress bar and the NaN roll-back).
+    """Adam on the class-balanced BCE of a :class:`CNNDetector`, one batch per step, reshuffled after each
+    pass (the loop engine gives the progress bar and the NaN roll-back).
 
     Args:
         detector: the detector whose ``net`` is trained.
@@ -119,38 +119,39 @@ class CNNTrainer(Trainer):
         batch_size: images per step.
     """
 
-    unit = "epoch"
+    unit = "step"
 
     def __init__(self, detector: CNNDetector, x, maps, y, *, seed: int, batch_size: int) -> None:
         self.det, self.x, self.maps, self.y, self.batch_size = detector, x, maps, y, batch_size
         n_pos = float(y.sum())
         self.weights = torch.where(y > 0.5, len(y) / (2 * n_pos), len(y) / (2 * (len(y) - n_pos)))
         self.data_order = torch.Generator().manual_seed(seed)
+        self.order, self.position = torch.randperm(len(y), generator=self.data_order), 0
 
     @property
     def num_steps(self) -> int:
-        return self.det.hparams["epochs"]
+        return self.det.hparams["steps"]
 
     def init(self, data: Any, val_data: Any = None, *, progress: bool = True) -> None:
         self.optimizer = torch.optim.Adam(self.det.net.parameters(), lr=self.det.hparams["lr"])
 
     def step(self, i: int) -> Dict[str, float]:
-        device, total = self.det.device, 0.0
-        order = torch.randperm(len(self.y), generator=self.data_order)
-        for k in range(0, len(order), self.batch_size):
-            idx = order[k : k + self.batch_size]
-            x, maps = self.x[idx].to(device), self.maps[idx].to(device)
-            y, w = self.y[idx].to(device), self.weights[idx].to(device)
-            loss = (
-                w * F.binary_cross_entropy_with_logits(self.det._score(x, None, maps), y, reduction="none")
-            ).mean()
-            self.optimizer.zero_grad()
-            loss.backward()
-            self.optimizer.step()
-            total += float(loss.detach()) * len(idx)
-        if not math.isfinite(total):
-            raise NumericalError(f"the CNN detector's loss is {total} in epoch {i}")
-        return {"loss": total / len(self.y)}
+        if self.position >= len(self.order):  # a pass is over: a new order
+            self.order, self.position = torch.randperm(len(self.y), generator=self.data_order), 0
+        idx = self.order[self.position : self.position + self.batch_size]
+        self.position += len(idx)
+        device = self.det.device
+        x, maps = self.x[idx].to(device), self.maps[idx].to(device)
+        y, w = self.y[idx].to(device), self.weights[idx].to(device)
+        loss = (
+            w * F.binary_cross_entropy_with_logits(self.det._score(x, None, maps), y, reduction="none")
+        ).mean()
+        if not torch.isfinite(loss):
+            raise NumericalError(f"the CNN detector's loss is {loss.item()} at step {i}")
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        return {"loss": float(loss.detach())}
 
     def state_dict(self) -> Dict[str, Any]:
         return {"net": {k: v.clone() for k, v in self.det.net.state_dict().items()},
