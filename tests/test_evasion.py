@@ -184,6 +184,8 @@ def test_the_arms_race_books_every_round_and_resumes_after_a_kill(setup, tmp_pat
         assert 0.0 <= r["evasion_rate"] <= r["fooling_ratio"] + 1e-12
     for name in ("results.md", "evasion.csv", "evasion.json", "evasion_vs_budget.png", "rounds.png"):
         assert (straight / name).is_file(), name
+    shared = {q.stem for q in (straight / "shared" / "linf10_s0").glob("*.safetensors")}
+    assert shared == {"UAP", "SGD-UAP", "GUAP"}  # made once for every interpreter of the seed and budget
     flags = json.loads((straight / "evasion.json").read_text())["flags"]
     checks = {f["check"] for f in flags}
     assert {"doubling the steps changes evasion little", "a restart changes evasion little"} <= checks
@@ -208,7 +210,11 @@ def test_the_arms_race_books_every_round_and_resumes_after_a_kill(setup, tmp_pat
     calls.clear()
     monkeypatch.setattr(juap, "create_attack", lambda *a, **k: (calls.append(a[0]), real(*a, **k))[1])
     again = evade.run_evade(cfg, resumed, progress=False, say=lambda s: None)
-    total = len(list((straight / "cells").rglob("perturbations/*.safetensors")))
+    made = [
+        *(straight / "cells").rglob("perturbations/*.safetensors"),
+        *(straight / "shared").rglob("*.safetensors"),
+    ]
+    total = len(made)
     assert len(calls) == total - 6
     assert again["rows"] == rows
 

@@ -297,8 +297,13 @@ class CellRun:
     def perturbation(
         self, label: str, attack: str, *, round_: int = 0, against: str = "-", **extra
     ) -> torch.Tensor:
-        """The perturbation ``label``: loaded from the cell folder, or learned and saved there."""
+        """The perturbation ``label``: loaded from the cell folder, or learned and saved there. One that no
+        interpreter or detector shapes (UAP, SGD-UAP, GUAP of round 0) is kept once for every interpreter
+        of its seed and budget, in ``shared/``."""
         path = self.folder / "perturbations" / f"{label}.safetensors"
+        if attack != "juap" and against == "-" and not path.is_file():
+            b = self.cell.budget
+            path = self.folder.parent.parent / "shared" / f"{b.norm}{b.eps:g}_s{self.cell.seed}" / path.name
         if path.is_file():
             n_hat = load_tensors(path)[0]["perturbation"]
         else:
