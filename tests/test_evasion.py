@@ -231,6 +231,8 @@ def test_bad_experiment_settings_are_refused_with_the_fix():
         evade.EvadeSettings(detectors=("mapp",))
     with pytest.raises(ConfigError, match="adaptive_attacks"):
         evade.EvadeSettings(adaptive_attacks=("uap",))
+    with pytest.raises(ConfigError, match="max_images"):  # at load time, not an hour into the run
+        evade.load_evade_config("embedded/evasion.yaml", ["attack_params.uap={max_images: 64}"])
     with pytest.raises(ConfigError, match="unknown|not a field|evade.rounds"):
         evade.load_evade_config("embedded/evasion.yaml", ["evade.roundz=2"])
 

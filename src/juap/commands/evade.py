@@ -158,6 +158,11 @@ class EvadeConfig:
         bad = [a for a in self.attack_params if a not in ROUND0]
         if bad:
             raise ConfigError(f"attack_params may name {list(ROUND0)}, got {bad}")
+        for name, params in self.attack_params.items():  # a bad key fails now, not an hour into the run
+            juap.ATTACKS.get(name).check_hyperparams(params)
+        for name, params in self.interpreter_params.items():
+            juap.INTERPRETERS.get(name)
+            juap.ATTACKS.get("juap").check_hyperparams(params)
 
 
 def load_evade_config(path: str | Path, overrides: Sequence[str] = ()) -> EvadeConfig:
