@@ -38,14 +38,14 @@ def calibrated(kind, clf, interp, clean, adversarial, calibration):
 # -- the loss term -----------------------------------------------------------------------------------
 def test_evasion_loss_is_a_smooth_hinge_over_the_chosen_images():
     s = torch.tensor([3.0, -3.0, 0.0])
-    t = 1.0
-    expected = torch.nn.functional.softplus(s - 1.0)
-    assert torch.allclose(evasion_loss(s, 1.0, temperature=t), expected.mean())
+    expected = torch.nn.functional.softplus((s - 1.0) / 2.0)
+    assert torch.allclose(evasion_loss(s, 1.0, scale=2.0), expected.mean())
+    assert torch.allclose(evasion_loss(s, 1.0, scale=0.5, temperature=4.0), expected.mean())
     only = torch.tensor([True, False, False])
-    assert torch.allclose(evasion_loss(s, 1.0, only=only), expected[0])
+    assert torch.allclose(evasion_loss(s, 1.0, scale=2.0, only=only), expected[0])
     assert evasion_loss(s, 1.0, only=torch.zeros(3, dtype=torch.bool)).item() == 0.0
-    # a small temperature is close to max{s - t, 0}
-    assert abs(evasion_loss(torch.tensor([3.0]), 1.0, temperature=0.01).item() - 2.0) < 1e-3
+    # a small temperature is close to max{s - t, 0} / (temperature * scale)
+    assert abs(0.01 * evasion_loss(torch.tensor([3.0]), 1.0, temperature=0.01).item() - 2.0) < 1e-3
     with pytest.raises(ConfigError, match="temperature"):
         evasion_loss(s, 1.0, temperature=0.0)
 
@@ -255,3 +255,16 @@ def test_the_shipped_experiments_load_with_a_budget_sweep(path):
 def test_juap_evade_lists_the_default_experiments_cells(capsys):
     code, out, _ = run_cli(capsys, "evade", "--list")
     assert code == 0 and "cam_linf10_s0" in out and "4 cells" in out
+
+
+def test_the_detector_term_waits_for_its_warm_up_then_ramps_to_mu(setup):
+    clf, x, cam = setup
+    det = calibrated("map", clf, cam, x[:60], (x[:60] * 0.6 + 0.3), x[60:100])
+    kw = dict(classifier=clf, interpreter=cam, detector=det, mu=2.0, steps=11, detector_warmup=5)
+    ramp = juap.create_attack("juap", **kw, mu_schedule="ramp")
+    assert [ramp.term_factor(i) for i in (1, 5)] == [0.0, 0.0]
+    assert ramp.term_factor(6) == pytest.approx(1e-3) and ramp.term_factor(11) == pytest.approx(1.0)
+    factors = [ramp.term_factor(i) for i in range(6, 12)]
+    assert factors == sorted(factors)  # growing
+    flat = juap.create_attack("juap", **kw)
+    assert [flat.term_factor(i) for i in (5, 6, 11)] == [0.0, 1.0, 1.0]

@@ -223,18 +223,21 @@ def evasion_loss(
     scores: torch.Tensor,
     threshold: float | torch.Tensor,
     *,
+    scale: float | torch.Tensor = 1.0,
     temperature: float = 1.0,
     only: Optional[torch.Tensor] = None,
     across_ranks: bool = False,
 ) -> torch.Tensor:
-    """The adaptive attacker's detector term: ``T * softplus((score - threshold) / T)``, a smooth
-    ``max{score - threshold, 0}`` that keeps pulling a little below the threshold, averaged over the
-    batch or over ``only`` (bool (N,), e.g. the images already fooled; 0 when there are none).
+    """The adaptive attacker's detector term: ``softplus((score - threshold) / (temperature * scale))``, a
+    smooth ``max{score - threshold, 0}`` in units of the detector's clean-score spread ``scale`` (so that
+    its weight means the same for every detector), which keeps pulling a little below the threshold;
+    averaged over the batch or over ``only`` (bool (N,), e.g. the images already fooled; 0 when none).
 
     Args:
         scores: detector scores (N,), higher = more adversarial; differentiable in the perturbation.
         threshold: the detector's calibrated threshold (an image is flagged when its score is above it).
-        temperature: ``T``, in score units: how far below the threshold the term still pulls.
+        scale: the score's unit, e.g. the standard deviation of clean calibration scores (``Detector.scale``).
+        temperature: how far below the threshold the term still pulls, in units of ``scale``.
         only: average over these images alone (the two-phase loss of Tramer et al. 2020: fool first,
             then get under the threshold).
         across_ranks: under torchrun, the mean over the global batch.
@@ -244,7 +247,7 @@ def evasion_loss(
     """
     if temperature <= 0:
         raise ConfigError(f"the detector term's temperature must be > 0, got {temperature}")
-    pen = temperature * F.softplus((scores.float() - threshold) / temperature)  # (N,)
+    pen = F.softplus((scores.float() - threshold) / (temperature * scale))  # (N,)
     if only is None:
         return _batch_mean(pen.sum(), len(pen), across_ranks)
     only = only.detach().to(pen.dtype)

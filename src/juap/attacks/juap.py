@@ -47,6 +47,8 @@ from .parts import (
     Selection,
 )
 
+MU_RAMP = 1000.0  # mu_schedule="ramp": the detector term's weight grows from mu / MU_RAMP to mu
+
 
 class GeneratorUAP(UniversalAttack):
     """A universal perturbation learned by a generator (Algorithm 1).
@@ -106,7 +108,14 @@ class GeneratorUAP(UniversalAttack):
             enters the loss through :class:`~juap.attacks.parts.DetectorTerm` with weight ``mu``, and each
             validation reports the ``evasion_rate`` (fooled and under the detector's threshold).
         mu: the detector term's weight; 0 (the default) trains exactly today's attack.
-        detector_temperature: the detector term's softplus temperature, in score units.
+        detector_temperature: the detector term's softplus temperature, in units of the detector's
+            clean-score spread.
+        detector_warmup: steps trained without the detector term first (Tramer et al. 2020's two-phase
+            loss: fool first, then get under the threshold).
+        mu_schedule: ``"constant"``, or ``"ramp"``: after the warm-up the detector term's weight grows
+            geometrically from ``mu / 1000`` to ``mu`` at the last step, so the validations (which keep the
+            highest evasion rate) see a range of weights in one run: too heavy a term trades the fooling
+            away, too light a one leaves the images flagged.
         amp, channels_last, compile: opt-in GPU fast paths of the training step (bf16 autocast, NHWC
             layout, ``torch.compile`` with an eager fallback); see :mod:`juap.attacks.fastpaths`.
 
@@ -155,6 +164,8 @@ class GeneratorUAP(UniversalAttack):
         "detector": Param(torch.nn.Module, optional=True, doc="a calibrated juap detector to evade"),
         "mu": Param(float, low=0),
         "detector_temperature": Param(float, low=0, low_open=True),
+        "detector_warmup": Param(int, low=0),
+        "mu_schedule": Param(str, choices=("constant", "ramp")),
         "amp": Param(bool),
         "channels_last": Param(bool),
         "compile": Param(bool),
@@ -180,6 +191,7 @@ class GeneratorUAP(UniversalAttack):
         selection: str = "auto",
         # the adaptive attacker: a detector to stay under
         detector: Optional[torch.nn.Module] = None, mu: float = 0.0, detector_temperature: float = 1.0,
+        detector_warmup: int = 0, mu_schedule: str = "constant",
         # gradients through the interpreter, and the GPU fast paths
         surrogate: bool | str = "auto", tau: float = 1e-4,
         amp: bool = False, channels_last: bool = False, compile: bool = False,
@@ -204,7 +216,8 @@ class GeneratorUAP(UniversalAttack):
         self.wiring = InterpreterWiring.check(interpreter, surrogate=surrogate, tau=tau)
         if isinstance(generator, str):
             GENERATORS.get(generator)  # unknown names fail now, listing the known ones
-        self.detector, self.mu = detector, float(mu)
+        self.detector, self.mu, self.detector_warmup = detector, float(mu), int(detector_warmup)
+        self.mu_schedule = mu_schedule
         terms = []
         if adaptive:  # mu = 0 leaves eq 16 as it is
             target_class = target if objective == "targeted" else None
@@ -297,12 +310,13 @@ class GeneratorUAP(UniversalAttack):
             self._batches = self._batches_from(i - 1)
         x = fast.images(next(self._batches)[0])
         lam = self.lam_control.at(i)
+        terms = self.term_factor(i)  # the two-phase adaptive loss: fool first, then the detector
         if self.lr_schedule != "constant" and i > 1:  # relative, so a roll-back's lowered rate stays lowered
             for group in self.optimizer.param_groups:
                 group["lr"] *= self.lr_at(i) / self.lr_at(i - 1)
         with fast.autocast():
             (loss, parts), *self._fwd = fast.first_step(
-                lambda g, ti: self.train_step(g, self.optimizer, x, ti, lam=lam), *self._fwd
+                lambda g, ti: self.train_step(g, self.optimizer, x, ti, lam=lam, terms=terms), *self._fwd
             )
         last = i == self.steps
         if i % self.eval_every == 0 or self.loop.checkpoint_due(i):
@@ -350,6 +364,16 @@ class GeneratorUAP(UniversalAttack):
         generator = {"generator": str(self.generator_spec), "generator_options": self.generator_options}
         return {**super().checkpoint_identity(), **generator, "shape": list(self.noise.shape)}
 
+    def term_factor(self, step: int) -> float:
+        """The factor of the extra terms' weights at ``step`` (1-based): 0 during ``detector_warmup``,
+        then 1, or the ramp from 1/1000 to 1 (``mu_schedule="ramp"``)."""
+        if step <= self.detector_warmup:
+            return 0.0
+        if self.mu_schedule == "constant" or self.steps <= self.detector_warmup + 1:
+            return 1.0
+        progress = (step - self.detector_warmup - 1) / (self.steps - self.detector_warmup - 1)
+        return MU_RAMP ** (progress - 1.0)
+
     def lr_at(self, step: int) -> float:
         """Adam's learning rate at ``step`` (1-based) under ``lr_schedule``, before any roll-back halved
         it (a roll-back scales the whole schedule)."""
@@ -358,7 +382,7 @@ class GeneratorUAP(UniversalAttack):
         return self.lr
 
     def train_step(
-        self, G, opt, x: torch.Tensor, train_interp, *, lam: Optional[float] = None
+        self, G, opt, x: torch.Tensor, train_interp, *, lam: Optional[float] = None, terms: float = 1.0
     ) -> Tuple[float, Dict[str, float]]:
         """One step of Algorithm 1: eq 16 on the batch ``x`` (N, 3, H, W), then one Adam step on ``G``.
 
@@ -369,6 +393,8 @@ class GeneratorUAP(UniversalAttack):
             train_interp: the interpreter whose maps enter eq 13 (the smoothed-ReLU surrogate's during
                 :meth:`fit`); ignored by GUAP.
             lam: lambda of eq 16 (default ``self.lam``).
+            terms: the factor of the extra terms' weights (the detector's): 0 during the detector warm-up,
+                the ramp's value after it (:meth:`term_factor`).
 
         Returns:
             (loss, parts): the loss and its parts (``fool_loss``, ``map_loss``, ``batch_fooling_ratio``,
@@ -381,7 +407,7 @@ class GeneratorUAP(UniversalAttack):
         n_hat = scale_to_budget(G(self.noise), norm=self.norm, eps=self.eps)[0]  # (3, H, W), eq 6
         explainer = train_interp if self.interpreter is not None else None
         adv = self.loss.adversarial(apply_perturbation(x, n_hat), benign, self.classifier, explainer)
-        loss, fool, parts = self.loss(benign, adv, lam=lam)
+        loss, fool, parts = self.loss(benign, adv, lam=lam, terms=terms)
         if not torch.isfinite(loss):
             raise NumericalError(
                 f"{self.name}: the loss became {loss.item()} (parts: {parts}); lower lr or check the inputs"

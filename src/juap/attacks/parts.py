@@ -153,7 +153,7 @@ class DetectorTerm:
         classifier: the classifier under attack (the detector must watch this one).
         interpreter: the attack's interpreter (``None`` for GUAP).
         target: the target class of a targeted attack (fooled = the target reached), else ``None``.
-        temperature: the term's ``T`` in score units.
+        temperature: the term's temperature, in units of the detector's clean-score spread (``scale``).
     """
 
     def __init__(
@@ -189,7 +189,10 @@ class DetectorTerm:
         scores = self.detector.score(adv.x_hat, logits=adv.logits, maps=maps)  # (N,)
         fooled = is_fooled(benign.logits.argmax(1), adv.logits.detach().argmax(1), target=self.target)
         threshold = self.detector.threshold.to(scores.device, scores.dtype)
-        return evasion_loss(scores, threshold, temperature=self.temperature, only=fooled, across_ranks=True)
+        scale = self.detector.scale.to(scores.device, scores.dtype)
+        return evasion_loss(
+            scores, threshold, scale=scale, temperature=self.temperature, only=fooled, across_ranks=True
+        )
 
     def term(self, mu: float) -> Term:
         """The weighted term ``mu * evasion_loss``, logged as ``detector_loss``."""
@@ -269,9 +272,10 @@ class JointLoss:
         return Adversarial(x_hat, logits, maps, explainer)
 
     def __call__(
-        self, benign: Benign, adv: Adversarial, *, lam: float | torch.Tensor
+        self, benign: Benign, adv: Adversarial, *, lam: float | torch.Tensor, terms: float = 1.0
     ) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, float]]:
-        """Eq 16 on the batch.
+        """Eq 16 on the batch, plus the extra terms with their weights times ``terms`` (0: left out, e.g.
+        during a warm-up; a schedule's factor otherwise).
 
         Returns:
             (loss, fool, parts): the scalar loss, its hinged fooling term ``max{L_fool, delta}`` and the
@@ -292,7 +296,7 @@ class JointLoss:
             loss = fool
         else:
             loss = joint_loss(fool, self.interpreter_term(benign, adv, parts), lam=lam)
-        return self._add_terms(loss, benign, adv, parts), fool, parts
+        return (self._add_terms(loss, benign, adv, parts, terms) if terms else loss), fool, parts
 
     def interpreter_term(self, benign: Benign, adv: Adversarial, parts: Dict[str, float]) -> torch.Tensor:
         """The term lambda weighs: eq 13 (over the fooled images with ``map_on="fooled"``), plus the
@@ -323,12 +327,14 @@ class JointLoss:
             loss = loss + lam * map_distances(adv.maps, benign.maps)
         return self._add_terms(loss, benign, adv, None)
 
-    def _add_terms(self, loss: torch.Tensor, benign: Benign, adv: Adversarial, parts) -> torch.Tensor:
+    def _add_terms(
+        self, loss: torch.Tensor, benign: Benign, adv: Adversarial, parts, factor: float = 1.0
+    ) -> torch.Tensor:
         for term in self.terms:
             value = term.fn(benign, adv)
             if parts is not None:
                 parts[term.name] = value.item()
-            loss = loss + term.weight * value
+            loss = loss + (term.weight * factor) * value
         return loss
 
     def at_hinge(self, benign: Benign, adv_logits: torch.Tensor, fool: torch.Tensor) -> torch.Tensor:
@@ -448,7 +454,8 @@ class Selection:
     times ``1 + IoU``, so an unperturbed-looking map never outranks fooling the classifier;
     ``"constrained"``: every validation that keeps the fooling-ratio target ranks above every one that
     does not (1 + IoU above, the shortfall, negative, below); ``"evasion"`` (an adaptive attacker): the
-    evasion rate (fooled and under the detector's threshold) times ``1 + IoU``; ``"last"``: the latest one.
+    evasion rate (fooled and under the detector's threshold) times ``1 + IoU``, ties broken by the
+    fooling ratio; ``"last"``: the latest one.
 
     Args:
         rule: one of the rules (:meth:`resolve` turns ``"auto"`` into one).
@@ -482,8 +489,8 @@ class Selection:
             return 1.0 + val.get("iou", 0.0) if shortfall >= 0 else shortfall
         if self.rule == "joint":
             return val.get(self.key, 0.0) * (1.0 + val.get("iou", 0.0))
-        if self.rule == "evasion":
-            return val.get("evasion_rate", 0.0) * (1.0 + val.get("iou", 0.0))
+        if self.rule == "evasion":  # ties (e.g. no evasion at all) go to the higher fooling ratio
+            return val.get("evasion_rate", 0.0) * (1.0 + val.get("iou", 0.0)) + 1e-3 * val.get(self.key, 0.0)
         if self.rule == "fooling_ratio":
             return val.get(self.key, 0.0)
         return 0.0

@@ -75,9 +75,11 @@ class EvadeSettings:
 
     ``detectors``: registered detector kinds; ``budgets``: the sweep, ``headline``: the budget where the
     arms race runs all its ``rounds`` and the sanity checks run (it must be one of ``budgets``);
-    ``fpr``: the operating point of the thresholds and the evasion rate; ``mu`` / ``temperature``: the
-    adaptive attacker's detector term; ``adaptive_attacks``: ``juap`` and / or ``guap``; ``sanity``: run the
-    sanity checks against these detector kinds (empty: none).
+    ``fpr``: the operating point of the thresholds and the evasion rate; ``mu`` / ``temperature`` /
+    ``mu_schedule``: the adaptive attacker's detector term (GeneratorUAP's), ``warmup_fraction``: the share
+    of its steps trained without it (fool first), ``adaptive_eval_every``: its validation period (each
+    validation keeps the best evasion rate); ``adaptive_attacks``: ``juap`` and / or ``guap``; ``sanity``:
+    run the sanity checks against these detector kinds (empty: none).
     """
 
     interpreters: Tuple[str, ...] = ("cam",)
@@ -91,8 +93,11 @@ class EvadeSettings:
     headline: BudgetConfig = BudgetConfig("linf", 10.0)
     rounds: int = 3
     fpr: float = 0.05
-    mu: float = 1.0
+    mu: float = 3.0
     temperature: float = 1.0
+    mu_schedule: str = "ramp"
+    warmup_fraction: float = 0.5
+    adaptive_eval_every: int = 10
     adaptive_attacks: Tuple[str, ...] = ADAPTIVE
     seeds: Tuple[int, ...] = (0,)
     split: SplitConfig = dataclasses.field(default_factory=SplitConfig)
@@ -117,6 +122,10 @@ class EvadeSettings:
         check_range("evade.rounds", self.rounds, low=0)
         check_range("evade.mu", self.mu, low=0, low_open=True)
         check_range("evade.temperature", self.temperature, low=0, low_open=True)
+        check_range("evade.warmup_fraction", self.warmup_fraction, low=0, high=1)
+        check_range("evade.adaptive_eval_every", self.adaptive_eval_every, low=1)
+        if self.mu_schedule not in ("constant", "ramp"):
+            raise ConfigError(f"evade.mu_schedule must be 'constant' or 'ramp', got {self.mu_schedule!r}")
         check_range("evade.batch_size", self.batch_size, low=1)
         if not self.interpreters or not self.detectors or not self.seeds:
             raise ConfigError("evade.interpreters, evade.detectors and evade.seeds must not be empty")
@@ -376,10 +385,7 @@ class CellRun:
                 previous = self.detectors[(kind, r - 1)]
                 for attack in s.adaptive_attacks:
                     label = f"{_short(attack)}@{kind}-r{r}"
-                    self.perturbation(
-                        label, attack, round_=r, against=f"{kind}-r{r - 1}",
-                        detector=previous, mu=s.mu, detector_temperature=s.temperature,
-                    )  # fmt: skip
+                    self.perturbation(label, attack, **self.adaptive(previous, f"{kind}-r{r - 1}", r, attack))
                     kind_pool.append(label)
                 self.detector(kind, r, kind_pool)
         if cell.headline:
@@ -391,19 +397,33 @@ class CellRun:
         """At the headline budget: JUAP against round 0's detector with doubled and halved steps and another
         seed, and a noise control of the same norm (random signs at L_inf, a scaled Gaussian at L2)."""
         for kind in self.s.sanity:
-            det = self.detectors[(kind, 0)]
-            steps = int(
-                self.attack_params("juap").get("steps", juap.ATTACKS.get("juap").hyperparams["steps"].default)
-            )
-            common = dict(round_=1, against=f"{kind}-r0", detector=det, mu=self.s.mu,
-                          detector_temperature=self.s.temperature)  # fmt: skip
-            self.perturbation(f"JUAP@{kind}-r1-2x-steps", "juap", steps=2 * steps, **common)
-            self.perturbation(f"JUAP@{kind}-r1-half-steps", "juap", steps=max(1, steps // 2), **common)
-            self.perturbation(f"JUAP@{kind}-r1-restart", "juap", seed=self.cell.seed + 1000, **common)
+            det, against = self.detectors[(kind, 0)], f"{kind}-r0"
+            steps = self._steps("juap")
+            for suffix, k in (("2x-steps", 2 * steps), ("half-steps", max(1, steps // 2))):
+                self.perturbation(
+                    f"JUAP@{kind}-r1-{suffix}", "juap", **self.adaptive(det, against, 1, "juap", k)
+                )
+            restart = {**self.adaptive(det, against, 1, "juap"), "seed": self.cell.seed + 1000}
+            self.perturbation(f"JUAP@{kind}-r1-restart", "juap", **restart)
         self.perturbations["noise"] = noise_control(
             self.b.test.shape[1:], self.cell.budget, seed=self.cell.seed
         )
         self.meta["noise"] = {"attack": "noise", "round": 0, "against": "-"}
+
+    def _steps(self, attack: str) -> int:
+        default = juap.ATTACKS.get(attack).hyperparams["steps"].default
+        return int(self.attack_params(attack).get("steps", default))
+
+    def adaptive(self, detector, against: str, round_: int, attack: str, steps: Optional[int] = None) -> Dict:
+        """The keyword arguments of :meth:`perturbation` for an attack against ``detector``: the detector
+        term (``mu``, its temperature, the ramp), a warm-up of ``warmup_fraction`` of the steps without
+        it, and a validation every ``adaptive_eval_every`` steps (each keeps the best evasion rate)."""
+        s, steps = self.s, steps or self._steps(attack)
+        return dict(
+            round_=round_, against=against, detector=detector, mu=s.mu, detector_temperature=s.temperature,
+            mu_schedule=s.mu_schedule, detector_warmup=int(s.warmup_fraction * steps), steps=steps,
+            eval_every=min(s.adaptive_eval_every, steps),
+        )  # fmt: skip
 
     # -- measuring -----------------------------------------------------------------------------------
     @torch.no_grad()

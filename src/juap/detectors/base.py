@@ -48,6 +48,8 @@ class Detector(nn.Module):
 
     Attributes:
         threshold: scalar buffer, NaN until :meth:`calibrate`; saved with the detector.
+        scale: scalar buffer, the standard deviation of the clean calibration scores (NaN before
+            :meth:`calibrate`): the score's natural unit, which an attacker's term divides by.
         fpr: the false-positive rate the threshold was calibrated at (None before).
         image_size: ``(H, W)`` of the training images (None before :meth:`fit`); saved.
     """
@@ -92,6 +94,7 @@ class Detector(nn.Module):
         object.__setattr__(self, "interpreter", interpreter if self.needs_interpreter else None)
         self.hparams: Dict[str, Any] = dict(hyperparams)
         self.register_buffer("threshold", torch.tensor(float("nan")))
+        self.register_buffer("scale", torch.tensor(float("nan")))
         self.fpr: Optional[float] = None
         self.image_size: Optional[Tuple[int, int]] = None
         self.fitted = False
@@ -202,6 +205,7 @@ class Detector(nn.Module):
             raise ConfigError(f"batch_size = {batch_size!r} is out of range; it must be >= 1")
         self.to(self.device)
         self.threshold.fill_(float("nan"))
+        self.scale.fill_(float("nan"))
         self.fpr = None
         self.image_size = (int(benign.shape[-2]), int(benign.shape[-1]))
         self._fit(benign, adversarial, seed=seed, progress=progress, batch_size=batch_size)
@@ -216,8 +220,10 @@ class Detector(nn.Module):
             clean: clean images (N, 3, H, W) in [0, 1] not used in :meth:`fit`; N >= ceil(1 / fpr).
             fpr: the false-positive rate, in (0, 1).
         """
-        t = calibrate_threshold(self.scores(clean, batch_size=batch_size), fpr)
+        scores = self.scores(clean, batch_size=batch_size)
+        t = calibrate_threshold(scores, fpr)
         self.threshold.fill_(t)
+        self.scale.fill_(float(scores.double().std().clamp_min(1e-6)))
         self.fpr = float(fpr)
         return t
 
