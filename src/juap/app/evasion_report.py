@@ -79,6 +79,12 @@ def evasion_of(rows, *, interp, kind, norm, eps, det_round, perturbation, field=
     ]
 
 
+def round0(rows, interp, kind, norm, eps, perturbation, field="evasion_rate") -> Optional[float]:
+    """The mean over seeds of ``field`` for round 0's detector ``kind`` against one perturbation."""
+    one = dict(interp=interp, kind=kind, norm=norm, eps=eps, det_round=0, perturbation=perturbation)
+    return _mean(evasion_of(rows, **one, field=field))
+
+
 # -- tables --------------------------------------------------------------------------------------------
 def headline_table(rows, norm: str, eps: float) -> str:
     """Per interpreter x detector at one budget: detection of R-JUAP, then the evasion rate non-adaptive,
@@ -131,9 +137,8 @@ def budget_table(rows, field: str = "evasion_rate") -> str:
     for interp, kind in _groups(rows):
         line = [interp, kind]
         for norm, eps in budgets:
-            one = dict(interp=interp, kind=kind, norm=norm, eps=eps, det_round=0, field=field)
-            a = _mean(evasion_of(rows, **one, perturbation="R-JUAP"))
-            b = _mean(evasion_of(rows, **one, perturbation=f"JUAP@{kind}-r1"))
+            a = round0(rows, interp, kind, norm, eps, "R-JUAP", field)
+            b = round0(rows, interp, kind, norm, eps, f"JUAP@{kind}-r1", field)
             line.append(f"{_fmt(a)} / {_fmt(b)}")
         table.append(line)
     return markdown_table(header, table)
@@ -216,20 +221,7 @@ def sanity_flags(rows) -> List[Dict[str, Any]]:
     for interp, kind in _groups(rows):
         for norm in sorted({r["norm"] for r in rows}):
             curve = [
-                (
-                    eps,
-                    _mean(
-                        evasion_of(
-                            rows,
-                            interp=interp,
-                            kind=kind,
-                            norm=norm,
-                            eps=eps,
-                            det_round=0,
-                            perturbation=f"JUAP@{kind}-r1",
-                        )
-                    ),
-                )
+                (eps, round0(rows, interp, kind, norm, eps, f"JUAP@{kind}-r1"))
                 for n, eps in _budgets(rows)
                 if n == norm
             ]
@@ -336,21 +328,7 @@ def budget_plot(path: Path, rows, field: str, ylabel: str) -> None:
                     ("R-JUAP", "--", "non-adaptive"),
                     (f"JUAP@{kind}-r1", "-", "adaptive"),
                 ):
-                    ys = [
-                        _mean(
-                            evasion_of(
-                                rows,
-                                interp=interp,
-                                kind=kind,
-                                norm=norm,
-                                eps=e,
-                                det_round=0,
-                                perturbation=pert,
-                                field=field,
-                            )
-                        )
-                        for e in eps
-                    ]
+                    ys = [round0(rows, interp, kind, norm, e, pert, field) for e in eps]
                     pts = [(e, y) for e, y in zip(eps, ys, strict=False) if y is not None]
                     if pts:
                         ax.plot(

@@ -456,15 +456,7 @@ def _add_run_parser(add: AddParser) -> None:
         "x objectives x classifiers x variants), run every cell not finished yet into OUT/cells/, and "
         "write results.md, results.csv and transfer.csv. Run it again to continue an interrupted grid.",
     )
-    p.add_argument(
-        "experiment",
-        metavar="EXPERIMENT.yaml",
-        help="experiment file, or the name of a shipped one (`juap configs` lists them)",
-    )
-    _add_common(p, config=False)
-    p.add_argument(
-        "--shard", metavar="I/N", help="run only every N-th cell, starting at the I-th (1 <= I <= N)"
-    )
+    _add_cell_options(p, help="experiment file, or the name of a shipped one (`juap configs` lists them)")
     p.add_argument(
         "--merge",
         action="append",
@@ -473,6 +465,16 @@ def _add_run_parser(add: AddParser) -> None:
         help="also take finished cells from another run folder of this experiment (repeatable)",
     )
     p.add_argument("--dry-run", action="store_true", help="run every cell one step on tiny data, then stop")
+
+
+def _add_cell_options(p: argparse.ArgumentParser, *, help: str, default: str | None = None) -> None:
+    """What the commands that run resumable cells share: the experiment, --shard, --list, the cache."""
+    nargs = {"nargs": "?", "default": default} if default else {}
+    p.add_argument("experiment", metavar="EXPERIMENT.yaml", help=help, **nargs)
+    _add_common(p, config=False)
+    p.add_argument(
+        "--shard", metavar="I/N", help="run only every N-th cell, starting at the I-th (1 <= I <= N)"
+    )
     p.add_argument("--list", action="store_true", help="list the cells and stop")
     _add_cache_dir(p)
 
@@ -483,23 +485,15 @@ def _add_evade_parser(add: AddParser) -> None:
         help="can map-based detectors be evaded? detectors, adaptive attacks, arms race, budget sweep",
         description="Train detectors on attribution maps (and activations) to flag universal perturbations, "
         "attack them with JUAP/GUAP that know the detector and its threshold, retrain, repeat for "
-        "evade.rounds rounds, over a sweep of budgets; report AUROC, TPR at 1%% / 5%% FPR and the evasion "
+        "evade.rounds rounds, over a sweep of budgets; report AUROC, TPR at 1% / 5% FPR and the evasion "
         "rate (fooled and not flagged), non-adaptive beside adaptive, with sanity flags. Resumable: run "
         "again to continue.",
     )
-    p.add_argument(
-        "experiment",
-        nargs="?",
-        default="embedded/evasion.yaml",
-        metavar="EXPERIMENT.yaml",
+    _add_cell_options(
+        p,
         help="experiment file or a shipped one's name (default: embedded/evasion.yaml)",
+        default="embedded/evasion.yaml",
     )
-    _add_common(p, config=False)
-    p.add_argument(
-        "--shard", metavar="I/N", help="run only every N-th cell, starting at the I-th (1 <= I <= N)"
-    )
-    p.add_argument("--list", action="store_true", help="list the cells and stop")
-    _add_cache_dir(p)
 
 
 def _add_configs_parser(add: AddParser) -> None:
