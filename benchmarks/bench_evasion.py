@@ -7,7 +7,8 @@ Two parts:
   rounds in one process (median process CPU time, one torch thread). Goal (issue 29): <= 1.5x.
 * ``run``: the shipped experiment (default ``embedded/evasion.yaml``) with ``--seeds`` and
   ``--interpreters``, into ``--out``/run (resumable: finished cells are reused, so an interrupted
-  benchmark continues where it stopped). Its ``results.md`` answers per detector, non-adaptive beside
+  benchmark continues where it stopped; ``--report-only`` writes the report of the cells finished so far).
+  Its ``results.md`` answers per detector, non-adaptive beside
   adaptive, with mean +- sd over the seeds; ``evasion.json`` holds every row and the sanity flags.
 
     python benchmarks/bench_evasion.py [--part step run] [--seeds 0 1 2] [--interpreters cam gradcam rts]
@@ -28,7 +29,7 @@ from _common import RESULTS, goal, interleaved, machine, print_goals, print_tabl
 from bench_attack_step import step_fn
 from juap.budget import apply_perturbation
 from juap.commands.demo_models import demo_models
-from juap.commands.evade import load_evade_config, run_evade
+from juap.commands.evade import load_evade_config, plan_cells, run_evade, write_report
 
 GOAL = 1.5
 
@@ -77,7 +78,11 @@ def experiment(args) -> Dict[str, Any]:
     cfg = load_evade_config(args.experiment, sets + list(args.overrides))
     run_dir = args.out / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
-    res = run_evade(cfg, run_dir, progress=False, say=lambda s: print(s, flush=True))
+    if args.report_only:  # the report of the cells finished so far, e.g. to commit a partial run
+        rows, done = write_report(cfg, run_dir)
+        res = {"cells": len(plan_cells(cfg.evade)), "complete": done, "seconds": 0.0}
+    else:
+        res = run_evade(cfg, run_dir, progress=False, say=lambda s: print(s, flush=True))
     print((run_dir / "results.md").read_text())
     flags = json.loads((run_dir / "evasion.json").read_text())["flags"]
     ok = sum(f["status"] == "ok" for f in flags)
@@ -98,6 +103,9 @@ def main() -> None:
     ap.add_argument("--experiment", default="embedded/evasion.yaml")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--report-only", action="store_true", help="write the report of the finished cells, run none"
+    )
     ap.add_argument("--out", type=Path, default=RESULTS / "evasion")
     args = ap.parse_args()
     setup_threads(args.threads)

@@ -152,7 +152,8 @@ def roc_grid(
             ax.set_xlim(0, 1)
             ax.set_ylim(0, 1.02)
             ax.tick_params(labelsize=6)
-            ax.legend(fontsize=5.5, loc="lower right")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=5.5, loc="lower right")
             if i == 0:
                 ax.set_title(det, fontsize=7)
             if j == 0:

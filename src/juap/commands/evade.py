@@ -525,6 +525,23 @@ def run_evade(
         result = CellRun(bench, cell, folder).run()
         write_json(folder / "rows.json", {**result, "seconds": round(time.perf_counter() - t1, 1)})
         ran += 1
+    rows, done = write_report(cfg, run_dir, cells)
+    return {
+        "cells": len(cells),
+        "complete": done,
+        "ran": ran,
+        "rows": rows,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def write_report(cfg: EvadeConfig, run_dir: Path, cells: Optional[Sequence[EvadeCell]] = None):
+    """The report from every finished cell of ``run_dir`` (a partial one while cells are left).
+
+    Returns:
+        (rows, number of finished cells).
+    """
+    cells = plan_cells(cfg.evade) if cells is None else cells
     rows, curves, done = [], {}, 0
     for cell in cells:
         path = run_dir / "cells" / cell.id / "rows.json"
@@ -534,10 +551,4 @@ def run_evade(
             curves[cell.id] = result["curves"]
             done += 1
     write_evasion_report(run_dir, rows, curves, cfg.evade, complete=done == len(cells))
-    return {
-        "cells": len(cells),
-        "complete": done,
-        "ran": ran,
-        "rows": rows,
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
+    return rows, done
