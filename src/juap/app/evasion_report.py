@@ -23,7 +23,7 @@ COLUMNS = (
 
 # tolerances of the sanity flags (evasion-rate units)
 MONOTONE_SLACK = 0.05
-NEAR_TOTAL = 0.9
+NEAR_TOTAL = 0.9  # of the fooling ceiling (the most any perturbation of the cell fools)
 STEPS_SLACK = 0.10
 
 
@@ -199,10 +199,26 @@ def _fmt(v: Optional[float]) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
+def fooling_ceiling(rows, interp: str, norm: str, eps: float) -> float:
+    """The highest fooling ratio any perturbation of the cell reaches (mean over seeds): what a
+    universal perturbation can fool at all at this budget, and so the most it can evade. On few classes
+    it stays below 1: the images of the class a perturbation pushes towards are not fooled by it."""
+    perts = {r["perturbation"] for r in _pick(rows, interpreter=interp, norm=norm, eps=eps)} - {"noise"}
+    frs = [
+        _mean(
+            r["fooling_ratio"]
+            for r in _pick(rows, interpreter=interp, norm=norm, eps=eps, perturbation=p, detector_round=0)
+        )  # fmt: skip
+        for p in perts
+    ]
+    return max((f for f in frs if f is not None), default=1.0)
+
+
 # -- the sanity checks ---------------------------------------------------------------------------------
 def sanity_flags(rows) -> List[Dict[str, Any]]:
     """Carlini et al. 2019's checks as flags (``ok`` / ``CHECK``), per interpreter x detector (x seed):
-    evasion monotone in the budget, near-total at the largest budget, doubled steps or a restart change it
+    evasion monotone in the budget, near-total at the largest budget (at least 90% of the highest fooling
+    ratio any perturbation reaches there, :func:`fooling_ceiling`), doubled steps or a restart change it
     little, halved steps do not do better, the noise control of the same norm evades less."""
     flags = []
 
@@ -234,7 +250,9 @@ def sanity_flags(rows) -> List[Dict[str, Any]]:
                 flag(f"evasion monotone in the {norm} budget", not drops, interp, kind, detail)
             if curve:
                 eps, v = curve[-1]
-                flag(f"near-total evasion at {norm} {eps:g}", v >= NEAR_TOTAL, interp, kind, f"{v:.2f}")
+                ceiling = fooling_ceiling(rows, interp, norm, eps)
+                detail = f"{v:.2f} of a fooling ceiling of {ceiling:.2f} ({v / max(ceiling, 1e-9):.0%})"
+                flag(f"near-total evasion at {norm} {eps:g}", v >= NEAR_TOTAL * ceiling, interp, kind, detail)
         for r in _pick(rows, interpreter=interp, detector=kind, detector_round=0):
             name = r["perturbation"]
             base = f"JUAP@{kind}-r1"
