@@ -254,7 +254,7 @@ def test_the_shipped_experiments_load_with_a_budget_sweep(path):
 
 def test_juap_evade_lists_the_default_experiments_cells(capsys):
     code, out, _ = run_cli(capsys, "evade", "--list")
-    assert code == 0 and "cam_linf10_s0" in out and "4 cells" in out
+    assert code == 0 and "cam_linf10_s0" in out and "cam_l2571_s0" in out and "5 cells" in out
 
 
 def test_the_detector_term_waits_for_its_warm_up_then_ramps_to_mu(setup):
