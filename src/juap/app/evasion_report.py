@@ -334,7 +334,10 @@ def budget_plot(path: Path, rows, field: str, ylabel: str) -> None:
     interps = list(dict.fromkeys(r["interpreter"] for r in rows))
     norms = sorted({r["norm"] for r in rows})
     fig, axes = plt.subplots(
-        len(interps), len(norms), figsize=(3.6 * len(norms), 2.8 * len(interps)), squeeze=False
+        len(interps),
+        len(norms),
+        figsize=(max(4.8, 3.6 * len(norms)), 3.0 * len(interps) + 0.4),
+        squeeze=False,
     )
     for i, interp in enumerate(interps):
         for j, norm in enumerate(norms):
@@ -358,6 +361,9 @@ def budget_plot(path: Path, rows, field: str, ylabel: str) -> None:
                             label=f"{kind} {tag}",
                         )
             ax.set_xscale("log")
+            ax.set_xticks(eps)
+            ax.set_xticklabels([f"{e:g}" for e in eps])
+            ax.minorticks_off()
             ax.set_ylim(-0.02, 1.02)
             ax.set_xlabel(f"{norm} budget (0-255 units)", fontsize=7)
             ax.set_ylabel(f"{interp}: {ylabel}", fontsize=7)
@@ -365,7 +371,10 @@ def budget_plot(path: Path, rows, field: str, ylabel: str) -> None:
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=5, loc="best")
     save_figure(
-        fig, path, dpi=110, title=f"{ylabel} against the budget (dashed: non-adaptive, solid: adaptive)"
+        fig,
+        path,
+        dpi=110,
+        title=f"{ylabel} against the budget\n(dashed: non-adaptive, solid: adaptive round 1)",
     )
 
 
