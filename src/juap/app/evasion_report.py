@@ -411,6 +411,7 @@ def rounds_plot(path: Path, rows, norm: str, eps: float) -> None:
         ]
         ax.plot(xs, [_nan(v) for v in before], "-o", color=f"C{c}", ms=3, label=f"{interp} {kind}")
         ax.plot(xs, [_nan(v) for v in after], ":", color=f"C{c}")
+    ax.set_xticks(range(0, max((_last_round(rows, i, k, norm, eps) for i, k in groups), default=0) + 1))
     ax.set_xlabel("round", fontsize=7)
     ax.set_ylabel("evasion rate", fontsize=7)
     ax.set_ylim(-0.02, 1.02)
