@@ -146,6 +146,18 @@ def _batch_mean(total: torch.Tensor, n: int, across_ranks: bool) -> torch.Tensor
     return global_sum(total) / global_count(n, total.device).to(total.dtype)
 
 
+def _masked_mean(values: torch.Tensor, only: Optional[torch.Tensor], across_ranks: bool) -> torch.Tensor:
+    """The mean of per-image ``values`` (N,) over the batch, or over ``only`` (bool (N,); 0 when none),
+    global under torchrun when ``across_ranks``."""
+    if only is None:
+        return _batch_mean(values.sum(), len(values), across_ranks)
+    only = only.detach().to(values.dtype)
+    total, count = (values * only).sum(), only.sum()
+    if across_ranks:
+        total, count = global_sum(total), global_sum(count.detach())
+    return total / count.clamp_min(1.0)
+
+
 def map_distance(
     adv_maps: torch.Tensor,
     benign_maps: torch.Tensor,
@@ -164,13 +176,7 @@ def map_distance(
     if form not in MAP_LOSSES:
         raise ConfigError(f"map_loss = {form!r} is not allowed; allowed values: {', '.join(MAP_LOSSES)}")
     d = map_distances(adv_maps, benign_maps) if form == "l2" else 1.0 - soft_topk_iou(adv_maps, benign_maps)
-    if only is None:
-        return _batch_mean(d.sum(), len(d), across_ranks)
-    only = only.detach().to(d.dtype)
-    total, count = (d * only).sum(), only.sum()
-    if across_ranks:
-        total, count = global_sum(total), global_sum(count.detach())
-    return total / count.clamp_min(1.0)
+    return _masked_mean(d, only, across_ranks)
 
 
 def map_distances(adv_maps: torch.Tensor, benign_maps: torch.Tensor) -> torch.Tensor:
@@ -248,10 +254,4 @@ def evasion_loss(
     if temperature <= 0:
         raise ConfigError(f"the detector term's temperature must be > 0, got {temperature}")
     pen = F.softplus((scores.float() - threshold) / (temperature * scale))  # (N,)
-    if only is None:
-        return _batch_mean(pen.sum(), len(pen), across_ranks)
-    only = only.detach().to(pen.dtype)
-    total, count = (pen * only).sum(), only.sum()
-    if across_ranks:
-        total, count = global_sum(total), global_sum(count.detach())
-    return total / count.clamp_min(1.0)
+    return _masked_mean(pen, only, across_ranks)
