@@ -116,9 +116,10 @@ class EvadeSettings:
             raise ConfigError(
                 f"evade.headline ({self.headline.norm} {self.headline.eps:g}) must be one of evade.budgets"
             )
-        check_range("evade.fpr", self.fpr, low=0, high=1, low_open=True)
-        if self.fpr >= 1:
-            raise ConfigError(f"evade.fpr must lie in (0, 1), got {self.fpr}")
+        if not isinstance(self.fpr, (int, float)) or not 0 < self.fpr < 1:
+            raise ConfigError(
+                f"evade.fpr = {self.fpr!r} is out of range: a false-positive rate in (0, 1), e.g. 0.05"
+            )
         check_range("evade.rounds", self.rounds, low=0)
         check_range("evade.mu", self.mu, low=0, low_open=True)
         check_range("evade.temperature", self.temperature, low=0, low_open=True)
