@@ -34,7 +34,7 @@ from juap.commands.evade import load_evade_config, plan_cells, run_evade, write_
 GOAL = 1.5
 
 
-def step_costs(repeats: int = 5) -> Dict[str, Any]:
+def step_costs(repeats: int = 9) -> Dict[str, Any]:
     """Median CPU seconds of a JUAP step with and without each detector's term, per interpreter."""
     from _common import demo_data
 
