@@ -301,6 +301,8 @@ class CellRun:
         self.perturbations: Dict[str, torch.Tensor] = {}  # name -> n_hat (3, H, W), in the order made
         self.meta: Dict[str, Dict[str, Any]] = {}  # name -> attack, round, against
         self.detectors: Dict[Tuple[str, int], Any] = {}  # (kind, round) -> detector
+        self._fooled: Dict[str, torch.Tensor] = {}  # name -> detector-training images it fools
+        self._train_pred: Optional[torch.Tensor] = None
 
     # -- perturbations -------------------------------------------------------------------------------
     def attack_params(self, name: str) -> Dict[str, Any]:
@@ -357,12 +359,7 @@ class CellRun:
             )
         else:
             x = self.b.det_train
-            pred = _predict(self.b.classifier, x)
-            adv = []
-            for name in pool:
-                x_hat = apply_perturbation(x, self.perturbations[name])
-                fooled = is_fooled(pred, _predict(self.b.classifier, x_hat))
-                adv.append(x_hat[fooled] if fooled.any() else x_hat)
+            adv = [self._fooled_training_images(name) for name in pool]
             det = juap.create_detector(
                 kind, classifier=self.b.classifier, interpreter=interp, **self.s.detector_params.get(kind, {})
             )
@@ -372,6 +369,18 @@ class CellRun:
             det.save(path)
         self.detectors[(kind, round_)] = det
         return det
+
+    def _fooled_training_images(self, name: str) -> torch.Tensor:
+        """The detector-training images that perturbation ``name`` fools (all of them if it fools none),
+        computed once per perturbation however many detectors are trained on it."""
+        if name not in self._fooled:
+            x = self.b.det_train
+            if self._train_pred is None:
+                self._train_pred = _predict(self.b.classifier, x)
+            x_hat = apply_perturbation(x, self.perturbations[name])
+            fooled = is_fooled(self._train_pred, _predict(self.b.classifier, x_hat))
+            self._fooled[name] = x_hat[fooled] if fooled.any() else x_hat
+        return self._fooled[name]
 
     # -- the arms race -------------------------------------------------------------------------------
     def run(self) -> Dict[str, Any]:
