@@ -11,13 +11,15 @@ import torch
 
 import juap
 from helpers import one_thread, run_cli, tiny_trained_classifier  # noqa: F401
+from juap.app.artifacts import load_generator
 from juap.attacks.parts import DetectorTerm, Selection
-from juap.budget import apply_perturbation
+from juap.budget import apply_perturbation, scale_to_budget
 from juap.commands import evade
 from juap.commands.run import BudgetConfig
 from juap.commands.shipped import CONFIG_DIR
 from juap.errors import ConfigError
 from juap.losses import evasion_loss
+from juap.runtime.io import load_tensors, save_tensors
 
 GEN = dict(steps=4, batch_size=16, eval_every=2, lr=2e-3, generator_options={"ngf": 8}, seed=1)
 
@@ -185,7 +187,16 @@ def test_the_arms_race_books_every_round_and_resumes_after_a_kill(setup, tmp_pat
     for name in ("results.md", "evasion.csv", "evasion.json", "evasion_vs_budget.png", "rounds.png"):
         assert (straight / name).is_file(), name
     shared = {q.stem for q in (straight / "shared" / "linf10_s0").glob("*.safetensors")}
-    assert shared == {"UAP", "SGD-UAP", "GUAP"}  # made once for every interpreter of the seed and budget
+    assert shared == {"UAP", "SGD-UAP", "GUAP", "GUAP.generator"}  # once for every interpreter
+    # the adaptive attacks start from round 0's trained generators, saved beside their perturbations:
+    # the file's generator on its noise gives back the perturbation
+    for folder, label in ((straight / "cells" / "cam_linf10_s0" / "perturbations", "R-JUAP"),
+                          (straight / "shared" / "linf10_s0", "GUAP")):  # fmt: skip
+        G, noise = load_generator(folder / f"{label}.generator.safetensors")
+        with torch.no_grad():
+            again = scale_to_budget(G(noise), norm="linf", eps=10.0)[0]
+        saved = load_tensors(folder / f"{label}.safetensors")[0]["perturbation"]
+        assert torch.allclose(again, saved, atol=1e-6)
     flags = json.loads((straight / "evasion.json").read_text())["flags"]
     checks = {f["check"] for f in flags}
     assert {"doubling the steps changes evasion little", "a restart changes evasion little"} <= checks
@@ -214,7 +225,7 @@ def test_the_arms_race_books_every_round_and_resumes_after_a_kill(setup, tmp_pat
         *(straight / "cells").rglob("perturbations/*.safetensors"),
         *(straight / "shared").rglob("*.safetensors"),
     ]
-    total = len(made)
+    total = len([p for p in made if not p.name.endswith(".generator.safetensors")])
     assert len(calls) == total - 6
     assert again["rows"] == rows
 
@@ -268,3 +279,28 @@ def test_the_detector_term_waits_for_its_warm_up_then_ramps_to_mu(setup):
     assert factors == sorted(factors)  # growing
     flat = juap.create_attack("juap", **kw)
     assert [flat.term_factor(i) for i in (5, 6, 11)] == [0.0, 1.0, 1.0]
+
+
+def test_an_attack_given_a_trained_generator_starts_where_it_ended(setup, tmp_path):
+    # juap evade's warm start: round 0's generator, saved and loaded again, handed to the adaptive attack
+    clf, x, cam = setup
+    first = juap.create_attack("juap", classifier=clf, interpreter=cam, eps=16, **GEN)
+    n_first = first.fit(x[:64], val_data=x[64:96], progress=False)
+    tensors, meta = first.generator_artifact()
+    save_tensors(tmp_path / "g.safetensors", tensors, meta)
+    G, noise = load_generator(tmp_path / "g.safetensors")
+    assert torch.equal(noise, first.noise.cpu())
+    # one step at a vanishing learning rate: the warm-started attack's perturbation is the first one's
+    one_step = {**GEN, "steps": 1, "lr": 1e-9}
+    warm = juap.create_attack("juap", classifier=clf, interpreter=cam, eps=16, **one_step, generator=G)
+    n_warm = warm.fit(x[:64], val_data=x[64:96], progress=False)
+    assert torch.allclose(n_warm, n_first, atol=1e-6)
+    assert next(G.parameters()).requires_grad and warm.generator is not G  # a copy was trained
+    cold = juap.create_attack("juap", classifier=clf, interpreter=cam, eps=16, **one_step)
+    assert not torch.allclose(cold.fit(x[:64], val_data=x[64:96], progress=False), n_first, atol=1e-3)
+
+
+def test_a_generator_file_that_is_not_one_is_refused(tmp_path):
+    save_tensors(tmp_path / "p.safetensors", {"perturbation": torch.zeros(3, 8, 8)}, {})
+    with pytest.raises(juap.JuapError, match="not a juap generator file"):
+        load_generator(tmp_path / "p.safetensors")

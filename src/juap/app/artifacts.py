@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .._registry import GENERATORS
 from ..budget import check_finite, perturbation_norm, within_budget
 from ..errors import CheckpointError, JuapError
 from ..runtime import distributed
@@ -74,3 +75,28 @@ def load_perturbation(path: str | os.PathLike) -> torch.Tensor:
         raise CheckpointError(f"{path}: the perturbation must have shape (3, H, W), got {tuple(n.shape)}")
     check_finite(n, f"the perturbation in {path}")
     return n.float()
+
+
+def load_generator(path: str | os.PathLike) -> tuple[torch.nn.Module, torch.Tensor]:
+    """Read a trained generator as a generator attack saves it (``generator_artifact``: ``generator.*``
+    weights, the fixed input ``noise``, metadata naming the architecture).
+
+    Returns:
+        (the generator in eval mode, its fixed input noise (1, C, H, W)).
+    """
+    tensors, meta = load_tensors(path)
+    if meta.get("format") != "juap.generator" or "noise" not in tensors:
+        raise CheckpointError(f"{path} is not a juap generator file (no 'juap.generator' format or no noise)")
+    spec = meta.get("generator")
+    if spec not in GENERATORS:
+        raise CheckpointError(
+            f"{path}: its generator {spec!r} is not a registered name ({', '.join(GENERATORS.names())}); a "
+            "generator passed as a module cannot be rebuilt from the file"
+        )
+    generator = GENERATORS.create(spec, **(meta.get("generator_options") or {}))
+    state = {k[len("generator.") :]: v for k, v in tensors.items() if k.startswith("generator.")}
+    try:
+        generator.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: the weights do not fit a {spec!r} generator: {e}") from None
+    return generator.eval(), tensors["noise"]

@@ -219,7 +219,7 @@ def sanity_flags(rows) -> List[Dict[str, Any]]:
     """Carlini et al. 2019's checks as flags (``ok`` / ``CHECK``), per interpreter x detector (x seed):
     evasion monotone in the budget, near-total at the largest budget (at least 90% of the highest fooling
     ratio any perturbation reaches there, :func:`fooling_ceiling`), the adaptive attack at least as evasive
-    as the non-adaptive R-JUAP at every budget, doubled steps or a restart change it
+    as the non-adaptive R-JUAP at every budget and seed, doubled steps or a restart change it
     little, halved steps do not do better, the noise control of the same norm evades less."""
     flags = []
 
@@ -254,13 +254,17 @@ def sanity_flags(rows) -> List[Dict[str, Any]]:
                 ceiling = fooling_ceiling(rows, interp, norm, eps)
                 detail = f"{v:.2f} of a fooling ceiling of {ceiling:.2f} ({v / max(ceiling, 1e-9):.0%})"
                 flag(f"near-total evasion at {norm} {eps:g}", v >= NEAR_TOTAL * ceiling, interp, kind, detail)
-        for norm, eps in _budgets(rows):  # knowing the detector must not make the attacker weaker
-            plain = round0(rows, interp, kind, norm, eps, "R-JUAP")
-            adaptive = round0(rows, interp, kind, norm, eps, f"JUAP@{kind}-r1")
-            if plain is not None and adaptive is not None:
-                detail = f"adaptive {adaptive:.2f} vs non-adaptive {plain:.2f} ({norm} {eps:g})"
+        for r in _pick(rows, interpreter=interp, detector=kind, detector_round=0, perturbation="R-JUAP"):
+            # knowing the detector must not make the attacker weaker: per seed, where a mean would hide it
+            where = dict(norm=r["norm"], eps=r["eps"], seed=r["seed"])
+            ref = _pick(rows, interpreter=interp, detector=kind, detector_round=0,
+                        perturbation=f"JUAP@{kind}-r1", **where)  # fmt: skip
+            if ref:
+                plain, adaptive = r["evasion_rate"], ref[0]["evasion_rate"]
+                detail = f"adaptive {adaptive:.2f} vs non-adaptive {plain:.2f} ({r['norm']} {r['eps']:g})"
                 ok = adaptive >= plain - MONOTONE_SLACK
-                flag("the adaptive attack evades at least as much as R-JUAP", ok, interp, kind, detail)
+                name = "the adaptive attack evades at least as much as R-JUAP"
+                flag(name, ok, interp, kind, detail, r["seed"])
         for r in _pick(rows, interpreter=interp, detector=kind, detector_round=0):
             name = r["perturbation"]
             base = f"JUAP@{kind}-r1"

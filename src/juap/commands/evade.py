@@ -6,7 +6,9 @@ SPEC section 5. For every cell (seed x budget x interpreter):
   detector kind is trained on clean detector-training images against the images those perturbations fool,
   and its threshold is calibrated on held-out clean images at ``evade.fpr``.
 * **Round r** (adaptive): JUAP (and GUAP) are trained against round r-1's detector of each kind (its
-  calibrated score enters the loss, :class:`~juap.attacks.parts.DetectorTerm`); then the detector is
+  calibrated score enters the loss, :class:`~juap.attacks.parts.DetectorTerm`), starting from round 0's
+  trained generator of the same attack (Tramer et al. 2020's two-phase loss: the non-adaptive attack is
+  the fooling phase, the adaptive one adds the detector); then the detector is
   retrained on every perturbation so far plus the new ones. ``evade.rounds`` rounds at the headline budget,
   round 1 alone at the other budgets (the evasion-against-budget curve).
 * **Measured** on the test images, for every detector of the cell against every perturbation of the cell:
@@ -34,6 +36,7 @@ import torch
 import juap
 
 from .._validate import check_range
+from ..app.artifacts import load_generator
 from ..app.evasion_report import write_evasion_report
 from ..budget import apply_perturbation, check_budget
 from ..data import load_splits, save_split, to_tensors
@@ -50,6 +53,7 @@ from .run import DEMO, BudgetConfig
 from .shipped import resolve_config
 
 ROUND0 = ("uap", "sgd_uap", "guap", "juap")  # the non-adaptive perturbations every detector is trained on
+ROUND0_LABELS = {"uap": "UAP", "sgd_uap": "SGD-UAP", "guap": "GUAP", "juap": "R-JUAP"}
 ADAPTIVE = ("juap", "guap")
 
 
@@ -76,10 +80,13 @@ class EvadeSettings:
     ``detectors``: registered detector kinds; ``budgets``: the sweep, ``headline``: the budget where the
     arms race runs all its ``rounds`` and the sanity checks run (it must be one of ``budgets``);
     ``fpr``: the operating point of the thresholds and the evasion rate; ``mu`` / ``temperature`` /
-    ``mu_schedule``: the adaptive attacker's detector term (GeneratorUAP's), ``warmup_fraction``: the share
-    of its steps trained without it (fool first), ``adaptive_eval_every``: its validation period (each
-    validation keeps the best evasion rate); ``adaptive_attacks``: ``juap`` and / or ``guap``; ``sanity``:
-    run the sanity checks against these detector kinds (empty: none).
+    ``mu_schedule``: the adaptive attacker's detector term (GeneratorUAP's); ``warm_start``: each adaptive
+    attack starts from round 0's trained generator of its attack (R-JUAP's, GUAP's), else from scratch;
+    ``adaptive_steps``: its steps (default: the attack's own); ``warmup_fraction``: the share of them
+    trained without the detector term (fool first; 0 needs no warm-up after a warm start);
+    ``adaptive_eval_every``: its validation period (each validation keeps the best evasion rate);
+    ``adaptive_attacks``: ``juap`` and / or ``guap``; ``sanity``: run the sanity checks against these
+    detector kinds (empty: none).
     """
 
     interpreters: Tuple[str, ...] = ("cam",)
@@ -96,7 +103,9 @@ class EvadeSettings:
     mu: float = 3.0
     temperature: float = 1.0
     mu_schedule: str = "ramp"
-    warmup_fraction: float = 0.5
+    warm_start: bool = True
+    adaptive_steps: Optional[int] = None
+    warmup_fraction: float = 0.0
     adaptive_eval_every: int = 10
     adaptive_attacks: Tuple[str, ...] = ADAPTIVE
     seeds: Tuple[int, ...] = (0,)
@@ -125,6 +134,8 @@ class EvadeSettings:
         check_range("evade.temperature", self.temperature, low=0, low_open=True)
         check_range("evade.warmup_fraction", self.warmup_fraction, low=0, high=1)
         check_range("evade.adaptive_eval_every", self.adaptive_eval_every, low=1)
+        if self.adaptive_steps is not None:
+            check_range("evade.adaptive_steps", self.adaptive_steps, low=1)
         if self.mu_schedule not in ("constant", "ramp"):
             raise ConfigError(f"evade.mu_schedule must be 'constant' or 'ramp', got {self.mu_schedule!r}")
         check_range("evade.batch_size", self.batch_size, low=1)
@@ -303,6 +314,7 @@ class CellRun:
         self.detectors: Dict[Tuple[str, int], Any] = {}  # (kind, round) -> detector
         self._fooled: Dict[str, torch.Tensor] = {}  # name -> detector-training images it fools
         self._train_pred: Optional[torch.Tensor] = None
+        self._generators: Dict[str, torch.nn.Module] = {}  # round 0's label -> its trained generator
 
     # -- perturbations -------------------------------------------------------------------------------
     def attack_params(self, name: str) -> Dict[str, Any]:
@@ -319,9 +331,10 @@ class CellRun:
         of its seed and budget, in ``shared/``."""
         path = self.folder / "perturbations" / f"{label}.safetensors"
         if attack != "juap" and against == "-" and not path.is_file():
-            b = self.cell.budget
-            path = self.folder.parent.parent / "shared" / f"{b.norm}{b.eps:g}_s{self.cell.seed}" / path.name
-        if path.is_file():
+            path = self._shared(path.name)
+        keep_generator = self.s.warm_start and attack in ADAPTIVE and against == "-"  # warm starts' origin
+        gen_path = path.with_name(f"{label}.generator.safetensors")
+        if path.is_file() and (not keep_generator or gen_path.is_file()):
             n_hat = load_tensors(path)[0]["perturbation"]
         else:
             params = {**self.attack_params(attack), **extra}
@@ -336,6 +349,10 @@ class CellRun:
             n_hat = a.fit(self.b.attack_train, val_data=self.b.attack_val, progress=self.b.progress).cpu()
             meta = {"attack": attack, "label": label, "round": round_, "against": against,
                     "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+            if keep_generator:  # first, so that a perturbation on disk always has its generator
+                tensors, g_meta = a.generator_artifact()
+                save_tensors(gen_path, tensors, g_meta)
+                self._generators[label] = a.generator.cpu()
             save_tensors(path, {"perturbation": n_hat}, meta)
             self.b.say(f"        {label:28s} learned in {meta['seconds']:.0f} s")
         self.perturbations[label] = n_hat
@@ -343,9 +360,20 @@ class CellRun:
         return n_hat
 
     def round0(self) -> None:
-        names = {"uap": "UAP", "sgd_uap": "SGD-UAP", "guap": "GUAP", "juap": "R-JUAP"}
         for attack in ROUND0:
-            self.perturbation(names[attack], attack)
+            self.perturbation(ROUND0_LABELS[attack], attack)
+
+    def generator(self, label: str) -> torch.nn.Module:
+        """Round 0's trained generator of ``label`` (R-JUAP, GUAP): where an adaptive attack starts."""
+        if label not in self._generators:
+            path = self.folder / "perturbations" / f"{label}.generator.safetensors"
+            self._generators[label] = load_generator(path if path.is_file() else self._shared(path.name))[0]
+        return self._generators[label]
+
+    def _shared(self, name: str) -> Path:
+        """File ``name`` of the folder that every interpreter of this seed and budget shares."""
+        b = self.cell.budget
+        return self.folder.parent.parent / "shared" / f"{b.norm}{b.eps:g}_s{self.cell.seed}" / name
 
     # -- detectors -----------------------------------------------------------------------------------
     def detector(self, kind: str, round_: int, pool: Sequence[str]):
@@ -405,7 +433,8 @@ class CellRun:
 
     def sanity_perturbations(self) -> None:
         """At the headline budget: JUAP against round 0's detector with doubled and halved steps and another
-        seed, and a noise control of the same norm (random signs at L_inf, a scaled Gaussian at L2)."""
+        seed (its data order, and its input noise: after a warm start, the trained generator maps a new
+        input), and a noise control of the same norm (random signs at L_inf, a scaled Gaussian at L2)."""
         for kind in self.s.sanity:
             det, against = self.detectors[(kind, 0)], f"{kind}-r0"
             steps = self._steps("juap")
@@ -421,18 +450,23 @@ class CellRun:
         self.meta["noise"] = {"attack": "noise", "round": 0, "against": "-"}
 
     def _steps(self, attack: str) -> int:
+        """The steps of an adaptive ``attack``: ``evade.adaptive_steps``, else the attack's own."""
+        if self.s.adaptive_steps is not None:
+            return self.s.adaptive_steps
         default = juap.ATTACKS.get(attack).hyperparams["steps"].default
         return int(self.attack_params(attack).get("steps", default))
 
     def adaptive(self, detector, against: str, round_: int, attack: str, steps: Optional[int] = None) -> Dict:
         """The keyword arguments of :meth:`perturbation` for an attack against ``detector``: the detector
         term (``mu``, its temperature, the ramp), a warm-up of ``warmup_fraction`` of the steps without
-        it, and a validation every ``adaptive_eval_every`` steps (each keeps the best evasion rate)."""
+        it, a validation every ``adaptive_eval_every`` steps (each keeps the best evasion rate) and, with
+        ``warm_start``, round 0's trained generator of the attack to start from."""
         s, steps = self.s, steps or self._steps(attack)
+        warm = {"generator": self.generator(ROUND0_LABELS[attack])} if s.warm_start else {}
         return dict(
             round_=round_, against=against, detector=detector, mu=s.mu, detector_temperature=s.temperature,
             mu_schedule=s.mu_schedule, detector_warmup=int(s.warmup_fraction * steps), steps=steps,
-            eval_every=min(s.adaptive_eval_every, steps),
+            eval_every=min(s.adaptive_eval_every, steps), **warm,
         )  # fmt: skip
 
     # -- measuring -----------------------------------------------------------------------------------
