@@ -10,6 +10,7 @@ from juap.data import (
     ImageFolderDataset,
     load_splits,
     make_loader,
+    split_groups,
     split_indices,
     train_transform,
 )
@@ -110,6 +111,25 @@ def test_split_protocol_is_deterministic_and_disjoint():
     assert len(a[0]) == 200 and len(a[1]) == 200 and not set(a[0]) & set(a[1])
     with pytest.raises(ConfigError, match="sum to at most 1"):
         split_indices(10, fractions=(0.7, 0.7), seed=0)
+
+
+def test_a_grouped_split_keeps_every_group_whole_and_near_its_shares():
+    # e.g. the crops of 10 source photos, 53 or 54 each: the detector split of `juap evade` on the photos
+    groups = [f"photo{i % 10}" for i in range(533)]
+    for seed in range(5):
+        parts = split_groups(groups, fractions=(0.5, 0.25), seed=seed)
+        assert sorted(i for p in parts for i in p) == list(range(533))
+        names = [{groups[i] for i in p} for p in parts]
+        assert all(names) and not (names[0] & names[1] or names[0] & names[2] or names[1] & names[2])
+        assert abs(len(parts[0]) - 266) <= 27 and abs(len(parts[1]) - 133) <= 27  # half a group off at most
+    again = split_groups(list(groups), fractions=(0.5, 0.25), seed=4)
+    assert again == parts  # the same groups and seed, the same parts
+    singles = split_groups([str(i) for i in range(100)], fractions=(0.5, 0.25), seed=0)
+    assert [len(p) for p in singles] == [50, 25, 25]
+    uneven = ["big"] * 90 + ["a", "b"]  # one group holds most images: every part still gets one
+    assert all(split_groups(uneven, fractions=(0.5, 0.25), seed=0))
+    with pytest.raises(ConfigError, match="2 groups .* too few for 3 parts"):
+        split_groups(["a", "a", "b"], fractions=(0.5, 0.25), seed=0)
 
 
 def test_fractions_that_sum_to_one_split_an_odd_count():

@@ -173,6 +173,8 @@ def test_photos_data_config_builds_an_imagefolder_and_splits_by_photo(tmp_path, 
         for s, v in (("tr", splits.train), ("te", splits.test))
     }
     assert names == {"tr": {"text"}, "te": {"coins"}}
+    paths = [splits.test.path(i) for i in range(len(splits.test))]
+    assert photos.Photos.groups(paths) == ["coins"] * len(paths)  # juap evade keeps a photo's crops together
     x, y = splits.test[0]
     assert x.shape == (3, 64, 64) and 0 <= int(y) < 3
 

@@ -214,11 +214,19 @@ def fooling_ceiling(rows, interp: str, norm: str, eps: float) -> float:
     return max((f for f in frs if f is not None), default=1.0)
 
 
+def best_adaptive(rows, interp: str, kind: str, norm: str, eps: float) -> Optional[float]:
+    """The mean evasion rate of the strongest round-1 adaptive attack (JUAP or GUAP, whichever ran and
+    evades more) against round 0's detector ``kind``: the attacker picks its best."""
+    values = [round0(rows, interp, kind, norm, eps, f"{a}@{kind}-r1") for a in ("JUAP", "GUAP")]
+    return max((v for v in values if v is not None), default=None)
+
+
 # -- the sanity checks ---------------------------------------------------------------------------------
 def sanity_flags(rows) -> List[Dict[str, Any]]:
     """Carlini et al. 2019's checks as flags (``ok`` / ``CHECK``), per interpreter x detector (x seed):
-    evasion monotone in the budget, near-total at the largest budget (at least 90% of the highest fooling
-    ratio any perturbation reaches there, :func:`fooling_ceiling`), the adaptive attack at least as evasive
+    evasion monotone in the budget and near-total at the largest budget (at least 90% of the highest fooling
+    ratio any perturbation reaches there, :func:`fooling_ceiling`), both for the stronger adaptive attack
+    (:func:`best_adaptive`), the adaptive attack at least as evasive
     as the non-adaptive R-JUAP at every budget and seed, doubled steps or a restart change it
     little, halved steps do not do better, the noise control of the same norm evades less."""
     flags = []
@@ -238,9 +246,7 @@ def sanity_flags(rows) -> List[Dict[str, Any]]:
     for interp, kind in _groups(rows):
         for norm in sorted({r["norm"] for r in rows}):
             curve = [
-                (eps, round0(rows, interp, kind, norm, eps, f"JUAP@{kind}-r1"))
-                for n, eps in _budgets(rows)
-                if n == norm
+                (eps, best_adaptive(rows, interp, kind, norm, eps)) for n, eps in _budgets(rows) if n == norm
             ]
             curve = [(e, v) for e, v in curve if v is not None]
             if len(curve) >= 2:
@@ -253,6 +259,11 @@ def sanity_flags(rows) -> List[Dict[str, Any]]:
                 eps, v = curve[-1]
                 ceiling = fooling_ceiling(rows, interp, norm, eps)
                 detail = f"{v:.2f} of a fooling ceiling of {ceiling:.2f} ({v / max(ceiling, 1e-9):.0%})"
+                for attack in ("JUAP", "GUAP"):  # how much of what each fools it evades
+                    fr = round0(rows, interp, kind, norm, eps, f"{attack}@{kind}-r1", "fooling_ratio")
+                    ev = round0(rows, interp, kind, norm, eps, f"{attack}@{kind}-r1")
+                    if fr:
+                        detail += f"; {attack}@{kind}-r1 evades {ev:.2f} of the {fr:.2f} it fools"
                 flag(f"near-total evasion at {norm} {eps:g}", v >= NEAR_TOTAL * ceiling, interp, kind, detail)
         for r in _pick(rows, interpreter=interp, detector=kind, detector_round=0, perturbation="R-JUAP"):
             # knowing the detector must not make the attacker weaker: per seed, where a mean would hide it

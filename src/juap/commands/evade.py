@@ -39,7 +39,7 @@ from .._validate import check_range
 from ..app.artifacts import load_generator
 from ..app.evasion_report import write_evasion_report
 from ..budget import apply_perturbation, check_budget
-from ..data import load_splits, save_split, to_tensors
+from ..data import data_set, load_splits, save_split, split_groups, to_tensors
 from ..data.config import DataConfig
 from ..errors import ConfigError
 from ..metrics import auroc, evasion_rate, is_fooled, roc_curve, tpr_at_fpr
@@ -60,8 +60,9 @@ ADAPTIVE = ("juap", "guap")
 # -- configuration -----------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class SplitConfig:
-    """How the detector images (the data's test split) are divided, by image, seeded, saved in split.json:
-    ``train`` trains the detectors, ``calibration`` sets their thresholds, the rest tests everything."""
+    """How the detector images (the data's test split) are divided, seeded, saved in split.json: ``train``
+    trains the detectors, ``calibration`` sets their thresholds, the rest tests everything. By image, or by
+    source where the data set groups its images (the photos: every crop of a photo in one part)."""
 
     train: float = 0.5
     calibration: float = 0.25
@@ -260,11 +261,18 @@ def build_bench(cfg: EvadeConfig, run_dir: Path, *, cache_dir=None, progress=Tru
         n: build_interpreter(n, clf, checkpoint=ckpts.get(n)).to(device) for n in cfg.evade.interpreters
     }
     x_attack = to_tensors(splits.train)[0]
-    x_det = to_tensors(splits.test)[0]
+    x_det, _, skipped = to_tensors(splits.test)
     s = cfg.evade.split
-    order = torch.randperm(len(x_det), generator=torch.Generator().manual_seed(cfg.seed))
-    n_train, n_cal = int(round(s.train * len(x_det))), int(round(s.calibration * len(x_det)))
-    parts = order[:n_train], order[n_train : n_train + n_cal], order[n_train + n_cal :]
+    groups = data_set(cfg.data.name).groups([splits.test.path(i) for i in range(len(splits.test))])
+    if groups is not None and not skipped:  # the crops of one photo in one part only
+        parts = tuple(
+            torch.tensor(p, dtype=torch.long)
+            for p in split_groups(groups, fractions=(s.train, s.calibration), seed=cfg.seed)
+        )
+    else:
+        order = torch.randperm(len(x_det), generator=torch.Generator().manual_seed(cfg.seed))
+        n_train, n_cal = int(round(s.train * len(x_det))), int(round(s.calibration * len(x_det)))
+        parts = order[:n_train], order[n_train : n_train + n_cal], order[n_train + n_cal :]
     need = min_calibration_images(cfg.evade.fpr)
     if len(parts[1]) < need:
         raise ConfigError(
@@ -283,6 +291,7 @@ def build_bench(cfg: EvadeConfig, run_dir: Path, *, cache_dir=None, progress=Tru
             k: p.sort().values.tolist()
             for k, p in zip(("detector_train", "calibration", "test"), parts, strict=True)
         },
+        "grouped": groups is not None and not skipped,  # by source (photo), not by image
         "data": splits.split,
     }
     save_split(run_dir / "split.json", split)

@@ -16,7 +16,7 @@ from . import photos, synthetic  # noqa: F401  (register "photos" and "synthetic
 from .base import DataSet
 from .config import DataConfig, data_set, list_data_sets
 from .folder import ImageFolderDataset, ScanReport, collate_skip, eval_transform, scan_folder, train_transform
-from .splits import load_split, save_split, split_indices
+from .splits import load_split, save_split, split_groups, split_indices
 
 
 class SplitView(Dataset):
@@ -211,6 +211,7 @@ __all__ = [
     "save_split",
     "require_classes",
     "scan_folder",
+    "split_groups",
     "split_indices",
     "train_transform",
 ]

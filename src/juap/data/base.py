@@ -49,3 +49,9 @@ class DataSet:
 
         fractions = (cfg.train_fraction, cfg.test_fraction)
         return split_indices(len(paths), fractions=fractions, seed=cfg.split_seed)
+
+    @classmethod
+    def groups(cls, paths: Sequence[str]) -> Optional[List[str]]:
+        """The group of every image in ``paths`` that a further split must keep whole (images cut from one
+        source); ``None``: every image stands alone."""
+        return None

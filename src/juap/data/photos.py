@@ -348,3 +348,7 @@ class Photos(DataSet):
     @classmethod
     def split(cls, cfg, paths: Sequence[str]) -> Tuple[List[int], List[int]]:
         return split_by_photo(paths)
+
+    @classmethod
+    def groups(cls, paths: Sequence[str]) -> List[str]:
+        return [photo_of(p) for p in paths]  # crops of one photo are near copies: they stay together
