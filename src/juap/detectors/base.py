@@ -27,10 +27,10 @@ from .._validate import Param, check_params
 from ..classifiers.base import Classifier
 from ..errors import CheckpointError, ConfigError
 from ..interpreters.base import Interpreter
-from ..interpreters.rts import fingerprint
 from ..metrics import calibrate_threshold
 from ..runtime.config import signature_defaults
 from ..runtime.io import load_tensors, read_metadata, save_tensors
+from ..runtime.provenance import check_classifier_record, classifier_record
 
 FORMAT = "juap-detector"
 FORMAT_VERSION = 1
@@ -262,9 +262,7 @@ class Detector(nn.Module):
             "format_version": FORMAT_VERSION,
             "detector": self.name,
             "hyperparams": self.hparams,
-            "classifier_arch": self.classifier.arch,
-            "num_classes": self.classifier.num_classes,
-            "classifier_fingerprint": fingerprint(self.classifier),
+            **classifier_record(self.classifier),
             "interpreter": None if self.interpreter is None else self.interpreter.name,
             "fpr": self.fpr,
             "image_size": list(self.image_size),
@@ -307,18 +305,9 @@ def load_detector(
         raise CheckpointError(
             f"{path} was written by a newer juap (detector format {meta['format_version']})"
         )
-    arch, n = meta.get("classifier_arch"), meta.get("num_classes")
-    if arch != classifier.arch or n != classifier.num_classes:
-        raise CheckpointError(
-            f"detector {path} was fitted for classifier {arch!r} with {n} classes, not for this "
-            f"{classifier.arch!r} with {classifier.num_classes} classes: fit a detector for this classifier"
-        )
-    if meta.get("classifier_fingerprint") != fingerprint(classifier):
-        raise CheckpointError(
-            f"detector {path} was fitted for a classifier with other weights ({arch!r}, fingerprint "
-            f"{meta.get('classifier_fingerprint')}, this one {fingerprint(classifier)}): pass the classifier "
-            "it was fitted with, or fit a detector for this one"
-        )
+    check_classifier_record(
+        meta, classifier, path, what="detector", made="fitted", fix="fit a detector for this classifier"
+    )
     try:
         cls = DETECTORS.get(meta.get("detector"))
     except KeyError as e:

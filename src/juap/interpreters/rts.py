@@ -22,7 +22,6 @@ an *untrained* model: attacks and figures need a trained checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from pathlib import Path
@@ -39,6 +38,7 @@ from ..classifiers.factory import create_classifier
 from ..errors import CheckpointError, ConfigError
 from ..runtime.config import signature_defaults
 from ..runtime.io import load_tensors, read_metadata, save_tensors
+from ..runtime.provenance import check_classifier_record, classifier_record, fingerprint
 from .base import Classes, Interpreter, check_options, resolve_classes
 
 RTS_FORMAT = "juap.rts"
@@ -346,16 +346,6 @@ def rts_loss(
 # -- checkpoints ------------------------------------------------------------------------------------
 
 
-def fingerprint(module: nn.Module) -> str:
-    """sha256 (first 16 hex digits) of a module's state dict: names, shapes, dtypes and values."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
-
-
 def save_rts(rts: RTS, path: str | os.PathLike, **metadata: Any) -> Path:
     """Save the masking model's trainable tensors (not the frozen classifier/encoder) as safetensors.
 
@@ -365,9 +355,7 @@ def save_rts(rts: RTS, path: str | os.PathLike, **metadata: Any) -> Path:
     meta = {
         "format": RTS_FORMAT,
         "format_version": RTS_FORMAT_VERSION,
-        "classifier_arch": rts.classifier.arch,
-        "num_classes": rts.classifier.num_classes,
-        "classifier_fingerprint": fingerprint(rts.classifier),
+        **classifier_record(rts.classifier),
         "encoder": rts.encoder_name,
         "encoder_weights": rts.encoder_weights,
         "encoder_fingerprint": None if rts.encoder_net is None else fingerprint(rts.encoder_net),
@@ -403,20 +391,11 @@ def load_rts(
         )
     if meta.get("format_version", 0) > RTS_FORMAT_VERSION:
         raise CheckpointError(f"{path} was written by a newer juap (format {meta['format_version']})")
-    arch, n = meta.get("classifier_arch"), meta.get("num_classes")
-    if arch != classifier.arch or n != classifier.num_classes:
-        raise CheckpointError(
-            f"RTS checkpoint {path} was trained for classifier {arch!r} with {n} classes, not for this "
-            f"{classifier.arch!r} with {classifier.num_classes} classes; train an RTS for this classifier "
-            "with `juap train-rts`"
-        )
-    if meta.get("classifier_fingerprint") != fingerprint(classifier):
-        raise CheckpointError(
-            f"RTS checkpoint {path} was trained for a classifier with other weights ({arch!r}, fingerprint "
-            f"{meta.get('classifier_fingerprint')}, this one {fingerprint(classifier)}). A masking model "
-            "only explains the classifier it was trained with: pass that classifier's checkpoint, or train "
-            "an RTS for this one with `juap train-rts`"
-        )
+    check_classifier_record(
+        meta, classifier, path, what="RTS checkpoint", made="trained",
+        fix="a masking model only explains the classifier it was trained with; train an RTS for this "
+        "classifier with `juap train-rts`",
+    )  # fmt: skip
     weights = encoder_weights if encoder_weights is not None else meta.get("encoder_weights")
     default = signature_defaults(RTS)  # what a checkpoint without the key was made with
     rts = RTS(
