@@ -313,7 +313,9 @@ DETECTION_NOTE = (
     "one half of the images and evaluated on the other half; `cross` = trained on the other perturbations "
     "of the row's interpreter only (never on the one it is tested against). Adversarial examples are the "
     "held-out images whose prediction the perturbation changed (n adv); benign ones are all held-out "
-    "clean images."
+    "clean images. **Non-adaptive**: no attack here knew the detector, so these figures are an upper bound "
+    "on what the detectors catch (Carlini et al. 2019); `juap evade` trains the attack against each "
+    "detector and reports the evasion rate beside these figures."
 )
 
 
