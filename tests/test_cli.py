@@ -98,7 +98,14 @@ def test_attack_and_evaluate_end_to_end(tmp_path, capsys, clf_path):
     tensors, meta = load_tensors(out / "perturbation.safetensors")
     assert tensors["perturbation"].shape == (3, 32, 32) and meta["norm"] == "linf"
     assert (out / "perturbation.png").is_file() and (out / "generator.safetensors").is_file()
-    assert "fooling ratio" in stdout
+    assert "fooling ratio" in stdout and "applied in 8 bits" in stdout
+    # the file says where it comes from and what it measured, as float and as applied in 8 bits
+    clf = juap.load_classifier(clf_path)
+    assert meta["classifier_fingerprint"] == juap.runtime.provenance.fingerprint(clf)
+    assert meta["seed"] == 0 and meta["params"]["steps"] == 4 and meta["input_size"] == [32, 32]
+    assert meta["metrics"]["fooling_ratio"] == m["fooling_ratio"]
+    assert meta["metrics"]["as_8bit"] == m["as_8bit"] and m["as_8bit"]["map_interpreter"] == "cam"
+    assert abs(m["as_8bit"]["fooling_ratio"] - m["fooling_ratio"]) <= 0.25  # 8-bit rounding of 16 steps
 
     ev = tmp_path / "ev"
     code, stdout, err = run(
@@ -118,6 +125,16 @@ def test_attack_and_evaluate_end_to_end(tmp_path, capsys, clf_path):
     assert m2["fooling_ratio"] == pytest.approx(m["fooling_ratio"])
     assert (m2["attack"], m2["norm"], m2["eps"], m2["budget_source"]) == ("juap", "linf", 16, "file")
     assert m2["perturbation_norm"] == pytest.approx(m["perturbation_norm"])
+
+    # the 8-bit PNG: its figures are those the attack's run reported as applied in 8 bits
+    ev8 = tmp_path / "ev8"
+    code, stdout, err = run(
+        capsys, "evaluate", "--perturbation", str(out / "perturbation.png"), "--out", str(ev8),
+        "--no-progress", *DATA, "--set", f"classifier.weights={clf_path}",
+    )  # fmt: skip
+    assert code == 0, err
+    m3 = json.loads((ev8 / "metrics.json").read_text())
+    assert m3["fooling_ratio"] == m["as_8bit"]["fooling_ratio"] == m3["as_8bit"]["fooling_ratio"]
 
 
 @pytest.mark.parametrize(
@@ -158,7 +175,14 @@ def test_evaluate_refuses_a_perturbation_of_another_size(tmp_path, capsys, clf_p
         "--set",
         f"classifier.weights={clf_path}",
     )
-    assert code == 2 and "64x64 but the data is resized to 32x32" in err
+    assert code == 2 and "64x64 but the data is resized to 32x32" in err and "--resize" in err
+    code, _, err = run(
+        capsys, "evaluate", "--perturbation", str(p), "--resize", "--out", str(tmp_path / "r"), *DATA,
+        "--set", f"classifier.weights={clf_path}", "--set", "attack.eps=8",
+    )  # fmt: skip
+    assert code == 0, err
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert m["resized_from"] == [64, 64] and m["fooling_ratio"] == 0.0  # a zero perturbation stays zero
 
 
 def test_existing_run_folder_is_refused(tmp_path, capsys):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Optional
 
 import torch
 
@@ -215,3 +216,27 @@ def check_finite(n_hat: torch.Tensor, what: str = "the perturbation") -> None:
 def within_budget(measured: float, eps: float) -> bool:
     """Whether a measured norm (0-255 units) respects the budget ``eps``, up to float rounding."""
     return measured <= eps * (1 + BUDGET_RTOL) + BUDGET_ATOL
+
+
+def quantize_8bit(n_hat: torch.Tensor, *, norm: Optional[str], eps: Optional[float]) -> torch.Tensor:
+    """The perturbation as it can be applied to an 8-bit image: each value a whole number of 0-255 steps.
+
+    Rounded to the nearest step; where that would take it over the budget (an L2 ball, a non-integer
+    L_inf eps), every value is rounded toward zero instead, which never enlarges it in any norm. An image
+    decoded from an 8-bit file (``k / 255``) plus this perturbation, clipped to [0, 1], is again exactly
+    an 8-bit image.
+
+    Args:
+        n_hat: perturbation in [0, 1] pixel units, any shape.
+        norm, eps: its budget (0-255 units); None: none known, nearest rounding throughout.
+
+    Returns:
+        The quantised perturbation, same shape, dtype and device, on the 1/255 grid.
+    """
+    steps = n_hat.double() * PIXEL_SCALE
+    q = torch.round(steps)
+    if norm is None or eps is None:
+        return (q / PIXEL_SCALE).to(n_hat.dtype)
+    if not within_budget(float(perturbation_norm(q / PIXEL_SCALE, norm).max()), eps):
+        q = torch.trunc(steps)
+    return (q / PIXEL_SCALE).to(n_hat.dtype)

@@ -5,16 +5,17 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import Dataset
 
 from .._registry import ATTACKS
-from ..app.artifacts import save_perturbation
+from ..app.artifacts import perturbation_provenance, save_perturbation
 from ..app.history import RunLog
 from ..app.report import map_panels, transitions_csv
 from ..app.runs import finish_run
+from ..budget import quantize_8bit
 from ..data import (
     CountSkipped,
     data_summary,
@@ -156,7 +157,7 @@ def fit_and_measure(
             attack, cfg, train, val, run_dir, progress=progress, resume=resume, every=checkpoint_every
         )
     fit_seconds = time.perf_counter() - t0
-    return measure_and_write(
+    metrics = measure_and_write(
         run_dir,
         cfg,
         clf,
@@ -168,6 +169,25 @@ def fit_and_measure(
         progress=progress,
         extra={"fit_seconds": fit_seconds, **fit_info},
         after=after,
+    )
+    if attack.universal:  # the file again, now with what was measured
+        save_run_perturbation(run_dir, attack, cfg, metrics)
+    return metrics
+
+
+RECORDED = ("n_images", "fooling_ratio", "map_interpreter", "iou", "l1", "as_8bit")  # in perturbation files
+
+
+def save_run_perturbation(run_dir: Path, attack, cfg, metrics: Optional[Mapping[str, Any]] = None) -> None:
+    """Write the run's ``perturbation.safetensors`` / ``.png`` with their provenance (the classifier, its
+    normalisation, the attack's parameters, the seed and, once measured, the metrics)."""
+    a, n_hat = cfg.attack, attack.perturbation
+    provenance = perturbation_provenance(
+        attack.classifier, params=a.params, seed=cfg.seed, input_size=tuple(n_hat.shape[-2:]),
+        metrics=None if metrics is None else {k: metrics[k] for k in RECORDED if k in metrics},
+    )  # fmt: skip
+    save_perturbation(
+        run_dir / "perturbation", n_hat, attack=a.name, norm=a.norm, eps=a.eps, provenance=provenance
     )
 
 
@@ -210,10 +230,33 @@ def measure_and_write(
     write_insight(run_dir, cfg, ev, clf, attack, data, interps, class_names=class_names, device=device)
     metrics = summarize(cfg, ev, class_names=class_names, **(extra or {}))
     metrics.update(after or {})
+    if isinstance(attack, torch.Tensor) or getattr(attack, "universal", False):
+        n_hat = attack if isinstance(attack, torch.Tensor) else attack.perturbation
+        main = metrics.get("map_interpreter")
+        metrics["as_8bit"] = measure_8bit(
+            clf, n_hat, data.loader if isinstance(data, CountSkipped) else data,
+            {main: interps[main]} if main in interps else {}, norm=metrics["norm"], eps=metrics["eps"],
+            target=cfg.attack.params.get("target"), device=device,
+        )  # fmt: skip
     if isinstance(data, CountSkipped):  # unreadable at decode time
         metrics["data_summary"] = {**metrics.get("data_summary", {}), "test_skipped_images": data.skipped}
     finish_run(run_dir, config=to_dict(cfg), metrics=metrics)
     return metrics
+
+
+def measure_8bit(clf, n_hat, data, interps, *, norm, eps, target=None, device=None) -> Dict[str, Any]:
+    """The figures of ``n_hat`` as it is applied to 8-bit images: quantised to whole 0-255 steps
+    (:func:`~juap.budget.quantize_8bit`, within the budget ``norm``/``eps`` when known), added, clipped.
+    ``interps``: the map figures' interpreter (the run's main one), or none."""
+    q = quantize_8bit(n_hat, norm=norm, eps=eps)
+    ev = evaluate(clf, q, data, interpreters=interps, target=target, device=device)
+    out = {"fooling_ratio": ev["fooling_ratio"], "perturbation_linf": ev["perturbation_linf"],
+           "perturbation_l2": ev["perturbation_l2"]}  # fmt: skip
+    if "target_success_rate" in ev:
+        out["target_success_rate"] = ev["target_success_rate"]
+    for name, m in ev["interpreters"].items():
+        out.update({"map_interpreter": name, "iou": m.get("iou"), "l1": m.get("l1")})
+    return out
 
 
 def fit_universal(
@@ -238,12 +281,12 @@ def fit_universal(
     val_loader = make_loader(val, batch_size=batch) if val is not None else None
     log = RunLog(run_dir, tensorboard=cfg.log.tensorboard, title=f"juap attack {cfg.attack.name}")
     checkpoint = Checkpointing(run_dir, every=every, resume=resume)
-    n_hat = attack.fit(train_loader, val_data=val_loader, progress=progress, checkpoint=checkpoint, log=log)
+    attack.fit(train_loader, val_data=val_loader, progress=progress, checkpoint=checkpoint, log=log)
     result = attack.fit_result
     if distributed.is_main():
         log.finish(selected=result.selected, hinge=attack.hinge_level)
     a = cfg.attack
-    save_perturbation(run_dir / "perturbation", n_hat, attack=a.name, norm=a.norm, eps=a.eps)
+    save_run_perturbation(run_dir, attack, cfg)
     if "generator" in attack.artifacts and distributed.is_main():
         tensors, meta = attack.generator_artifact()
         save_tensors(run_dir / "generator.safetensors", tensors, {**meta, "norm": a.norm, "eps": a.eps})

@@ -171,6 +171,12 @@ def _print_attack_metrics(m: dict) -> None:
     print(line)
     if "target_success_rate" in m:
         print(f"  target success rate {m['target_success_rate']:.3f}")
+    q = m.get("as_8bit")
+    if q:  # what someone who adds the saved 8-bit file to an 8-bit image gets
+        maps = ""
+        if q.get("iou") is not None:
+            maps = f", {q['map_interpreter']} IoU {q['iou']:.3f}, L1 {q['l1']:.3f}"
+        print(f"  applied in 8 bits (whole 0-255 steps): fooling ratio {q['fooling_ratio']:.3f}{maps}")
     if m.get("transfer"):
         print("  maps (benign vs adversarial):  interpreter      L1     IoU   (random-map IoU)")
         for name, t in m["transfer"].items():
@@ -208,6 +214,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             run_dir,
             progress=not args.no_progress,
             budget_given=_budget_given(args),
+            resize=args.resize,
         )
     _print_attack_metrics(m)
     _say_wrote(run_dir)
@@ -427,7 +434,14 @@ def _add_perturbation_parsers(add: AddParser) -> None:
         help="evaluate a saved perturbation on a data set",
         description="Fooling ratio, accuracies and map L1/IoU of a saved perturbation.",
     )
-    p.add_argument("--perturbation", "-p", required=True, metavar="FILE", help="perturbation.safetensors")
+    p.add_argument(
+        "--perturbation", "-p", required=True, metavar="FILE",
+        help="perturbation.safetensors, or the exact 8-bit perturbation.png written beside it",
+    )  # fmt: skip
+    p.add_argument(
+        "--resize", action="store_true",
+        help="resize a perturbation made for another input size (bilinear, then projected into its budget)",
+    )  # fmt: skip
     _add_common(p)
     p = add(
         "detect",

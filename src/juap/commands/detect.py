@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequen
 import torch
 
 from .._validate import check_range
-from ..app.artifacts import load_perturbation
+from ..app.artifacts import check_made_for, load_perturbation, read_perturbation_metadata
 from ..app.report import map_panels, markdown_table, roc_grid, write_csv
 from ..app.runs import finish_run
 from ..budget import apply_perturbation
@@ -29,7 +29,7 @@ from ..errors import ConfigError
 from ..metrics import auroc, is_fooled, roc_curve, tpr_at_fpr
 from ..runtime.config import to_dict
 from ..runtime.distributed import resolve_device
-from ..runtime.io import load_tensors, write_text
+from ..runtime.io import write_text
 from .build import build_classifier, build_interpreter, check_classes, learned_checkpoints
 from .configs import ClassifierConfig, DataConfig, EvalConfig, attack_split_data
 
@@ -373,7 +373,7 @@ def load_named_perturbations(specs: Sequence[str]) -> Dict[str, torch.Tensor]:
     for name, path in parse_perturbation_specs(specs):
         n_hat = load_perturbation(path)
         if name is None:
-            _, meta = load_tensors(path)
+            meta = read_perturbation_metadata(path)
             name = str(meta.get("attack") or Path(path).stem).upper()
         base, k = name, 2
         while name in out:
@@ -411,6 +411,8 @@ def run_detect(
     save_split(run_dir / "split.json", splits.split)
     clf = build_classifier(cfg.classifier, num_classes=splits.num_classes).to(device).eval()
     check_classes(clf, splits)
+    for _, path in parse_perturbation_specs(perturbation_specs):
+        check_made_for(read_perturbation_metadata(path), clf, path)
     ckpts = learned_checkpoints(cfg.evaluate)
     names = list(dict.fromkeys([*cfg.evaluate.interpreters, *ckpts]))
     interps = {n: build_interpreter(n, clf, checkpoint=ckpts.get(n)).to(device) for n in names}

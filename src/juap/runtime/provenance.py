@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from importlib import metadata
 from typing import Any, Dict, Mapping
 
 import torch
@@ -21,6 +22,14 @@ def fingerprint(module: nn.Module) -> str:
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
+
+
+def juap_version() -> str:
+    """The installed juap's version (``"unknown"`` when run from a tree that is not installed)."""
+    try:
+        return metadata.version("juap")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def classifier_record(classifier) -> Dict[str, Any]:
