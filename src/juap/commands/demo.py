@@ -574,6 +574,18 @@ def _results_markdown(results, shown, methods, claims, jap_rows, budget) -> List
             ],
         ),
         f"\nRandom-map IoU floor: {results[0]['random_iou']:.3f}.\n",
+        "\n### As applied in 8 bits\n\nEach perturbation as saved in `perturbation.png`: whole 0-255 steps "
+        "(within the budget), added to the 8-bit test images and clipped; the maps under the interpreter "
+        "each row is measured with.\n",
+        markdown_table(
+            ["perturbation", "interpreter", "FR", "FR (8-bit)", "IoU", "IoU (8-bit)", "L1", "L1 (8-bit)"],
+            [
+                [r["variant"], r["interpreter"], r["fooling_ratio"], r.get("fooling_ratio_8bit"), r["iou"],
+                 r.get("iou_8bit"), r["l1"], r.get("l1_8bit")]
+                for r in results
+                if r.get("iou_8bit") is not None
+            ],
+        ),  # fmt: skip
         "\n### Table III on the fooled images only\n\nAn image the perturbation does not fool keeps its "
         "class, so its map mostly stays: the means above rise as the fooling ratio falls. Here only the "
         "images whose prediction changed count (what an inspector sees on a successful attack).\n",

@@ -552,6 +552,7 @@ def cell_rows(cell: Cell, m: Mapping[str, Any], folder: Path) -> List[Dict[str, 
         "adversarial_accuracy": m.get("adversarial_accuracy"),
         "target_success_rate": m.get("target_success_rate"),
         "n_images": m.get("n_images"),
+        "fooling_ratio_8bit": (m.get("as_8bit") or {}).get("fooling_ratio"),  # as saved in 8 bits
         "cell": cell.id,
         "folder": str(folder),
     }
@@ -561,13 +562,17 @@ def cell_rows(cell: Cell, m: Mapping[str, Any], folder: Path) -> List[Dict[str, 
     common.update(label, dominant_label_share=m.get("dominant_label_share"))
     common.update(_by_class(m.get("per_class"), ("fooling_ratio", "n_images"), names))
     out = []
+    q = m.get("as_8bit") or {}
     for iname, t in (m.get("transfer") or {}).items():
+        mine = q.get("map_interpreter") == iname  # the 8-bit maps are measured for the main interpreter
         out.append(
             {
                 **common,
                 "interpreter": iname,
                 "l1": t.get("l1"),
                 "iou": t.get("iou"),
+                "l1_8bit": q.get("l1") if mine else None,
+                "iou_8bit": q.get("iou") if mine else None,
                 "random_iou": t.get("random_iou"),
                 "l1_fooled": t.get("l1_fooled"),
                 "iou_fooled": t.get("iou_fooled"),
@@ -639,6 +644,9 @@ _VALUE_LABELS = {
     "target_success_rate": "target success",
     "l1_fooled": "L1 (fooled)",
     "iou_fooled": "IoU (fooled)",
+    "fooling_ratio_8bit": "FR (8-bit)",
+    "l1_8bit": "L1 (8-bit)",
+    "iou_8bit": "IoU (8-bit)",
 }
 
 
@@ -713,6 +721,9 @@ RESULT_COLUMNS = (
     "objective",
     "setting",
     "target_success_rate",
+    "fooling_ratio_8bit",
+    "l1_8bit",
+    "iou_8bit",
     "random_iou",
     "l1_fooled",
     "iou_fooled",
