@@ -103,10 +103,8 @@ def test_demo_runs_its_grid_into_cells_and_reuses_them(tmp_path, capsys):
     # every perturbation's figures as applied in 8 bits, beside the float ones
     assert "### As applied in 8 bits" in (out / "results.md").read_text()
     assert all(0 <= r["fooling_ratio_8bit"] <= 1 for r in m["universal"])
-    main_interp = {"-": "cam"}  # GUAP, UAP, SGD-UAP: the first evaluated interpreter; JUAP: its own
-    main = [
-        r for r in m["universal"] if r["interpreter"] == main_interp.get(r["trained_against"], r["trained_against"])
-    ]
+    own = {"-": "cam"}  # GUAP, UAP, SGD-UAP: the first evaluated interpreter; JUAP: its own
+    main = [r for r in m["universal"] if r["interpreter"] == own.get(*[r["trained_against"]] * 2)]
     assert main and all(r["iou_8bit"] is not None for r in main)  # the maps of each run's main interpreter
     # the same --out again: every cell is reused, and the tables and figures are the same
     stamps = {d.name: (d / "metrics.json").stat().st_mtime_ns for d in cells}
