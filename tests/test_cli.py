@@ -131,10 +131,14 @@ def test_attack_and_evaluate_end_to_end(tmp_path, capsys, clf_path):
     code, stdout, err = run(
         capsys, "evaluate", "--perturbation", str(out / "perturbation.png"), "--out", str(ev8),
         "--no-progress", *DATA, "--set", f"classifier.weights={clf_path}",
+        "--set", "evaluate.transforms=[jpeg:75, resize:0.5]",
     )  # fmt: skip
     assert code == 0, err
     m3 = json.loads((ev8 / "metrics.json").read_text())
     assert m3["fooling_ratio"] == m["as_8bit"]["fooling_ratio"] == m3["as_8bit"]["fooling_ratio"]
+    assert set(m3["robustness"]) == {"jpeg:75", "resize:0.5"} and "after jpeg:75: fooling ratio" in stdout
+    robust = m3["robustness"].values()
+    assert all(0 <= r["fooling_ratio"] <= 1 and r["map_interpreter"] == "cam" for r in robust)
 
 
 @pytest.mark.parametrize(

@@ -47,6 +47,7 @@ def evaluate(
     device: Optional[torch.device] = None,
     progress: bool = False,
     per_class: bool = False,
+    transform: Optional[Callable[..., torch.Tensor]] = None,
 ) -> Dict:
     """Fooling ratio, accuracies and, per interpreter, L1 and top-k IoU of the maps (eqs 18-20).
 
@@ -64,6 +65,8 @@ def evaluate(
             ``dominant_label_share`` (of the fooled images), and ``per_class`` lists indexed by class
             (``n_images``, ``n_fooled``, ``fooling_ratio``; per interpreter ``l1`` and ``iou``). Off by
             default: an attack's validation calls this function every few steps.
+        transform: what happens to an image before the model sees it (:func:`juap.transforms.parse_transform`,
+            e.g. JPEG), applied to the benign and to the adversarial images alike after the perturbation.
 
     Under torchrun every rank passes the same ``data``; each computes its contiguous slice of every batch
     and the sums and counts are all-reduced, so every rank returns the metrics of the whole data (each
@@ -88,6 +91,8 @@ def evaluate(
         if len(x) == 0:  # this rank's slice of a batch smaller than the number of ranks
             continue
         x_hat = perturb(x, y).detach()
+        if transform is not None:  # both on their way to the model, the same random draw for both
+            x, x_hat = transform(x, seed=i), transform(x_hat, seed=i)
         _measure_batch(
             classifier, interpreters, x, x_hat, y, preds, per_interp, target, per_class, (i, start, n_global)
         )

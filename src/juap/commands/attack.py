@@ -32,6 +32,7 @@ from ..runtime.config import to_dict
 from ..runtime.distributed import resolve_device
 from ..runtime.io import save_tensors
 from ..runtime.loop import Checkpointing
+from ..transforms import parse_transform
 from .build import (
     attack_data,
     build_attack,
@@ -233,11 +234,16 @@ def measure_and_write(
     if isinstance(attack, torch.Tensor) or getattr(attack, "universal", False):
         n_hat = attack if isinstance(attack, torch.Tensor) else attack.perturbation
         main = metrics.get("map_interpreter")
+        again = data.loader if isinstance(data, CountSkipped) else data  # unreadable images counted once
+        mine = {main: interps[main]} if main in interps else {}
+        target = cfg.attack.params.get("target")
         metrics["as_8bit"] = measure_8bit(
-            clf, n_hat, data.loader if isinstance(data, CountSkipped) else data,
-            {main: interps[main]} if main in interps else {}, norm=metrics["norm"], eps=metrics["eps"],
-            target=cfg.attack.params.get("target"), device=device,
-        )  # fmt: skip
+            clf, n_hat, again, mine, norm=metrics["norm"], eps=metrics["eps"], target=target, device=device
+        )
+        if cfg.evaluate.transforms:
+            metrics["robustness"] = measure_transformed(
+                clf, n_hat, again, mine, cfg.evaluate.transforms, target=target, device=device
+            )
     if isinstance(data, CountSkipped):  # unreadable at decode time
         metrics["data_summary"] = {**metrics.get("data_summary", {}), "test_skipped_images": data.skipped}
     finish_run(run_dir, config=to_dict(cfg), metrics=metrics)
@@ -256,6 +262,21 @@ def measure_8bit(clf, n_hat, data, interps, *, norm, eps, target=None, device=No
         out["target_success_rate"] = ev["target_success_rate"]
     for name, m in ev["interpreters"].items():
         out.update({"map_interpreter": name, "iou": m.get("iou"), "l1": m.get("l1")})
+    return out
+
+
+def measure_transformed(clf, n_hat, data, interps, specs, *, target=None, device=None) -> Dict[str, Any]:
+    """``{spec: figures}``: the fooling ratio (and the main interpreter's IoU / L1) of ``n_hat`` when the
+    benign and the adversarial images both go through each transformation of ``specs`` (``jpeg:75``, ...;
+    :mod:`juap.transforms`) before the model sees them."""
+    out = {}
+    for spec in specs:
+        ev = evaluate(clf, n_hat, data, interpreters=interps, target=target, device=device,
+                      transform=parse_transform(spec))  # fmt: skip
+        row = {"fooling_ratio": ev["fooling_ratio"], "clean_accuracy": ev.get("clean_accuracy")}
+        for name, m in ev["interpreters"].items():
+            row.update({"map_interpreter": name, "iou": m.get("iou"), "l1": m.get("l1")})
+        out[spec] = row
     return out
 
 

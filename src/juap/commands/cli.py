@@ -177,6 +177,9 @@ def _print_attack_metrics(m: dict) -> None:
         if q.get("iou") is not None:
             maps = f", {q['map_interpreter']} IoU {q['iou']:.3f}, L1 {q['l1']:.3f}"
         print(f"  applied in 8 bits (whole 0-255 steps): fooling ratio {q['fooling_ratio']:.3f}{maps}")
+    for spec, r in (m.get("robustness") or {}).items():  # both images through it before the model
+        maps = f", {r['map_interpreter']} IoU {r['iou']:.3f}" if r.get("iou") is not None else ""
+        print(f"  after {spec}: fooling ratio {r['fooling_ratio']:.3f}{maps}")
     if m.get("transfer"):
         print("  maps (benign vs adversarial):  interpreter      L1     IoU   (random-map IoU)")
         for name, t in m["transfer"].items():

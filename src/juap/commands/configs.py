@@ -10,6 +10,7 @@ from .._registry import INTERPRETERS
 from .._validate import check_range
 from ..data.config import DataConfig
 from ..errors import ConfigError
+from ..transforms import parse_transform
 
 
 # -- sections ----------------------------------------------------------------------------------------
@@ -89,11 +90,16 @@ class EvalConfig:
     # changed most and least; random: seeded by `seed`), and how many (0: no figure)
     figure_images: Literal["fooled", "map_change", "random"] = "fooled"
     figure_count: int = 4
+    # a universal perturbation measured again after each of these, applied to the benign and the
+    # adversarial images alike (juap.transforms): e.g. [jpeg:75, resize:0.5, crop:0.875, blur:1]
+    transforms: Tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_range("evaluate.batch_size", self.batch_size, low=1)
         check_range("evaluate.figure_count", self.figure_count, low=0)
         check_checkpoints("evaluate.checkpoints", self.checkpoints)
+        for spec in self.transforms:
+            parse_transform(spec)  # a bad spec fails at load time, listing the known ones
 
 
 def learned_interpreters() -> List[str]:
