@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import juap
 from helpers import tiny_trained_classifier
 from juap.app.artifacts import (
     check_made_for,
@@ -102,3 +103,35 @@ def test_a_resized_perturbation_stays_in_its_budget():
     for norm, eps in (("linf", 10.0), ("l2", 200.0)):
         r = resize_perturbation(n, (48, 48), norm=norm, eps=eps)
         assert r.shape == (3, 48, 48) and float(perturbation_norm(r, norm)) <= eps * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("attack", ["juap", "guap"])
+def test_training_with_8bit_rounding_keeps_a_perturbation_on_whole_steps(attack):
+    clf, x, _ = tiny_trained_classifier()
+    common = dict(classifier=clf, eps=16, steps=4, batch_size=16, eval_every=2, lr=5e-3, seed=1,
+                  generator_options={"ngf": 8}, objective="untargeted")  # fmt: skip
+    if attack == "juap":
+        common["interpreter"] = juap.create_interpreter("cam", clf)
+    a = juap.create_attack(attack, **common, round_8bit=True)
+    n = a.fit(x[:64], val_data=x[64:96], progress=False)
+    steps = n.double() * 255
+    assert torch.allclose(steps, steps.round(), atol=1e-4) and float(steps.abs().max()) <= 16 + 1e-4
+    start = juap.create_attack(attack, **{**common, "steps": 1, "lr": 1e-12}, round_8bit=True)
+    assert not torch.equal(start.fit(x[:64], val_data=x[64:96], progress=False), n)  # it learned
+
+
+def test_training_through_transformations_reaches_the_generator(tmp_path):
+    clf, x, _ = tiny_trained_classifier()
+    common = dict(classifier=clf, eps=16, steps=3, batch_size=16, eval_every=3, lr=5e-3, seed=1,
+                  generator_options={"ngf": 8}, objective="untargeted")  # fmt: skip
+    a = juap.create_attack("guap", **common, eot=("jpeg:75", "resize:0.5", "random_crop:0.8", "blur:1"))
+    before = [p.detach().clone() for p in a.make_generator().parameters()]
+    torch.manual_seed(0)
+    n = a.fit(x[:64], val_data=x[64:96], progress=False)
+    after = list(a.generator.parameters())
+    assert torch.isfinite(n).all() and any(not torch.equal(b, p) for b, p in zip(before, after, strict=True))
+    jpeg_only = juap.create_attack("guap", **common, eot=["jpeg:50"])  # no gradient of its own: BPDA
+    assert torch.isfinite(jpeg_only.fit(x[:64], progress=False)).all()
+    assert [float(v) for v in jpeg_only.history[-1].values() if isinstance(v, float)]
+    with pytest.raises(juap.JuapError, match="unknown transformation"):
+        juap.create_attack("guap", **common, eot=("gzip:3",))

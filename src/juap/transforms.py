@@ -43,6 +43,7 @@ def _jpeg(quality: float) -> Transform:
         decoded = decode_jpeg(encode_jpeg(list(pixels), quality=q))
         return (torch.stack(decoded).float() / 255).to(x.device, x.dtype)
 
+    apply.differentiable = False  # type: ignore[attr-defined]
     return apply
 
 
@@ -101,6 +102,18 @@ TRANSFORMS: Dict[str, Callable[[float], Transform]] = {
     "random_crop": lambda f: _crop(f, random=True),
     "blur": _blur,
 }
+
+
+def straight_through(transform: Transform) -> Transform:
+    """``transform`` for training through it: as it is where it has a gradient (resize, crop, blur); the
+    identity's gradient where it has none (JPEG: BPDA, Athalye et al. 2018)."""
+    if getattr(transform, "differentiable", True):
+        return transform
+
+    def apply(x: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
+        return x + (transform(x.detach(), seed=seed) - x).detach()
+
+    return apply
 
 
 def parse_transform(spec: str) -> Transform:

@@ -20,13 +20,13 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from .._registry import ATTACKS, GENERATORS
 from .._validate import Param
-from ..budget import apply_perturbation, scale_to_budget
+from ..budget import apply_perturbation, quantize_8bit, scale_to_budget
 from ..errors import CheckpointError, ConfigError, NumericalError
 from ..evaluation import evaluate
 from ..interpreters.base import Interpreter
@@ -34,6 +34,7 @@ from ..losses import FOOL_FORMS, HINGES, MAP_LOSSES, MAP_ON, OBJECTIVES, check_t
 from ..metrics import is_fooled
 from ..runtime import distributed
 from ..runtime.checkpoint import ResumableLoader, check_finite_parameters
+from ..transforms import parse_transform, straight_through
 from .base import FitResult, UniversalAttack, cycle_batches, first_images, iter_batches
 from .fastpaths import FastPaths
 from .parts import (
@@ -116,6 +117,13 @@ class GeneratorUAP(UniversalAttack):
             geometrically from ``mu / 1000`` to ``mu`` at the last step, so the validations (which keep the
             highest evasion rate) see a range of weights in one run: too heavy a term trades the fooling
             away, too light a one leaves the images flagged.
+        round_8bit: train the perturbation as it is applied to 8-bit images: rounded to whole 0-255 steps
+            in the forward pass (:func:`~juap.budget.quantize_8bit`), straight through in the backward
+            pass; the validations and the perturbation kept are the rounded ones.
+        eot: transformation specs (:mod:`juap.transforms`, e.g. ``("jpeg:75", "resize:0.5")``): each step
+            draws one (from the global RNG, so a resumed fit draws the same), passes the benign and the
+            adversarial batch through it, and trains on what the model sees then (expectation over
+            transformation; JPEG, which has no gradient, straight through). Empty: none.
         amp, channels_last, compile: opt-in GPU fast paths of the training step (bf16 autocast, NHWC
             layout, ``torch.compile`` with an eager fallback); see :mod:`juap.attacks.fastpaths`.
 
@@ -169,6 +177,8 @@ class GeneratorUAP(UniversalAttack):
         "amp": Param(bool),
         "channels_last": Param(bool),
         "compile": Param(bool),
+        "round_8bit": Param(bool),
+        "eot": Param(tuple, items=str, doc="juap.transforms specs to train through"),
     }
     renamed = {"rts_feature_weight": "feature_weight"}
 
@@ -195,6 +205,8 @@ class GeneratorUAP(UniversalAttack):
         # gradients through the interpreter, and the GPU fast paths
         surrogate: bool | str = "auto", tau: float = 1e-4,
         amp: bool = False, channels_last: bool = False, compile: bool = False,
+        # the perturbation as it will be applied: 8-bit rounding, transformations on the way to the model
+        round_8bit: bool = False, eot: Sequence[str] = (),
         **common,  # classifier, norm, eps, device: Attack's
     ) -> None:  # fmt: skip
         super().__init__(**common)
@@ -235,6 +247,8 @@ class GeneratorUAP(UniversalAttack):
         self.steps, self.batch_size, self.eval_every = int(steps), int(batch_size), int(eval_every)
         self.lr, self.betas, self.lr_schedule, self.seed = float(lr), tuple(betas), lr_schedule, int(seed)
         self.fast_options = {"amp": bool(amp), "channels_last": bool(channels_last), "compile": bool(compile)}
+        self.round_8bit, self.eot = bool(round_8bit), tuple(eot)
+        self._eot = [(spec, straight_through(parse_transform(spec))) for spec in self.eot]
         self.generator: Optional[torch.nn.Module] = None
         self.noise: Optional[torch.Tensor] = None
 
@@ -403,10 +417,16 @@ class GeneratorUAP(UniversalAttack):
         if self.noise is None:  # outside fit: the fixed input, drawn from the seed as fit does
             self.noise = self._draw_noise(x)
         lam = self.lam if lam is None else lam
-        benign = self.loss.benign(x, self.classifier, self.interpreter)  # the unmodified models
-        n_hat = scale_to_budget(G(self.noise), norm=self.norm, eps=self.eps)[0]  # (3, H, W), eq 6
+        transform = lambda z: z  # noqa: E731
+        if self._eot:  # one transformation this step, for the benign and the adversarial batch alike
+            _, t = self._eot[int(torch.randint(len(self._eot), (1,)))]
+            draw = int(torch.randint(2**31 - 1, (1,)))
+            transform = lambda z: t(z, seed=draw)  # noqa: E731
+        benign = self.loss.benign(transform(x), self.classifier, self.interpreter)  # the unmodified models
+        n_hat = self._as_applied(scale_to_budget(G(self.noise), norm=self.norm, eps=self.eps)[0])  # eq 6
         explainer = train_interp if self.interpreter is not None else None
-        adv = self.loss.adversarial(apply_perturbation(x, n_hat), benign, self.classifier, explainer)
+        x_hat = transform(apply_perturbation(x, n_hat))
+        adv = self.loss.adversarial(x_hat, benign, self.classifier, explainer)
         loss, fool, parts = self.loss(benign, adv, lam=lam, terms=terms)
         if not torch.isfinite(loss):
             raise NumericalError(
@@ -452,7 +472,13 @@ class GeneratorUAP(UniversalAttack):
         G = G if G is not None else self.generator
         if G is None or self.noise is None:
             raise RuntimeError("call fit() first")
-        return scale_to_budget(G(self.noise), norm=self.norm, eps=self.eps)[0].detach()
+        return self._as_applied(scale_to_budget(G(self.noise), norm=self.norm, eps=self.eps)[0]).detach()
+
+    def _as_applied(self, n_hat: torch.Tensor) -> torch.Tensor:
+        """``n_hat`` rounded to 8 bits with ``round_8bit`` (straight through for the gradient), else as is."""
+        if not self.round_8bit:
+            return n_hat
+        return n_hat + (quantize_8bit(n_hat.detach(), norm=self.norm, eps=self.eps) - n_hat).detach()
 
     def validate(self, n_hat: torch.Tensor, data, max_batches: int = 8) -> Dict[str, float]:
         """Fooling ratio (and L1/IoU of the unmodified interpreter) of ``n_hat`` on a few batches."""
