@@ -32,7 +32,7 @@ from torch.utils.data import TensorDataset
 
 from .. import create_attack
 from .._registry import INTERPRETERS as INTERPRETER_CLASSES
-from ..app.artifacts import load_perturbation, save_perturbation
+from ..app.artifacts import load_perturbation, perturbation_provenance, save_perturbation
 from ..app.report import bar_chart, figure_grid, markdown_table, transition_section, write_csv
 from ..app.runs import new_run_dir
 from ..budget import apply_perturbation
@@ -647,9 +647,12 @@ def _write_outputs(
 
     for r in {r["variant"]: r for r in results}.values():  # each cell's perturbation, named R-JUAP-CAM etc.
         n = perturbations[(r["method"], r["trained_against"])]
+        recorded = {k: r.get(k) for k in ("fooling_ratio", "fooling_ratio_8bit", "interpreter", "iou", "l1")}
+        provenance = perturbation_provenance(clf, input_size=tuple(n.shape[-2:]), metrics=recorded)
         save_perturbation(
-            run_dir / "perturbations" / r["variant"], n, attack=r["attack"], norm=r["norm"], eps=r["eps"]
-        )
+            run_dir / "perturbations" / r["variant"], n, attack=r["attack"], norm=r["norm"], eps=r["eps"],
+            provenance=provenance,
+        )  # fmt: skip
 
     _figure(run_dir / "figure.png", perturbations, clf, interps, x_test[:1], classes)
     bar_chart(
