@@ -43,6 +43,7 @@ CORE = tuple(
         "evaluation",
         "detection",
         "detectors",
+        "transforms",
     )
 )
 APPLICATION = ("juap.app", "juap.commands", "juap.__main__")
@@ -50,6 +51,7 @@ RANK = {"foundation": 0, "core": 1, "api": 2, "application": 3}
 CORE_FLOORS = {  # inside the core: a module imports only modules of its own floor and lower floors
     "juap.budget": 0,
     "juap.generators": 0,
+    "juap.transforms": 0,  # JPEG, resize, crop, blur: torch and torchvision only
     "juap.metrics": 0,  # eqs 18-20 and the map normalisation every floor above compares maps with
     "juap.classifiers": 0,
     "juap.data": 1,

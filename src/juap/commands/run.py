@@ -328,7 +328,10 @@ _PICTURE_KEYS = ("figure_images", "figure_count")
 
 
 def _measured(evaluate: EvalConfig) -> Dict[str, Any]:
-    return {k: v for k, v in to_dict(evaluate).items() if k not in _PICTURE_KEYS}
+    out = {k: v for k, v in to_dict(evaluate).items() if k not in _PICTURE_KEYS}
+    if not out.get("transforms"):  # none: the cell ids of before the option existed
+        out.pop("transforms", None)
+    return out
 
 
 def _objectives(cls: type, g: GridConfig) -> Tuple[Optional[str], ...]:
