@@ -250,34 +250,33 @@ def measure_and_write(
     return metrics
 
 
+def _main_figures(clf, n_hat, data, interps, *, target=None, device=None, transform=None) -> Dict[str, Any]:
+    """Fooling ratio, accuracy and the main interpreter's IoU / L1 of ``n_hat`` (one evaluation pass)."""
+    ev = evaluate(clf, n_hat, data, interpreters=interps, target=target, device=device, transform=transform)
+    keys = ("fooling_ratio", "clean_accuracy", "target_success_rate", "perturbation_linf", "perturbation_l2")
+    out = {k: ev[k] for k in keys if k in ev}
+    for name, m in ev["interpreters"].items():
+        out.update({"map_interpreter": name, "iou": m.get("iou"), "l1": m.get("l1")})
+    return out
+
+
 def measure_8bit(clf, n_hat, data, interps, *, norm, eps, target=None, device=None) -> Dict[str, Any]:
     """The figures of ``n_hat`` as it is applied to 8-bit images: quantised to whole 0-255 steps
     (:func:`~juap.budget.quantize_8bit`, within the budget ``norm``/``eps`` when known), added, clipped.
     ``interps``: the map figures' interpreter (the run's main one), or none."""
     q = quantize_8bit(n_hat, norm=norm, eps=eps)
-    ev = evaluate(clf, q, data, interpreters=interps, target=target, device=device)
-    out = {"fooling_ratio": ev["fooling_ratio"], "perturbation_linf": ev["perturbation_linf"],
-           "perturbation_l2": ev["perturbation_l2"]}  # fmt: skip
-    if "target_success_rate" in ev:
-        out["target_success_rate"] = ev["target_success_rate"]
-    for name, m in ev["interpreters"].items():
-        out.update({"map_interpreter": name, "iou": m.get("iou"), "l1": m.get("l1")})
-    return out
+    return _main_figures(clf, q, data, interps, target=target, device=device)
 
 
 def measure_transformed(clf, n_hat, data, interps, specs, *, target=None, device=None) -> Dict[str, Any]:
     """``{spec: figures}``: the fooling ratio (and the main interpreter's IoU / L1) of ``n_hat`` when the
     benign and the adversarial images both go through each transformation of ``specs`` (``jpeg:75``, ...;
     :mod:`juap.transforms`) before the model sees them."""
-    out = {}
-    for spec in specs:
-        ev = evaluate(clf, n_hat, data, interpreters=interps, target=target, device=device,
-                      transform=parse_transform(spec))  # fmt: skip
-        row = {"fooling_ratio": ev["fooling_ratio"], "clean_accuracy": ev.get("clean_accuracy")}
-        for name, m in ev["interpreters"].items():
-            row.update({"map_interpreter": name, "iou": m.get("iou"), "l1": m.get("l1")})
-        out[spec] = row
-    return out
+    return {
+        spec: _main_figures(clf, n_hat, data, interps, target=target, device=device,
+                            transform=parse_transform(spec))  # fmt: skip
+        for spec in specs
+    }
 
 
 def fit_universal(
