@@ -12,7 +12,8 @@ Two parts:
   adaptive, with mean +- sd over the seeds; ``evasion.json`` holds every row and the sanity flags.
 
     python benchmarks/bench_evasion.py [--part step run] [--seeds 0 1 2] [--interpreters cam gradcam rts]
-        [--experiment embedded/evasion.yaml] [--set KEY=VALUE ...] [--out benchmarks/results/evasion]
+        [--experiment embedded/evasion.yaml] [--set KEY=VALUE ...] [--shard I/N]
+        [--out benchmarks/results/evasion]
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def experiment(args) -> Dict[str, Any]:
         rows, done = write_report(cfg, run_dir)
         res = {"cells": len(plan_cells(cfg.evade)), "complete": done, "seconds": 0.0}
     else:
-        res = run_evade(cfg, run_dir, progress=False, say=lambda s: print(s, flush=True))
+        shard = tuple(int(v) for v in args.shard.split("/"))
+        res = run_evade(cfg, run_dir, shard=shard, progress=False, say=lambda s: print(s, flush=True))
     print((run_dir / "results.md").read_text())
     flags = json.loads((run_dir / "evasion.json").read_text())["flags"]
     ok = sum(f["status"] == "ok" for f in flags)
@@ -103,6 +105,7 @@ def main() -> None:
     ap.add_argument("--experiment", default="embedded/evasion.yaml")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--shard", default="1/1", metavar="I/N", help="run the cells k with k %% N == I - 1")
     ap.add_argument(
         "--report-only", action="store_true", help="write the report of the finished cells, run none"
     )
