@@ -1,5 +1,6 @@
 """``juap demo``: the grid of ``embedded/demo.yaml`` run by the grid engine, plus the demo's own steps."""
 
+import csv
 import dataclasses
 import json
 from pathlib import Path
@@ -10,6 +11,7 @@ import torch
 from helpers import run_cli as run
 from juap.commands.demo import (
     DEMO_EXPERIMENT,
+    DEMO_PEERS,
     DemoSettings,
     attack_split,
     claims_spread,
@@ -64,6 +66,7 @@ def test_demo_runs_its_grid_into_cells_and_reuses_them(tmp_path, capsys):
         "results.md",
         "results.csv",
         "transfer.csv",
+        "transfer_peers.csv",
         "metrics.json",
         "figure.png",
         "discrepancy.png",
@@ -77,6 +80,13 @@ def test_demo_runs_its_grid_into_cells_and_reuses_them(tmp_path, capsys):
         header = f.readline().strip().split(",")
     assert header == ["method", "generator", "interpreter", "norm", "fooling_ratio", "l1", "iou"]
     assert "trained in" in stdout
+    # the maps under methods no attack trained against: every perturbation under every demo peer
+    with open(out / "transfer_peers.csv") as f:
+        peers = list(csv.DictReader(f))
+    assert {r["perturbation"] for r in peers} == VARIANTS
+    assert {r["interpreter"] for r in peers} == set(DEMO_PEERS)
+    assert all(0 <= float(r["iou"]) <= 1 for r in peers)
+    assert "## Maps under methods no attack trained against" in (out / "results.md").read_text()
     # the universal attacks are the grid's cells: one juap-attack run folder each, on the demo's split
     # each an ordinary attack run (juap attack's fit_and_measure): history, generator artifact,
     # its perturbation picked on validation images it was not trained on

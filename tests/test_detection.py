@@ -277,7 +277,7 @@ def test_cli_detect_writes_the_table(tmp_path, capsys, tiny):
             "--set",
             "data.test_fraction=0.5",
             "--set",
-            "evaluate.interpreters=[cam]",
+            "evaluate.interpreters=[cam, pgc:gradcam++]",  # a peer's maps inspect too (evaluation only)
             "--set",
             "detect.only_fooled=false",
             "--set",
@@ -290,11 +290,11 @@ def test_cli_detect_writes_the_table(tmp_path, capsys, tiny):
     for f in ("detection.csv", "detection.md", "roc.png", "fig1.png", "metrics.json", "config.yaml"):
         assert (out / f).is_file(), f
     m = json.loads((out / "metrics.json").read_text())
-    assert m["perturbations"] == ["GUAP", "mine"] and m["interpreters"] == ["cam"]
+    assert m["perturbations"] == ["GUAP", "mine"] and m["interpreters"] == ["cam", "pgc:gradcam++"]
     assert m["train_images"] + m["test_images"] == m["n_images"] == 48
     assert json.loads((out / "run.json").read_text())["status"] == "complete"
     csv = (out / "detection.csv").read_text().splitlines()
-    assert len(csv) == 1 + 2 * (len(detect.DETECTOR_COLUMNS) + len(detect.NOISE_COLUMNS))
+    assert len(csv) == 1 + 2 * 2 * (len(detect.DETECTOR_COLUMNS) + len(detect.NOISE_COLUMNS))
     assert "AUROC" in stdout and "mine" in (out / "detection.md").read_text()
 
 

@@ -3,7 +3,7 @@
 - foundation: ``juap.runtime`` (loop engine, checkpoints, files, configs, torchrun), ``juap.errors``,
   ``juap._validate``, ``juap._registry``; imports nothing else of juap;
 - core: attacks, interpreters, classifiers, generators, data, losses, metrics, budget, evaluation,
-  detection; imports the foundation and itself;
+  detection, detectors, transforms, faithfulness; imports the foundation and itself;
 - application: ``juap.app`` (run folders, artifacts, reports, logs), ``juap.commands`` and ``juap.__main__``;
   imports anything. The package itself (``juap/__init__.py``, the public API) may import the core and the
   foundation.
@@ -44,6 +44,7 @@ CORE = tuple(
         "detection",
         "detectors",
         "transforms",
+        "faithfulness",
     )
 )
 APPLICATION = ("juap.app", "juap.commands", "juap.__main__")
@@ -52,6 +53,7 @@ CORE_FLOORS = {  # inside the core: a module imports only modules of its own flo
     "juap.budget": 0,
     "juap.generators": 0,
     "juap.transforms": 0,  # JPEG, resize, crop, blur: torch and torchvision only
+    "juap.faithfulness": 0,  # deletion / insertion curves: any classifier module, torch and torchvision only
     "juap.metrics": 0,  # eqs 18-20 and the map normalisation every floor above compares maps with
     "juap.classifiers": 0,
     "juap.data": 1,

@@ -16,9 +16,10 @@ def list_classifiers() -> list[str]:
     return CLASSIFIERS.names()
 
 
-def list_interpreters() -> list[str]:
-    """Names accepted by :func:`create_interpreter`."""
-    return INTERPRETERS.names()
+def list_interpreters(peers: bool = False) -> list[str]:
+    """Names accepted by :func:`create_interpreter`: juap's own (differentiable, an attack can train
+    against them) and, with ``peers=True``, the evaluation-only ``pgc:<method>`` / ``captum:<method>``."""
+    return INTERPRETERS.names() + (interpreters.peer_names() if peers else [])
 
 
 def list_attacks() -> list[str]:
@@ -37,9 +38,11 @@ def list_detectors() -> list[str]:
 
 
 def create_interpreter(name: str, classifier: Classifier, **kwargs):
-    """Build a registered interpreter (CAM, Grad-CAM, RTS) for ``classifier``; options are checked by the
-    class's ``create`` (e.g. ``layer=`` for Grad-CAM, ``checkpoint=`` for RTS)."""
-    return INTERPRETERS.create(name, classifier, **kwargs)
+    """Build a registered interpreter (CAM, Grad-CAM, RTS, or a peer's ``"pgc:scorecam"``, ...) for
+    ``classifier``; options are checked by the class's ``create`` (e.g. ``layer=`` for Grad-CAM and the
+    pytorch-grad-cam methods, also written ``"gradcam@layer3"``; ``checkpoint=`` for RTS)."""
+    name, options = interpreters.split_spec(name)
+    return INTERPRETERS.create(name, classifier, **options, **kwargs)
 
 
 def create_attack(name: str, **kwargs):

@@ -28,6 +28,15 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._entries: Dict[str, Callable[..., T]] = {}
+        self._families: Dict[str, Callable[[str], Callable[..., T]]] = {}
+
+    def register_family(self, prefix: str, resolve: Callable[[str], Callable[..., T]]) -> None:
+        """Names ``"<prefix>:<member>"`` resolved on demand by ``resolve(member)`` (which raises an
+        :class:`UnknownNameError` for a member it does not know), e.g. ``"pgc:scorecam"``: a family of
+        entries built from another package, kept out of :meth:`names`."""
+        if prefix in self._families:
+            raise ValueError(f"{self.kind} family {prefix!r} is registered twice")
+        self._families[prefix] = resolve
 
     def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
         def deco(fn: Callable[..., T]) -> Callable[..., T]:
@@ -41,7 +50,11 @@ class Registry(Generic[T]):
     def get(self, name: str) -> Callable[..., T]:
         if isinstance(name, str) and name in self._entries:
             return self._entries[name]
-        known = ", ".join(sorted(self._entries)) or "(none registered)"
+        prefix, sep, member = name.partition(":") if isinstance(name, str) else ("", "", "")
+        if sep and prefix in self._families:
+            return self._families[prefix](member)
+        families = "".join(f", {p}:<name>" for p in sorted(self._families))
+        known = (", ".join(sorted(self._entries)) or "(none registered)") + families
         close = difflib.get_close_matches(name, list(self._entries), n=1) if isinstance(name, str) else []
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise UnknownNameError(f"unknown {self.kind} {name!r}.{hint} Known {self.kind}s: {known}")
@@ -55,8 +68,17 @@ class Registry(Generic[T]):
     def names(self) -> List[str]:
         return sorted(self._entries)
 
+    def families(self) -> List[str]:
+        """The prefixes of the registered families (``"pgc"``, ``"captum"``)."""
+        return sorted(self._families)
+
     def __contains__(self, name: str) -> bool:
-        return name in self._entries
+        if name in self._entries:
+            return True
+        try:
+            return isinstance(name, str) and ":" in name and self.get(name) is not None
+        except UnknownNameError:
+            return False
 
 
 CLASSIFIERS: Registry = Registry("classifier")

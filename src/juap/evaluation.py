@@ -19,6 +19,7 @@ from .budget import apply_perturbation, check_finite, perturbation_norm, within_
 from .classifiers.base import Classifier
 from .data.batches import iter_batches
 from .errors import CheckpointError, ConfigError
+from .faithfulness import deletion_insertion
 from .interpreters.base import Interpreter
 from .metrics import MetricSums, is_fooled
 from .runtime import distributed
@@ -48,6 +49,8 @@ def evaluate(
     progress: bool = False,
     per_class: bool = False,
     transform: Optional[Callable[..., torch.Tensor]] = None,
+    faithfulness: Optional[int] = None,
+    faithfulness_baseline: str = "blur",
 ) -> Dict:
     """Fooling ratio, accuracies and, per interpreter, L1 and top-k IoU of the maps (eqs 18-20).
 
@@ -67,6 +70,13 @@ def evaluate(
             default: an attack's validation calls this function every few steps.
         transform: what happens to an image before the model sees it (:func:`juap.transforms.parse_transform`,
             e.g. JPEG), applied to the benign and to the adversarial images alike after the perturbation.
+        faithfulness: ``S`` (e.g. 16) to also measure, per interpreter, the deletion and insertion areas
+            (:func:`juap.faithfulness.deletion_insertion`, blurred baseline, ``S`` steps) of the benign map on
+            the benign image (for the benign prediction) and of the adversarial map on the perturbed image
+            (for its prediction): ``deletion_benign``, ``deletion_adversarial``, ``insertion_benign``,
+            ``insertion_adversarial``. Costs ``4 (S + 1)`` forward passes per image and interpreter.
+        faithfulness_baseline: what removed pixels become: ``"blur"`` (SPEC section 6), ``"black"`` or
+            ``"mean"`` (:func:`juap.faithfulness.deletion_insertion`).
 
     Under torchrun every rank passes the same ``data``; each computes its contiguous slice of every batch
     and the sums and counts are all-reduced, so every rank returns the metrics of the whole data (each
@@ -93,9 +103,11 @@ def evaluate(
         x_hat = perturb(x, y).detach()
         if transform is not None:  # both on their way to the model, the same random draw for both
             x, x_hat = transform(x, seed=i), transform(x_hat, seed=i)
+        where = (i, start, n_global)
         _measure_batch(
-            classifier, interpreters, x, x_hat, y, preds, per_interp, target, per_class, (i, start, n_global)
-        )
+            classifier, interpreters, x, x_hat, y, preds, per_interp, target, per_class, where,
+            (faithfulness, faithfulness_baseline),
+        )  # fmt: skip
     for sums in (preds, *per_interp.values()):
         sums.all_reduce()
     if not preds.sums.get("n", 0):  # no figure measured on no image is a result
@@ -111,7 +123,7 @@ def evaluate(
 
 @torch.no_grad()
 def _measure_batch(
-    classifier, interpreters, x, x_hat, y, preds, per_interp, target, per_class, where
+    classifier, interpreters, x, x_hat, y, preds, per_interp, target, per_class, where, faithfulness=(0, "")
 ) -> None:
     """Add one batch's predictions (``preds``) and maps (``per_interp``) to the sums; ``where`` is
     ``(batch index, this slice's start, global batch size)`` (the random-map floor's draw)."""
@@ -134,6 +146,12 @@ def _measure_batch(
     for name, interp in interpreters.items():
         bm, am = maps[name] if name in maps else (interp(x, benign_pred), interp(x_hat, adv_pred))
         per_interp[name].update_maps(bm, am, seed=i, part=(start, n_global), fooled=fooled, **by_class)
+        if faithfulness[0]:  # (steps, baseline)
+            curves = dict(steps=faithfulness[0], baseline=faithfulness[1], batch_size=len(x) * 4)
+            per_interp[name].update_faithfulness(
+                deletion_insertion(classifier, x, bm, benign_pred, **curves),
+                deletion_insertion(classifier, x_hat, am, adv_pred, **curves),
+            )
 
 
 def perturb_fn(attack, device):

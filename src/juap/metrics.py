@@ -17,6 +17,7 @@ from .errors import ConfigError
 from .runtime import distributed
 
 IOU_KS = (10, 20, 30, 40, 50)
+FAITHFULNESS_KEYS = ("deletion_benign", "deletion_adversarial", "insertion_benign", "insertion_adversarial")
 
 
 def normalize_maps(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -141,6 +142,16 @@ class MetricSums:
             self.add("hit_target_of_not_target", ((pa == target) & (pb != target)).sum())
 
     @torch.no_grad()
+    def update_faithfulness(self, benign: Dict[str, torch.Tensor], adversarial: Dict[str, torch.Tensor]):
+        """Sums of the deletion / insertion areas of one batch: ``benign`` for the benign maps on the benign
+        images, ``adversarial`` for the adversarial maps on the perturbed images (each a result of
+        :func:`juap.faithfulness.deletion_insertion`)."""
+        self.add("n_faithfulness", len(benign["deletion"]))
+        for which, res in (("benign", benign), ("adversarial", adversarial)):
+            for kind in ("deletion", "insertion"):
+                self.add(f"{kind}_{which}", res[kind].sum())
+
+    @torch.no_grad()
     def update_classes(self, benign_logits: torch.Tensor, adv_logits: torch.Tensor) -> None:
         """Per-class counts of one batch: images per benign predicted class, and the benign -> adversarial
         transitions of the predictions (only the pairs that occur are stored, so K = 1000 stays small).
@@ -245,6 +256,9 @@ class MetricSums:
             out["n_fooled"] = int(nf)
             out["l1_fooled"] = s["l1_fooled"] / nf if nf else None
             out["iou_fooled"] = s["iou_fooled"] / nf if nf else None
+        if s.get("n_faithfulness"):  # deletion / insertion areas (juap.faithfulness), benign and adversarial
+            for key in FAITHFULNESS_KEYS:
+                out[key] = s[key] / s["n_faithfulness"]
         out.update(self._class_summary())
         return out
 

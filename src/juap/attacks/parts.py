@@ -71,8 +71,8 @@ class InterpreterWiring:
         ``needs_surrogate``, e.g. Grad-CAM, whose maps are built from gradients).
 
         Raises:
-            ConfigError: not a juap Interpreter, or a learned one (``requires_checkpoint``) without its
-                trained file: its maps would mean nothing.
+            ConfigError: not a juap Interpreter, a learned one (``requires_checkpoint``) without its
+                trained file (its maps would mean nothing), or an evaluation-only one (a peer's).
         """
         if interpreter is not None and not isinstance(interpreter, Interpreter):
             raise ConfigError(f"interpreter must be a juap Interpreter, got {type(interpreter).__name__}")
@@ -80,6 +80,11 @@ class InterpreterWiring:
             raise ConfigError(
                 f"the {interpreter.label} interpreter is untrained: train it (`juap train-rts` for RTS) "
                 f"and pass create_interpreter(..., checkpoint=PATH)"
+            )
+        if interpreter is not None and interpreter.evaluation_only:
+            raise ConfigError(
+                f"interpreter {interpreter.name!r} is evaluation-only (its maps carry no gradient): train "
+                "against cam, gradcam or rts, and measure under it with evaluate.interpreters"
             )
         auto = interpreter is not None and interpreter.needs_surrogate
         return cls(interpreter, auto if surrogate == "auto" else bool(surrogate), tau)

@@ -222,6 +222,8 @@ def measure_and_write(
         device=device,
         progress=progress,
         per_class=True,
+        faithfulness=cfg.evaluate.faithfulness or None,
+        faithfulness_baseline=cfg.evaluate.faithfulness_baseline,
     )
     if not getattr(attack, "universal", True) and attack.history and distributed.is_main():
         log = RunLog(run_dir, tensorboard=cfg.log.tensorboard, title=f"juap attack {cfg.attack.name}")

@@ -15,7 +15,7 @@ from ..attacks.base import COMMON_ARGS
 from ..classifiers import Classifier, create_classifier, load_classifier
 from ..data import DataSplits, load_splits
 from ..errors import CheckpointError, ConfigError
-from ..interpreters.base import Interpreter
+from ..interpreters.base import Interpreter, split_spec
 from ..runtime import distributed
 from .configs import ClassifierConfig
 
@@ -47,11 +47,13 @@ def build_interpreter(
     checkpoint: Optional[str] = None,
     options: Optional[Dict[str, Any]] = None,
 ) -> Optional[Interpreter]:
-    """A registered interpreter; one that declares ``requires_checkpoint`` (RTS) needs its trained file."""
+    """A registered interpreter (``name`` may carry a layer: ``gradcam@layer3``, ``pgc:layercam@layer3``); one
+    that declares ``requires_checkpoint`` (RTS) needs its trained file."""
     if name is None:
         return None
+    name, at_layer = split_spec(name)
     cls = INTERPRETERS.get(name)
-    opts = dict(options or {})
+    opts = {**at_layer, **dict(options or {})}
     if cls.requires_checkpoint:
         if not checkpoint:
             raise ConfigError(
@@ -123,7 +125,7 @@ def eval_interpreters(cfg, classifier: Classifier) -> Dict[str, Any]:
         n: build_interpreter(
             n,
             classifier,
-            checkpoint=ckpts.get(n) if INTERPRETERS.get(n).requires_checkpoint else None,
+            checkpoint=ckpts.get(n) if INTERPRETERS.get(split_spec(n)[0]).requires_checkpoint else None,
             options=cfg.interpreter.options if n == cfg.interpreter.name else None,
         )
         for n in names

@@ -188,6 +188,15 @@ def _print_attack_metrics(m: dict) -> None:
                     f"                                 {name:<12} {t['l1']:.3f}   {t['iou']:.3f}   "
                     f"({t['random_iou']:.3f})"
                 )
+        faithful = {name: t for name, t in m["transfer"].items() if "deletion_benign" in t}
+        if faithful:  # does the map still explain? deletion: lower is more faithful; insertion: higher
+            print("  faithfulness (area, benign -> adversarial):  interpreter   deletion      insertion")
+            for name, t in faithful.items():
+                print(
+                    f"                                              {name:<12}  "
+                    f"{t['deletion_benign']:.3f} -> {t['deletion_adversarial']:.3f}  "
+                    f"{t['insertion_benign']:.3f} -> {t['insertion_adversarial']:.3f}"
+                )
 
 
 def cmd_attack(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ from .._registry import INTERPRETERS
 from .._validate import check_range
 from ..data.config import DataConfig
 from ..errors import ConfigError
+from ..interpreters.base import split_spec
 from ..transforms import parse_transform
 
 
@@ -93,10 +94,17 @@ class EvalConfig:
     # a universal perturbation measured again after each of these, applied to the benign and the
     # adversarial images alike (juap.transforms): e.g. [jpeg:75, resize:0.5, crop:0.875, blur:1]
     transforms: Tuple[str, ...] = ()
+    # deletion / insertion areas (juap.faithfulness) of every interpreter's benign and adversarial maps, with
+    # this many steps (e.g. 16); 0: not measured (they cost 4 (steps + 1) forward passes per image and map)
+    faithfulness: int = 0
+    faithfulness_baseline: Literal["blur", "black", "mean"] = "blur"  # what the removed pixels become
 
     def __post_init__(self) -> None:
         check_range("evaluate.batch_size", self.batch_size, low=1)
         check_range("evaluate.figure_count", self.figure_count, low=0)
+        check_range("evaluate.faithfulness", self.faithfulness, low=0)
+        for spec in self.interpreters:  # an unknown name or a missing extra fails at load time
+            INTERPRETERS.get(split_spec(spec)[0])
         check_checkpoints("evaluate.checkpoints", self.checkpoints)
         for spec in self.transforms:
             parse_transform(spec)  # a bad spec fails at load time, listing the known ones

@@ -12,7 +12,8 @@
 4. whether the paper's headline holds (JUAP keeps GUAP's fooling ratio, within 0.05, with an IoU higher
    by 0.1 and a lower L1), interpreter by interpreter, how far each verdict is from those thresholds
    beside the claims benchmark's 3-seed sd; JAP vs PGD on a small subset;
-5. ``results.md`` (Tables II-IV in the paper's shape), ``results.csv``, ``metrics.json``,
+5. ``results.md`` (Tables II-IV in the paper's shape, and the maps under methods no attack trained against:
+   ``transfer_peers.csv``), ``results.csv``, ``metrics.json``,
    ``figure.png`` (Fig. 4 style), ``discrepancy.png`` (Fig. 5 style), ``perturbations/*.png`` and the
    detection section (:func:`juap.commands.detect.demo_detection`).
 """
@@ -613,6 +614,40 @@ def _results_markdown(results, shown, methods, claims, jap_rows, budget) -> List
     return md
 
 
+# Methods an inspector may use that no demo attack trained against (cheap ones: one or two passes per image)
+DEMO_PEERS = ("pgc:gradcam++", "pgc:layercam", "pgc:eigencam", "captum:saliency")
+
+
+def _peer_section(run_dir: Path, clf, perturbations, x_test) -> str:
+    """IoU of every perturbation's maps under :data:`DEMO_PEERS` (``transfer_peers.csv``), as a section of
+    results.md; one line instead when pytorch-grad-cam or Captum is not installed."""
+    title = "\n## Maps under methods no attack trained against (pytorch-grad-cam, Captum)\n"
+    try:
+        peers = {n: build_interpreter(n, clf) for n in DEMO_PEERS}
+    except ConfigError as e:
+        return f"{title}\nNot measured: {e}\n"
+    rows = []
+    for (method, against), n_hat in perturbations.items():
+        ev = evaluate(clf, n_hat, x_test, interpreters=peers, batch_size=100)
+        label = method if against == "-" else f"{method}-{INTERPRETER_CLASSES.get(against).label}"
+        for name, m in ev["interpreters"].items():
+            rows.append({"perturbation": label, "interpreter": name, "fooling_ratio": ev["fooling_ratio"],
+                         "l1": m["l1"], "iou": m["iou"]})  # fmt: skip
+    columns = ("perturbation", "interpreter", "fooling_ratio", "l1", "iou")
+    write_csv(run_dir / "transfer_peers.csv", rows, columns=columns)
+    labels = list(dict.fromkeys(r["perturbation"] for r in rows))
+    iou = {(r["perturbation"], r["interpreter"]): r["iou"] for r in rows}
+    note = (
+        "Mean top-k IoU of the benign and the adversarial map under methods an inspector may use instead; "
+        "each JUAP row was trained against the interpreter in its name only. The full table, every method "
+        "and the faithfulness of the maps: `benchmarks/bench_peer_maps.py`.\n"
+    )
+    table = markdown_table(
+        ["perturbation", *DEMO_PEERS], [[lab, *(iou[(lab, n)] for n in DEMO_PEERS)] for lab in labels]
+    )
+    return title + "\n" + note + "\n" + table
+
+
 def _write_outputs(
     run_dir: Path, results, claims, jap_rows, perturbations, clf, interps, x_test, classes, budget
 ) -> None:
@@ -643,6 +678,7 @@ def _write_outputs(
         for label, key in (("GUAP", ("GUAP", "-")), ("R-JUAP (CAM)", ("R-JUAP", "cam")))
     }
     md.append(transition_section(run_dir, moved, classes))
+    md.append(_peer_section(run_dir, clf, perturbations, x_test))
     write_text(run_dir / "results.md", "\n".join(md))
 
     for r in {r["variant"]: r for r in results}.values():  # each cell's perturbation, named R-JUAP-CAM etc.

@@ -143,7 +143,11 @@ class EvadeSettings:
         if not self.interpreters or not self.detectors or not self.seeds:
             raise ConfigError("evade.interpreters, evade.detectors and evade.seeds must not be empty")
         for name in self.interpreters:
-            juap.INTERPRETERS.get(name)  # an unknown name lists the known ones
+            if juap.INTERPRETERS.get(name).evaluation_only:  # an unknown name lists the known ones
+                raise ConfigError(
+                    f"evade.interpreters: {name!r} is evaluation-only; the attack trains against these maps: "
+                    "use cam, gradcam or rts"
+                )
         for name in (*self.detectors, *self.sanity, *self.detector_params):
             juap.DETECTORS.get(name)
         bad = [a for a in self.adaptive_attacks if a not in ADAPTIVE]

@@ -327,10 +327,15 @@ def _id_form(section: Dict[str, Any]) -> Dict[str, Any]:
 _PICTURE_KEYS = ("figure_images", "figure_count")
 
 
+# evaluate options that came after the first recorded cells: at their default they leave the ids as before
+_LATER_OPTIONS = {"transforms": (), "faithfulness": 0, "faithfulness_baseline": "blur"}
+
+
 def _measured(evaluate: EvalConfig) -> Dict[str, Any]:
     out = {k: v for k, v in to_dict(evaluate).items() if k not in _PICTURE_KEYS}
-    if not out.get("transforms"):  # none: the cell ids of before the option existed
-        out.pop("transforms", None)
+    for key, default in _LATER_OPTIONS.items():
+        if key in out and out[key] == default:
+            out.pop(key)
     return out
 
 

@@ -49,6 +49,7 @@ class Interpreter(nn.Module):
     option_names: ClassVar[Tuple[str, ...]] = ()  # keyword options that create() accepts
     needs_surrogate: ClassVar[bool] = False  # maps from gradients: attack through the surrogate (eq 15)
     requires_checkpoint: ClassVar[bool] = False  # a learned model: create() needs checkpoint=PATH
+    evaluation_only: ClassVar[bool] = False  # maps without a graph (a peer library's): no attack trains on it
     checkpoint: Optional[str] = None  # the trained weights' file, for a learned model
 
     @classmethod
@@ -162,3 +163,17 @@ def check_options(name: str, options: dict, allowed: Sequence[str]) -> None:
     if unknown:
         known = ", ".join(allowed) if allowed else "none"
         raise ConfigError(f"interpreter {name!r} got unknown option(s) {unknown}; allowed: {known}")
+
+
+def split_spec(spec: str) -> Tuple[str, dict]:
+    """``"name@layer"`` -> ``("name", {"layer": "layer"})``; a plain name -> ``(name, {})``.
+
+    The one way a config names an interpreter at another layer (e.g. ``gradcam@blocks.4``,
+    ``pgc:layercam@layer3``), in ``evaluate.interpreters`` and ``juap evaluate --interpreters``.
+    """
+    if not isinstance(spec, str) or not spec:
+        raise ConfigError(f"an interpreter is named by a string such as 'cam' or 'gradcam@layer3': {spec!r}")
+    name, sep, layer = spec.partition("@")
+    if sep and not layer:
+        raise ConfigError(f"interpreter {spec!r}: give the layer after '@', e.g. 'gradcam@layer3'")
+    return name, ({"layer": layer} if sep else {})
