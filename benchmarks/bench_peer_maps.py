@@ -10,6 +10,8 @@ test split, which no attack trained or was picked on; the classifier is the run'
     python benchmarks/bench_peer_maps.py --part embedded lite0 [--seeds 0 1 2] [--images N]
 
 ``embedded``: ``results/evasion/run`` (``embedded/evasion.yaml``, the demo classifier, 64 px).
+``demo``: the perturbations of a ``juap demo`` run folder (``--demo-run``; R-JUAP: R-JUAP-CAM), on the demo's
+300 test images (one seed: the demo's).
 ``lite0``: ``results/evasion/lite0/run`` (``real/evasion_efficientnet_lite0.yaml``, EfficientNet-Lite0 on
 the photos at 128 px); Score-CAM and Ablation-CAM (1280 channels: a forward pass each, per image) are left
 out on a CPU, and the faithfulness areas are measured for juap's own maps only (``--faithful``).
@@ -30,7 +32,7 @@ from typing import Any, Dict, List, Optional
 from tqdm.auto import tqdm
 
 import juap
-from _common import RESULTS, machine, setup_threads, write_json
+from _common import RESULTS, demo_data, machine, setup_threads, write_json
 from juap.app.artifacts import load_perturbation
 from juap.commands.build import build_interpreter
 from juap.commands.evade import build_bench, load_evade_config
@@ -42,6 +44,13 @@ PARTS = {
         "finer": "layer2",  # 16x16 at 64 px (the CAM layer, layer3, is 8x8)
         "skip": (),
         "faithful": None,  # every interpreter
+    },
+    "demo": {  # the nine perturbations of a `juap demo` run (--demo-run), on the demo's 300 test images
+        "run": Path("runs/demo"),
+        "experiment": None,
+        "finer": "layer2",
+        "skip": (),
+        "faithful": ("cam", "gradcam", "gradcam@layer2", "pgc:gradcam++", "captum:integrated_gradients"),
     },
     "lite0": {
         "run": RESULTS / "evasion" / "lite0" / "run",
@@ -55,6 +64,8 @@ ATTACKS = ("UAP", "SGD-UAP", "GUAP", "R-JUAP")
 FIGURES = (
     "iou",
     "l1",
+    "iou_fooled",
+    "l1_fooled",
     "deletion_benign",
     "deletion_adversarial",
     "insertion_benign",
@@ -63,13 +74,16 @@ FIGURES = (
 
 
 def perturbation_path(run: Path, attack: str, seed: int, budget: str = "linf10") -> Path:
+    if run.name != "run":  # a demo run folder: its perturbations/ (R-JUAP: the one trained against CAM)
+        return run / "perturbations" / f"{'R-JUAP-CAM' if attack == 'R-JUAP' else attack}.safetensors"
     if attack == "R-JUAP":  # trained against CAM, in the CAM cell
         return run / "cells" / f"cam_{budget}_s{seed}" / "perturbations" / "R-JUAP.safetensors"
     return run / "shared" / f"{budget}_s{seed}" / f"{attack}.safetensors"
 
 
 def measure_seed(bench, part: Dict[str, Any], seed: int, names: List[str], args) -> Dict[str, Any]:
-    clf, x = bench.classifier, bench.test[: args.images] if args.images else bench.test
+    clf, x = bench
+    x = x[: args.images] if args.images else x
     faithful = set(args.faithful or part["faithful"] or names)
     interps = {n: build_interpreter(n, clf) for n in names}
     out: Dict[str, Any] = {"seed": seed, "n_images": len(x), "steps": args.steps, "baseline": args.baseline}
@@ -143,6 +157,13 @@ def report(out_dir: Path, part_name: str, cells: List[Dict[str, Any]], names: Li
             for c in cells
         ]
         lines.append(f"| {n} | " + " | ".join(cells_txt) + f" | {fmt(mean_sd(diffs))} |")
+    if any(agg[a][n]["iou_fooled"] for a in ATTACKS for n in names):  # cells measured with it
+        lines += ["", "## The fooled images only: IoU", ""]
+        lines += ["An image that is not fooled keeps its map; these compare the fooled ones' maps.", ""]
+        lines += ["| interpreter | " + " | ".join(ATTACKS) + " |", "|---" * (len(ATTACKS) + 1) + "|"]
+        lines += [
+            f"| {n} | " + " | ".join(fmt(agg[a][n]["iou_fooled"]) for a in ATTACKS) + " |" for n in names
+        ]
     lines += [
         "",
         "## Faithfulness: deletion and insertion areas, benign map on the benign image -> adversarial map on "
@@ -184,16 +205,24 @@ def main() -> None:
     ap.add_argument("--faithful", nargs="+", help="the interpreters that get the curves (default: per part)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--demo-run", type=Path, default=Path("runs/demo"), help="--part demo: its run folder")
     ap.add_argument("--out", type=Path, default=RESULTS / "peer_maps")
     args = ap.parse_args()
     setup_threads(args.threads)
     print(json.dumps(machine()), flush=True)
     for part_name in args.part:
-        part = PARTS[part_name]
-        cfg = load_evade_config(part["experiment"])
+        part = dict(PARTS[part_name])
         out_dir = args.out / (part_name if args.baseline == "blur" else f"{part_name}_{args.baseline}")
         (out_dir / "cells").mkdir(parents=True, exist_ok=True)
-        bench = build_bench(cfg, out_dir, progress=False, say=lambda s: None)
+        if part_name == "demo":  # the demo classifier and the demo's own test images (demo.seed 0)
+            part["run"] = args.demo_run
+            clf, _, x_test, _, _ = demo_data(300, 300, 0)
+            bench = (clf, x_test)
+        else:
+            b = build_bench(
+                load_evade_config(part["experiment"]), out_dir, progress=False, say=lambda s: None
+            )
+            bench = (b.classifier, b.test)
         names = ["cam", "gradcam", f"gradcam@{part['finer']}"] + [
             n for n in juap.list_interpreters(peers=True) if ":" in n and n not in part["skip"]
         ]
