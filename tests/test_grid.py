@@ -31,8 +31,10 @@ from juap.errors import ConfigError, JuapError
 from juap.runtime.config import load_config
 
 CONFIGS = CONFIG_DIR
-EXPERIMENTS = sorted(
-    p for p in CONFIGS.rglob("*.yaml") if p.name.startswith(("table", "claims", "pareto", "fronts", "longer"))
+EXPERIMENTS = sorted(  # real/ (EfficientNet-Lite0's files) is planned in test_pretrained
+    p
+    for p in CONFIGS.rglob("*.yaml")
+    if p.name.startswith(("table", "claims", "pareto", "fronts", "longer")) and p.parent.name != "real"
 )
 
 
@@ -128,6 +130,37 @@ attack_params:
     assert len(cells) == 3 * 2 + 1
     juap_ct = next(c for c in cells if c.variant == "R-JUAP-CAM-Ct [lam=0.1]")
     assert juap_ct.params["objective"] == "targeted" and juap_ct.params["lam"] == 0.1
+
+
+def test_a_variant_that_names_its_objective_keeps_it_and_dry_runs_at_dry_run_sizes(tmp_path):
+    text = """
+grid:
+  attacks: [juap]
+  interpreters: [cam]
+  objectives: [least_likely, untargeted]
+  variants: [{lam: 0.1}, {objective: untargeted, hinge: image, delta: -1.5}, {steps: 600, lam: 0.3}]
+attack_params:
+  juap: {steps: 300}
+"""
+    exp = load_experiment(_exp(tmp_path, text))
+    cells = plan(exp)
+    # the grid's two objectives cross the variants that leave it open; the one that names it runs once
+    assert [(c.params["objective"], c.setting) for c in cells] == [
+        ("least_likely", {"lam": 0.1}),
+        ("untargeted", {"objective": "untargeted", "hinge": "image", "delta": -1.5}),
+        ("least_likely", {"steps": 600, "lam": 0.3}),
+        ("untargeted", {"lam": 0.1}),
+        ("untargeted", {"steps": 600, "lam": 0.3}),
+    ]
+    assert len(cells) == 5 and len({c.id for c in cells}) == 5
+    named = [c for c in cells if "objective" in c.setting]
+    assert len(named) == 1 and named[0].objective == "untargeted"
+    # a dry run trains one step, also where a variant asks for 600
+    tiny = dry_run_experiment(exp, tmp_path)
+    dry_steps = tiny.attack_params["juap"]["steps"]
+    assert dry_steps < 300
+    assert all(c.params["steps"] == dry_steps for c in plan(tiny))
+    assert {c.params["lam"] for c in plan(tiny) if "lam" in c.setting} == {0.1, 0.3}
 
 
 @pytest.mark.parametrize(
@@ -341,6 +374,47 @@ def dry_run_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("dry-run")
 
 
+def _code_path(cell) -> tuple:
+    """What decides which code a cell runs: its attack, norm, interpreter, the values of its
+    categorical parameters (hinge, objective, selection, ...) and whether lambda is constrained; not the
+    numbers."""
+    categorical = (str, bool, type(None))
+    kinds = tuple(sorted((k, v) for k, v in cell.params.items() if isinstance(v, categorical)))
+    constrained = cell.params.get("fr_target") is not None or cell.params.get("fr_margin") is not None
+    return (cell.attack, cell.budget.norm, cell.interpreter, kinds, constrained)
+
+
+def test_every_kind_of_cell_in_the_shipped_experiments_dry_runs(tmp_path, monkeypatch):
+    """Every experiment loads and plans; one cell of each kind (:func:`_code_path`) across all of them
+    trains one step on tiny data and is evaluated. The first cell draws its pictures (the same code for
+    every cell); the others skip them. Every cell of every file, pictures included: the slow test below."""
+    from juap.app import history
+    from juap.app.runs import new_run_dir
+    from juap.commands.attack import run_attack
+
+    seen, ran = set(), 0
+    for path in EXPERIMENTS:
+        exp = load_experiment(path)
+        assert plan(exp), f"{path} plans no cell"
+        tiny = dry_run_experiment(exp, tmp_path / path.parent.name / path.stem)
+        if ran:
+            tiny = dataclasses.replace(tiny, evaluate=dataclasses.replace(tiny.evaluate, figure_count=0))
+        for cell in plan(tiny):
+            # each kind of cell once, and each classifier with each attack and interpreter once
+            kinds = {_code_path(cell), (cell.classifier.name, cell.attack, cell.interpreter)}
+            if kinds <= seen:
+                continue
+            seen |= kinds
+            d = new_run_dir(tmp_path / "cells" / f"{ran:03d}", command="attack", overwrite=True)
+            m = run_attack(cell_config(tiny, cell, progress=False), d, progress=False)
+            assert 0.0 <= m["fooling_ratio"] <= 1.0, (path.name, cell.variant)
+            if (d / "curves.png").is_file():  # drawn once here (test_history checks the plot)
+                monkeypatch.setattr(history, "plot_curves", lambda *a, **k: None)
+            ran += 1
+    assert ran >= 20  # the shipped files hold many kinds (a guard against a plan that came out empty)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_experiment_config_loads_resolves_and_dry_runs(path, dry_run_dir):
     """Each experiment loads, resolves every name, and every cell runs one step on tiny data. Identical

@@ -203,7 +203,14 @@ def test_photos_data_config_builds_an_imagefolder_and_splits_by_photo(tmp_path, 
 # -- configs -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["real/efficientnet_lite0.yaml", "imagenet/table2_fooling_ratio.yaml"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "real/efficientnet_lite0.yaml",
+        "real/fronts_efficientnet_lite0.yaml",
+        "imagenet/table2_fooling_ratio.yaml",
+    ],
+)
 def test_configs_accept_efficientnet_lite0_as_the_imagenet_stand_in(name):
     from juap.commands.build import build_classifier
     from juap.commands.run import load_experiment, plan
@@ -218,3 +225,17 @@ def test_configs_accept_efficientnet_lite0_as_the_imagenet_stand_in(name):
     cells = plan(exp)
     assert cells and {c.classifier.name for c in cells} == {"efficientnet_lite0"}
     assert build_classifier(cells[0].classifier).num_classes == 1000
+
+
+def test_the_real_models_fronts_plan_each_setting_with_its_own_objective():
+    from juap.commands.run import load_experiment, plan
+    from juap.commands.shipped import shipped_path
+
+    exp = load_experiment(shipped_path("real/fronts_efficientnet_lite0.yaml"))
+    cells = plan(exp)
+    # 6 settings x CAM, Grad-CAM x L_inf 10, L_2: each once, at the objective it names
+    assert len(cells) == len(exp.grid.variants) * 2 * 2 == 24
+    for c in cells:
+        assert c.params["objective"] == c.setting["objective"]
+        assert c.params["steps"] == c.setting.get("steps", 150)
+    assert {c.params["hinge"] for c in cells} == {"image", "margin"}

@@ -259,14 +259,19 @@ def _attack_cells(
             f"attack_params.{attack}: unknown key(s) {unknown}; known: {', '.join(sorted(accepts))}"
         )
     # An axis applies to the attacks that take it, unless attack_params fixes the value.
+    objectives = _objectives(cls, g) if _free("objective", accepts, base) else (None,)
     axes = itertools.product(
         g.generators if _free("generator", accepts, base) else (None,),
         g.interpreters if cls.takes_interpreter else (None,),
-        _objectives(cls, g) if _free("objective", accepts, base) else (None,),
+        objectives,
         [v for v in g.variants if set(v) <= accepts] or [{}],
     )
     cells = []
     for gen, interp, obj, setting in axes:
+        if obj is not None and "objective" in setting:  # a variant that names its objective keeps it
+            if obj != objectives[0]:
+                continue  # once, not once per objective of the grid
+            obj = setting["objective"]
         per_interp = exp.interpreter_params.get(interp, {}) if interp is not None else {}
         unknown = sorted(set(per_interp) - accepts)
         if unknown:
@@ -773,6 +778,20 @@ def dry_run_experiment(exp: ExperimentConfig, work_dir: Path) -> ExperimentConfi
         data=data,
         evaluate=dataclasses.replace(exp.evaluate, batch_size=18, max_images=12, checkpoints={}),
         attack_params=params,
-        grid=dataclasses.replace(exp.grid, classifiers=tuple(classifiers)),
+        grid=dataclasses.replace(
+            exp.grid,
+            classifiers=tuple(classifiers),
+            variants=tuple(_dry_variant(v, exp.grid.attacks) for v in exp.grid.variants),
+        ),
         device="cpu",
     )
+
+
+def _dry_variant(variant: Mapping[str, Any], attacks: Sequence[str]) -> Dict[str, Any]:
+    """A grid variant with the dry-run sizes too (a variant of ``steps: 600`` trains one step)."""
+    out = dict(variant)
+    for name in attacks:
+        cls = ATTACKS.get(name)
+        dry = cls.dry_run_params({k: v for k, v in variant.items() if k in cls.hyperparams})
+        out.update({k: dry[k] for k in variant if k in dry})
+    return out
