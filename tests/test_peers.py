@@ -52,6 +52,20 @@ def test_each_peer_gives_a_finite_map_of_its_documented_shape(trained, name):
     assert all(g is p.grad for g, p in zip(grads, clf.parameters(), strict=True))
 
 
+@pytest.mark.parametrize("name, module", [("pgc:scorecam", "score_cam"), ("pgc:ablationcam", "ablation_cam")])
+def test_score_cam_and_ablation_cam_draw_no_bars_of_their_own(trained, capfd, name, module):
+    import importlib
+
+    import tqdm
+
+    clf, x = trained
+    with torch.no_grad():
+        juap.create_interpreter(name, clf).explain(x)
+    err = capfd.readouterr().err
+    assert "it/s" not in err and "%|" not in err, err  # no tqdm bar of the library's
+    assert importlib.import_module(f"pytorch_grad_cam.{module}").tqdm is tqdm  # and tqdm is given back
+
+
 def test_peer_maps_explain_the_classes_asked_for(trained):
     clf, x = trained
     interp = juap.create_interpreter("pgc:gradcam", clf)

@@ -24,6 +24,8 @@ Example:
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from contextlib import contextmanager
 from typing import Callable, ClassVar, Dict, Iterator, Optional
 
@@ -136,9 +138,10 @@ class GradCamPeer(PeerInterpreter):
             store = cam.activations_and_grads  # its activations list is made anew on each forward
             # pytorch-grad-cam resizes each map to the image: ask for the layer's own size instead
             cam.get_target_width_height = lambda _x: tuple(store.activations[-1].shape[-1:-3:-1])
-            maps = cam(
-                input_tensor=x.requires_grad_(), targets=[ClassifierOutputTarget(int(c)) for c in classes]
-            )
+            with _quiet_bars():
+                maps = cam(
+                    input_tensor=x.requires_grad_(), targets=[ClassifierOutputTarget(int(c)) for c in classes]
+                )
         finally:
             cam.activations_and_grads.release()
             self.classifier.train(training)
@@ -146,6 +149,22 @@ class GradCamPeer(PeerInterpreter):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, layer={self.layer!r}"
+
+
+@contextmanager
+def _quiet_bars() -> Iterator[None]:
+    """pytorch-grad-cam's Score-CAM and Ablation-CAM draw a progress bar per call (``tqdm.tqdm`` over their
+    channel batches); inside juap's own bar that is noise, so they iterate plainly here."""
+    plain = types.SimpleNamespace(tqdm=lambda iterable, *args, **kwargs: iterable)
+    modules = [sys.modules.get(f"pytorch_grad_cam.{m}") for m in ("score_cam", "ablation_cam")]
+    saved = [(m, m.tqdm) for m in modules if m is not None and hasattr(m, "tqdm")]
+    for m, _ in saved:
+        m.tqdm = plain
+    try:
+        yield
+    finally:
+        for m, bar in saved:
+            m.tqdm = bar
 
 
 class CaptumPeer(PeerInterpreter):
