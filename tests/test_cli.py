@@ -103,6 +103,8 @@ def test_attack_and_evaluate_end_to_end(tmp_path, capsys, clf_path):
     clf = juap.load_classifier(clf_path)
     assert meta["classifier_fingerprint"] == juap.runtime.provenance.fingerprint(clf)
     assert meta["seed"] == 0 and meta["params"]["steps"] == 4 and meta["input_size"] == [32, 32]
+    assert meta["data"]["image_size"] == 32 and "num_workers" not in meta["data"]  # which images, not how
+    assert "classifier_weights" not in meta  # a file of this machine is no name to record
     assert meta["metrics"]["fooling_ratio"] == m["fooling_ratio"]
     assert meta["metrics"]["as_8bit"] == m["as_8bit"] and m["as_8bit"]["map_interpreter"] == "cam"
     assert abs(m["as_8bit"]["fooling_ratio"] - m["fooling_ratio"]) <= 0.25  # 8-bit rounding of 16 steps
@@ -250,6 +252,7 @@ def test_train_rts_then_attack_against_it(tmp_path, capsys, clf_path):
 
 def test_a_closed_pipe_ends_every_command_quietly(monkeypatch, capsys):
     """``juap ... | head``: when the reader goes away, exit 0 without an error line (any command)."""
+
     def closed(args):
         raise BrokenPipeError(32, "Broken pipe")
 

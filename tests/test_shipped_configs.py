@@ -108,6 +108,12 @@ def test_the_wheel_ships_the_configs_and_the_command_lists_them(tmp_path):
     inside = set(zipfile.ZipFile(wheel).namelist())
     assert {f"juap/configs/{n}" for n in list_configs()} <= inside
     assert "juap/configs/README.md" in inside
+    from juap.commands.zoo import zoo_names
+
+    zoo = {f"juap/zoo/{n}.png" for n in zoo_names()}
+    assert zoo and zoo <= inside  # the perturbation zoo ships too
+    zoo_bytes = sum(zipfile.ZipFile(wheel).getinfo(n).compress_size for n in zoo)
+    assert zoo_bytes < 512 * 1024, f"the zoo adds {zoo_bytes / 1024:.0f} KiB to the wheel"
     target = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],

@@ -177,16 +177,26 @@ def fit_and_measure(
 
 
 RECORDED = ("n_images", "fooling_ratio", "map_interpreter", "iou", "l1", "as_8bit")  # in perturbation files
+DATA_UNRECORDED = ("num_workers", "in_memory")  # how the images are read, not which
+
+
+def is_weights_name(weights: Any) -> bool:
+    """A named set of weights (``imagenet``, ``IMAGENET1K_V1``, ``demo``), not a file of this machine."""
+    return isinstance(weights, str) and not any(c in weights for c in "/\\") and not Path(weights).suffix
 
 
 def save_run_perturbation(run_dir: Path, attack, cfg, metrics: Optional[Mapping[str, Any]] = None) -> None:
     """Write the run's ``perturbation.safetensors`` / ``.png`` with their provenance (the classifier, its
-    normalisation, the attack's parameters, the seed and, once measured, the metrics)."""
+    weights' name and normalisation, the attack's parameters, the seed, the images and, once measured,
+    the metrics)."""
     a, n_hat = cfg.attack, attack.perturbation
     provenance = perturbation_provenance(
         attack.classifier, params=a.params, seed=cfg.seed, input_size=tuple(n_hat.shape[-2:]),
         metrics=None if metrics is None else {k: metrics[k] for k in RECORDED if k in metrics},
     )  # fmt: skip
+    if is_weights_name(cfg.classifier.weights):
+        provenance["classifier_weights"] = cfg.classifier.weights
+    provenance["data"] = {k: v for k, v in to_dict(cfg.data).items() if k not in DATA_UNRECORDED}
     save_perturbation(
         run_dir / "perturbation", n_hat, attack=a.name, norm=a.norm, eps=a.eps, provenance=provenance
     )
@@ -275,8 +285,9 @@ def measure_transformed(clf, n_hat, data, interps, specs, *, target=None, device
     benign and the adversarial images both go through each transformation of ``specs`` (``jpeg:75``, ...;
     :mod:`juap.transforms`) before the model sees them."""
     return {
-        spec: _main_figures(clf, n_hat, data, interps, target=target, device=device,
-                            transform=parse_transform(spec))  # fmt: skip
+        spec: _main_figures(
+            clf, n_hat, data, interps, target=target, device=device, transform=parse_transform(spec)
+        )  # fmt: skip
         for spec in specs
     }
 

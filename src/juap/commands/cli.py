@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -29,6 +30,7 @@ from .run import dry_run_experiment, load_experiment, parse_shard, plan, run_gri
 from .shipped import CONFIG_DIR, copy_configs, list_configs, resolve_config
 from .train_classifier import TrainClassifierConfig, run_train_classifier
 from .train_rts import TrainRTSConfig, run_train_rts
+from .zoo import ZOO_DIR, copy_zoo, list_zoo, measure_command, zoo_entry
 
 
 def _add_common(
@@ -358,6 +360,32 @@ def cmd_configs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_zoo(args: argparse.Namespace) -> int:
+    if args.name is None:
+        if args.out:
+            raise ConfigError("--out needs a NAME to copy; `juap zoo` lists the names")
+        entries = list_zoo()
+        print(f"Perturbations shipped with juap ({ZOO_DIR}), figures as applied in 8 bits:")
+        for e in entries:
+            m = e["meta"]
+            iou = f", {e['interpreter']} IoU {e['iou']:.3f}" if e.get("iou") is not None else ""
+            print(
+                f"  {e['name']:<36} {m.get('classifier_arch')} {m['shape'][-1]} px, {m['attack']} "
+                f"{m['norm']} {m['eps']:g}: FR {e['fooling_ratio']:.3f}{iou} on {e['n_images']} images"
+            )
+        print("Details: `juap zoo NAME`; a copy: `juap zoo NAME --out DIR`.")
+        return 0
+    entry = zoo_entry(args.name)
+    if not args.out:
+        print(json.dumps(entry["meta"], indent=1))
+        print(f"\nMeasure a copy again:  {measure_command(entry)}")
+        return 0
+    written = copy_zoo(args.name, args.out)
+    print(f"Wrote {written}" if written else f"{args.out} already holds an identical copy; nothing written")
+    print(f"Measure it:  cd {args.out} && {measure_command(entry)}")
+    return 0
+
+
 COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
     "attack": cmd_attack,
     "evaluate": cmd_evaluate,
@@ -368,6 +396,7 @@ COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
     "evade": cmd_evade,
     "configs": cmd_configs,
+    "zoo": cmd_zoo,
 }
 
 
@@ -385,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_parser(sub.add_parser)
     _add_evade_parser(sub.add_parser)
     _add_configs_parser(sub.add_parser)
+    _add_zoo_parser(sub.add_parser)
     return parser
 
 
@@ -531,6 +561,18 @@ def _add_configs_parser(add: AddParser) -> None:
         "that file and the base files it extends into DIR (NAME `all`: every file); never overwrites.",
     )
     p.add_argument("name", nargs="?", metavar="NAME", help="a shipped file (embedded/claims.yaml) or all")
+    p.add_argument("--out", "-o", metavar="DIR", help="folder to copy into")
+
+
+def _add_zoo_parser(add: AddParser) -> None:
+    p = add(
+        "zoo",
+        help="list the perturbations shipped with juap, show one, or copy one out",
+        description="Without NAME: list the perturbations shipped with juap (exact 8-bit PNGs with their "
+        "provenance and recorded figures). With NAME: its metadata and the `juap evaluate` command that "
+        "measures it again. With NAME and --out DIR: copy it into DIR; never overwrites.",
+    )
+    p.add_argument("name", nargs="?", metavar="NAME", help="a shipped perturbation (see `juap zoo`)")
     p.add_argument("--out", "-o", metavar="DIR", help="folder to copy into")
 
 
