@@ -486,9 +486,10 @@ def judge_fronts(rows: Mapping[str, List[Dict]], head: List[Dict]) -> List[Dict]
     return out
 
 
-def fronts_plot(fronts: Sequence[Mapping], path: Path) -> None:
+def fronts_plot(fronts: Sequence[Mapping], path: Path, *, label_all: bool = False) -> None:
     """One panel per budget and interpreter: R-JUAP's and U-JUAP's settings (mean +- sd over seeds)
-    with their fronts, GUAP, and the box the headline asks for (FR >= GUAP's - 0.05, IoU >= GUAP's + 0.1)."""
+    with their fronts, GUAP, and the box the headline asks for (FR >= GUAP's - 0.05, IoU >= GUAP's + 0.1).
+    The recipe's point is named; ``label_all``: every setting's."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -524,8 +525,8 @@ def fronts_plot(fronts: Sequence[Mapping], path: Path) -> None:
                 front = pareto_front(pts)
                 ax.plot([p["iou"] for p in front], [p["fooling_ratio"] for p in front], "-", color=c, lw=1)
                 for p in pts:
-                    if p["setting"] == "recipe":
-                        ax.annotate("recipe", (p["iou"], p["fooling_ratio"]), fontsize=6, color=c)
+                    if label_all or p["setting"] == "recipe":
+                        ax.annotate(p["setting"], (p["iou"], p["fooling_ratio"]), fontsize=6, color=c)
             if cells:
                 g = cells[0]["guap"]
                 ax.scatter([g["iou"]], [g["fooling_ratio"]], marker="x", s=60, color="black", label="GUAP")

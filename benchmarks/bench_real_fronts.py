@@ -204,7 +204,7 @@ def report(rows: List[Dict], side: int, results: Path, seeds) -> Dict:
     results.mkdir(parents=True, exist_ok=True)
     write_text(results / f"fronts{suffix}.md", table + "\n")
     if fronts:
-        fronts_plot(fronts, results / f"fronts{suffix}.png")
+        fronts_plot(fronts, results / f"fronts{suffix}.png", label_all=True)
     payload = {
         "configs": [str(FRONTS.relative_to(CONFIG_DIR)), str(RECIPE.relative_to(CONFIG_DIR))],
         "side": side,

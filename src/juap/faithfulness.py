@@ -26,7 +26,6 @@ from typing import Dict, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.transforms.functional import gaussian_blur
 
 from .errors import ConfigError
 
@@ -40,6 +39,8 @@ def blurred(x: torch.Tensor, sigma: Optional[float] = None) -> torch.Tensor:
     sigma = float(sigma) if sigma is not None else max(1.0, 5.0 * side / 224)
     k = int(4 * sigma) | 1  # odd
     k = min(k, (side - 1) | 1 if side > 1 else 1)  # torchvision needs a kernel no larger than the image
+    from torchvision.transforms.functional import gaussian_blur  # here: importing torchvision costs seconds
+
     return gaussian_blur(x, [k, k], [sigma, sigma])
 
 

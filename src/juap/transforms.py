@@ -25,8 +25,6 @@ from typing import Callable, Dict, Tuple
 
 import torch
 import torch.nn.functional as F
-from torchvision.io import decode_jpeg, encode_jpeg
-from torchvision.transforms.functional import gaussian_blur
 
 from .errors import ConfigError
 
@@ -40,6 +38,8 @@ def _jpeg(quality: float) -> Transform:
 
     def apply(x: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
         pixels = (x.detach().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+        from torchvision.io import decode_jpeg, encode_jpeg  # here: importing torchvision costs seconds
+
         decoded = decode_jpeg(encode_jpeg(list(pixels), quality=q))
         return (torch.stack(decoded).float() / 255).to(x.device, x.dtype)
 
@@ -90,6 +90,8 @@ def _blur(sigma: float) -> Transform:
 
     def apply(x: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
         k = min(kernel, 2 * (min(x.shape[-2:]) // 2) - 1)  # no wider than the image (odd)
+        from torchvision.transforms.functional import gaussian_blur
+
         return gaussian_blur(x, kernel_size=[k, k], sigma=[sigma, sigma])
 
     return apply

@@ -16,7 +16,6 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
-from torchvision.transforms import v2 as T
 
 from .._registry import DATASETS
 from ..errors import DataError
@@ -115,6 +114,8 @@ def _header_ok(path: Path) -> bool:
 
 def eval_transform(image_size: int) -> Callable:
     """Resize the shorter side to ``image_size`` and centre-crop a square; float tensor in [0, 1]."""
+    from torchvision.transforms import v2 as T  # here: importing torchvision costs seconds
+
     return T.Compose(
         [
             T.ToImage(),
@@ -127,6 +128,8 @@ def eval_transform(image_size: int) -> Callable:
 
 def train_transform(image_size: int) -> Callable:
     """The paper's augmentation: random crop (padded by 1/8) and horizontal flip, after the eval resize."""
+    from torchvision.transforms import v2 as T
+
     pad = max(1, image_size // 8)
     return T.Compose(
         [
