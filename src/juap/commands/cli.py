@@ -553,26 +553,33 @@ def _add_evade_parser(add: AddParser) -> None:
 
 
 def _add_configs_parser(add: AddParser) -> None:
-    p = add(
+    _add_shipped_parser(
+        add,
         "configs",
         help="list the shipped experiment and training files, or copy one out",
         description="Without NAME: list the experiment and training files shipped with juap (any command "
         "takes such a name where it takes a YAML file that does not exist). With NAME and --out DIR: copy "
         "that file and the base files it extends into DIR (NAME `all`: every file); never overwrites.",
+        name_help="a shipped file (embedded/claims.yaml) or all",
     )
-    p.add_argument("name", nargs="?", metavar="NAME", help="a shipped file (embedded/claims.yaml) or all")
-    p.add_argument("--out", "-o", metavar="DIR", help="folder to copy into")
 
 
 def _add_zoo_parser(add: AddParser) -> None:
-    p = add(
+    _add_shipped_parser(
+        add,
         "zoo",
         help="list the perturbations shipped with juap, show one, or copy one out",
         description="Without NAME: list the perturbations shipped with juap (exact 8-bit PNGs with their "
         "provenance and recorded figures). With NAME: its metadata and the `juap evaluate` command that "
         "measures it again. With NAME and --out DIR: copy it into DIR; never overwrites.",
+        name_help="a shipped perturbation (see `juap zoo`)",
     )
-    p.add_argument("name", nargs="?", metavar="NAME", help="a shipped perturbation (see `juap zoo`)")
+
+
+def _add_shipped_parser(add: AddParser, command: str, *, help: str, description: str, name_help: str) -> None:
+    """A command over files shipped inside the package: ``NAME`` (optional) and ``--out DIR`` to copy into."""
+    p = add(command, help=help, description=description)
+    p.add_argument("name", nargs="?", metavar="NAME", help=name_help)
     p.add_argument("--out", "-o", metavar="DIR", help="folder to copy into")
 
 
