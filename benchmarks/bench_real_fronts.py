@@ -70,7 +70,7 @@ def _only(exp, **grid):
     return dataclasses.replace(exp, grid=dataclasses.replace(exp.grid, **grid))
 
 
-def units(exps: Mapping, names, seeds, budgets, interps) -> List[tuple]:
+def units(names, seeds, budgets, interps) -> List[tuple]:
     """(seed, name, budget, interpreter) in run order: seed by seed, the paper's L_inf 10 and CAM first,
     GUAP before the settings of each budget; GUAP has no interpreter (one unit per budget)."""
     out = []
@@ -247,7 +247,7 @@ def main(argv=None) -> int:
     committed = read_committed(cells_file)
     t0 = time.perf_counter()
     if not args.collect_only:
-        todo = units(exps, args.settings, args.seeds, args.budgets, args.interpreters)[i - 1 :: n]
+        todo = units(args.settings, args.seeds, args.budgets, args.interpreters)[i - 1 :: n]
         run_units(exps, todo, out, args.progress, committed)
     rows = collect(exps, out, args.seeds, committed)
     write_committed(cells_file, rows, read_committed(cells_file))  # re-read: another shard may have written

@@ -141,6 +141,8 @@ grid:
   variants: [{lam: 0.1}, {objective: untargeted, hinge: image, delta: -1.5}, {steps: 600, lam: 0.3}]
 attack_params:
   juap: {steps: 300}
+interpreter_params:
+  cam: {eval_every: 50}
 """
     exp = load_experiment(_exp(tmp_path, text))
     cells = plan(exp)
@@ -160,6 +162,7 @@ attack_params:
     dry_steps = tiny.attack_params["juap"]["steps"]
     assert dry_steps < 300
     assert all(c.params["steps"] == dry_steps for c in plan(tiny))
+    assert all(c.params["eval_every"] == tiny.attack_params["juap"]["eval_every"] < 50 for c in plan(tiny))
     assert {c.params["lam"] for c in plan(tiny) if "lam" in c.setting} == {0.1, 0.3}
 
 

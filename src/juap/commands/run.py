@@ -778,6 +778,8 @@ def dry_run_experiment(exp: ExperimentConfig, work_dir: Path) -> ExperimentConfi
         data=data,
         evaluate=dataclasses.replace(exp.evaluate, batch_size=18, max_images=12, checkpoints={}),
         attack_params=params,
+        # what is merged over attack_params (per interpreter, per variant) takes the dry-run sizes too
+        interpreter_params={k: _dry_variant(v, exp.grid.attacks) for k, v in exp.interpreter_params.items()},
         grid=dataclasses.replace(
             exp.grid,
             classifiers=tuple(classifiers),
@@ -788,7 +790,8 @@ def dry_run_experiment(exp: ExperimentConfig, work_dir: Path) -> ExperimentConfi
 
 
 def _dry_variant(variant: Mapping[str, Any], attacks: Sequence[str]) -> Dict[str, Any]:
-    """A grid variant with the dry-run sizes too (a variant of ``steps: 600`` trains one step)."""
+    """Parameters merged over ``attack_params`` (a grid variant, an interpreter's), with the dry-run sizes
+    too: a variant of ``steps: 600`` trains one step."""
     out = dict(variant)
     for name in attacks:
         cls = ATTACKS.get(name)

@@ -64,11 +64,10 @@ def measure_command(entry: Dict[str, Any]) -> str:
     """The ``juap evaluate`` command that measures a copied entry again on the images it records."""
     meta = entry["meta"]
     data = meta.get("data") or {}
-    sets = [
-        f"classifier.name={meta.get('classifier_arch')}",
-        f"classifier.weights={meta.get('classifier_weights', 'imagenet')}",
-        *(f"data.{k}={v}" for k, v in data.items() if k in ("name", "image_size")),
-    ]
+    sets = [f"classifier.name={meta.get('classifier_arch')}"]
+    if meta.get("classifier_weights"):  # a named set; else the user's own file (the fingerprint says which)
+        sets.append(f"classifier.weights={meta['classifier_weights']}")
+    sets += [f"data.{k}={v}" for k, v in data.items() if k in ("name", "image_size")]
     if entry.get("interpreter"):
         sets.append(f"evaluate.interpreters=[{entry['interpreter']}]")
     return f"juap evaluate -p {entry['name']}.png " + " ".join(f"--set '{s}'" for s in sets)
