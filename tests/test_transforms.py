@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -24,6 +26,12 @@ def test_jpeg_at_quality_100_changes_little_and_75_more():
     d75 = (parse_transform("jpeg:75")(x) - x).abs().mean()
     assert d100 < 2 / 255 and d75 > d100
     assert parse_transform("jpeg:75")(x).shape == x.shape
+
+
+def test_jpeg_does_not_print_torchvisions_codec_deprecation_per_call():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning the call lets out fails the test
+        parse_transform("jpeg:90")(smooth(1))
 
 
 def test_resize_and_crop_come_back_at_the_input_size():

@@ -21,6 +21,7 @@ Specs (``name:value``):
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Dict, Tuple
 
 import torch
@@ -40,7 +41,9 @@ def _jpeg(quality: float) -> Transform:
         pixels = (x.detach().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
         from torchvision.io import decode_jpeg, encode_jpeg  # here: importing torchvision costs seconds
 
-        decoded = decode_jpeg(encode_jpeg(list(pixels), quality=q))
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates its codecs (for TorchCodec), per call
+            warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
+            decoded = decode_jpeg(encode_jpeg(list(pixels), quality=q))
         return (torch.stack(decoded).float() / 255).to(x.device, x.dtype)
 
     apply.differentiable = False  # type: ignore[attr-defined]
