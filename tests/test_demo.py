@@ -145,7 +145,7 @@ def test_the_experiment_file_is_the_demo_settings():
     assert {c.variant for c in mapped} == VARIANTS
     juap = {c.interpreter: c.params for c in mapped if c.attack == "juap" and c.generator == "resnet"}
     assert demo_cell_params("juap", interpreter="rts") == juap["rts"]
-    assert juap["cam"]["lam"] == 0.2 and juap["rts"]["lam"] == 0.01 and juap["rts"]["rts_feature_weight"] == 0
+    assert juap["cam"]["lam"] == 0.2 and juap["rts"]["lam"] == 0.01 and juap["rts"]["feature_weight"] == 0
     assert juap["cam"]["steps"] == 200 and juap["cam"]["hinge"] == "image" and juap["cam"]["delta"] == -1.5
 
 

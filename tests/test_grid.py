@@ -496,6 +496,51 @@ def test_the_recorded_claims_cells_are_still_planned(config, run, monkeypatch):
     assert recorded and recorded <= ids
 
 
+def test_the_committed_real_model_cells_keep_their_ids():
+    """benchmarks/bench_real_fronts.py reuses its committed cells (real_model/fronts_cells.json) by id:
+    every one of them is planned again by the shipped real-model configs (the shipped files now write
+    ``feature_weight``, which a cell's id hashes under its first name, ``rts_feature_weight``)."""
+    import json
+
+    committed = json.loads((RECORDED.parent / "real_model" / "fronts_cells.json").read_text())
+    exps = [
+        load_experiment(CONFIGS / "real" / n)
+        for n in ("efficientnet_lite0.yaml", "fronts_efficientnet_lite0.yaml")
+    ]
+    ids = set()
+    for exp in exps:  # as the benchmark plans them: one variant at a time, the ResNet generator
+        for variants in [(v,) for v in exp.grid.variants] or [()]:
+            one = dataclasses.replace(exp, grid=dataclasses.replace(exp.grid, variants=variants))
+            for seed in {r["seed"] for r in committed}:
+                ids |= {c.id for c in plan(dataclasses.replace(one, seed=seed))}
+    recorded = {r["cell"] for r in committed if r["generator"] != "unet" and r["method"] != "U-JUAP"}
+    assert recorded and recorded <= ids
+
+
+def test_a_renamed_hyperparameter_keeps_the_cell_id(tmp_path):
+    """A config with a hyperparameter's old name (``rts_feature_weight``) plans the same cells as one with
+    its new name (``feature_weight``): a renaming does not make recorded cells run again."""
+    base = "name: t\ngrid:\n  attacks: [juap]\n  interpreters: [cam]\nattack_params:\n  juap: {{{}: 0.1}}\n"
+    old = plan(load_experiment(_exp(tmp_path, base.format("rts_feature_weight"), "old.yaml")))
+    new = plan(load_experiment(_exp(tmp_path, base.format("feature_weight"), "new.yaml")))
+    assert [c.id for c in old] == [c.id for c in new]
+    other = plan(
+        load_experiment(_exp(tmp_path, base.format("feature_weight").replace("0.1", "0.2"), "x.yaml"))
+    )
+    assert [c.id for c in other] != [c.id for c in new]
+
+
+def test_no_shipped_config_uses_an_old_hyperparameter_name():
+    """The shipped files use the current names: a run of them prints no FutureWarning of a renaming."""
+    from juap import ATTACKS
+
+    old = {name for a in ATTACKS.names() for name in getattr(ATTACKS.get(a), "renamed", {})}
+    assert old
+    for path in CONFIGS.rglob("*.yaml"):
+        text = path.read_text()
+        assert not [n for n in old if f"{n}:" in text], path
+
+
 def test_the_old_rts_checkpoint_key_is_migrated_with_a_warning(tmp_path):
     """``rts_checkpoint`` (before ``checkpoints``) still loads, moved to ``checkpoints: {rts: ...}`` with a
     FutureWarning naming the new key, and plans the same cells as the new spelling."""

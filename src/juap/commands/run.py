@@ -293,7 +293,7 @@ def _attack_cells(
             "attack": attack,
             "budget": dataclasses.asdict(budget),
             "interpreter": interp,
-            "params": params,
+            "params": _params_id_form(attack, params),
             "val_fraction": exp.val_fraction,
             "seed": exp.seed,
             **({"data_key": dict(data_key)} if data_key is not None else {}),
@@ -315,6 +315,13 @@ def _attack_cells(
             )
         )
     return cells
+
+
+def _params_id_form(attack: str, params: Mapping[str, Any]) -> Dict[str, Any]:
+    """An attack's hyperparameters as a cell's id hashes them: a renamed one under its old name (the name
+    the first cells recorded, e.g. ``rts_feature_weight``), so that those cells are still found."""
+    old = {new: name for name, new in getattr(ATTACKS.get(attack), "renamed", {}).items()}
+    return {old.get(k, k): v for k, v in params.items()}
 
 
 def _id_form(section: Dict[str, Any]) -> Dict[str, Any]:
