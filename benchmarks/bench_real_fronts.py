@@ -8,13 +8,16 @@ hinge, eq 8 with the image hinge, 4x the steps, the constrained mode) and GUAP, 
   shipped recipe's (eq 8, batch hinge, lambda 0.05: ``--settings recipe`` runs it, else its committed figures
   from ``real_model/real_model.json`` are shown);
 - which settings hold the headline (FR >= GUAP's - 0.05, IoU >= GUAP's + 0.10, L1 lower), the front's IoU
-  at the FR the headline asks for, as ``bench_claims`` judges the embedded fronts; ``fronts.png``.
+  at the FR the headline asks for, as ``bench_claims`` judges the embedded fronts; ``fronts.png``;
+- like generators: ``guap-unet`` and ``image-0.2-unet`` / ``margin-unet`` (U-JUAP) are judged against
+  each other, as R-JUAP is against GUAP with its ResNet.
 
-Units are (seed, cell); each finished cell is kept in ``--out`` and its figures (one row per cell, by
-cell id) in ``fronts_cells.json`` beside the tables, which is committed: a cell found in either is reused,
-so the benchmark resumes on a fresh machine too. Parallel processes take alternate units (``--shard 1/2``,
-``--shard 2/2``); ``--collect-only`` judges what is finished. ``--seeds``, ``--budgets``,
-``--interpreters`` and ``--settings`` (names below) select, to screen on one seed before spending three.
+Units are (seed, cell); each finished cell is kept in ``--out`` and its figures (its main rows, by cell
+id: GUAP's with CAM and with Grad-CAM) in ``fronts_cells.json`` beside the tables, which is committed: a
+cell found in either is reused, so the benchmark resumes on a fresh machine too. Parallel processes take
+alternate units (``--shard 1/2``, ``--shard 2/2``); ``--collect-only`` judges what is finished. ``--seeds``,
+``--budgets``, ``--interpreters`` and ``--settings`` (names below) select what runs, to screen on one seed
+before spending three; the tables cover every seed finished.
 
     python benchmarks/bench_real_fronts.py --seeds 0 --budgets linf-10 --interpreters cam --shard 1/2
     python benchmarks/bench_real_fronts.py --seeds 0 1 2 --collect-only
@@ -44,6 +47,9 @@ FRONTS = CONFIG_DIR / "real" / "fronts_efficientnet_lite0.yaml"
 RECIPE = CONFIG_DIR / "real" / "efficientnet_lite0.yaml"
 # the config's variants, in its order
 SETTINGS = ("image-0.2", "image-1.0", "margin", "eq8-image", "long", "constrained")
+# the same with the U-Net generator (U-JUAP against a U-Net GUAP): ``--settings guap-unet image-0.2-unet``
+UNET = "-unet"
+UNET_NAMES = ("guap", "image-0.2", "margin")
 
 
 def _budget(b) -> str:
@@ -63,7 +69,15 @@ def experiments(side: int):
     out = {name: sized(_only(fronts, variants=(v,))) for name, v in pairs}
     out["guap"] = sized(_only(recipe, attacks=("guap",)))
     out["recipe"] = sized(_only(recipe, attacks=("juap",)))
+    # like generators: GUAP with the U-Net against U-JUAP
+    out |= {f"{name}{UNET}": with_unet(out[name]) for name in UNET_NAMES}
     return out
+
+
+def with_unet(e):
+    """The experiment with the U-Net generator: GUAP's is fixed in attack_params, JUAP's is the grid's."""
+    params = {k: {**v, "generator": "unet"} if k == "guap" else v for k, v in e.attack_params.items()}
+    return dataclasses.replace(_only(e, generators=("unet",)), attack_params=params)
 
 
 def _only(exp, **grid):
@@ -76,10 +90,9 @@ def units(names, seeds, budgets, interps) -> List[tuple]:
     out = []
     for seed in seeds:
         for b in budgets:
-            if "guap" in names:
-                out.append((seed, "guap", b, None))
+            out += [(seed, n, b, None) for n in names if n.startswith("guap")]
             for i in interps:
-                out += [(seed, n, b, i) for n in names if n != "guap"]
+                out += [(seed, n, b, i) for n in names if not n.startswith("guap")]
     return out
 
 
@@ -93,14 +106,18 @@ def narrowed(exps: Mapping, unit: tuple):
     return dataclasses.replace(_only(e, **grid), seed=seed)
 
 
-def run_units(exps, todo: Sequence[tuple], out: Path, progress: bool, committed: Mapping[str, Dict]) -> None:
+def run_units(
+    exps, todo: Sequence[tuple], out: Path, progress: bool, committed: Mapping[str, List[Dict]]
+) -> None:
     """Run each unit's cell unless its figures are committed already (a cell id names its configuration,
     seed included, so a changed setting runs again)."""
     for k, u in enumerate(todo, 1):
         seed, name, budget, interp = u
         head = f"== [{k}/{len(todo)}] seed {seed}: {name} at {budget}" + (f" vs {interp}" if interp else "")
         exp = narrowed(exps, u)
-        if all(c.id in committed for c in plan(exp)):
+        # GUAP's cell is read with every interpreter of the config, a JUAP cell with its own
+        wanted = set(exp.evaluate.interpreters) if interp is None else {interp}
+        if all(wanted <= {r["interpreter"] for r in committed.get(c.id, [])} for c in plan(exp)):
             print(f"{head}: committed earlier, reused", flush=True)
             continue
         print(head, flush=True)
@@ -108,7 +125,7 @@ def run_units(exps, todo: Sequence[tuple], out: Path, progress: bool, committed:
         run_grid(exp, out / f"seed{seed}", progress=progress, say=say)
 
 
-def collect(exps, out: Path, seeds: Sequence[int], committed: Mapping[str, Dict]) -> List[Dict]:
+def collect(exps, out: Path, seeds: Sequence[int], committed: Mapping[str, List[Dict]]) -> List[Dict]:
     """Main rows of every finished cell, tagged with seed and setting name: from the cells' folders, else
     from the committed figures."""
     rows: List[Dict] = []
@@ -119,23 +136,29 @@ def collect(exps, out: Path, seeds: Sequence[int], committed: Mapping[str, Dict]
             found, _ = collect_rows(cells, [folder])
             found = main_rows(found)
             have = {r["cell"] for r in found}
-            found += [committed[c.id] for c in cells if c.id in committed and c.id not in have]
-            setting = "-" if name == "guap" else name
-            rows += [{**r, "seed": seed, "setting": setting} for r in found]
+            found += [r for c in cells if c.id not in have for r in committed.get(c.id, [])]
+            setting = "-" if name.startswith("guap") else name.removesuffix(UNET)
+            tag = {"generator": "unet"} if name == "guap" + UNET else {}  # GUAP's rows name none
+            rows += [{**r, **tag, "seed": seed, "setting": setting} for r in found]
     return rows
 
 
-def read_committed(path: Path) -> Dict[str, Dict]:
-    """The committed figures, one main row per finished cell (by cell id)."""
-    return {r["cell"]: r for r in json.loads(path.read_text())} if path.is_file() else {}
+def read_committed(path: Path) -> Dict[str, List[Dict]]:
+    """The committed figures: per finished cell (by cell id), its main rows (one per interpreter it was
+    measured with: GUAP's cell has one for CAM and one for Grad-CAM)."""
+    out: Dict[str, List[Dict]] = {}
+    for r in json.loads(path.read_text()) if path.is_file() else []:
+        out.setdefault(r["cell"], []).append(r)
+    return out
 
 
-def write_committed(path: Path, rows: Sequence[Mapping], committed: Mapping[str, Dict]) -> None:
-    """Every finished cell's main row (figures only: no folder), merged with what was committed."""
-    merged = dict(committed)
+def write_committed(path: Path, rows: Sequence[Mapping], committed: Mapping[str, List[Dict]]) -> None:
+    """Every finished cell's main rows (figures only: no folder), merged with what was committed."""
+    merged = {(r["cell"], r["interpreter"]): r for rs in committed.values() for r in rs}
     for r in rows:
-        merged[r["cell"]] = {k: v for k, v in r.items() if k != "folder" and "[" not in k}
-    write_json(path, sorted(merged.values(), key=lambda r: (r["seed"], r["budget"], r["cell"])))
+        merged[r["cell"], r["interpreter"]] = {k: v for k, v in r.items() if k != "folder" and "[" not in k}
+    order = sorted(merged.values(), key=lambda r: (r["seed"], r["budget"], r["cell"], r["interpreter"]))
+    write_json(path, order)
 
 
 def committed_recipe() -> List[Dict]:
@@ -161,28 +184,15 @@ def as_8bit(rows: Sequence[Mapping], cell: Mapping) -> str:
     return f"{fr:.3f}, " + (f"{statistics.fmean(ious):.3f}" if ious else "-")
 
 
-def report(rows: List[Dict], side: int, results: Path, seeds) -> Dict:
-    agg = aggregate(rows)
-    guap = [r for r in agg if r["method"] == "GUAP"]
-    juap = [r for r in agg if r["method"] == "R-JUAP"]
-    points = [r for r in rows if r["method"] == "R-JUAP"]  # per seed: judge_fronts aggregates them
-    if not any(r["setting"] == "recipe" for r in juap) and side == 128:
-        kept = [r for r in committed_recipe() if pick(guap, interpreter=r["interpreter"], budget=r["budget"])]
-        juap += kept
-        points += [{**r, "seed": -1} for r in kept]  # a mean already: its sd is in the table
-    fronts = judge_fronts({"fronts": points}, guap)  # GUAP is the head; the recipe is one more point
-    lines = [
-        "| budget | interpreter | setting | seeds | FR | IoU | fooled-only IoU | L1 | FR, IoU in 8 bits "
-        "| headline |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+def _table_lines(agg, rows, guap, juap, label: str, prefix: str) -> List[str]:
+    lines = []
     for budget in dict.fromkeys(r["budget"] for r in agg):
         for interp in dict.fromkeys(r["interpreter"] for r in juap):
             g = pick(guap, interpreter=interp, budget=budget)
             if not g:
                 continue
             lines.append(
-                f"| {budget} | {interp} | GUAP | {g['seeds']} | {fmt(g, 'fooling_ratio')} | "
+                f"| {budget} | {interp} | {label} | {g['seeds']} | {fmt(g, 'fooling_ratio')} | "
                 f"{fmt(g, 'iou')} | {fmt(g, 'iou_fooled')} | {fmt(g, 'l1')} | {as_8bit(rows, g)} | "
                 f"need FR >= {g['fooling_ratio'] - HEADLINE_FR_GAP:.3f}, "
                 f"IoU >= {g['iou'] + HEADLINE_IOU_GAIN:.3f} |"
@@ -192,12 +202,36 @@ def report(rows: List[Dict], side: int, results: Path, seeds) -> Dict:
                 key=lambda r: -r["fooling_ratio"],
             ):
                 misses = headline_misses(r, g)
+                verdict = "holds" if not misses else "misses " + ", ".join(misses)
                 lines.append(
-                    f"| {budget} | {interp} | {r['setting']} | {r['seeds']} | {fmt(r, 'fooling_ratio')} | "
-                    f"{fmt(r, 'iou')} | {fmt(r, 'iou_fooled')} | {fmt(r, 'l1')} | {as_8bit(rows, r)} | "
-                    + ("holds" if not misses else "misses " + ", ".join(misses))
-                    + " |"
+                    f"| {budget} | {interp} | {prefix}{r['setting']} | {r['seeds']} | "
+                    f"{fmt(r, 'fooling_ratio')} | {fmt(r, 'iou')} | {fmt(r, 'iou_fooled')} | "
+                    f"{fmt(r, 'l1')} | {as_8bit(rows, r)} | {verdict} |"
                 )
+    return lines
+
+
+def report(rows: List[Dict], side: int, results: Path, seeds) -> Dict:
+    agg = aggregate(rows)
+    lines = [
+        "| budget | interpreter | setting | seeds | FR | IoU | fooled-only IoU | L1 | FR, IoU in 8 bits "
+        "| headline |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    fronts: List[Dict] = []
+    # like generators: R-JUAP against GUAP (ResNet), U-JUAP against GUAP with the U-Net
+    for gen, method, label in (("-", "R-JUAP", "GUAP"), ("unet", "U-JUAP", "GUAP (U-Net)")):
+        guap = [r for r in agg if r["method"] == "GUAP" and r["generator"] == gen]
+        juap = [r for r in agg if r["method"] == method]
+        points = [r for r in rows if r["method"] == method]  # per seed: judge_fronts aggregates them
+        if method == "R-JUAP" and not any(r["setting"] == "recipe" for r in juap) and side == 128:
+            kept = [
+                r for r in committed_recipe() if pick(guap, interpreter=r["interpreter"], budget=r["budget"])
+            ]
+            juap += kept
+            points += [{**r, "seed": -1} for r in kept]  # a mean already: its sd is in the table
+        fronts += judge_fronts({"fronts": points}, guap)  # GUAP is the head; the recipe is one more point
+        lines += _table_lines(agg, rows, guap, juap, label, "" if method == "R-JUAP" else method + " ")
     table = "\n".join(lines)
     print("\n" + table)
     suffix = "" if side == 128 else f"_{side}"
@@ -230,7 +264,7 @@ def main(argv=None) -> int:
         "--settings",
         nargs="+",
         default=["guap", *SETTINGS],
-        choices=["guap", "recipe", *SETTINGS],
+        choices=["guap", "recipe", *SETTINGS, *(n + UNET for n in UNET_NAMES)],
         help="what to run (default: GUAP and every setting; 'recipe' runs the shipped recipe too)",
     )
     ap.add_argument("--shard", default="1/1", help="I/N: this process runs every N-th unit from the I-th")
@@ -249,10 +283,12 @@ def main(argv=None) -> int:
     if not args.collect_only:
         todo = units(args.settings, args.seeds, args.budgets, args.interpreters)[i - 1 :: n]
         run_units(exps, todo, out, args.progress, committed)
-    rows = collect(exps, out, args.seeds, committed)
+    # the tables cover every seed finished, not only this process's
+    seeds = sorted({*args.seeds, *(r["seed"] for rs in committed.values() for r in rs)})
+    rows = collect(exps, out, seeds, committed)
     write_committed(cells_file, rows, read_committed(cells_file))  # re-read: another shard may have written
     print(f"\nEfficientNet-Lite0, {args.side} px: {len(rows)} rows ({time.perf_counter() - t0:.0f} s)")
-    report(rows, args.side, Path(args.results), args.seeds)
+    report(rows, args.side, Path(args.results), seeds)
     return 0
 
 

@@ -2,6 +2,7 @@
 blur, and what training through them buys (issue 32).
 
     python benchmarks/bench_robustness.py [--seeds 0 1 2] [--eps 10] [--steps 200] [--threads 1] [--out DIR]
+    python benchmarks/bench_robustness.py --zoo  # the shipped perturbations on the real model (~5 min each)
 
 On the demo classifier and the demo's attack images (300 to learn, 300 held out), at L_inf ``--eps``:
 UAP, SGD-UAP, GUAP and R-JUAP (CAM) as they are trained everywhere else, and GUAP / R-JUAP trained with
@@ -48,8 +49,15 @@ def attacks(clf, cam, steps: int) -> Dict[str, Dict[str, Any]]:
         # through the transformations the hinge and the map term keep R-JUAP from ever starting to fool
         # (0.001 over 3 seeds at 200 steps): a GUAP phase first (warmup), then lambda by dual ascent to
         # hold the fooling ratio reached there minus 0.05 (the constrained mode)
-        "R-JUAP + EOT": {"attack": "juap", "interpreter": cam, **gen, **JUAP, **eot, "warmup": steps // 4,
-                         "fr_margin": 0.05},  # fmt: skip
+        "R-JUAP + EOT": {
+            "attack": "juap",
+            "interpreter": cam,
+            **gen,
+            **JUAP,
+            **eot,
+            "warmup": steps // 4,
+            "fr_margin": 0.05,
+        },  # fmt: skip
     }
 
 
@@ -67,8 +75,44 @@ def measure(clf, cam, n_hat, x, eps: float) -> Dict[str, float]:
     return out
 
 
+def zoo_part(out: Path) -> None:
+    """The shipped perturbations (``juap zoo``) on the real model they were made for: each measured with
+    ``juap evaluate`` as a user would (its recorded model, weights and images), in 8 bits and after each
+    transformation."""
+    import tempfile
+
+    from juap.commands.cli import main as juap_main
+    from juap.commands.zoo import list_zoo, measure_command
+
+    specs = ["jpeg:90", *TRANSFORMS]
+    rows = []
+    for entry in list_zoo():
+        sets = [s.strip("'") for s in measure_command(entry).split(" --set ")[1:]]
+        with tempfile.TemporaryDirectory() as tmp:
+            argv = ["evaluate", "-p", str(entry["path"]), "--out", f"{tmp}/run", "--no-progress"]
+            argv += [a for s in [*sets, f"evaluate.transforms=[{','.join(specs)}]"] for a in ("--set", s)]
+            if juap_main(argv) != 0:
+                raise SystemExit(f"juap {' '.join(argv)} failed")
+            m = json.loads(Path(f"{tmp}/run/metrics.json").read_text())
+        row = {
+            "entry": entry["name"],
+            "FR float": m["fooling_ratio"],
+            "FR 8-bit": m["as_8bit"]["fooling_ratio"],
+        }
+        row |= {f"FR {t}": m["robustness"][t]["fooling_ratio"] for t in specs}
+        row |= {"IoU 8-bit": m["as_8bit"]["iou"], **{f"IoU {t}": m["robustness"][t]["iou"] for t in specs}}
+        rows.append(row)
+    frs = ["FR float", "FR 8-bit", *(f"FR {t}" for t in specs)]
+    print("\nThe zoo on its own model and images: fooling ratio (after a transformation: of the 8-bit file)")
+    print_table(rows, ["entry", *frs])
+    print("\nCAM IoU")
+    print_table(rows, ["entry", "IoU 8-bit", *(f"IoU {t}" for t in specs)])
+    write_json(out / "zoo.json", {"machine": machine(), "transforms": specs, "rows": rows})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    ap.add_argument("--zoo", action="store_true", help="measure the shipped perturbations on the real model")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--eps", type=float, default=10.0)
     ap.add_argument("--steps", type=int, default=200)  # the demo's; R-JUAP fooled ~0 at 80 here
@@ -77,6 +121,8 @@ def main() -> None:
     args = ap.parse_args()
     setup_threads(args.threads)
     print(json.dumps(machine()), flush=True)
+    if args.zoo:
+        return zoo_part(args.out)
     clf, x_train, x_test, _, info = demo_data(300, 300)
     cam = juap.create_interpreter("cam", clf)
     rows: List[Dict[str, Any]] = []
