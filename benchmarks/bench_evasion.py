@@ -81,17 +81,22 @@ def experiment(args) -> Dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     if args.report_only:  # the report of the cells finished so far, e.g. to commit a partial run
         rows, done = write_report(cfg, run_dir)
-        res = {"cells": len(plan_cells(cfg.evade)), "complete": done, "seconds": 0.0}
+        res = {"cells": len(plan_cells(cfg.evade)), "complete": done, "seconds": None}  # nothing ran
     else:
         shard = tuple(int(v) for v in args.shard.split("/"))
         res = run_evade(cfg, run_dir, shard=shard, progress=False, say=lambda s: print(s, flush=True))
     print((run_dir / "results.md").read_text())
     flags = json.loads((run_dir / "evasion.json").read_text())["flags"]
     ok = sum(f["status"] == "ok" for f in flags)
+    # what the finished cells took when they ran (each cell records it), whichever process ran them
+    cell_seconds = sum(
+        json.loads(f.read_text()).get("seconds", 0.0) for f in run_dir.glob("cells/*/rows.json")
+    )
     return {
         "cells": res["cells"],
         "complete": res["complete"],
         "seconds": res["seconds"],
+        "cell_seconds": round(cell_seconds, 1),
         "checks": ok,
         "flagged": len(flags) - ok,
     }
