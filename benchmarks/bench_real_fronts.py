@@ -224,9 +224,12 @@ def report(rows: List[Dict], side: int, results: Path, seeds) -> Dict:
         guap = [r for r in agg if r["method"] == "GUAP" and r["generator"] == gen]
         juap = [r for r in agg if r["method"] == method]
         points = [r for r in rows if r["method"] == method]  # per seed: judge_fronts aggregates them
-        if method == "R-JUAP" and not any(r["setting"] == "recipe" for r in juap) and side == 128:
+        if method == "R-JUAP" and side == 128:  # the recipe's earlier figures where it was not rerun here
             kept = [
-                r for r in committed_recipe() if pick(guap, interpreter=r["interpreter"], budget=r["budget"])
+                r
+                for r in committed_recipe()
+                if pick(guap, interpreter=r["interpreter"], budget=r["budget"])
+                and not pick(juap, setting="recipe", interpreter=r["interpreter"], budget=r["budget"])
             ]
             juap += kept
             points += [{**r, "seed": -1} for r in kept]  # a mean already: its sd is in the table
