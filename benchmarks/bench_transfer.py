@@ -11,6 +11,8 @@ recipe: eq 8, batch hinge, lambda 0.05) at L_inf ``--eps``, a ResNet generator w
 of the same norm (``noise``, the floor: what any perturbation of that size changes). The matrix
 gives the fooling ratio (and CAM IoU) of every perturbation on every model, as applied in 8 bits; the
 diagonal is white-box, the rest transfer. Needs ``juap[photos]`` (the weights install offline).
+Resumable: the learnt perturbations are kept in ``--out``/perturbations, and the figures of an earlier run
+with the same sizes, budget and steps in ``transfer.json`` are reused (add ``juap`` to a ``guap`` run).
 """
 
 from __future__ import annotations
@@ -37,6 +39,16 @@ RECIPES = {
 }
 
 
+def previous_rows(path: Path, setting: Dict[str, Any]) -> Dict[tuple, Dict[str, Any]]:
+    """The rows of an earlier run (by attack, seed, source, target) when it had the same ``setting``."""
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text())
+    if any(old.get("setting", {}).get(k) != v for k, v in setting.items()):
+        return {}
+    return {(r["attack"], r["seed"], r["learnt on"], r["applied to"]): r for r in old["rows"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     ap.add_argument("--attacks", nargs="+", default=["guap", "juap", "noise"], choices=[*RECIPES, "noise"])
@@ -56,10 +68,17 @@ def main() -> None:
         splits = load_splits(DataConfig(name="photos", image_size=s))
         data[s] = (to_tensors(splits.train)[0], to_tensors(splits.test)[0])
     cams = {m: juap.create_interpreter("cam", c) for m, c in clfs.items()}
+    # resumable: the figures of an earlier run with the same sizes, budget and steps are kept
+    done = previous_rows(args.out / "transfer.json", {"sizes": size, "eps": args.eps, "steps": args.steps})
     rows: List[Dict[str, Any]] = []
     for seed in args.seeds:
         for attack in args.attacks:
             for source, clf in clfs.items():
+                kept = [done[attack, seed, source, t] for t in MODELS if (attack, seed, source, t) in done]
+                if len(kept) == len(MODELS):
+                    rows += kept
+                    print(f"  {attack} on {source} (seed {seed}): measured earlier, kept", flush=True)
+                    continue
                 x_train, _ = data[size[source]]
                 path = args.out / "perturbations" / f"{attack}_{source}_s{seed}.safetensors"
                 if attack == "noise":  # the floor: random signs of the same L_inf norm
@@ -99,12 +118,15 @@ def main() -> None:
             mine = [r for r in rows if r["attack"] == attack and r["learnt on"] == source]
             line = {"attack": attack, "learnt on": source}
             for target in MODELS:
-                vals = [r["fooling_ratio"] for r in mine if r["applied to"] == target]
-                line[f"FR on {target[-5:]}"] = sum(vals) / len(vals)
+                for key, col in (("fooling_ratio", "FR"), ("cam_iou", "IoU")):
+                    vals = [r[key] for r in mine if r["applied to"] == target]
+                    line[f"{col} on {target[-5:]}"] = sum(vals) / len(vals)
             table.append(line)
     print(f"\nFooling ratio as applied in 8 bits, mean over seeds {args.seeds} (rows: learnt on; columns:"
           " applied to)")  # fmt: skip
     print_table(table, ["attack", "learnt on", *(f"FR on {m[-5:]}" for m in MODELS)])
+    print("\nCAM IoU on the model applied to (same rows and columns)")
+    print_table(table, ["attack", "learnt on", *(f"IoU on {m[-5:]}" for m in MODELS)])
     write_json(args.out / "transfer.json", {"machine": machine(), "setting": {**vars(args), "sizes": size},
                "rows": rows, "table": table})  # fmt: skip
 
