@@ -82,12 +82,12 @@ def zoo_part(out: Path) -> None:
     import tempfile
 
     from juap.commands.cli import main as juap_main
-    from juap.commands.zoo import list_zoo, measure_command
+    from juap.commands.zoo import list_zoo, measure_sets
 
     specs = ["jpeg:90", *TRANSFORMS]
     rows = []
     for entry in list_zoo():
-        sets = [s.strip("'") for s in measure_command(entry).split(" --set ")[1:]]
+        sets = measure_sets(entry)
         with tempfile.TemporaryDirectory() as tmp:
             argv = ["evaluate", "-p", str(entry["path"]), "--out", f"{tmp}/run", "--no-progress"]
             argv += [a for s in [*sets, f"evaluate.transforms=[{','.join(specs)}]"] for a in ("--set", s)]

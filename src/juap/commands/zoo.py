@@ -62,6 +62,11 @@ def list_zoo() -> List[Dict[str, Any]]:
 
 def measure_command(entry: Dict[str, Any]) -> str:
     """The ``juap evaluate`` command that measures a copied entry again on the images it records."""
+    return f"juap evaluate -p {entry['name']}.png " + " ".join(f"--set '{s}'" for s in measure_sets(entry))
+
+
+def measure_sets(entry: Dict[str, Any]) -> List[str]:
+    """The ``--set`` values of :func:`measure_command`: the entry's model, weights, images and interpreter."""
     meta = entry["meta"]
     data = meta.get("data") or {}
     sets = [f"classifier.name={meta.get('classifier_arch')}"]
@@ -70,7 +75,7 @@ def measure_command(entry: Dict[str, Any]) -> str:
     sets += [f"data.{k}={v}" for k, v in data.items() if k in ("name", "image_size")]
     if entry.get("interpreter"):
         sets.append(f"evaluate.interpreters=[{entry['interpreter']}]")
-    return f"juap evaluate -p {entry['name']}.png " + " ".join(f"--set '{s}'" for s in sets)
+    return sets
 
 
 def copy_zoo(name: str, out: str | Path) -> Path | None:
