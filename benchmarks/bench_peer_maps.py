@@ -29,13 +29,16 @@ import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import torch
 from tqdm.auto import tqdm
 
 import juap
 from _common import RESULTS, demo_data, machine, setup_threads, write_json
 from juap.app.artifacts import load_perturbation
+from juap.budget import apply_perturbation
 from juap.commands.build import build_interpreter
 from juap.commands.evade import build_bench, load_evade_config
+from juap.faithfulness import deletion_insertion, road
 
 PARTS = {
     "embedded": {
@@ -61,54 +64,107 @@ PARTS = {
     },
 }
 ATTACKS = ("UAP", "SGD-UAP", "GUAP", "R-JUAP")
-FIGURES = (
-    "iou",
-    "l1",
-    "iou_fooled",
-    "l1_fooled",
-    "deletion_benign",
-    "deletion_adversarial",
-    "insertion_benign",
-    "insertion_adversarial",
-)
+CURVES = tuple(f"{k}_{w}" for k in ("deletion", "insertion", "road") for w in ("benign", "adversarial"))
+FIGURES = ("iou", "l1", "iou_fooled", "l1_fooled") + CURVES + tuple(f"{c}_fooled" for c in CURVES)
 
 
 def perturbation_path(run: Path, attack: str, seed: int, budget: str = "linf10") -> Path:
-    if run.name != "run":  # a demo run folder: its perturbations/ (R-JUAP: the one trained against CAM)
+    """Where ``attack``'s perturbation of ``seed`` lies: in an evasion run (``bench_evasion.py``, ``juap
+    evade``: round 0 in ``shared/``, R-JUAP in the CAM cell) or in a ``juap demo`` run's
+    ``perturbations/``."""
+    if not ((run / "shared").is_dir() or (run / "cells").is_dir()):  # a demo run folder (R-JUAP: R-JUAP-CAM)
         return run / "perturbations" / f"{'R-JUAP-CAM' if attack == 'R-JUAP' else attack}.safetensors"
     if attack == "R-JUAP":  # trained against CAM, in the CAM cell
         return run / "cells" / f"cam_{budget}_s{seed}" / "perturbations" / "R-JUAP.safetensors"
     return run / "shared" / f"{budget}_s{seed}" / f"{attack}.safetensors"
 
 
+def evasion_fooling_ratios(run: Path, seed: int, budget: str = "linf10") -> Dict[str, float]:
+    """Round 0's fooling ratios as the evasion run that made the perturbations measured them (its
+    ``rows.json``, on the same detector-test images): ``{}`` where that run has none."""
+    rows = run / "cells" / f"cam_{budget}_s{seed}" / "rows.json"
+    if not rows.is_file():
+        return {}
+    return {
+        r["perturbation"]: r["fooling_ratio"]
+        for r in json.loads(rows.read_text())["rows"]
+        if r["attack_round"] == 0 and r["perturbation"] in ATTACKS
+    }
+
+
+@torch.no_grad()
+def _predict(clf, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([clf(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+
+
+def faithfulness(clf, interps, x, x_hat, args, seed: int) -> Dict[str, Dict[str, Any]]:
+    """Per image: the deletion / insertion areas of each interpreter's benign map on ``x`` (benign class) and
+    adversarial map on ``x_hat`` (adversarial class), and of a random map on both (the reference every map
+    is read against: the perturbation being removed with the pixels moves every curve, whatever the
+    order). Means over all images and over the fooled ones; the random maps are the same for every attack."""
+    bs = args.batch_size
+    benign, adv = _predict(clf, x, bs), _predict(clf, x_hat, bs)
+    fooled = benign != adv
+    g = torch.Generator().manual_seed(10_000 + seed)
+    maps = {"random": (torch.rand(x.shape[0], *x.shape[-2:], generator=g),) * 2}
+    for n, it in interps.items():
+        maps[n] = tuple(
+            torch.cat([it(z[i : i + bs], c[i : i + bs]).detach() for i in range(0, len(z), bs)])
+            for z, c in ((x, benign), (x_hat, adv))
+        )
+    out: Dict[str, Dict[str, Any]] = {}
+    for n, (bm, am) in maps.items():
+        kw = dict(steps=args.steps, baseline=args.baseline, batch_size=4 * bs)
+        areas = {
+            "benign": deletion_insertion(clf, x, bm, benign, **kw),
+            "adversarial": deletion_insertion(clf, x_hat, am, adv, **kw),
+        }
+        if args.road:  # ROAD, most and least relevant first combined (higher = more faithful)
+            for which, z, m, c in (("benign", x, bm, benign), ("adversarial", x_hat, am, adv)):
+                areas[which]["road"] = road(clf, z, m, c, seed=seed, batch_size=bs)["combined"]
+        row = {}
+        for which, res in areas.items():
+            for kind in ("deletion", "insertion", "road"):
+                if kind in res:
+                    row[f"{kind}_{which}"] = res[kind].mean().item()
+                    row[f"{kind}_{which}_fooled"] = res[kind][fooled].mean().item() if fooled.any() else None
+        out[n] = row
+    return out
+
+
 def measure_seed(bench, part: Dict[str, Any], seed: int, names: List[str], args) -> Dict[str, Any]:
     clf, x = bench
     x = x[: args.images] if args.images else x
-    faithful = set(args.faithful or part["faithful"] or names)
+    faithful = sorted(set(args.faithful or part["faithful"] or names) & set(names))
     interps = {n: build_interpreter(n, clf) for n in names}
     out: Dict[str, Any] = {"seed": seed, "n_images": len(x), "steps": args.steps, "baseline": args.baseline}
     out["attacks"] = {}
+    made_by = evasion_fooling_ratios(part["run"], seed) if not args.images else {}
     for attack in ATTACKS:
         path = perturbation_path(part["run"], attack, seed)
         if not path.is_file():
             raise SystemExit(f"{path} is missing: run benchmarks/bench_evasion.py for seed {seed} first")
         n_hat = load_perturbation(path)
-        rows: Dict[str, Any] = {}
-        # one pass with the interpreters that get the deletion / insertion curves, one with the others
-        for group, steps in (
-            (sorted(faithful & set(names)), args.steps),
-            (sorted(set(names) - faithful), None),
-        ):
-            if not group:
-                continue
-            ev = juap.evaluate(
-                clf, n_hat, x, interpreters={n: interps[n] for n in group}, batch_size=args.batch_size,
-                faithfulness=steps, faithfulness_baseline=args.baseline, progress=False,
-            )  # fmt: skip
-            rows.update({n: {k: m.get(k) for k in FIGURES if k in m} for n, m in ev["interpreters"].items()})
-            fr = ev["fooling_ratio"]
-        out["attacks"][attack] = {"fooling_ratio": fr, "interpreters": {n: rows[n] for n in names}}
-        print(f"  seed {seed} {attack}: FR {fr:.3f}", flush=True)
+        ev = juap.evaluate(
+            clf, n_hat, x, interpreters=interps, batch_size=args.batch_size, progress=False
+        )  # fmt: skip
+        rows = {n: {k: m.get(k) for k in FIGURES if k in m} for n, m in ev["interpreters"].items()}
+        curves = faithfulness(
+            clf, {n: interps[n] for n in faithful}, x, apply_perturbation(x, n_hat), args, seed
+        )
+        for n in faithful:
+            rows[n].update(curves[n])
+        fr = ev["fooling_ratio"]
+        out["attacks"][attack] = {
+            "fooling_ratio": fr, "interpreters": {n: rows[n] for n in names}, "random": curves["random"],
+        }  # fmt: skip
+        if attack in made_by:  # the same perturbation as the evasion run's, on the same images
+            out["attacks"][attack]["fooling_ratio_evasion_run"] = made_by[attack]
+        print(
+            f"  seed {seed} {attack}: FR {fr:.3f}"
+            + (f" (evasion run: {made_by[attack]:.3f})" if attack in made_by else ""),
+            flush=True,
+        )
     return out
 
 
@@ -176,15 +232,91 @@ def report(out_dir: Path, part_name: str, cells: List[Dict[str, Any]], names: Li
         "| interpreter | attack | deletion benign | deletion adv. | insertion benign | insertion adv. |",
         "|---|---|---|---|---|---|",
     ]
-    for n in names:
+    rand = {
+        a: {k: mean_sd([c["attacks"][a].get("random", {}).get(k) for c in cells]) for k in FIGURES}
+        for a in ATTACKS
+    }
+    for n in names + ["random"]:
         for attack in ATTACKS:
-            f = agg[attack][n]
+            f = rand[attack] if n == "random" else agg[attack][n]
             if f["deletion_benign"] is None:
                 continue
             lines.append(
                 f"| {n} | {attack} | {fmt(f['deletion_benign'])} | {fmt(f['deletion_adversarial'])} | "
                 f"{fmt(f['insertion_benign'])} | {fmt(f['insertion_adversarial'])} |"
             )
+    if any(rand[a]["deletion_adversarial_fooled"] for a in ATTACKS):  # cells measured with the reference
+        kinds = ["deletion", "insertion"] + (["road"] if any(rand[a]["road_benign"] for a in ATTACKS) else [])
+        lines += [
+            "",
+            "### The fooled images, against a random map",
+            "",
+            "Only the images the perturbation fools; each figure beside a random map's on the same image and "
+            "class (`random`: uniform noise, the same for every attack). Removing pixels also removes the "
+            "perturbation, which moves the adversarial curves whatever the order; the gap to the random map "
+            "is what the map's order adds (deletion: below random = faithful; insertion: above"
+            + (
+                "; ROAD: most and least relevant first combined, noisy linear imputation, above"
+                if "road" in kinds
+                else ""
+            )
+            + ").",
+            "",
+            "| interpreter | attack | "
+            + " | ".join(f"{k} benign (random) | {k} adv. (random)" for k in kinds)
+            + " |",
+            "|---" * (2 * len(kinds) + 2) + "|",
+        ]
+        for n in names:
+            for attack in ATTACKS:
+                f, r = agg[attack][n], rand[attack]
+                if f["deletion_adversarial_fooled"] is None:
+                    continue
+                keys = [f"{k}_{w}_fooled" for k in kinds for w in ("benign", "adversarial")]
+                lines.append(
+                    f"| {n} | {attack} | "
+                    + " | ".join(f"{f[k][0]:.3f} ({r[k][0]:.3f})" if f[k] else "-" for k in keys)
+                    + " |"
+                )
+        lines += [
+            "",
+            "Gap to the random map on the fooled images, adversarial map on the perturbed image (mean ± sd "
+            "over seeds; deletion: more negative = more faithful; insertion"
+            + (" and ROAD" if "road" in kinds else "")
+            + ": more positive):",
+            "",
+            "| interpreter | " + " | ".join(f"{a} {k}" for a in ATTACKS for k in kinds) + " |",
+            "|---" * (len(kinds) * len(ATTACKS) + 1) + "|",
+        ]
+        for n in names:
+            if agg["GUAP"][n]["deletion_adversarial_fooled"] is None:
+                continue
+            gaps = []
+            for attack in ATTACKS:
+                for kind in kinds:
+                    k = f"{kind}_adversarial_fooled"
+                    vals = [
+                        c["attacks"][attack]["interpreters"][n][k] - c["attacks"][attack]["random"][k]
+                        for c in cells
+                        if c["attacks"][attack]["interpreters"][n].get(k) is not None
+                    ]
+                    gaps.append(fmt(mean_sd(vals)))
+            lines.append(f"| {n} | " + " | ".join(gaps) + " |")
+    evasion = [c["attacks"][a].get("fooling_ratio_evasion_run") for c in cells for a in ATTACKS]
+    if any(v is not None for v in evasion):
+        same = all(
+            abs(c["attacks"][a]["fooling_ratio"] - c["attacks"][a]["fooling_ratio_evasion_run"]) < 1e-9
+            for c in cells
+            for a in ATTACKS
+            if c["attacks"][a].get("fooling_ratio_evasion_run") is not None
+        )
+        lines += [
+            "",
+            "The perturbations' fooling ratios "
+            + ("equal" if same else "**differ from**")
+            + " those the evasion run that made them recorded on the same images "
+            "(`fooling_ratio_evasion_run`).",
+        ]
     text = "\n".join(lines) + "\n"
     (out_dir / "table.md").write_text(text)
     write_json(
@@ -203,9 +335,19 @@ def main() -> None:
         "--baseline", default="blur", choices=("blur", "black", "mean"), help="what removed pixels become"
     )
     ap.add_argument("--faithful", nargs="+", help="the interpreters that get the curves (default: per part)")
+    ap.add_argument(
+        "--road",
+        action="store_true",
+        help="also ROAD (Rong et al. 2022) for the interpreters with the curves",
+    )
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--demo-run", type=Path, default=Path("runs/demo"), help="--part demo: its run folder")
+    ap.add_argument(
+        "--run",
+        type=Path,
+        help="embedded / lite0: the evasion run folder (default: the part's, under results/)",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS / "peer_maps")
     args = ap.parse_args()
     setup_threads(args.threads)
@@ -214,6 +356,8 @@ def main() -> None:
         part = dict(PARTS[part_name])
         out_dir = args.out / (part_name if args.baseline == "blur" else f"{part_name}_{args.baseline}")
         (out_dir / "cells").mkdir(parents=True, exist_ok=True)
+        if args.run and part_name != "demo":
+            part["run"] = args.run
         if part_name == "demo":  # the demo classifier and the demo's own test images (demo.seed 0)
             part["run"] = args.demo_run
             clf, _, x_test, _, _ = demo_data(300, 300, 0)

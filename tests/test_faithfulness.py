@@ -1,5 +1,6 @@
-"""Deletion and insertion curves (juap.faithfulness): known curves on a hand-made model, the contract of
-the areas, Quantus's pixel flipping as an independent reference, and the figures through juap.evaluate."""
+"""Deletion and insertion curves and ROAD (juap.faithfulness): known curves on a hand-made model, the contract
+of the areas and of the imputation, Quantus's pixel flipping and pytorch-grad-cam's ROAD as independent
+references, and the figures through juap.evaluate."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch.nn as nn
 
 import juap
 from helpers import tiny_trained_classifier
-from juap.faithfulness import blurred, deletion_insertion
+from juap.faithfulness import blurred, deletion_insertion, noisy_linear_impute, road
 
 
 class OnePixel(nn.Module):
@@ -127,3 +128,103 @@ def test_evaluate_reports_benign_and_adversarial_areas_per_interpreter():
     for m in ev["interpreters"].values():
         assert set(m) >= set(juap.metrics.FAITHFULNESS_KEYS)
     assert "deletion_benign" not in juap.evaluate(clf, n_hat, x, interpreters=interps)["interpreters"]["cam"]
+
+
+def test_road_on_the_only_informative_pixel_has_the_known_curves_and_beats_random_maps():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(5, 3, 8, 8, generator=g)
+    x[:, 0, 2, 5] = 1.0
+    model, classes = OnePixel(), torch.zeros(5, dtype=torch.long)
+    good = torch.rand(5, 8, 8, generator=g) * 0.5  # distinct values, the informative pixel on top
+    good[:, 2, 5] = 1.0
+    out = road(model, x, good, classes, noise=0.0)
+    # least relevant first keeps the top pixel at every percentile: the image's own probability
+    high = torch.tensor([8.0, 4.0]).softmax(0)[0]
+    torch.testing.assert_close(out["lerf_curve"], torch.full((5, 9), high.item()))
+    # most relevant first imputes it at every percentile, from neighbours well below 1
+    assert (out["morf_curve"] < high - 0.1).all()
+    # the 50th percentile by hand: the pixels at or above the median are imputed
+    removed = good >= good.flatten(1).quantile(0.5, dim=1)[:, None, None]
+    z = 8 * noisy_linear_impute(x, removed, noise=0.0)[:, 0, 2, 5]
+    torch.testing.assert_close(
+        out["morf_curve"][:, 4], torch.stack([z, torch.full_like(z, 4.0)], 1).softmax(1)[:, 0]
+    )
+    random = road(model, x, torch.rand(5, 8, 8, generator=g), classes, noise=0.0)
+    assert (out["morf"] <= random["morf"] + 1e-6).all() and (out["lerf"] >= random["lerf"] - 1e-6).all()
+    assert (out["combined"] > random["combined"]).all()
+
+
+def test_imputation_keeps_the_kept_pixels_and_fills_with_the_neighbours_mean():
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(2, 3, 20, 17, generator=g)
+    removed = torch.rand(2, 20, 17, generator=g) > 0.4
+    out = noisy_linear_impute(x, removed, noise=0.0)
+    keep = ~removed[:, None].expand_as(x)
+    assert torch.equal(out[keep], x[keep])
+    # each imputed pixel is the weighted mean of its in-image neighbours (the system's equation)
+    k = torch.tensor([[1 / 12, 1 / 6, 1 / 12], [1 / 6, 0.0, 1 / 6], [1 / 12, 1 / 6, 1 / 12]])[None, None]
+    flat = out.reshape(6, 1, 20, 17)
+    mean = torch.nn.functional.conv2d(flat, k, padding=1) / torch.nn.functional.conv2d(
+        torch.ones_like(flat), k, padding=1
+    )
+    torch.testing.assert_close(out[~keep], mean.reshape_as(out)[~keep], atol=2e-4, rtol=0)
+    # a flat image stays flat; the noise is the generator's
+    flat_img = torch.full((1, 3, 16, 16), 0.4)
+    hole = torch.zeros(1, 16, 16, dtype=torch.bool)
+    hole[0, 3:12, 2:15] = True
+    torch.testing.assert_close(noisy_linear_impute(flat_img, hole, noise=0.0), flat_img, atol=1e-5, rtol=0)
+    a, b = (noisy_linear_impute(x, removed, generator=torch.Generator().manual_seed(7)) for _ in range(2))
+    assert torch.equal(a, b) and not torch.equal(a, out)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # NumPy 2 on pytorch-grad-cam's arrays
+def test_imputation_and_road_match_pytorch_grad_cam(monkeypatch):
+    """pytorch-grad-cam's ROAD (``pytorch_grad_cam.metrics.road``, from Rong et al.'s code: a sparse direct
+    solve) with its noise set to 0 and the softmax target; its scores are differences to the image's."""
+    pgc_road = pytest.importorskip("pytorch_grad_cam.metrics.road")
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(3, 3, 20, 24, generator=g)
+    removed = torch.rand(3, 20, 24, generator=g) > 0.3
+    theirs = torch.stack(
+        [pgc_road.NoisyLinearImputer(noise=0.0)(x[i], (~removed[i]).float()) for i in range(3)]
+    )
+    tight = noisy_linear_impute(x, removed, noise=0.0, tol=1e-7)
+    torch.testing.assert_close(tight, theirs, atol=2e-5, rtol=0)
+    # the default tolerance: within a tenth of a grey level (the noise ROAD adds is 0.01)
+    torch.testing.assert_close(noisy_linear_impute(x, removed, noise=0.0), theirs, atol=1e-3 / 2.55, rtol=0)
+
+    class Noiseless(pgc_road.NoisyLinearImputer):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(noise=0.0)
+
+    monkeypatch.setattr(pgc_road, "NoisyLinearImputer", Noiseless)
+    clf, x, _ = tiny_trained_classifier()
+    x = x[:4]
+    with torch.no_grad():
+        classes = clf(x).argmax(1)
+        p0 = clf(x).softmax(1)[torch.arange(4), classes]
+    maps = torch.rand(4, 32, 32, generator=g)  # at the image's size: pytorch-grad-cam's maps are resized
+    targets = [ClassifierOutputSoftmaxTarget(int(c)) for c in classes]
+    ours = road(clf, x, maps, classes, noise=0.0)
+    for kind, metric in (
+        ("morf", pgc_road.ROADMostRelevantFirstAverage()),
+        ("lerf", pgc_road.ROADLeastRelevantFirstAverage()),
+    ):
+        theirs = metric(x, maps.numpy(), targets, clf)
+        np.testing.assert_allclose(ours[kind].numpy() - p0.numpy(), theirs, atol=1e-4)
+
+
+def test_road_bad_input_is_named_and_a_flat_map_still_ranks():
+    x, classes = torch.rand(2, 3, 8, 8), torch.zeros(2, dtype=torch.long)
+    with pytest.raises(juap.ConfigError, match="maps"):
+        road(OnePixel(), x, torch.rand(1, 2, 2), classes)
+    with pytest.raises(juap.ConfigError, match="percentiles"):
+        road(OnePixel(), x, torch.rand(2, 2, 2), classes, percentiles=(0, 50))
+    with pytest.raises(juap.ConfigError, match="kept pixel"):
+        noisy_linear_impute(x, torch.ones(2, 8, 8, dtype=torch.bool))
+    with pytest.raises(juap.ConfigError, match="removed"):
+        noisy_linear_impute(x, torch.ones(2, 4, 4, dtype=torch.bool))
+    out = road(OnePixel(), x, torch.zeros(2, 4, 4), classes, noise=0.0)  # a flat map (e.g. a zero CAM)
+    assert torch.isfinite(out["combined"]).all()
