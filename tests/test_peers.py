@@ -203,3 +203,41 @@ def test_each_peer_runs_on_efficientnet_lite0(lite0, name):
     assert logits.shape == (1, 1000)
     assert maps.shape == ((1, 3, 3) if name.startswith("pgc:") else (1, 96, 96))
     assert torch.isfinite(maps).all() and maps.max() > 0
+
+
+def test_the_shipped_peer_maps_experiments_write_the_transfer_and_faithfulness_tables(tmp_path):
+    """embedded/peer_maps.yaml and real/peer_maps_efficientnet_lite0.yaml name every peer method and juap's
+    maps at a finer layer; a grid run of one of their cells (tiny data, one step, three interpreters) puts
+    each interpreter's IoU and deletion / insertion areas in the rows and the configured tables."""
+    from juap.commands.run import dry_run_experiment, load_experiment, plan, run_grid, write_results
+    from juap.commands.shipped import shipped_path
+
+    for name, finer in (
+        ("embedded/peer_maps.yaml", "gradcam@layer2"),
+        ("real/peer_maps_efficientnet_lite0.yaml", "gradcam@blocks.4"),
+    ):
+        exp = load_experiment(shipped_path(name))
+        assert set(exp.evaluate.interpreters) == {"cam", "gradcam", finer, *PEERS}
+        assert exp.evaluate.faithfulness > 0
+        assert sorted(c.method for c in plan(exp)) == ["GUAP", "R-JUAP", "SGD-UAP", "UAP"]
+    exp = load_experiment(
+        shipped_path("embedded/peer_maps.yaml"),
+        [
+            "grid.attacks=[uap]",
+            "evaluate.interpreters=[cam, gradcam@layer2, pgc:gradcam++]",
+            "evaluate.faithfulness=2",
+        ],
+    )
+    tiny = dry_run_experiment(exp, tmp_path / "dry")
+    res = run_grid(tiny, tmp_path / "run", progress=False)
+    assert {r["interpreter"] for r in res["rows"]} == {"cam", "gradcam@layer2", "pgc:gradcam++"}
+    for r in res["rows"]:
+        assert 0.0 <= r["iou"] <= 1.0
+        assert all(0.0 <= r[k] <= 1.0 for k in juap.metrics.FAITHFULNESS_KEYS)
+    write_results(tiny, tmp_path / "run", res)
+    md = (tmp_path / "run" / "results.md").read_text()
+    for table in exp.tables:
+        assert table.title in md
+    faithful = md.split("Faithfulness - deletion area")[1].split("##")[0]
+    assert "pgc:gradcam++" in faithful and "deletion_adversarial" in faithful
+    assert "deletion_benign" in (tmp_path / "run" / "transfer.csv").read_text().splitlines()[0]

@@ -30,6 +30,7 @@ from ..app.report import bar_chart, markdown_table, write_csv
 from ..app.runs import failed_on_error, new_run_dir, reopen_run_dir
 from ..classifiers import create_classifier, save_classifier
 from ..errors import ConfigError
+from ..metrics import FAITHFULNESS_KEYS
 from ..runtime import distributed
 from ..runtime.checkpoint import CHECKPOINT_NAME
 from ..runtime.config import apply_overrides, check_range, config_hash, from_dict, read_yaml_mapping, to_dict
@@ -104,7 +105,9 @@ class TableConfig:
 
     Fields: classifier, method (R-JUAP), variant (R-JUAP-CAM), generator, interpreter, trained_against,
     budget (linf-10), norm, objective, setting (the variant's extra params). Values: fooling_ratio, l1,
-    iou, random_iou, target_success_rate, clean_accuracy, adversarial_accuracy. ``where`` keeps rows whose
+    iou, random_iou, l1_fooled, iou_fooled, target_success_rate, clean_accuracy, adversarial_accuracy, and
+    with ``evaluate.faithfulness`` deletion_benign, deletion_adversarial, insertion_benign,
+    insertion_adversarial. ``where`` keeps rows whose
     field is one of the given values, e.g. ``{method: [PGD, JAP]}``.
     """
 
@@ -596,6 +599,7 @@ def cell_rows(cell: Cell, m: Mapping[str, Any], folder: Path) -> List[Dict[str, 
                 "random_iou": t.get("random_iou"),
                 "l1_fooled": t.get("l1_fooled"),
                 "iou_fooled": t.get("iou_fooled"),
+                **{k: t.get(k) for k in FAITHFULNESS_KEYS if k in t},  # evaluate.faithfulness
                 **_by_class(t.get("per_class"), ("l1", "iou"), names),
             }
         )
@@ -747,7 +751,7 @@ RESULT_COLUMNS = (
     "random_iou",
     "l1_fooled",
     "iou_fooled",
-)
+) + FAITHFULNESS_KEYS
 
 
 # -- dry runs -----------------------------------------------------------------------------------------
