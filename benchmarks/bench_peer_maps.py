@@ -15,7 +15,8 @@ test split, which no attack trained or was picked on; the classifier is the run'
 ``lite0``: ``results/evasion/lite0/run`` (``real/evasion_efficientnet_lite0.yaml``, EfficientNet-Lite0 on
 the photos at 128 px); Score-CAM, Ablation-CAM (1280 channels: a forward pass each, per image) and
 Captum's Occlusion (a forward pass per window) are left out on a CPU, and the faithfulness areas are
-measured for CAM and the finer Grad-CAM only (``--faithful``). About an hour a seed on one CPU thread.
+measured for CAM and the finer Grad-CAM only (``--faithful``). About 40 min a seed for ``--images 51`` on
+one CPU thread.
 
 The perturbations are the evasion benchmark's (``bench_evasion.py``; kept on disk, not committed): run it
 first. Each seed's figures are a cell in ``--out``/PART/cells (resumable); ``table.md`` / ``peer_maps.json``
@@ -323,7 +324,7 @@ def report(out_dir: Path, part_name: str, cells: List[Dict[str, Any]], names: Li
                 c["attacks"][a].get("fooling_ratio_split", c["attacks"][a]["fooling_ratio"])
                 - c["attacks"][a]["fooling_ratio_evasion_run"]
             )
-            < 1e-9
+            < 1e-6  # a float32 mean; one image of the split moves it by 1 / n
             for c in cells
             for a in ATTACKS
             if c["attacks"][a].get("fooling_ratio_evasion_run") is not None
