@@ -39,7 +39,7 @@ from _common import RESULTS, demo_data, machine, setup_threads, write_json
 from juap.app.artifacts import load_perturbation
 from juap.budget import apply_perturbation
 from juap.commands.build import build_interpreter
-from juap.commands.evade import build_bench, load_evade_config
+from juap.commands.evade import _predict, build_bench, load_evade_config
 from juap.faithfulness import deletion_insertion, road
 
 PARTS = {
@@ -95,36 +95,39 @@ def evasion_fooling_ratios(run: Path, seed: int, budget: str = "linf10") -> Dict
     }
 
 
-@torch.no_grad()
-def _predict(clf, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat([clf(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
-
-
-def faithfulness(clf, interps, x, x_hat, args, seed: int) -> Dict[str, Dict[str, Any]]:
+def faithfulness(clf, interps, x, x_hat, args, seed: int, benign_cache: Dict) -> Dict[str, Dict[str, Any]]:
     """Per image: the deletion / insertion areas of each interpreter's benign map on ``x`` (benign class) and
     adversarial map on ``x_hat`` (adversarial class), and of a random map on both (the reference every map
     is read against: the perturbation being removed with the pixels moves every curve, whatever the
-    order). Means over all images and over the fooled ones; the random maps are the same for every attack."""
+    order). Means over all images and over the fooled ones; the random maps are the same for every attack.
+    The benign maps and their curves do not depend on the attack: ``benign_cache`` keeps them per seed."""
     bs = args.batch_size
-    benign, adv = _predict(clf, x, bs), _predict(clf, x_hat, bs)
-    fooled = benign != adv
-    g = torch.Generator().manual_seed(10_000 + seed)
-    maps = {"random": (torch.rand(x.shape[0], *x.shape[-2:], generator=g),) * 2}
-    for n, it in interps.items():
-        maps[n] = tuple(
-            torch.cat([it(z[i : i + bs], c[i : i + bs]).detach() for i in range(0, len(z), bs)])
-            for z, c in ((x, benign), (x_hat, adv))
+    kw = dict(steps=args.steps, baseline=args.baseline, batch_size=4 * bs)
+
+    def maps_of(it, z, c):
+        return torch.cat([it(z[i : i + bs], c[i : i + bs]).detach() for i in range(0, len(z), bs)])
+
+    def curves(z, m, c, name):
+        res = deletion_insertion(clf, z, m, c, **kw)
+        if args.road is not None and (not args.road or name in args.road or name == "random"):  # ROAD
+            res["road"] = road(clf, z, m, c, seed=seed, batch_size=bs)["combined"]
+        return res
+
+    if "curves" not in benign_cache:  # the benign predictions, the random maps, and every benign map's curves
+        benign = _predict(clf, x, bs)
+        g = torch.Generator().manual_seed(10_000 + seed)
+        benign_cache.update(pred=benign, random=torch.rand(x.shape[0], *x.shape[-2:], generator=g))
+        benign_cache["curves"] = {"random": curves(x, benign_cache["random"], benign, "random")}
+        benign_cache["curves"].update(
+            {n: curves(x, maps_of(it, x, benign), benign, n) for n, it in interps.items()}
         )
+    benign = benign_cache["pred"]
+    adv = _predict(clf, x_hat, bs)
+    fooled = benign != adv
     out: Dict[str, Dict[str, Any]] = {}
-    for n, (bm, am) in maps.items():
-        kw = dict(steps=args.steps, baseline=args.baseline, batch_size=4 * bs)
-        areas = {
-            "benign": deletion_insertion(clf, x, bm, benign, **kw),
-            "adversarial": deletion_insertion(clf, x_hat, am, adv, **kw),
-        }
-        if args.road is not None and (not args.road or n in args.road or n == "random"):  # ROAD, combined
-            for which, z, m, c in (("benign", x, bm, benign), ("adversarial", x_hat, am, adv)):
-                areas[which]["road"] = road(clf, z, m, c, seed=seed, batch_size=bs)["combined"]
+    for n in ["random", *interps]:
+        am = benign_cache["random"] if n == "random" else maps_of(interps[n], x_hat, adv)
+        areas = {"benign": benign_cache["curves"][n], "adversarial": curves(x_hat, am, adv, n)}
         row = {}
         for which, res in areas.items():
             for kind in ("deletion", "insertion", "road"):
@@ -147,6 +150,7 @@ def measure_seed(bench, part: Dict[str, Any], seed: int, names: List[str], args)
     # the committed evasion benchmark's figures for these perturbations (else the run's own): a perturbation
     # made again on another machine must fool the same images
     made_by = evasion_fooling_ratios(part["committed"], seed) or evasion_fooling_ratios(part["run"], seed)
+    benign_cache: Dict[str, Any] = {}  # filled by the first attack's faithfulness, read by the others
     for attack in ATTACKS:
         path = perturbation_path(part["run"], attack, seed)
         if not path.is_file():
@@ -157,7 +161,7 @@ def measure_seed(bench, part: Dict[str, Any], seed: int, names: List[str], args)
         )  # fmt: skip
         rows = {n: {k: m.get(k) for k in FIGURES if k in m} for n, m in ev["interpreters"].items()}
         curves = faithfulness(
-            clf, {n: interps[n] for n in faithful}, x, apply_perturbation(x, n_hat), args, seed
+            clf, {n: interps[n] for n in faithful}, x, apply_perturbation(x, n_hat), args, seed, benign_cache
         )
         for n in faithful:
             rows[n].update(curves[n])
@@ -166,8 +170,11 @@ def measure_seed(bench, part: Dict[str, Any], seed: int, names: List[str], args)
             "fooling_ratio": fr, "interpreters": {n: rows[n] for n in names}, "random": curves["random"],
         }  # fmt: skip
         if attack in made_by:  # the same perturbation as the evasion run's, on its images (the whole split)
-            benign = _predict(clf, split, args.batch_size)
-            fooled = benign != _predict(clf, apply_perturbation(split, n_hat), args.batch_size)
+            if "split_pred" not in benign_cache:
+                benign_cache["split_pred"] = _predict(clf, split, args.batch_size)
+            fooled = benign_cache["split_pred"] != _predict(
+                clf, apply_perturbation(split, n_hat), args.batch_size
+            )
             out["attacks"][attack]["fooling_ratio_split"] = fooled.float().mean().item()
             out["attacks"][attack]["fooling_ratio_evasion_run"] = made_by[attack]
         print(

@@ -58,6 +58,19 @@ def _baseline(x: torch.Tensor, baseline) -> torch.Tensor:
     )
 
 
+def _scores_at_image_size(
+    fn: str, x: torch.Tensor, maps: torch.Tensor, classes: torch.Tensor
+) -> torch.Tensor:
+    """Check ``maps`` (N, h, w) and ``classes`` (N,) against images ``x`` (N, 3, H, W); the maps resized to
+    (N, H, W) (bilinear), the order in which both metrics remove pixels."""
+    if maps.dim() != 3 or len(maps) != len(x) or len(classes) != len(x):
+        raise ConfigError(
+            f"{fn} needs maps (N, h, w) and classes (N,) for images (N, 3, H, W); got maps "
+            f"{tuple(maps.shape)}, classes {tuple(classes.shape)}, images {tuple(x.shape)}"
+        )
+    return F.interpolate(maps[:, None].float(), size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+
+
 @torch.no_grad()
 def deletion_insertion(
     classifier: nn.Module,
@@ -90,14 +103,9 @@ def deletion_insertion(
         raise ConfigError(f"curves must name 'deletion' and/or 'insertion', got {curves!r}")
     if not isinstance(steps, int) or steps < 1:
         raise ConfigError(f"faithfulness steps must be an integer >= 1, got {steps!r}")
-    if maps.dim() != 3 or len(maps) != len(x) or len(classes) != len(x):
-        raise ConfigError(
-            f"deletion_insertion needs maps (N, h, w) and classes (N,) for images (N, 3, H, W); got maps "
-            f"{tuple(maps.shape)}, classes {tuple(classes.shape)}, images {tuple(x.shape)}"
-        )
+    scores = _scores_at_image_size("deletion_insertion", x, maps, classes)
     n, _, h, w = x.shape
     base = _baseline(x, baseline)
-    scores = F.interpolate(maps[:, None].float(), size=(h, w), mode="bilinear", align_corners=False)
     order = scores.flatten(1).argsort(dim=1, descending=True, stable=True)  # (N, H W), most salient first
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(h * w, device=x.device).expand(n, -1))
     counts = torch.round(torch.arange(steps + 1, device=x.device) * (h * w) / steps)  # pixels swapped at t
@@ -230,15 +238,10 @@ def road(
         faithful; LeRF: higher); ``"combined"``: ``(lerf - morf) / 2`` (pytorch-grad-cam's ROADCombined;
         higher = more faithful); ``{"morf_curve", "lerf_curve"}``: (N, len(percentiles)).
     """
-    if maps.dim() != 3 or len(maps) != len(x) or len(classes) != len(x):
-        raise ConfigError(
-            f"road needs maps (N, h, w) and classes (N,) for images (N, 3, H, W); got maps "
-            f"{tuple(maps.shape)}, classes {tuple(classes.shape)}, images {tuple(x.shape)}"
-        )
+    scores = _scores_at_image_size("road", x, maps, classes)
     if not percentiles or not all(0 < p < 100 for p in percentiles):
         raise ConfigError(f"ROAD percentiles must lie strictly between 0 and 100, got {percentiles!r}")
     n, _, h, w = x.shape
-    scores = F.interpolate(maps[:, None].float(), size=(h, w), mode="bilinear", align_corners=False)[:, 0]
     classes = classes.to(x.device).long()
     g = torch.Generator().manual_seed(seed)
     out = {}
@@ -246,12 +249,14 @@ def road(
         flat = s.flatten(1)
         q = torch.quantile(flat, torch.tensor([p / 100 for p in percentiles]).to(flat), dim=1)  # (P, N)
         probs = torch.empty(n, len(percentiles), device=x.device)
+        rank = None  # the map's order, computed once where a flat map needs it
         for k in range(len(percentiles)):
             removed = ~(s < q[k][:, None, None])
             flat_all = removed.flatten(1).all(dim=1)
             if flat_all.any():  # a constant map keeps nothing below its percentile: keep its first pixels
                 kept = round(percentiles[k] / 100 * h * w) or 1
-                rank = flat.argsort(dim=1, stable=True).argsort(dim=1).view(n, h, w)
+                if rank is None:
+                    rank = flat.argsort(dim=1, stable=True).argsort(dim=1).view(n, h, w)
                 removed = torch.where(flat_all[:, None, None], rank >= kept, removed)
             for i in range(0, n, batch_size):
                 sl = slice(i, i + batch_size)
